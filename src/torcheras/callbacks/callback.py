@@ -1,0 +1,116 @@
+"""The base class of every callback: Keras's hooks, plus a few of our own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["Callback"]
+
+
+class Callback:
+    """Base class for callbacks. Override the hooks you need; every hook is a no-op here.
+
+    Hooks receive ``logs``, a dict of Python floats (batch logs are read from the device only
+    when you read a value). ``self.model`` is the model being trained and ``self.params`` holds
+    ``{"verbose", "epochs", "steps"}``.
+
+    Beyond Keras: ``on_after_backward(batch)`` fires when the gradients are ready,
+    ``on_exception(exc)`` before an exception leaves ``fit``, and ``state_dict`` /
+    ``load_state_dict`` make a resumed run decide exactly as an uninterrupted one.
+
+    Example::
+
+        class PrintLoss(Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                print(f"epoch {epoch + 1}: loss={logs['loss']:.4f}")
+
+        model.fit(x, y, epochs=3, callbacks=[PrintLoss()])
+    """
+
+    _model: Any = None
+    params: dict[str, Any] = {}  # noqa: RUF012 - replaced (never mutated) by set_params
+
+    @property
+    def model(self) -> Any:
+        model = self._model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.module
+        return model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        self._model = model
+
+    def set_model(self, model: Any) -> None:
+        self._model = model
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    # --- training -----------------------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        """Called once at the start of ``fit``."""
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        """Called once at the end of ``fit`` with the last epoch's logs (not after an error)."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Called at the start of each epoch (0-based ``epoch``)."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Called at the end of each epoch: train metrics, ``val_*`` and ``learning_rate``."""
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Called before each training batch; forwards to ``on_batch_begin``."""
+        self.on_batch_begin(batch, logs=logs)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Called after each training batch with running means over the epoch so far."""
+        self.on_batch_end(batch, logs=logs)
+
+    def on_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Alias of ``on_train_batch_begin`` (training batches only)."""
+
+    def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Alias of ``on_train_batch_end`` (training batches only)."""
+
+    def on_after_backward(self, batch: int) -> None:
+        """Called after the backward pass, before the optimizer step: gradients are ready."""
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Called when an exception (KeyboardInterrupt too) is about to leave fit/evaluate/predict."""
+
+    # --- evaluation and prediction ------------------------------------------------------------
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        """Called at the start of ``evaluate`` and of validation inside ``fit``."""
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        """Called at the end of evaluation with the (unprefixed) results."""
+
+    def on_test_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Called before each evaluation batch."""
+
+    def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Called after each evaluation batch with running means."""
+
+    def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
+        """Called at the start of ``predict``."""
+
+    def on_predict_end(self, logs: dict[str, Any] | None = None) -> None:
+        """Called at the end of ``predict``."""
+
+    def on_predict_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Called before each prediction batch."""
+
+    def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Called after each prediction batch; ``logs["outputs"]`` holds its predictions."""
+
+    # --- state for exact resume ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What this callback needs to decide after a resume as it would have without one."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

@@ -1,0 +1,225 @@
+"""Dispatch every hook to a list of callbacks, in order; drives ``fit`` or your own loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torcheras.callbacks.callback import Callback
+from torcheras.logs import to_float_logs
+
+__all__ = ["CallbackList", "HOOKS"]
+
+HOOKS = (
+    "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
+    "on_train_batch_begin", "on_train_batch_end", "on_test_begin", "on_test_end",
+    "on_test_batch_begin", "on_test_batch_end", "on_predict_begin", "on_predict_end",
+    "on_predict_batch_begin", "on_predict_batch_end", "on_after_backward", "on_exception",
+)
+_ALIASES = {"on_train_batch_begin": "on_batch_begin", "on_train_batch_end": "on_batch_end"}
+
+
+def _overrides(callback: Callback, hook: str) -> bool:
+    if hook in vars(callback):  # LambdaCallback and friends set hooks on the instance
+        return True
+    if getattr(type(callback), hook, None) is not getattr(Callback, hook):
+        return True
+    alias = _ALIASES.get(hook)
+    if alias is None or getattr(type(callback), hook) is not getattr(Callback, hook):
+        return False
+    return alias in vars(callback) or getattr(type(callback), alias) is not getattr(Callback, alias)
+
+
+def _flatten(callbacks: Iterable[Any] | Callback | None) -> list[Callback]:
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    out: list[Callback] = []
+    for cb in callbacks:
+        if isinstance(cb, (list, tuple)):
+            out.extend(_flatten(cb))
+        elif isinstance(cb, Callback):
+            out.append(cb)
+        else:
+            raise TypeError(
+                f"Each callback must be a torcheras.callbacks.Callback; got {type(cb).__name__}."
+                " Subclass Callback or wrap functions in LambdaCallback."
+            )
+    return out
+
+
+class CallbackList(Callback):
+    """Calls each hook on every callback in list order; only on those that override it.
+
+    ``fit`` uses one; so can a hand-written loop::
+
+        cbs = CallbackList([EarlyStopping(patience=2)], model=model, epochs=10, steps=len(loader))
+        cbs.on_train_begin()
+        for epoch in range(10):
+            cbs.on_epoch_begin(epoch)
+            ...  # your training
+            cbs.on_epoch_end(epoch, {"loss": train_loss, "val_loss": val_loss})
+            if model.stop_training:
+                break
+        cbs.on_train_end()
+    """
+
+    def __init__(
+        self,
+        callbacks: Iterable[Any] | Callback | None = None,
+        add_history: bool = False,
+        add_progbar: bool = False,
+        model: Any = None,
+        **params: Any,
+    ) -> None:
+        from torcheras.callbacks.history import History
+        from torcheras.callbacks.progbar_logger import ProgbarLogger
+
+        self.callbacks = _flatten(callbacks)
+        if add_history and not any(isinstance(cb, History) for cb in self.callbacks):
+            self.callbacks.append(History())
+        if add_progbar and not any(isinstance(cb, ProgbarLogger) for cb in self.callbacks):
+            self.callbacks.append(ProgbarLogger())
+        self._open = {"train": 0, "epoch": 0, "test": 0, "predict": 0}
+        self._build_dispatch()
+        if model is not None:
+            self.set_model(model)
+        if params:
+            self.set_params(params)
+
+    def _build_dispatch(self) -> None:
+        self._active = {h: [getattr(cb, h) for cb in self.callbacks if _overrides(cb, h)]
+                        for h in HOOKS}
+
+    def append(self, callback: Callback) -> None:
+        self.callbacks.append(callback)
+        self._build_dispatch()
+        if self._model is not None:
+            callback.set_model(self._model)
+        if self.params:
+            callback.set_params(self.params)
+
+    def needs(self, hook: str) -> bool:
+        """Whether any callback overrides ``hook`` (the loop skips building unused logs)."""
+        return bool(self._active[hook])
+
+    def set_model(self, model: Any) -> None:
+        self._model = model
+        from torcheras.callbacks.history import History
+
+        for cb in self.callbacks:
+            cb.set_model(model)
+            if isinstance(cb, History) and hasattr(model, "__dict__"):
+                model.history = cb
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        self.params = params
+        for cb in self.callbacks:
+            cb.set_params(params)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.callbacks)
+
+    def __len__(self) -> int:
+        return len(self.callbacks)
+
+    # --- dispatch ---------------------------------------------------------------------------------
+    def _call(self, hook: str, logs: Any) -> None:
+        logs = to_float_logs(logs)
+        for fn in self._active[hook]:
+            fn(logs)
+
+    def _call_indexed(self, hook: str, index: int, logs: Any) -> None:
+        logs = to_float_logs(logs)
+        for fn in self._active[hook]:
+            fn(index, logs)
+
+    def _begin(self, phase: str) -> None:
+        self._open[phase] += 1
+
+    def _end(self, phase: str, hook: str) -> None:
+        if self._open[phase] <= 0:
+            raise ValueError(f"`{hook}` called without corresponding `on_{phase}_begin`.")
+        self._open[phase] -= 1
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._begin("train")
+        self._call("on_train_begin", logs)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._end("train", "on_train_end")
+        self._call("on_train_end", logs)
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._begin("epoch")
+        self._call_indexed("on_epoch_begin", epoch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._end("epoch", "on_epoch_end")
+        self._call_indexed("on_epoch_end", epoch, logs)
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._call_indexed("on_train_batch_begin", batch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._call_indexed("on_train_batch_end", batch, logs)
+
+    def on_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.on_train_batch_begin(batch, logs)
+
+    def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.on_train_batch_end(batch, logs)
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._begin("test")
+        self._call("on_test_begin", logs)
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._end("test", "on_test_end")
+        self._call("on_test_end", logs)
+
+    def on_test_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._call_indexed("on_test_batch_begin", batch, logs)
+
+    def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._call_indexed("on_test_batch_end", batch, logs)
+
+    def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._begin("predict")
+        self._call("on_predict_begin", logs)
+
+    def on_predict_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._end("predict", "on_predict_end")
+        self._call("on_predict_end", logs)
+
+    def on_predict_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._call_indexed("on_predict_batch_begin", batch, logs)
+
+    def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._call_indexed("on_predict_batch_end", batch, logs)
+
+    def on_after_backward(self, batch: int) -> None:
+        for fn in self._active["on_after_backward"]:
+            fn(batch)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Tell every callback, even if one of them fails; the original exception wins."""
+        for fn in self._active["on_exception"]:
+            try:
+                fn(exception)
+            except Exception as inner:  # never mask the original error
+                if hasattr(exception, "add_note"):
+                    exception.add_note(f"(a callback's on_exception also failed: {inner!r})")
+        for phase in self._open:
+            self._open[phase] = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each callback's state, keyed by its class name and position."""
+        return {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, cb in enumerate(self.callbacks):
+            key = f"{i}:{type(cb).__name__}"
+            if key in state:
+                cb.load_state_dict(state[key])

@@ -1,0 +1,589 @@
+"""``torcheras.Model``: Keras's compile / fit / evaluate / predict for any ``nn.Module``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from torcheras import checkpoint, data, losses, metrics as metrics_lib, optimizers
+from torcheras.callbacks.callback import Callback
+from torcheras.callbacks.callback_list import CallbackList
+from torcheras.callbacks.history import History
+from torcheras.logs import BatchLogs, RunningMeans, _as_floats
+
+__all__ = ["Model", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then MPS, then the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _check_verbose(verbose: Any) -> None:
+    if verbose not in ("auto", 0, 1, 2):
+        raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2; got {verbose!r}.")
+
+
+class Model(nn.Module):
+    """A ``torch.nn.Module`` with Keras's training API.
+
+    Wrap any module, or subclass ``Model`` and define layers in ``__init__`` and a ``forward``.
+
+    Example::
+
+        net = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+        model = torcheras.Model(net)
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        history = model.fit(x, y, epochs=5, batch_size=32, validation_split=0.2)
+        model.evaluate(x_test, y_test, return_dict=True)
+        model.predict(x_test)
+    """
+
+    def __init__(self, module: nn.Module | None = None) -> None:
+        super().__init__()
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(
+                f"Model(module) takes a torch.nn.Module; got {type(module).__name__}. "
+                "Build the network with torch.nn layers, or subclass torcheras.Model."
+            )
+        if module is not None:
+            self.module = module
+        self.stop_training = False
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.history: History | None = None
+        self.loss_fn: Callable[..., Tensor] | None = None
+        self.loss_name: str | None = None
+        self.compiled_metrics: list[metrics_lib.Metric] = []
+        self.device = torch.device("cpu")
+        self._is_compiled = False
+        self._callbacks: CallbackList | None = None
+        self._batch_index = 0
+        self._initial_epoch: int | None = None
+        self._forward_fn: Callable[..., Any] | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        module = self._modules.get("module")
+        if module is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no forward: pass a module, torcheras.Model(net), or "
+                "subclass torcheras.Model and define forward()."
+            )
+        return module(*args, **kwargs)
+
+    # ---- compile ---------------------------------------------------------------------------------
+    def compile(
+        self,
+        optimizer: Any = "rmsprop",
+        loss: Any = None,
+        metrics: Sequence[Any] | None = None,
+        *,
+        learning_rate: float | None = None,
+        device: str | torch.device = "auto",
+        jit_compile: bool = False,
+    ) -> None:
+        """Configure training.
+
+        Args:
+            optimizer: a name (``"adam"``, ``"sgd"``, ...; Keras's defaults), a
+                ``torch.optim.Optimizer``, or a callable taking the parameters.
+            loss: a Keras or torch loss name, an ``nn.Module`` or ``loss(y_pred, y_true)``.
+            metrics: names, ``torchmetrics.Metric`` objects, or ``metric(y_pred, y_true)``.
+            learning_rate: overrides the optimizer's learning rate.
+            device: ``"auto"`` (CUDA, then MPS, then CPU) or any torch device.
+            jit_compile: run the forward pass through ``torch.compile``.
+
+        Example::
+
+            model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+        """
+        self.device = resolve_device(device)
+        self.to(self.device)
+        self.optimizer = (
+            None if optimizer is None
+            else optimizers.get(optimizer, self.parameters(), learning_rate)
+        )
+        if loss is None:
+            self.loss_fn, self.loss_name = None, None
+        else:
+            self.loss_name, self.loss_fn = losses.get(loss)
+        if metrics is not None and (isinstance(metrics, (str, Mapping)) or not isinstance(
+                metrics, Iterable)):
+            raise TypeError(
+                f"`metrics` must be a list, e.g. metrics=['accuracy']; got {metrics!r}."
+            )
+        self.compiled_metrics = [metrics_lib.get(m, self.loss_name) for m in (metrics or [])]
+        names = [m.name for m in self.compiled_metrics]
+        duplicates = {n for n in names if names.count(n) > 1} | ({"loss"} & set(names))
+        if duplicates:
+            raise ValueError(f"Metric names must be unique and not 'loss'; repeated: {duplicates}.")
+        self._forward_fn = torch.compile(self.forward) if jit_compile else None
+        self._is_compiled = True
+
+    @property
+    def metrics_names(self) -> list[str]:
+        return (["loss"] if self.loss_fn is not None else []) + [m.name for m in
+                                                                 self.compiled_metrics]
+
+    def metric_direction(self, name: str) -> str | None:
+        """``"max"``/``"min"`` for a log key (``val_`` stripped), from the compiled metric."""
+        base = name[4:] if name.startswith("val_") else name
+        for metric in self.compiled_metrics:
+            if metric.name == base:
+                return metric.direction
+        return metrics_lib.direction_of(base)
+
+    # ---- learning rate and weights -------------------------------------------------------------
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate of the first param group; setting it sets every group's."""
+        if self.optimizer is None:
+            raise AttributeError("The model has no optimizer: call compile(optimizer=...) first.")
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        if self.optimizer is None:
+            raise AttributeError("The model has no optimizer: call compile(optimizer=...) first.")
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = float(value)
+
+    def get_weights(self) -> dict[str, Tensor]:
+        """A detached copy of the model's state (on its device)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def set_weights(self, weights: Mapping[str, Tensor] | Sequence[Any]) -> None:
+        """Load weights from :meth:`get_weights`, or a list of arrays in ``state_dict`` order."""
+        if not isinstance(weights, Mapping):
+            keys = list(self.state_dict())
+            if len(weights) != len(keys):
+                raise ValueError(f"set_weights got {len(weights)} arrays; the model has "
+                                 f"{len(keys)} tensors in its state_dict.")
+            weights = {k: torch.as_tensor(np.asarray(w)) for k, w in zip(keys, weights)}
+        self.load_state_dict(weights)
+
+    def save_weights(self, filepath: str | os.PathLike[str]) -> None:
+        """Save the weights atomically (``.safetensors`` names use safetensors)."""
+        checkpoint.save_weights(self.state_dict(), filepath)
+
+    def save(self, filepath: str | os.PathLike[str]) -> None:
+        """Save weights and optimizer state atomically; reload with :meth:`load_weights`."""
+        state: dict[str, Any] = {"format": checkpoint.FORMAT, "version": checkpoint.FORMAT_VERSION,
+                                 "kind": "model", "model": checkpoint._cpu(self.state_dict())}
+        if self.optimizer is not None:
+            state["optimizer"] = checkpoint._cpu(self.optimizer.state_dict())
+        checkpoint.save(state, filepath)
+
+    def load_weights(self, filepath: str | os.PathLike[str], strict: bool = True) -> None:
+        """Load weights saved by torcheras, safetensors or ``torch.save(state_dict)``.
+
+        Files are read with ``torch.load(weights_only=True)``: they cannot run code.
+        """
+        checkpoint.load_weights_into(self, filepath, strict=strict)
+
+    def summary(self, print_fn: Callable[[str], Any] = print) -> None:
+        """Print each layer with its type and number of parameters, then the totals."""
+        rows = [("Layer", "Type", "Params")]
+        for name, module in self.named_modules():
+            if name and not list(module.children()):
+                count = sum(p.numel() for p in module.parameters(recurse=False))
+                rows.append((name, type(module).__name__, f"{count:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        line = "-" * (sum(widths) + 6)
+        print_fn(f'Model: "{type(self).__name__}"')
+        print_fn(line)
+        for i, row in enumerate(rows):
+            print_fn(f"{row[0]:<{widths[0]}}   {row[1]:<{widths[1]}}   {row[2]:>{widths[2]}}")
+            if i == 0:
+                print_fn(line)
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        print_fn(line)
+        print_fn(f"Total params: {total:,}")
+        print_fn(f"Trainable params: {trainable:,}")
+        print_fn(f"Non-trainable params: {total - trainable:,}")
+
+    # ---- steps (override these) -------------------------------------------------------------------
+    def call_on(self, x: Any) -> Any:
+        """Run the model on ``x``: a tensor, a tuple (``forward(*x)``) or a dict (``forward(**x)``)."""
+        fn = self._forward_fn or self
+        if isinstance(x, Mapping):
+            return fn(**x)
+        if isinstance(x, (tuple, list)):
+            return fn(*x)
+        return fn(x)
+
+    def compute_loss(self, x: Any, y: Any, y_pred: Any, sample_weight: Tensor | None = None) -> Tensor:
+        """The compiled loss of one batch (weighted by ``sample_weight``)."""
+        if self.loss_fn is None:
+            raise ValueError("No loss was compiled: call compile(loss=...) or override train_step.")
+        return losses.reduce_loss(self.loss_fn(y_pred, y), sample_weight)
+
+    def update_metrics(self, y_pred: Any, y: Any, sample_weight: Tensor | None = None) -> None:
+        for metric in self.compiled_metrics:
+            metric.update(y_pred, y)
+
+    def backward(self, loss: Tensor) -> None:
+        """``loss.backward()``, then the ``on_after_backward`` hook (gradients are ready)."""
+        loss.backward()
+        callbacks = self._callbacks
+        if callbacks is not None and callbacks._active["on_after_backward"]:
+            callbacks.on_after_backward(self._batch_index)
+
+    def train_step(self, batch: Any) -> dict[str, Any]:
+        """One optimisation step on ``batch``; returns the values to log (tensors are fine).
+
+        The loop keeps running means of what you return. Override it for custom training
+        (two optimizers, a GAN...); call ``self.backward(loss)`` to keep ``on_after_backward``.
+        """
+        x, y, sample_weight = data.unpack(batch)
+        y_pred = self.call_on(x)
+        loss = self.compute_loss(x, y, y_pred, sample_weight)
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        self.backward(loss)
+        optimizer.step()  # type: ignore[union-attr]
+        if self.compiled_metrics:
+            self.update_metrics(y_pred.detach(), y, sample_weight)
+        return {"loss": loss}
+
+    def test_step(self, batch: Any) -> dict[str, Any]:
+        """Loss and metrics of one batch, without gradients."""
+        x, y, sample_weight = data.unpack(batch)
+        y_pred = self.call_on(x)
+        self.update_metrics(y_pred, y, sample_weight)
+        if self.loss_fn is None:
+            return {}
+        return {"loss": self.compute_loss(x, y, y_pred, sample_weight)}
+
+    def predict_step(self, batch: Any) -> Any:
+        """The model's outputs for one batch."""
+        x, _, _ = data.unpack(batch)
+        return self.call_on(x)
+
+    def reset_metrics(self) -> None:
+        for metric in self.compiled_metrics:
+            metric.reset()
+
+    # ---- fit -----------------------------------------------------------------------------------------
+    def _check_compiled(self, method: str) -> None:
+        if not self._is_compiled:
+            raise RuntimeError(
+                f"{method}() needs compile() first: call model.compile(optimizer='adam', "
+                "loss='sparse_categorical_crossentropy') (or your own optimizer and loss)."
+            )
+
+    def fit(
+        self,
+        x: Any = None,
+        y: Any = None,
+        batch_size: int | None = None,
+        epochs: int = 1,
+        verbose: str | int = "auto",
+        callbacks: Sequence[Callback] | None = None,
+        validation_split: float = 0.0,
+        validation_data: Any = None,
+        shuffle: bool = True,
+        class_weight: Mapping[int, float] | None = None,
+        sample_weight: Any = None,
+        initial_epoch: int = 0,
+        steps_per_epoch: int | None = None,
+        validation_steps: int | None = None,
+        validation_batch_size: int | None = None,
+        validation_freq: int | Sequence[int] = 1,
+    ) -> History:
+        """Train for ``epochs`` epochs (``epochs`` is the index of the final epoch, as Keras).
+
+        Returns the :class:`History`. Arguments have Keras's meaning; ``x`` may be arrays,
+        tensors, a tuple/dict of them, a ``Dataset``, a ``DataLoader`` or an iterable of batches.
+        """
+        self._check_compiled("fit")
+        if type(self).train_step is Model.train_step:
+            if self.loss_fn is None:
+                raise ValueError("fit() needs a loss: call compile(loss=...) or override train_step.")
+            if self.optimizer is None:
+                raise ValueError("fit() needs an optimizer: call compile(optimizer='adam').")
+        _check_verbose(verbose)
+        if not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"`epochs` must be a non-negative integer; got {epochs!r}.")
+        if not isinstance(initial_epoch, int) or initial_epoch < 0:
+            raise ValueError(f"`initial_epoch` must be a non-negative integer; got {initial_epoch!r}.")
+        if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
+            raise ValueError(
+                f"`validation_split` must be a float in [0, 1); got {validation_split!r}. "
+                "It is the fraction of the training data held out (the last samples)."
+            )
+        if validation_freq is not None and not (
+            (isinstance(validation_freq, int) and validation_freq >= 1)
+            or (isinstance(validation_freq, Sequence) and all(isinstance(v, int)
+                                                              for v in validation_freq))
+        ):
+            raise ValueError("`validation_freq` must be a positive integer or a list of epochs "
+                             f"(1-based); got {validation_freq!r}.")
+        train_source = data.make_source(
+            x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, steps=steps_per_epoch,
+            class_weight=class_weight,
+        )
+        if isinstance(train_source, data.IterableSource) and train_source.is_iterator and (
+            steps_per_epoch is None and epochs - initial_epoch > 1
+        ):
+            raise ValueError(
+                "`x` is an iterator (a generator?) that can be consumed once, and fit() runs "
+                f"{epochs - initial_epoch} epochs: pass `steps_per_epoch` (batches per epoch), or "
+                "pass a re-iterable object such as a list or a DataLoader."
+            )
+        val_source = None
+        if validation_data is not None:
+            val_source = self._validation_source(validation_data, validation_batch_size or batch_size,
+                                                 validation_steps)
+        elif validation_split:
+            train_source, val_source = data.split_validation(train_source, validation_split)
+            if validation_batch_size:
+                val_source.batch_size = validation_batch_size
+                val_source.steps = -(-val_source.num_samples // validation_batch_size)
+        callback_list = CallbackList(
+            callbacks, add_history=True, add_progbar=verbose != 0, model=self,
+            verbose=verbose, epochs=epochs, steps=train_source.steps,
+        )
+        self._callbacks = callback_list
+        try:
+            return self._fit_loop(train_source, val_source, callback_list, epochs, initial_epoch,
+                                  validation_freq, validation_steps)
+        except BaseException as exc:
+            callback_list.on_exception(exc)
+            raise
+        finally:
+            self._callbacks = None
+
+    def _validation_source(self, validation_data: Any, batch_size: int | None,
+                           steps: int | None) -> Any:
+        if isinstance(validation_data, tuple) and len(validation_data) in (2, 3) and all(
+            data._is_array_like(v) or data._is_structure(v) for v in validation_data
+        ):
+            vx, vy, *rest = validation_data
+            return data.make_source(vx, vy, rest[0] if rest else None, batch_size=batch_size,
+                                    shuffle=False, steps=steps, name="validation_data")
+        return data.make_source(validation_data, batch_size=None, shuffle=False, steps=steps,
+                                name="validation_data")
+
+    def _fit_loop(
+        self, train_source: Any, val_source: Any, callbacks: CallbackList, epochs: int,
+        initial_epoch: int, validation_freq: int | Sequence[int], validation_steps: int | None,
+    ) -> History:
+        self.stop_training = False
+        self._initial_epoch = None
+        self._resume_position: dict[str, Any] | None = None
+        callbacks.on_train_begin()
+        if self._initial_epoch is not None:  # set by BackupAndRestore in on_train_begin
+            initial_epoch = self._initial_epoch
+        epoch_logs: dict[str, Any] = {}
+        device = self.device
+        needs_begin = callbacks.needs("on_train_batch_begin")
+        needs_end = callbacks.needs("on_train_batch_end")
+        train_step = self.train_step
+        self.train_means = means = RunningMeans()
+        for epoch in range(initial_epoch, epochs):
+            self.reset_metrics()
+            means.reset()
+            self.epoch = epoch
+            resume = self._resume_position
+            start_batch = 0
+            if resume is not None and resume["epoch"] == epoch:
+                start_batch = resume["batch"]
+                order = resume["order"]
+                means.load_state_dict(resume["means"], device)
+                for metric, state in zip(self.compiled_metrics, resume["metrics"]):
+                    metric.load_state_dict(state)
+            self._resume_position = None
+            callbacks.on_epoch_begin(epoch)
+            learning_rate = self._current_lr()
+            self.train()
+            if not (resume is not None and resume["epoch"] == epoch):
+                order = train_source.new_order()
+            self.epoch_order = order
+            step = start_batch - 1
+            for step, batch in enumerate(train_source.batches(order, start_batch), start_batch):
+                self._batch_index = step
+                if needs_begin:
+                    callbacks.on_train_batch_begin(step)
+                batch = data.to_device(batch, device)
+                logs = train_step(batch)
+                means.add(logs, data.batch_size_of(batch[0]))
+                self.batches_done = step + 1
+                if needs_end:
+                    callbacks.on_train_batch_end(step, self._batch_logs(means))
+                if self.stop_training:
+                    break
+            if getattr(train_source, "ran_out", False):
+                self.stop_training = True
+            if step < 0 and start_batch == 0:
+                raise ValueError("The training data yielded no batch: `x` is empty.")
+            epoch_logs = self._results(means)
+            if val_source is not None and self._should_validate(epoch, validation_freq):
+                val_logs = self._test_loop(val_source, callbacks, validation_steps)
+                epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
+            if learning_rate is not None:
+                epoch_logs["learning_rate"] = learning_rate
+            epoch_logs = dict(sorted(epoch_logs.items()))
+            callbacks.on_epoch_end(epoch, epoch_logs)
+            if self.stop_training:
+                break
+        callbacks.on_train_end(epoch_logs)
+        return self.history  # type: ignore[return-value]
+
+    def _current_lr(self) -> float | None:
+        return None if self.optimizer is None else self.learning_rate
+
+    @staticmethod
+    def _should_validate(epoch: int, validation_freq: int | Sequence[int]) -> bool:
+        if isinstance(validation_freq, int):
+            return (epoch + 1) % validation_freq == 0
+        return epoch + 1 in validation_freq
+
+    def _results(self, means: RunningMeans) -> dict[str, float]:
+        """Running means and metric results as floats, with one device read."""
+        keys = means.keys() + [m.name for m in self.compiled_metrics]
+        values = means.result_tensors() + [m.result() for m in self.compiled_metrics]
+        return dict(zip(keys, _as_floats(values)))
+
+    def _batch_logs(self, means: RunningMeans) -> BatchLogs:
+        keys = sorted(means.keys() + [m.name for m in self.compiled_metrics])
+        return BatchLogs(keys, lambda: self._results(means))
+
+    # ---- evaluate --------------------------------------------------------------------------------------
+    def _test_loop(self, source: Any, callbacks: CallbackList, steps: int | None) -> dict[str, float]:
+        was_training = self.training
+        self.eval()
+        self.reset_metrics()
+        means = RunningMeans()
+        device = self.device
+        needs_begin = callbacks.needs("on_test_batch_begin")
+        needs_end = callbacks.needs("on_test_batch_end")
+        callbacks.on_test_begin()
+        with torch.no_grad():
+            for step, batch in enumerate(source.batches(source.new_order())):
+                if steps is not None and step >= steps:
+                    break
+                if needs_begin:
+                    callbacks.on_test_batch_begin(step)
+                batch = data.to_device(batch, device)
+                means.add(self.test_step(batch), data.batch_size_of(batch[0]))
+                if needs_end:
+                    callbacks.on_test_batch_end(step, self._batch_logs(means))
+                if getattr(self, "stop_evaluating", False):
+                    break
+        logs = dict(sorted(self._results(means).items()))
+        callbacks.on_test_end(logs)
+        self.train(was_training)
+        return logs
+
+    def evaluate(
+        self,
+        x: Any = None,
+        y: Any = None,
+        batch_size: int | None = None,
+        verbose: str | int = "auto",
+        sample_weight: Any = None,
+        steps: int | None = None,
+        callbacks: Sequence[Callback] | None = None,
+        return_dict: bool = False,
+    ) -> float | list[float] | dict[str, float]:
+        """Loss and metrics on ``x``: a float (loss only), ``[loss, *metrics]``, or a dict."""
+        self._check_compiled("evaluate")
+        _check_verbose(verbose)
+        source = data.make_source(x, y, sample_weight, batch_size=batch_size, shuffle=False,
+                                  steps=steps)
+        callback_list = CallbackList(callbacks, add_progbar=verbose != 0, model=self,
+                                     verbose=verbose, epochs=1, steps=steps or source.steps)
+        self.stop_evaluating = False
+        try:
+            logs = self._test_loop(source, callback_list, steps)
+        except BaseException as exc:
+            callback_list.on_exception(exc)
+            raise
+        if return_dict:
+            return logs
+        ordered = [logs[k] for k in self.metrics_names if k in logs]
+        ordered += [v for k, v in logs.items() if k not in self.metrics_names]
+        return ordered[0] if len(ordered) == 1 else ordered
+
+    # ---- predict ----------------------------------------------------------------------------------------
+    def predict(
+        self,
+        x: Any,
+        batch_size: int | None = None,
+        verbose: str | int = "auto",
+        steps: int | None = None,
+        callbacks: Sequence[Callback] | None = None,
+    ) -> Any:
+        """The model's outputs for ``x``, concatenated: numpy in, numpy out; else CPU tensors."""
+        _check_verbose(verbose)
+        numpy_in = isinstance(x, np.ndarray) or (
+            isinstance(x, (tuple, list, Mapping)) and all(
+                isinstance(v, np.ndarray) for v in (x.values() if isinstance(x, Mapping) else x))
+        )
+        source = data.make_source(x, None, None, batch_size=batch_size, shuffle=False, steps=steps,
+                                  need_y=False)
+        callback_list = CallbackList(callbacks, add_progbar=verbose != 0, model=self,
+                                     verbose=verbose, epochs=1, steps=steps or source.steps)
+        was_training = self.training
+        self.eval()
+        outputs: list[Any] = []
+        needs_end = callback_list.needs("on_predict_batch_end")
+        self.stop_predicting = False
+        try:
+            callback_list.on_predict_begin()
+            with torch.no_grad():
+                for step, batch in enumerate(source.batches()):
+                    if steps is not None and step >= steps:
+                        break
+                    callback_list.on_predict_batch_begin(step)
+                    out = self.predict_step(data.to_device(batch, self.device))
+                    out = data._map(lambda t: t.detach().cpu(), out)
+                    outputs.append(out)
+                    if needs_end:
+                        callback_list.on_predict_batch_end(step, {"outputs": _to_numpy(out)})
+                    if self.stop_predicting:
+                        break
+            callback_list.on_predict_end()
+        except BaseException as exc:
+            callback_list.on_exception(exc)
+            raise
+        finally:
+            self.train(was_training)
+        result = _concat(outputs)
+        return _to_numpy(result) if numpy_in else result
+
+
+def _concat(outputs: list[Any]) -> Any:
+    if not outputs:
+        return None
+    first = outputs[0]
+    if isinstance(first, Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, Mapping):
+        return {k: _concat([o[k] for o in outputs]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([o[i] for o in outputs]) for i in range(len(first)))
+    return outputs
+
+
+def _to_numpy(obj: Any) -> Any:
+    return data._map(lambda t: t.numpy(), obj)

@@ -1,0 +1,73 @@
+"""Optimizer names to ``torch.optim`` optimizers, with Keras's default hyperparameters."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["OPTIMIZERS", "get"]
+
+# name -> (class, Keras's defaults expressed in torch's argument names)
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "adam": (torch.optim.Adam, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7}),
+    "adamw": (torch.optim.AdamW, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7,
+                                  "weight_decay": 0.004}),
+    "sgd": (torch.optim.SGD, {"lr": 0.01}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 1e-3, "initial_accumulator_value": 0.1}),
+    "adadelta": (torch.optim.Adadelta, {"lr": 1e-3, "rho": 0.95, "eps": 1e-7}),
+    "adamax": (torch.optim.Adamax, {"lr": 1e-3, "eps": 1e-7}),
+    "nadam": (torch.optim.NAdam, {"lr": 1e-3, "eps": 1e-7}),
+    "radam": (torch.optim.RAdam, {"lr": 1e-3}),
+}
+
+
+def get(
+    optimizer: str | torch.optim.Optimizer | Callable[[Iterable[Any]], torch.optim.Optimizer],
+    parameters: Iterable[torch.nn.Parameter],
+    learning_rate: float | None = None,
+) -> torch.optim.Optimizer:
+    """An optimizer from a name, an instance, or a factory called with the parameters.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> type(get("adam", net.parameters())).__name__
+    'Adam'
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if learning_rate is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
+        return optimizer
+    if isinstance(optimizer, str):
+        key = optimizer.lower()
+        if key not in OPTIMIZERS:
+            close = difflib.get_close_matches(key, OPTIMIZERS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"Unknown optimizer {optimizer!r}.{hint} Known optimizers: "
+                f"{', '.join(sorted(OPTIMIZERS))}; or pass a torch.optim.Optimizer instance or "
+                "a callable taking the parameters (e.g. functools.partial(torch.optim.SGD, lr=0.1))."
+            )
+        cls, defaults = OPTIMIZERS[key]
+        kwargs = dict(defaults)
+        if learning_rate is not None:
+            kwargs["lr"] = learning_rate
+        return cls(parameters, **kwargs)
+    if callable(optimizer):
+        result = optimizer(parameters)
+        if not isinstance(result, torch.optim.Optimizer):
+            raise TypeError(
+                "`optimizer` was called with the model's parameters and returned "
+                f"{type(result).__name__}, not a torch.optim.Optimizer."
+            )
+        if learning_rate is not None:
+            for group in result.param_groups:
+                group["lr"] = learning_rate
+        return result
+    raise TypeError(
+        "`optimizer` must be a name such as 'adam', a torch.optim.Optimizer, or a callable taking "
+        f"the parameters; got {type(optimizer).__name__}."
+    )
