@@ -8,8 +8,17 @@ Example::
     history = model.fit(x, y, epochs=5, validation_split=0.2)
 """
 
-from torcheras import callbacks, checkpoint, losses, metrics, optimizers
+from torcheras import callbacks, checkpoint, losses, metrics, optimizers, schedules
 from torcheras.model import Model
 
 __version__ = "0.1.0"
-__all__ = ["Model", "callbacks", "checkpoint", "losses", "metrics", "optimizers", "__version__"]
+__all__ = [
+    "Model",
+    "callbacks",
+    "checkpoint",
+    "losses",
+    "metrics",
+    "optimizers",
+    "schedules",
+    "__version__",
+]

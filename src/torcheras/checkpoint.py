@@ -109,8 +109,11 @@ def save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
-def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
-                 metadata: Mapping[str, Any] | None = None) -> Path:
+def save_weights(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
     """Save weights: safetensors for ``.safetensors`` names, otherwise our torch format."""
     if is_safetensors(path):
         try:
@@ -124,8 +127,12 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike
         meta = {k: str(v) for k, v in (metadata or {}).items()}
         data = st_save(tensors, metadata=meta or None)
         return atomic_write(path, lambda f: f.write(data))
-    payload: dict[str, Any] = {"format": FORMAT, "version": FORMAT_VERSION, "kind": "weights",
-                               "model": _cpu(state_dict)}
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": "weights",
+        "model": _cpu(state_dict),
+    }
     if metadata:
         payload.update(metadata)
     return save(payload, path)
@@ -144,8 +151,9 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
         try:
             return {"format": "safetensors", "model": load_file(str(target))}
         except Exception as exc:
-            raise CheckpointError(errno.EIO, f"{str(target)!r} is not a readable safetensors "
-                                             f"file ({exc}).") from exc
+            raise CheckpointError(
+                errno.EIO, f"{str(target)!r} is not a readable safetensors file ({exc})."
+            ) from exc
     try:
         obj = torch.load(target, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -173,8 +181,9 @@ def state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
     return checkpoint  # a plain torch.save(model.state_dict())
 
 
-def load_weights_into(module: torch.nn.Module, path: str | os.PathLike[str],
-                      strict: bool = True) -> dict[str, Any]:
+def load_weights_into(
+    module: torch.nn.Module, path: str | os.PathLike[str], strict: bool = True
+) -> dict[str, Any]:
     """Load weights from ``path`` into ``module``; accepts keys with or without ``module.``."""
     checkpoint = load(path)
     weights = dict(state_dict_of(checkpoint))
@@ -203,3 +212,39 @@ def _cpu(state: Any) -> Any:
     if isinstance(state, tuple):
         return tuple(_cpu(v) for v in state)
     return state
+
+
+def save_model(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    weights_only: bool,
+    epoch: int | None = None,
+    logs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a model (a torcheras Model or any nn.Module) for ModelCheckpoint and friends.
+
+    Weights only: the state_dict (safetensors for ``.safetensors`` names). Otherwise a full
+    checkpoint: weights, optimizer state, the epoch (0-based) and that epoch's logs.
+    """
+    weights = model.state_dict()
+    meta: dict[str, Any] = {}
+    if epoch is not None:
+        meta["epoch"] = epoch
+    plain_logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float, str))}
+    if weights_only:
+        return save_weights(
+            weights, path, {**meta, "logs": plain_logs} if not is_safetensors(path) else meta
+        )
+    state: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": "checkpoint",
+        "model": _cpu(weights),
+        **meta,
+        "logs": plain_logs,
+    }
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        state["optimizer"] = _cpu(optimizer.state_dict())
+    return save(state, path)

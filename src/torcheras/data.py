@@ -22,7 +22,7 @@ __all__ = ["ArraySource", "IterableSource", "make_source", "to_device", "unpack"
 Structure = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
 
 
-# ---- structures of tensors ----------------------------------------------------------------------
+# ---- structures of tensors ------------------------------------------------------------------
 
 
 def _map(fn: Any, obj: Structure) -> Structure:
@@ -85,7 +85,7 @@ def unpack(batch: Any) -> tuple[Any, Any, Any]:
     return batch, None, None
 
 
-# ---- arrays and tensors ---------------------------------------------------------------------------
+# ---- arrays and tensors ---------------------------------------------------------------------
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:
@@ -170,10 +170,17 @@ class ArraySource:
 
     def batches(self, order: torch.Tensor | None = None, start: int = 0) -> Iterator[tuple]:
         parts, bs, n = self._parts, self.batch_size, self.num_samples
-        single = [isinstance(p, torch.Tensor) for p in parts]
+        if len(parts) == 2 and all(isinstance(p, torch.Tensor) for p in parts):
+            x, y = parts  # the common case, kept lean: it runs once per batch
+            for i in range(start * bs, n, bs):
+                index: torch.Tensor | slice = (
+                    slice(i, i + bs) if order is None else order[i : i + bs]
+                )
+                yield x[index], y[index]
+            return
         for i in range(start * bs, n, bs):
-            index: torch.Tensor | slice = slice(i, i + bs) if order is None else order[i : i + bs]
-            yield tuple(p[index] if s else _take(p, index) for p, s in zip(parts, single))
+            index = slice(i, i + bs) if order is None else order[i : i + bs]
+            yield tuple(_take(p, index) for p in parts)
 
     def split(self, fraction: float) -> tuple[ArraySource, ArraySource]:
         """Keras's ``validation_split``: the last ``fraction`` of the samples, before shuffling."""
@@ -187,15 +194,17 @@ class ArraySource:
 
         def part(sl: slice, shuffle: bool) -> ArraySource:
             return ArraySource(
-                _take(self.x, sl), None if self.y is None else _take(self.y, sl),
+                _take(self.x, sl),
+                None if self.y is None else _take(self.y, sl),
                 None if self.sample_weight is None else self.sample_weight[sl],
-                self.batch_size, shuffle,
+                self.batch_size,
+                shuffle,
             )
 
         return part(slice(0, n_train), self.shuffle), part(slice(n_train, None), False)
 
 
-# ---- datasets, loaders and other iterables --------------------------------------------------------
+# ---- datasets, loaders and other iterables --------------------------------------------------
 
 
 class IterableSource:

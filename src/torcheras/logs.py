@@ -32,22 +32,20 @@ class RunningMeans:
 
     def add(self, values: Mapping[str, Any], weight: float = 1.0) -> None:
         """Add one step's values (tensors or numbers), each counted ``weight`` times."""
-        totals = self._totals
+        totals, weights = self._totals, self._weights
         for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    value = value.detach().float().mean()
+            total = totals.get(key)
+            if type(value) is torch.Tensor:
                 value = value.detach()
-                total = totals.get(key)
-                if total is None:
-                    totals[key] = value.float() * weight
-                elif isinstance(total, torch.Tensor):
+                if value.ndim:
+                    value = value.float().mean()
+                if type(total) is torch.Tensor:
                     total.add_(value, alpha=weight)
                 else:
-                    totals[key] = value.float() * weight + total
+                    totals[key] = value.float() * weight + (total or 0.0)
             else:
-                totals[key] = totals.get(key, 0.0) + float(value) * weight
-            self._weights[key] = self._weights.get(key, 0.0) + weight
+                totals[key] = (total if total is not None else 0.0) + float(value) * weight
+            weights[key] = weights.get(key, 0.0) + weight
 
     def keys(self) -> list[str]:
         return list(self._totals)
@@ -64,7 +62,7 @@ class RunningMeans:
         self._weights.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        """Exact state (totals as CPU tensors), so a resumed epoch logs what an unbroken one would."""
+        """Exact state (CPU tensors): a resumed epoch logs what an unbroken one would."""
         return {
             "totals": {
                 k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else float(v))
@@ -129,11 +127,12 @@ class BatchLogs(MutableMapping[str, Any]):
     first value read converts every value at once (a single synchronisation).
     """
 
-    __slots__ = ("_keys", "_compute", "_values", "_extra")
+    __slots__ = ("_keys", "_compute", "_raw", "_values", "_extra")
 
-    def __init__(self, keys: list[str], compute: Any) -> None:
+    def __init__(self, keys: list[str], compute: Any, raw: Any = None) -> None:
         self._keys = keys
         self._compute = compute
+        self._raw = raw
         self._values: dict[str, Any] | None = None
         self._extra: dict[str, Any] = {}
 
@@ -172,6 +171,12 @@ class BatchLogs(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"BatchLogs({dict(self)!r})"
+
+    def raw(self, key: str) -> Any:
+        """The value of ``key`` as it is on the device (a tensor), without synchronising."""
+        if key in self._extra or self._raw is None:
+            return self[key]
+        return self._raw()[key]
 
     @property
     def materialized(self) -> bool:

@@ -65,7 +65,9 @@ def mean_absolute_percentage_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
 
 def mean_squared_logarithmic_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
-    return _per_sample((torch.log1p(y_pred.clamp_min(0)) - torch.log1p(y_true.clamp_min(0))).square())
+    return _per_sample(
+        (torch.log1p(y_pred.clamp_min(0)) - torch.log1p(y_true.clamp_min(0))).square()
+    )
 
 
 def huber(y_pred: Tensor, y_true: Tensor) -> Tensor:
@@ -132,6 +134,31 @@ LOSSES: dict[str, LossFn] = {
     "huber_loss": huber,
     "smooth_l1_loss": huber,
     "nll_loss": nll_loss,
+}
+
+
+def _fused_sparse_cce(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    if y_pred.dim() == 2 and y_true.dim() == 1:
+        return F.cross_entropy(y_pred, y_true.long() if y_true.is_floating_point() else y_true)
+    return sparse_categorical_crossentropy(y_pred, y_true).mean()
+
+
+def _fused(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    def mean(y_pred: Tensor, y_true: Tensor) -> Tensor:
+        if y_pred.shape == y_true.shape:
+            return fn(y_pred, y_true.to(y_pred.dtype))
+        return fn(y_pred, _match_shape(y_pred, y_true))
+
+    return mean
+
+
+# Batch-mean forms of the common losses: one fused kernel when no sample weights are given.
+FUSED: dict[LossFn, LossFn] = {
+    sparse_categorical_crossentropy: _fused_sparse_cce,
+    mean_squared_error: _fused(F.mse_loss),
+    mean_absolute_error: _fused(F.l1_loss),
+    binary_crossentropy: _fused(F.binary_cross_entropy_with_logits),
+    huber: _fused(F.huber_loss),
 }
 
 

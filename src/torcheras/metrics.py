@@ -74,7 +74,11 @@ class MeanMetric(Metric):
                 values = torch.as_tensor(values, dtype=torch.float32)
             values = values.detach().float()
             if values.dim() == 0:
-                n = len(y_pred) if hasattr(y_pred, "__len__") and not isinstance(y_pred, dict) else 1
+                n = (
+                    len(y_pred)
+                    if hasattr(y_pred, "__len__") and not isinstance(y_pred, dict)
+                    else 1
+                )
                 total, count = values * n, float(n)
             elif sample_weight is not None:
                 w = sample_weight.reshape(-1).to(values.dtype)
@@ -207,31 +211,76 @@ _BUILTINS: dict[str, tuple[Callable[[str | None], Callable], str, str, Any]] = {
     "accuracy": (_auto_accuracy, "accuracy", _MAX, None),
     "acc": (_auto_accuracy, "acc", _MAX, None),
     "sparse_categorical_accuracy": (
-        lambda _: sparse_categorical_accuracy, "sparse_categorical_accuracy", _MAX, None),
+        lambda _: sparse_categorical_accuracy,
+        "sparse_categorical_accuracy",
+        _MAX,
+        None,
+    ),
     "categorical_accuracy": (lambda _: categorical_accuracy, "categorical_accuracy", _MAX, None),
     "binary_accuracy": (lambda _: _binary_accuracy(0.5), "binary_accuracy", _MAX, None),
     "top_k_categorical_accuracy": (
-        lambda _: _top_k(5, sparse=False), "top_k_categorical_accuracy", _MAX, None),
+        lambda _: _top_k(5, sparse=False),
+        "top_k_categorical_accuracy",
+        _MAX,
+        None,
+    ),
     "sparse_top_k_categorical_accuracy": (
-        lambda _: _top_k(5, sparse=True), "sparse_top_k_categorical_accuracy", _MAX, None),
+        lambda _: _top_k(5, sparse=True),
+        "sparse_top_k_categorical_accuracy",
+        _MAX,
+        None,
+    ),
     "root_mean_squared_error": (
-        lambda _: losses.mean_squared_error, "root_mean_squared_error", _MIN, torch.sqrt),
+        lambda _: losses.mean_squared_error,
+        "root_mean_squared_error",
+        _MIN,
+        torch.sqrt,
+    ),
     "rmse": (lambda _: losses.mean_squared_error, "rmse", _MIN, torch.sqrt),
 }
-for _name in (
-    "mean_squared_error mse mean_absolute_error mae mean_absolute_percentage_error mape "
-    "mean_squared_logarithmic_error msle log_cosh logcosh binary_crossentropy "
-    "categorical_crossentropy sparse_categorical_crossentropy kl_divergence kld poisson hinge "
-    "squared_hinge huber"
-).split():
+for _name in [
+    "mean_squared_error",
+    "mse",
+    "mean_absolute_error",
+    "mae",
+    "mean_absolute_percentage_error",
+    "mape",
+    "mean_squared_logarithmic_error",
+    "msle",
+    "log_cosh",
+    "logcosh",
+    "binary_crossentropy",
+    "categorical_crossentropy",
+    "sparse_categorical_crossentropy",
+    "kl_divergence",
+    "kld",
+    "poisson",
+    "hinge",
+    "squared_hinge",
+    "huber",
+]:
     _BUILTINS[_name] = (lambda _, n=_name: _loss_metric(n), _name, _MIN, None)
 
 # Directions of names Keras users monitor, for metrics we do not build ourselves.
 _MAX_NAMES = {
-    "auc", "precision", "recall", "f1_score", "fbeta_score", "iou", "io_u", "mean_io_u",
-    "r2_score", "cosine_similarity", "pearson_correlation", "concordance_correlation",
-    "precision_at_recall", "recall_at_precision", "sensitivity_at_specificity",
-    "specificity_at_sensitivity", "binary_io_u", "one_hot_io_u",
+    "auc",
+    "precision",
+    "recall",
+    "f1_score",
+    "fbeta_score",
+    "iou",
+    "io_u",
+    "mean_io_u",
+    "r2_score",
+    "cosine_similarity",
+    "pearson_correlation",
+    "concordance_correlation",
+    "precision_at_recall",
+    "recall_at_precision",
+    "sensitivity_at_specificity",
+    "specificity_at_sensitivity",
+    "binary_io_u",
+    "one_hot_io_u",
 }
 
 
@@ -279,5 +328,7 @@ def get(metric: Any, loss_name: str | None = None) -> Metric:
 
 
 def _is_torchmetric(obj: Any) -> bool:
-    return any(c.__module__.startswith("torchmetrics") and c.__name__ == "Metric"
-               for c in type(obj).__mro__)
+    return any(
+        c.__module__.startswith("torchmetrics") and c.__name__ == "Metric"
+        for c in type(obj).__mro__
+    )

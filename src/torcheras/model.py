@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torcheras import checkpoint, data, losses, metrics as metrics_lib, optimizers
+from torcheras import checkpoint, data, losses, optimizers
+from torcheras import metrics as metrics_lib
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.callbacks.history import History
@@ -75,6 +76,7 @@ class Model(nn.Module):
         self._batch_index = 0
         self._initial_epoch: int | None = None
         self._forward_fn: Callable[..., Any] | None = None
+        self._fused_loss: Callable[..., Tensor] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         module = self._modules.get("module")
@@ -85,7 +87,7 @@ class Model(nn.Module):
             )
         return module(*args, **kwargs)
 
-    # ---- compile ---------------------------------------------------------------------------------
+    # ---- compile -----------------------------------------------------------------------------
     def compile(
         self,
         optimizer: Any = "rmsprop",
@@ -114,15 +116,18 @@ class Model(nn.Module):
         self.device = resolve_device(device)
         self.to(self.device)
         self.optimizer = (
-            None if optimizer is None
+            None
+            if optimizer is None
             else optimizers.get(optimizer, self.parameters(), learning_rate)
         )
         if loss is None:
             self.loss_fn, self.loss_name = None, None
         else:
             self.loss_name, self.loss_fn = losses.get(loss)
-        if metrics is not None and (isinstance(metrics, (str, Mapping)) or not isinstance(
-                metrics, Iterable)):
+        self._fused_loss = losses.FUSED.get(self.loss_fn)  # type: ignore[arg-type]
+        if metrics is not None and (
+            isinstance(metrics, (str, Mapping)) or not isinstance(metrics, Iterable)
+        ):
             raise TypeError(
                 f"`metrics` must be a list, e.g. metrics=['accuracy']; got {metrics!r}."
             )
@@ -136,8 +141,9 @@ class Model(nn.Module):
 
     @property
     def metrics_names(self) -> list[str]:
-        return (["loss"] if self.loss_fn is not None else []) + [m.name for m in
-                                                                 self.compiled_metrics]
+        return (["loss"] if self.loss_fn is not None else []) + [
+            m.name for m in self.compiled_metrics
+        ]
 
     def metric_direction(self, name: str) -> str | None:
         """``"max"``/``"min"`` for a log key (``val_`` stripped), from the compiled metric."""
@@ -147,7 +153,7 @@ class Model(nn.Module):
                 return metric.direction
         return metrics_lib.direction_of(base)
 
-    # ---- learning rate and weights -------------------------------------------------------------
+    # ---- learning rate and weights -----------------------------------------------------------
     @property
     def learning_rate(self) -> float:
         """The learning rate of the first param group; setting it sets every group's."""
@@ -174,8 +180,10 @@ class Model(nn.Module):
         if not isinstance(weights, Mapping):
             keys = list(self.state_dict())
             if len(weights) != len(keys):
-                raise ValueError(f"set_weights got {len(weights)} arrays; the model has "
-                                 f"{len(keys)} tensors in its state_dict.")
+                raise ValueError(
+                    f"set_weights got {len(weights)} arrays; the model has "
+                    f"{len(keys)} tensors in its state_dict."
+                )
             weights = {k: torch.as_tensor(np.asarray(w)) for k, w in zip(keys, weights)}
         self.load_state_dict(weights)
 
@@ -185,8 +193,12 @@ class Model(nn.Module):
 
     def save(self, filepath: str | os.PathLike[str]) -> None:
         """Save weights and optimizer state atomically; reload with :meth:`load_weights`."""
-        state: dict[str, Any] = {"format": checkpoint.FORMAT, "version": checkpoint.FORMAT_VERSION,
-                                 "kind": "model", "model": checkpoint._cpu(self.state_dict())}
+        state: dict[str, Any] = {
+            "format": checkpoint.FORMAT,
+            "version": checkpoint.FORMAT_VERSION,
+            "kind": "model",
+            "model": checkpoint._cpu(self.state_dict()),
+        }
         if self.optimizer is not None:
             state["optimizer"] = checkpoint._cpu(self.optimizer.state_dict())
         checkpoint.save(state, filepath)
@@ -220,9 +232,9 @@ class Model(nn.Module):
         print_fn(f"Trainable params: {trainable:,}")
         print_fn(f"Non-trainable params: {total - trainable:,}")
 
-    # ---- steps (override these) -------------------------------------------------------------------
+    # ---- steps (override these) --------------------------------------------------------------
     def call_on(self, x: Any) -> Any:
-        """Run the model on ``x``: a tensor, a tuple (``forward(*x)``) or a dict (``forward(**x)``)."""
+        """Run the model on ``x``: a tensor, a tuple (``forward(*x)``) or a dict (``**x``)."""
         fn = self._forward_fn or self
         if isinstance(x, Mapping):
             return fn(**x)
@@ -230,8 +242,12 @@ class Model(nn.Module):
             return fn(*x)
         return fn(x)
 
-    def compute_loss(self, x: Any, y: Any, y_pred: Any, sample_weight: Tensor | None = None) -> Tensor:
+    def compute_loss(
+        self, x: Any, y: Any, y_pred: Any, sample_weight: Tensor | None = None
+    ) -> Tensor:
         """The compiled loss of one batch (weighted by ``sample_weight``)."""
+        if sample_weight is None and self._fused_loss is not None:
+            return self._fused_loss(y_pred, y)
         if self.loss_fn is None:
             raise ValueError("No loss was compiled: call compile(loss=...) or override train_step.")
         return losses.reduce_loss(self.loss_fn(y_pred, y), sample_weight)
@@ -282,7 +298,7 @@ class Model(nn.Module):
         for metric in self.compiled_metrics:
             metric.reset()
 
-    # ---- fit -----------------------------------------------------------------------------------------
+    # ---- fit ---------------------------------------------------------------------------------
     def _check_compiled(self, method: str) -> None:
         if not self._is_compiled:
             raise RuntimeError(
@@ -317,14 +333,18 @@ class Model(nn.Module):
         self._check_compiled("fit")
         if type(self).train_step is Model.train_step:
             if self.loss_fn is None:
-                raise ValueError("fit() needs a loss: call compile(loss=...) or override train_step.")
+                raise ValueError(
+                    "fit() needs a loss: call compile(loss=...) or override train_step."
+                )
             if self.optimizer is None:
                 raise ValueError("fit() needs an optimizer: call compile(optimizer='adam').")
         _check_verbose(verbose)
         if not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"`epochs` must be a non-negative integer; got {epochs!r}.")
         if not isinstance(initial_epoch, int) or initial_epoch < 0:
-            raise ValueError(f"`initial_epoch` must be a non-negative integer; got {initial_epoch!r}.")
+            raise ValueError(
+                f"`initial_epoch` must be a non-negative integer; got {initial_epoch!r}."
+            )
         if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
             raise ValueError(
                 f"`validation_split` must be a float in [0, 1); got {validation_split!r}. "
@@ -332,17 +352,28 @@ class Model(nn.Module):
             )
         if validation_freq is not None and not (
             (isinstance(validation_freq, int) and validation_freq >= 1)
-            or (isinstance(validation_freq, Sequence) and all(isinstance(v, int)
-                                                              for v in validation_freq))
+            or (
+                isinstance(validation_freq, Sequence)
+                and all(isinstance(v, int) for v in validation_freq)
+            )
         ):
-            raise ValueError("`validation_freq` must be a positive integer or a list of epochs "
-                             f"(1-based); got {validation_freq!r}.")
+            raise ValueError(
+                "`validation_freq` must be a positive integer or a list of epochs "
+                f"(1-based); got {validation_freq!r}."
+            )
         train_source = data.make_source(
-            x, y, sample_weight, batch_size=batch_size, shuffle=shuffle, steps=steps_per_epoch,
+            x,
+            y,
+            sample_weight,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            steps=steps_per_epoch,
             class_weight=class_weight,
         )
-        if isinstance(train_source, data.IterableSource) and train_source.is_iterator and (
-            steps_per_epoch is None and epochs - initial_epoch > 1
+        if (
+            isinstance(train_source, data.IterableSource)
+            and train_source.is_iterator
+            and (steps_per_epoch is None and epochs - initial_epoch > 1)
         ):
             raise ValueError(
                 "`x` is an iterator (a generator?) that can be consumed once, and fit() runs "
@@ -351,41 +382,71 @@ class Model(nn.Module):
             )
         val_source = None
         if validation_data is not None:
-            val_source = self._validation_source(validation_data, validation_batch_size or batch_size,
-                                                 validation_steps)
+            val_source = self._validation_source(
+                validation_data, validation_batch_size or batch_size, validation_steps
+            )
         elif validation_split:
             train_source, val_source = data.split_validation(train_source, validation_split)
             if validation_batch_size:
                 val_source.batch_size = validation_batch_size
                 val_source.steps = -(-val_source.num_samples // validation_batch_size)
         callback_list = CallbackList(
-            callbacks, add_history=True, add_progbar=verbose != 0, model=self,
-            verbose=verbose, epochs=epochs, steps=train_source.steps,
+            callbacks,
+            add_history=True,
+            add_progbar=verbose != 0,
+            model=self,
+            verbose=verbose,
+            epochs=epochs,
+            steps=train_source.steps,
         )
         self._callbacks = callback_list
         try:
-            return self._fit_loop(train_source, val_source, callback_list, epochs, initial_epoch,
-                                  validation_freq, validation_steps)
+            return self._fit_loop(
+                train_source,
+                val_source,
+                callback_list,
+                epochs,
+                initial_epoch,
+                validation_freq,
+                validation_steps,
+            )
         except BaseException as exc:
             callback_list.on_exception(exc)
             raise
         finally:
             self._callbacks = None
 
-    def _validation_source(self, validation_data: Any, batch_size: int | None,
-                           steps: int | None) -> Any:
-        if isinstance(validation_data, tuple) and len(validation_data) in (2, 3) and all(
-            data._is_array_like(v) or data._is_structure(v) for v in validation_data
+    def _validation_source(
+        self, validation_data: Any, batch_size: int | None, steps: int | None
+    ) -> Any:
+        if (
+            isinstance(validation_data, tuple)
+            and len(validation_data) in (2, 3)
+            and all(data._is_array_like(v) or data._is_structure(v) for v in validation_data)
         ):
             vx, vy, *rest = validation_data
-            return data.make_source(vx, vy, rest[0] if rest else None, batch_size=batch_size,
-                                    shuffle=False, steps=steps, name="validation_data")
-        return data.make_source(validation_data, batch_size=None, shuffle=False, steps=steps,
-                                name="validation_data")
+            return data.make_source(
+                vx,
+                vy,
+                rest[0] if rest else None,
+                batch_size=batch_size,
+                shuffle=False,
+                steps=steps,
+                name="validation_data",
+            )
+        return data.make_source(
+            validation_data, batch_size=None, shuffle=False, steps=steps, name="validation_data"
+        )
 
     def _fit_loop(
-        self, train_source: Any, val_source: Any, callbacks: CallbackList, epochs: int,
-        initial_epoch: int, validation_freq: int | Sequence[int], validation_steps: int | None,
+        self,
+        train_source: Any,
+        val_source: Any,
+        callbacks: CallbackList,
+        epochs: int,
+        initial_epoch: int,
+        validation_freq: int | Sequence[int],
+        validation_steps: int | None,
     ) -> History:
         self.stop_training = False
         self._initial_epoch = None
@@ -424,6 +485,7 @@ class Model(nn.Module):
                 if needs_begin:
                     callbacks.on_train_batch_begin(step)
                 batch = data.to_device(batch, device)
+                self.current_batch = batch
                 logs = train_step(batch)
                 means.add(logs, data.batch_size_of(batch[0]))
                 self.batches_done = step + 1
@@ -465,10 +527,16 @@ class Model(nn.Module):
 
     def _batch_logs(self, means: RunningMeans) -> BatchLogs:
         keys = sorted(means.keys() + [m.name for m in self.compiled_metrics])
-        return BatchLogs(keys, lambda: self._results(means))
+        return BatchLogs(keys, lambda: self._results(means), lambda: self._raw_results(means))
 
-    # ---- evaluate --------------------------------------------------------------------------------------
-    def _test_loop(self, source: Any, callbacks: CallbackList, steps: int | None) -> dict[str, float]:
+    def _raw_results(self, means: RunningMeans) -> dict[str, Any]:
+        keys = means.keys() + [m.name for m in self.compiled_metrics]
+        return dict(zip(keys, means.result_tensors() + [m.result() for m in self.compiled_metrics]))
+
+    # ---- evaluate ----------------------------------------------------------------------------
+    def _test_loop(
+        self, source: Any, callbacks: CallbackList, steps: int | None
+    ) -> dict[str, float]:
         was_training = self.training
         self.eval()
         self.reset_metrics()
@@ -508,10 +576,17 @@ class Model(nn.Module):
         """Loss and metrics on ``x``: a float (loss only), ``[loss, *metrics]``, or a dict."""
         self._check_compiled("evaluate")
         _check_verbose(verbose)
-        source = data.make_source(x, y, sample_weight, batch_size=batch_size, shuffle=False,
-                                  steps=steps)
-        callback_list = CallbackList(callbacks, add_progbar=verbose != 0, model=self,
-                                     verbose=verbose, epochs=1, steps=steps or source.steps)
+        source = data.make_source(
+            x, y, sample_weight, batch_size=batch_size, shuffle=False, steps=steps
+        )
+        callback_list = CallbackList(
+            callbacks,
+            add_progbar=verbose != 0,
+            model=self,
+            verbose=verbose,
+            epochs=1,
+            steps=steps or source.steps,
+        )
         self.stop_evaluating = False
         try:
             logs = self._test_loop(source, callback_list, steps)
@@ -524,7 +599,7 @@ class Model(nn.Module):
         ordered += [v for k, v in logs.items() if k not in self.metrics_names]
         return ordered[0] if len(ordered) == 1 else ordered
 
-    # ---- predict ----------------------------------------------------------------------------------------
+    # ---- predict -----------------------------------------------------------------------------
     def predict(
         self,
         x: Any,
@@ -536,13 +611,22 @@ class Model(nn.Module):
         """The model's outputs for ``x``, concatenated: numpy in, numpy out; else CPU tensors."""
         _check_verbose(verbose)
         numpy_in = isinstance(x, np.ndarray) or (
-            isinstance(x, (tuple, list, Mapping)) and all(
-                isinstance(v, np.ndarray) for v in (x.values() if isinstance(x, Mapping) else x))
+            isinstance(x, (tuple, list, Mapping))
+            and all(
+                isinstance(v, np.ndarray) for v in (x.values() if isinstance(x, Mapping) else x)
+            )
         )
-        source = data.make_source(x, None, None, batch_size=batch_size, shuffle=False, steps=steps,
-                                  need_y=False)
-        callback_list = CallbackList(callbacks, add_progbar=verbose != 0, model=self,
-                                     verbose=verbose, epochs=1, steps=steps or source.steps)
+        source = data.make_source(
+            x, None, None, batch_size=batch_size, shuffle=False, steps=steps, need_y=False
+        )
+        callback_list = CallbackList(
+            callbacks,
+            add_progbar=verbose != 0,
+            model=self,
+            verbose=verbose,
+            epochs=1,
+            steps=steps or source.steps,
+        )
         was_training = self.training
         self.eval()
         outputs: list[Any] = []

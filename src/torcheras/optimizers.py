@@ -13,8 +13,10 @@ __all__ = ["OPTIMIZERS", "get"]
 # name -> (class, Keras's defaults expressed in torch's argument names)
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adam": (torch.optim.Adam, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7}),
-    "adamw": (torch.optim.AdamW, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7,
-                                  "weight_decay": 0.004}),
+    "adamw": (
+        torch.optim.AdamW,
+        {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7, "weight_decay": 0.004},
+    ),
     "sgd": (torch.optim.SGD, {"lr": 0.01}),
     "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7}),
     "adagrad": (torch.optim.Adagrad, {"lr": 1e-3, "initial_accumulator_value": 0.1}),
@@ -49,7 +51,7 @@ def get(
             raise ValueError(
                 f"Unknown optimizer {optimizer!r}.{hint} Known optimizers: "
                 f"{', '.join(sorted(OPTIMIZERS))}; or pass a torch.optim.Optimizer instance or "
-                "a callable taking the parameters (e.g. functools.partial(torch.optim.SGD, lr=0.1))."
+                "a callable taking the parameters (functools.partial(torch.optim.SGD, lr=0.1))."
             )
         cls, defaults = OPTIMIZERS[key]
         kwargs = dict(defaults)

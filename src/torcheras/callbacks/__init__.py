@@ -2,8 +2,28 @@
 
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
+from torcheras.callbacks.csv_logger import CSVLogger
+from torcheras.callbacks.early_stopping import EarlyStopping
 from torcheras.callbacks.history import History
 from torcheras.callbacks.lambda_callback import LambdaCallback
+from torcheras.callbacks.learning_rate_scheduler import LearningRateScheduler
+from torcheras.callbacks.model_checkpoint import ModelCheckpoint
 from torcheras.callbacks.progbar_logger import ProgbarLogger
+from torcheras.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
+from torcheras.callbacks.tensorboard import TensorBoard
+from torcheras.callbacks.terminate_on_nan import TerminateOnNaN
 
-__all__ = ["Callback", "CallbackList", "History", "LambdaCallback", "ProgbarLogger"]
+__all__ = [
+    "CSVLogger",
+    "Callback",
+    "CallbackList",
+    "EarlyStopping",
+    "History",
+    "LambdaCallback",
+    "LearningRateScheduler",
+    "ModelCheckpoint",
+    "ProgbarLogger",
+    "ReduceLROnPlateau",
+    "TensorBoard",
+    "TerminateOnNaN",
+]

@@ -80,7 +80,7 @@ class Callback:
         """Called after the backward pass, before the optimizer step: gradients are ready."""
 
     def on_exception(self, exception: BaseException) -> None:
-        """Called when an exception (KeyboardInterrupt too) is about to leave fit/evaluate/predict."""
+        """Called when an exception (KeyboardInterrupt too) is about to leave fit and co."""
 
     # --- evaluation and prediction ------------------------------------------------------------
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:

@@ -11,15 +11,29 @@ from torcheras.logs import to_float_logs
 __all__ = ["CallbackList", "HOOKS"]
 
 HOOKS = (
-    "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
-    "on_train_batch_begin", "on_train_batch_end", "on_test_begin", "on_test_end",
-    "on_test_batch_begin", "on_test_batch_end", "on_predict_begin", "on_predict_end",
-    "on_predict_batch_begin", "on_predict_batch_end", "on_after_backward", "on_exception",
+    "on_train_begin",
+    "on_train_end",
+    "on_epoch_begin",
+    "on_epoch_end",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_test_begin",
+    "on_test_end",
+    "on_test_batch_begin",
+    "on_test_batch_end",
+    "on_predict_begin",
+    "on_predict_end",
+    "on_predict_batch_begin",
+    "on_predict_batch_end",
+    "on_after_backward",
+    "on_exception",
 )
 _ALIASES = {"on_train_batch_begin": "on_batch_begin", "on_train_batch_end": "on_batch_end"}
 
 
 def _overrides(callback: Callback, hook: str) -> bool:
+    if hook in getattr(callback, "_skip_hooks", ()):  # hooks a callback's settings leave unused
+        return False
     if hook in vars(callback):  # LambdaCallback and friends set hooks on the instance
         return True
     if getattr(type(callback), hook, None) is not getattr(Callback, hook):
@@ -89,8 +103,9 @@ class CallbackList(Callback):
             self.set_params(params)
 
     def _build_dispatch(self) -> None:
-        self._active = {h: [getattr(cb, h) for cb in self.callbacks if _overrides(cb, h)]
-                        for h in HOOKS}
+        self._active = {
+            h: [getattr(cb, h) for cb in self.callbacks if _overrides(cb, h)] for h in HOOKS
+        }
 
     def append(self, callback: Callback) -> None:
         self.callbacks.append(callback)

@@ -34,9 +34,12 @@ class LambdaCallback(Callback):
         **kwargs: Any,
     ) -> None:
         hooks = {
-            "on_epoch_begin": on_epoch_begin, "on_epoch_end": on_epoch_end,
-            "on_train_begin": on_train_begin, "on_train_end": on_train_end,
-            "on_train_batch_begin": on_train_batch_begin, "on_train_batch_end": on_train_batch_end,
+            "on_epoch_begin": on_epoch_begin,
+            "on_epoch_end": on_epoch_end,
+            "on_train_begin": on_train_begin,
+            "on_train_end": on_train_end,
+            "on_train_batch_begin": on_train_batch_begin,
+            "on_train_batch_end": on_train_batch_end,
         }
         for name, fn in hooks.items():
             if fn is not None:

@@ -91,11 +91,22 @@ class ProgbarLogger(Callback):
         """Draw the bar (created at its first draw, so no empty ``0/N`` line is printed)."""
         if self._bar is None:
             steps = self._steps
-            fmt = ("{n_fmt}/{total_fmt} [{bar:20}] {elapsed_s:.0f}s{keras}" if steps
-                   else "{n_fmt}/Unknown {elapsed_s:.0f}s{keras}")
-            self._bar = _Bar(total=steps, initial=self._seen, file=sys.stdout, bar_format=fmt,
-                             ascii=".=", mininterval=0, leave=True, dynamic_ncols=True,
-                             keras_text=text)
+            fmt = (
+                "{n_fmt}/{total_fmt} [{bar:20}] {elapsed_s:.0f}s{keras}"
+                if steps
+                else "{n_fmt}/Unknown {elapsed_s:.0f}s{keras}"
+            )
+            self._bar = _Bar(
+                total=steps,
+                initial=self._seen,
+                file=sys.stdout,
+                bar_format=fmt,
+                ascii=".=",
+                mininterval=0,
+                leave=True,
+                dynamic_ncols=True,
+                keras_text=text,
+            )
         elif self._seen != self._bar.n:
             self._bar.keras_text = text
             self._bar.update(self._seen - self._bar.n)

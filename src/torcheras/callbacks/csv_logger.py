@@ -1,0 +1,131 @@
+"""CSVLogger: one CSV row per epoch."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable
+from typing import IO, Any
+
+import numpy as np
+
+from torcheras.callbacks.callback import Callback
+
+__all__ = ["CSVLogger"]
+
+
+class CSVLogger(Callback):
+    """Write each epoch's logs to a CSV file, flushed row by row.
+
+    Args:
+        filename: the CSV file (folders are created).
+        separator: the field separator. Default ``","``.
+        append: add to an existing file (no second header). Default False: overwrite.
+
+    The columns are ``epoch`` (0-based) and the sorted log keys of the first epoch (with a
+    ``val_`` column for each key when the first epoch had no validation); they stay fixed,
+    and a value missing in a later epoch is written as ``NA``. The file is closed at the end
+    of training and when an exception leaves ``fit``.
+
+    Example::
+
+        model.fit(x, y, epochs=10, validation_split=0.2, callbacks=[CSVLogger("log.csv")])
+        rows = list(csv.DictReader(open("log.csv")))
+    """
+
+    def __init__(
+        self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False
+    ) -> None:
+        if not str(filename):
+            raise ValueError("CSVLogger: `filename` is empty; pass a path such as 'log.csv'.")
+        if not isinstance(separator, str) or len(separator) != 1:
+            raise ValueError(f"CSVLogger: `separator` must be one character; got {separator!r}.")
+        self.filename = os.fspath(filename)
+        self.sep = separator
+        self.append = append
+        self.keys: list[str] | None = None
+        self._file: IO[str] | None = None
+        self._writer: csv.DictWriter | None = None
+        self._resume_offset: int | None = None
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._close()
+        folder = os.path.dirname(self.filename)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        resuming = self._resume_offset is not None
+        if resuming and os.path.exists(self.filename):
+            # A resumed run: drop rows written after the backup we resume from.
+            with open(self.filename, "r+b") as f:
+                f.truncate(self._resume_offset)
+        append = resuming or self.append
+        self._header_needed = not (
+            append and os.path.exists(self.filename) and _first_line(self.filename)
+        )
+        if not resuming:
+            self.keys = None
+        self._writer = None
+        self._resume_offset = None
+        self._file = open(  # noqa: SIM115 - kept open across epochs, closed in _close
+            self.filename, "a" if append else "w", newline="", encoding="utf-8"
+        )
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        if self.keys is None:
+            self.keys = sorted(logs)
+            if not any(k.startswith("val_") for k in self.keys):
+                self.keys += [f"val_{k}" for k in self.keys]
+        if self._file is None:  # driven without on_train_begin (a hand-written loop)
+            self.on_train_begin()
+        if self._writer is None:
+            self._writer = csv.DictWriter(
+                self._file,
+                fieldnames=["epoch", *self.keys],
+                delimiter=self.sep,
+                extrasaction="ignore",
+            )
+            if self._header_needed:
+                self._writer.writeheader()
+        row = {"epoch": epoch, **{k: _cell(logs[k]) if k in logs else "NA" for k in self.keys}}
+        self._writer.writerow(row)
+        self._file.flush()  # type: ignore[union-attr]
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._writer = None
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._close()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._close()
+
+    def state_dict(self) -> dict[str, Any]:
+        offset = (
+            self._file.tell()
+            if self._file is not None
+            else (os.path.getsize(self.filename) if os.path.exists(self.filename) else 0)
+        )
+        return {"keys": self.keys, "offset": offset}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.keys = state["keys"]
+        self._resume_offset = state["offset"]
+
+
+def _first_line(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.readline().strip()
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, Iterable):
+        return f'"[{", ".join(map(str, value))}]"'
+    return value

@@ -1,0 +1,140 @@
+"""EarlyStopping: stop training when a monitored metric has stopped improving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torcheras.callbacks.callback import Callback
+from torcheras.callbacks.monitor import Monitor
+
+__all__ = ["EarlyStopping", "get_weights", "set_weights"]
+
+
+def get_weights(model: Any) -> Any:
+    """A detached copy of the weights of a torcheras Model or a plain nn.Module."""
+    if hasattr(model, "get_weights"):
+        return model.get_weights()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def set_weights(model: Any, weights: Any) -> None:
+    if hasattr(model, "set_weights"):
+        model.set_weights(weights)
+    else:
+        model.load_state_dict(weights)
+
+
+class EarlyStopping(Callback):
+    """Stop training when ``monitor`` has not improved for ``patience`` epochs (Keras's rules).
+
+    Args:
+        monitor: the log key to watch. Default ``"val_loss"``.
+        min_delta: the smallest change that counts as an improvement (sign ignored). Default 0.
+        patience: epochs without improvement before stopping; 0 and 1 behave the same. Default 0.
+        verbose: 1 prints when it stops and when it restores. Default 0.
+        mode: ``"auto"`` (from the metric), ``"min"`` or ``"max"``.
+        baseline: a value to beat; the wait is only reset by epochs that also beat it.
+        restore_best_weights: at the end of training, restore the best epoch's weights
+            (also when training was not stopped early). Default False.
+        start_from_epoch: epochs to ignore at the start (warm-up). Default 0.
+
+    After training: ``stopped_epoch`` (0-based, 0 if it never stopped), ``best``,
+    ``best_epoch`` and ``wait``.
+
+    Example::
+
+        stop = EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True)
+        model.fit(x, y, epochs=100, validation_split=0.2, callbacks=[stop])
+        print(stop.stopped_epoch, stop.best)
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        min_delta: float = 0.0,
+        patience: int = 0,
+        verbose: int = 0,
+        mode: str = "auto",
+        baseline: float | None = None,
+        restore_best_weights: bool = False,
+        start_from_epoch: int = 0,
+    ) -> None:
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(
+                f"EarlyStopping: `patience` must be a non-negative integer; got {patience!r}."
+            )
+        if not isinstance(start_from_epoch, int) or start_from_epoch < 0:
+            raise ValueError(
+                f"EarlyStopping: `start_from_epoch` must be a non-negative integer; "
+                f"got {start_from_epoch!r}."
+            )
+        self.monitor_state = Monitor("EarlyStopping", monitor, mode, min_delta, baseline)
+        self.monitor = monitor
+        self.min_delta = self.monitor_state.min_delta
+        self.patience = patience
+        self.verbose = verbose
+        self.baseline = baseline
+        self.restore_best_weights = restore_best_weights
+        self.start_from_epoch = start_from_epoch
+        self._reset()
+
+    def _reset(self) -> None:
+        self.wait = 0
+        self.stopped_epoch = 0
+        self.best: float | None = None
+        self.best_weights: Any = None
+        self.best_epoch = 0
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._reset()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        monitor = self.monitor_state
+        monitor.resolve(self.model)
+        current = monitor.get(logs, warn_prefix="Early stopping conditioned on metric")
+        if current is None or epoch < self.start_from_epoch:
+            return
+        if self.restore_best_weights and self.best_weights is None:
+            self.best_weights = get_weights(self.model)  # so there is always something to restore
+            self.best_epoch = epoch
+        self.wait += 1
+        if monitor.is_improvement(current, self.best):
+            self.best = current
+            self.best_epoch = epoch
+            if self.restore_best_weights:
+                self.best_weights = get_weights(self.model)
+            if monitor.improves_on_baseline(current):
+                self.wait = 0
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.stopped_epoch > 0 and self.verbose > 0:
+            print(f"Epoch {self.stopped_epoch + 1}: early stopping")
+        if self.restore_best_weights and self.best_weights is not None:
+            if self.verbose > 0:
+                print(
+                    "Restoring model weights from the end of the best epoch: "
+                    f"{self.best_epoch + 1}."
+                )
+            set_weights(self.model, self.best_weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "wait": self.wait,
+            "stopped_epoch": self.stopped_epoch,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "monitor": self.monitor_state.state_dict(),
+        }
+        if self.best_weights is not None:
+            state["best_weights"] = {k: v.detach().cpu() for k, v in self.best_weights.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.wait, self.stopped_epoch = state["wait"], state["stopped_epoch"]
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.monitor_state.load_state_dict(state.get("monitor", {}))
+        self.best_weights = state.get("best_weights")

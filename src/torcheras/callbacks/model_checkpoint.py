@@ -1,0 +1,173 @@
+"""ModelCheckpoint: save the model (or the best one so far) as training goes."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torcheras import checkpoint
+from torcheras.callbacks.callback import Callback
+from torcheras.callbacks.monitor import Monitor
+
+__all__ = ["ModelCheckpoint"]
+
+
+class ModelCheckpoint(Callback):
+    """Save the model every epoch (or every ``save_freq`` batches), or only when it improves.
+
+    Args:
+        filepath: any file name; formatted with ``epoch`` (1-based), ``batch`` and any log key,
+            e.g. ``"ckpt/{epoch:02d}-{val_loss:.2f}.pt"``. Folders are created. A
+            ``.safetensors`` name needs ``save_weights_only=True``.
+        monitor: the log key for ``save_best_only``. Default ``"val_loss"``.
+        verbose: 1 prints each save.
+        save_best_only: save only when ``monitor`` improves; if it is missing from the logs,
+            warn and do **not** save (Keras saves anyway, which can overwrite a good model).
+        save_weights_only: the state_dict alone; otherwise weights, optimizer state, the epoch
+            and its logs.
+        mode: ``"auto"``, ``"min"`` or ``"max"``.
+        save_freq: ``"epoch"`` or a number of batches (counted across epochs).
+        initial_value_threshold: a value the first saved model must beat.
+
+    Files are written atomically and load with ``torch.load(weights_only=True)`` or
+    ``model.load_weights(path)``. ``best`` is kept across fits, as in Keras.
+
+    Example::
+
+        ckpt = ModelCheckpoint("ckpt/best.pt", monitor="val_accuracy", save_best_only=True)
+        model.fit(x, y, epochs=20, validation_split=0.2, callbacks=[ckpt])
+        model.load_weights("ckpt/best.pt")
+    """
+
+    def __init__(
+        self,
+        filepath: str,
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
+    ) -> None:
+        filepath = str(filepath)
+        if not filepath:
+            raise ValueError(
+                "ModelCheckpoint: `filepath` is empty; pass a file name such as 'ckpt/best.pt'."
+            )
+        if save_freq != "epoch" and not (
+            isinstance(save_freq, int) and save_freq > 0 and not isinstance(save_freq, bool)
+        ):
+            raise ValueError(
+                f"Unrecognized save_freq: {save_freq!r}. Expected save_freq are "
+                "'epoch' or a positive integer (a number of batches)."
+            )
+        if checkpoint.is_safetensors(filepath) and not save_weights_only:
+            raise ValueError(
+                f"ModelCheckpoint: {filepath!r} is a .safetensors file, which holds weights only; "
+                "pass save_weights_only=True, or use a '.pt' name for a full checkpoint."
+            )
+        self.monitor_state = Monitor("ModelCheckpoint", monitor, mode)
+        self.monitor = monitor
+        self.filepath = filepath
+        self.verbose = verbose
+        self.save_best_only = save_best_only
+        self.save_weights_only = save_weights_only
+        self.save_freq = save_freq
+        self.best: float | None = initial_value_threshold
+        self.last_saved: str | None = None
+        self._batches_seen_since_last_saving = 0
+        self._last_batch_seen = 0
+        self._current_epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.save_freq == "epoch":
+            return
+        if batch <= self._last_batch_seen:  # a new epoch started
+            self._batches_seen_since_last_saving += batch + 1
+        else:
+            self._batches_seen_since_last_saving += batch - self._last_batch_seen
+        self._last_batch_seen = batch
+        if self._batches_seen_since_last_saving >= self.save_freq:
+            self._batches_seen_since_last_saving = 0
+            self._save(self._current_epoch, batch, logs or {})
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.save_freq == "epoch":
+            self._save(epoch, None, logs or {})
+
+    def _format(self, epoch: int, batch: int | None, logs: Any) -> str:
+        values = dict(logs)
+        if batch is not None and "batch" not in values:
+            values["batch"] = batch + 1
+        try:
+            return self.filepath.format(epoch=epoch + 1, **values)
+        except KeyError as exc:
+            raise KeyError(
+                f'Failed to format this callback filepath: "{self.filepath}". Reason: {exc}. '
+                f"Available keys: epoch, {', '.join(values)}."
+            ) from exc
+
+    def _save(self, epoch: int, batch: int | None, logs: Any) -> None:
+        path = self._format(epoch, batch, logs)
+        if self.save_best_only:
+            monitor = self.monitor_state
+            value = logs.get(self.monitor)
+            if value is None:
+                warnings.warn(
+                    monitor.missing_message(
+                        "ModelCheckpoint(save_best_only=True) did not save: it is conditioned on "
+                        "metric",
+                        logs,
+                    ),
+                    stacklevel=2,
+                )
+                return
+            try:
+                current = float(value)
+            except (TypeError, ValueError):
+                warnings.warn(
+                    "Can save best model only when `monitor` is a scalar value. "
+                    f"Received: {value}. Falling back to `save_best_only=False`.",
+                    stacklevel=2,
+                )
+            else:
+                monitor.resolve(self.model)
+                if not monitor.is_improvement(current, self.best):
+                    if self.verbose > 0:
+                        best = "None" if self.best is None else f"{self.best:.5f}"
+                        print(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best}")
+                    return
+                if self.verbose > 0:
+                    best = "None" if self.best is None else f"{self.best:.5f}"
+                    print(
+                        f"\nEpoch {epoch + 1}: {self.monitor} improved from {best} to "
+                        f"{current:.5f}, saving model to {path}"
+                    )
+                self.best = current
+        elif self.verbose > 0:
+            print(f"\nEpoch {epoch + 1}: saving model to {path}")
+        checkpoint.save_model(
+            self.model, path, weights_only=self.save_weights_only, epoch=epoch, logs=dict(logs)
+        )
+        self.last_saved = path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "last_saved": self.last_saved,
+            "batches_since_save": self._batches_seen_since_last_saving,
+            "last_batch_seen": self._last_batch_seen,
+            "current_epoch": self._current_epoch,
+            "monitor": self.monitor_state.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.last_saved = state["best"], state["last_saved"]
+        self._batches_seen_since_last_saving = state["batches_since_save"]
+        self._last_batch_seen = state["last_batch_seen"]
+        self._current_epoch = state["current_epoch"]
+        self.monitor_state.load_state_dict(state.get("monitor", {}))

@@ -1,0 +1,134 @@
+"""ReduceLROnPlateau: lower the learning rate when a metric has stopped improving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from torcheras.callbacks.callback import Callback
+from torcheras.callbacks.monitor import Monitor
+
+__all__ = ["ReduceLROnPlateau"]
+
+
+def param_groups(model: Any) -> list[dict[str, Any]]:
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        raise ValueError(
+            "This callback changes the learning rate, but the model has no "
+            "optimizer: call compile(optimizer=...) or set model.optimizer."
+        )
+    return optimizer.param_groups
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` after ``patience`` epochs without improvement.
+
+    Args:
+        monitor: the log key to watch. Default ``"val_loss"``.
+        factor: the multiplier, below 1. Default 0.1.
+        patience: epochs without improvement before reducing. Default 10.
+        verbose: 1 prints each reduction.
+        mode: ``"auto"``, ``"min"`` or ``"max"``.
+        min_delta: the smallest change that counts as an improvement. Default 1e-4.
+        cooldown: epochs to wait after a reduction before counting again. Default 0.
+        min_lr: the lower bound of the learning rate. Default 0.
+
+    Every param group of the optimizer is reduced (each from its own rate). The epoch logs'
+    ``learning_rate`` is the rate used during the epoch, before any reduction.
+
+    Example::
+
+        reduce = ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5)
+        model.fit(x, y, epochs=50, validation_split=0.2, callbacks=[reduce])
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        factor: float = 0.1,
+        patience: int = 10,
+        verbose: int = 0,
+        mode: str = "auto",
+        min_delta: float = 1e-4,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if factor >= 1.0:
+            raise ValueError(
+                f"ReduceLROnPlateau does not support a factor >= 1.0. Received factor={factor}"
+            )
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(
+                f"ReduceLROnPlateau: `patience` must be a non-negative integer; got {patience!r}."
+            )
+        self.monitor_state = Monitor("ReduceLROnPlateau", monitor, mode, min_delta)
+        self.monitor = monitor
+        self.factor = factor
+        self.patience = patience
+        self.verbose = verbose
+        self.min_delta = min_delta
+        self.cooldown = cooldown
+        self.min_lr = min_lr
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best: float | None = None
+        self.cooldown_counter = 0
+        self.wait = 0
+
+    def in_cooldown(self) -> bool:
+        return self.cooldown_counter > 0
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._reset()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        monitor = self.monitor_state
+        monitor.resolve(self.model)
+        current = monitor.get(logs, warn_prefix="Learning rate reduction is conditioned on metric")
+        if current is None:
+            return
+        if self.in_cooldown():
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if monitor.is_improvement(current, self.best):
+            self.best = current
+            self.wait = 0
+        elif not self.in_cooldown():
+            self.wait += 1
+            if self.wait >= self.patience:
+                self._reduce(epoch)
+
+    def _reduce(self, epoch: int) -> None:
+        reduced = False
+        for i, group in enumerate(param_groups(self.model)):
+            old_lr = float(group["lr"])
+            if old_lr > np.float32(self.min_lr):
+                new_lr = max(old_lr * self.factor, self.min_lr)
+                group["lr"] = new_lr
+                reduced = True
+                if self.verbose > 0:
+                    which = f" (param group {i})" if i else ""
+                    print(
+                        f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate"
+                        f"{which} to {new_lr}."
+                    )
+        if reduced:
+            self.cooldown_counter = self.cooldown
+            self.wait = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "cooldown_counter": self.cooldown_counter,
+            "wait": self.wait,
+            "monitor": self.monitor_state.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.wait = state["best"], state["wait"]
+        self.cooldown_counter = state["cooldown_counter"]
+        self.monitor_state.load_state_dict(state.get("monitor", {}))

@@ -1,0 +1,337 @@
+"""TensorBoard: event files that TensorBoard reads, written without TensorFlow."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from torcheras.callbacks.callback import Callback
+
+__all__ = ["TensorBoard"]
+
+
+def _parse_profile_batch(profile_batch: Any) -> tuple[int, int] | None:
+    error = ValueError(
+        "profile_batch must be a non-negative integer or 2-tuple of positive integers. A pair "
+        "of positive integers signifies a range of batches to profile. "
+        f"Found: {profile_batch!r}"
+    )
+    value = profile_batch
+    if isinstance(value, str):
+        try:
+            value = tuple(int(v) for v in value.split(","))
+        except ValueError:
+            raise error from None
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, int):
+        if value < 0:
+            raise error
+        return None if value == 0 else (value, value)
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        start, stop = value
+        if 0 <= start <= stop:
+            return None if stop == 0 else (max(start, 1), stop)
+    raise error
+
+
+class TensorBoard(Callback):
+    """Write TensorBoard logs: scalars, histograms, images, the graph, embeddings, profiles.
+
+    Args:
+        log_dir: the root folder; runs go to ``log_dir/train`` and ``log_dir/validation``.
+        histogram_freq: every N epochs, histograms of the weights and of their gradients
+            (0: never).
+        write_graph: the model's graph, traced from a training batch at the end of epoch 1.
+        write_images: weights as images (with ``histogram_freq``).
+        write_steps_per_second: ``epoch_steps_per_second`` (and ``batch_`` at batch level).
+        update_freq: ``"epoch"``, ``"batch"`` or N: also write ``batch_*`` scalars every N
+            batches (1-based global step; reading them costs one device sync each time).
+        profile_batch: profile batches ``(start, stop)`` (1-based) with ``torch.profiler``,
+            traces in ``log_dir/train``; an int profiles one batch; 0 disables.
+        embeddings_freq: every N epochs, write the weights of each ``nn.Embedding`` for the
+            projector (0: never).
+        embeddings_metadata: a metadata file (one label per line) for every embedding, or a
+            dict ``{layer name: file}``.
+
+    Scalars: ``epoch_loss``, ``epoch_<metric>``, ``epoch_learning_rate`` at step = epoch
+    (0-based), validation ones under ``validation`` without the ``val_`` prefix, and
+    ``evaluation_<metric>_vs_iterations`` at the global batch step.
+
+    Example::
+
+        model.fit(x, y, epochs=10, validation_split=0.2, callbacks=[TensorBoard("runs/tb")])
+        # then: tensorboard --logdir runs/tb
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str] = "logs",
+        histogram_freq: int = 0,
+        write_graph: bool = True,
+        write_images: bool = False,
+        write_steps_per_second: bool = False,
+        update_freq: str | int = "epoch",
+        profile_batch: int | tuple[int, int] | str = 0,
+        embeddings_freq: int = 0,
+        embeddings_metadata: str | dict[str, str] | None = None,
+    ) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "The TensorBoard callback needs the tensorboard package: "
+                "pip install 'torcheras[tensorboard]'."
+            ) from exc
+        for name, value in (
+            ("histogram_freq", histogram_freq),
+            ("embeddings_freq", embeddings_freq),
+        ):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(
+                    f"TensorBoard: `{name}` must be a non-negative integer; got {value!r}."
+                )
+        if update_freq == "batch":
+            update_freq = 1
+        if update_freq != "epoch" and not (isinstance(update_freq, int) and update_freq > 0):
+            raise ValueError(
+                "TensorBoard: `update_freq` must be 'epoch', 'batch' or a positive "
+                f"integer; got {update_freq!r}."
+            )
+        self.log_dir = os.fspath(log_dir)
+        self.histogram_freq = histogram_freq
+        self.write_graph = write_graph
+        self.write_images = write_images
+        self.write_steps_per_second = write_steps_per_second
+        self.update_freq = update_freq
+        self.profile_range = _parse_profile_batch(profile_batch)
+        self.embeddings_freq = embeddings_freq
+        self.embeddings_metadata = embeddings_metadata
+        self._writers: dict[str, Any] = {}
+        self._global_step = 0
+        self._resumed = False
+        self._graph_written = False
+        self._profiler: Any = None
+        skip = []
+        if update_freq == "epoch" and self.profile_range is None:
+            skip += ["on_train_batch_end", "on_train_batch_begin"]
+        self._skip_hooks = tuple(skip)
+
+    # --- writers --------------------------------------------------------------------------------
+    def _writer(self, run: str) -> Any:
+        if run not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[run] = SummaryWriter(os.path.join(self.log_dir, run))
+        return self._writers[run]
+
+    def _close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+        if self._profiler is not None:
+            self._profiler.stop()
+            self._profiler = None
+
+    def set_model(self, model: Any) -> None:
+        super().set_model(model)
+        self._close()
+        self._check_embeddings()
+
+    def _embedding_layers(self) -> dict[str, torch.nn.Embedding]:
+        model = self.model
+        if not isinstance(model, torch.nn.Module):
+            return {}
+        return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+
+    def _check_embeddings(self) -> None:
+        if not self.embeddings_freq or not isinstance(self.embeddings_metadata, dict):
+            return
+        unknown = set(self.embeddings_metadata) - set(self._embedding_layers())
+        if unknown:
+            raise ValueError(
+                "Unrecognized `Embedding` layer names passed to TensorBoard's "
+                f"`embeddings_metadata` argument: {sorted(unknown)}. Embedding layers of this "
+                f"model: {sorted(self._embedding_layers())}."
+            )
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if not self._resumed:
+            self._global_step = 0
+        self._resumed = False
+        self._graph_written = False
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._close()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._close()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_first_step = self._global_step
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.profile_range is not None and self._global_step + 1 == self.profile_range[0]:
+            self._start_profiler()
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._global_step += 1
+        step = self._global_step
+        if self.update_freq != "epoch" and step % self.update_freq == 0:
+            writer = self._writer("train")
+            for key, value in (logs or {}).items():
+                if isinstance(value, (int, float)):
+                    writer.add_scalar(f"batch_{key}", value, step)
+            if self.write_steps_per_second:
+                seconds = max(time.perf_counter() - self._batch_start, 1e-9)
+                writer.add_scalar("batch_steps_per_second", 1.0 / seconds, step)
+        if self._profiler is not None:
+            self._profiler.step()
+            if step >= self.profile_range[1]:  # type: ignore[index]
+                self._profiler.stop()
+                self._profiler = None
+
+    def _start_profiler(self) -> None:
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        start, stop = self.profile_range  # type: ignore[misc]
+        self._profiler = profile(
+            activities=activities,
+            schedule=schedule(wait=0, warmup=0, active=stop - start + 1, repeat=1),
+            on_trace_ready=tensorboard_trace_handler(os.path.join(self.log_dir, "train")),
+            record_shapes=True,
+        )
+        self._profiler.start()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        train, val = {}, {}
+        for key, value in logs.items():
+            if not isinstance(value, (int, float)):
+                continue
+            if key.startswith("val_"):
+                val[key[4:]] = value
+            else:
+                train[key] = value
+        writer = self._writer("train")
+        for key, value in train.items():
+            writer.add_scalar(f"epoch_{key}", value, epoch)
+        if self.write_steps_per_second:
+            steps = self._global_step - self._epoch_first_step
+            seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
+            writer.add_scalar("epoch_steps_per_second", steps / seconds, epoch)
+        if val:
+            val_writer = self._writer("validation")
+            for key, value in val.items():
+                val_writer.add_scalar(f"epoch_{key}", value, epoch)
+        if self.write_graph and not self._graph_written:
+            self._write_graph()
+        if self.histogram_freq and epoch % self.histogram_freq == 0:
+            self._write_histograms(epoch)
+        if self.embeddings_freq and epoch % self.embeddings_freq == 0:
+            self._write_embeddings(epoch)
+        for w in self._writers.values():
+            w.flush()
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        step = self._global_step
+        if not logs:
+            return
+        writer = self._writer("validation")
+        for key, value in logs.items():
+            if isinstance(value, (int, float)):
+                writer.add_scalar(f"evaluation_{key}_vs_iterations", value, step)
+
+    # --- heavier summaries ----------------------------------------------------------------------
+    def _write_graph(self) -> None:
+        self._graph_written = True
+        model = self.model
+        batch = getattr(model, "current_batch", None)
+        if not isinstance(model, torch.nn.Module) or batch is None:
+            return
+        inputs = batch[0] if isinstance(batch, tuple) else batch
+        if isinstance(inputs, dict):
+            warnings.warn(
+                "TensorBoard: the graph of a model taking keyword inputs cannot be "
+                "traced; skipping write_graph.",
+                stacklevel=2,
+            )
+            return
+        module = (
+            getattr(model, "module", model)
+            if isinstance(getattr(model, "module", None), torch.nn.Module)
+            else model
+        )
+        was_training = model.training
+        model.eval()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._writer("train").add_graph(
+                    module, tuple(inputs) if isinstance(inputs, list) else inputs
+                )
+        except Exception as exc:  # tracing fails on data-dependent control flow
+            warnings.warn(
+                f"TensorBoard: could not trace the model's graph ({exc}); skipping write_graph.",
+                stacklevel=2,
+            )
+        finally:
+            model.train(was_training)
+
+    def _write_histograms(self, epoch: int) -> None:
+        writer = self._writer("train")
+        for name, param in self.model.named_parameters():
+            writer.add_histogram(f"{name}/histogram", param.detach().float().cpu(), epoch)
+            if param.grad is not None:
+                writer.add_histogram(f"{name}/gradient", param.grad.detach().float().cpu(), epoch)
+            if self.write_images and param.dim() in (2, 4):
+                image = param.detach().float().cpu()
+                if image.dim() == 4:  # conv kernels: one tile per (out, in) pair
+                    image = image.reshape(-1, image.shape[-1])
+                image = (image - image.min()) / (image.max() - image.min() + 1e-12)
+                writer.add_image(f"{name}/image", image.unsqueeze(0), epoch)
+
+    def _write_embeddings(self, epoch: int) -> None:
+        writer = self._writer("train")
+        for name, layer in self._embedding_layers().items():
+            metadata = None
+            path = (
+                self.embeddings_metadata.get(name)
+                if isinstance(self.embeddings_metadata, dict)
+                else self.embeddings_metadata
+            )
+            if path:
+                with open(path, encoding="utf-8") as f:
+                    metadata = [line.rstrip("\n") for line in f]
+                if len(metadata) != layer.num_embeddings:
+                    metadata = None
+                    warnings.warn(
+                        f"TensorBoard: {path} has a label count different from the "
+                        f"{layer.num_embeddings} rows of {name}; writing no labels.",
+                        stacklevel=2,
+                    )
+            writer.add_embedding(
+                layer.weight.detach().cpu(), metadata=metadata, tag=name, global_step=epoch
+            )
+
+    # --- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_step": self._global_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._global_step = state["global_step"]
+        self._resumed = True
