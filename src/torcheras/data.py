@@ -111,7 +111,19 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
 
 def _is_array_like(value: Any) -> bool:
     return isinstance(value, (torch.Tensor, np.ndarray)) or (
-        isinstance(value, (list, tuple)) and len(value) > 0 and not _is_structure(value)
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and not _is_structure(value)
+        and not _is_batch(value[0])
+    )
+
+
+def _is_batch(item: Any) -> bool:
+    """An ``(x, y)`` batch as an element of a list of batches (not a row of numbers)."""
+    return isinstance(item, Mapping) or (
+        isinstance(item, (list, tuple))
+        and any(isinstance(v, (torch.Tensor, np.ndarray, Mapping, tuple, list)) for v in item)
+        and any(isinstance(v, (torch.Tensor, np.ndarray)) for v in item)
     )
 
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: seeded tiny data and models, and a driver for scripted metric sequences."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import torcheras
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def blobs() -> tuple[np.ndarray, np.ndarray]:
+    """A separable 3-class problem: 240 samples, 8 features (float32 / int64 numpy)."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0, 3, size=(3, 8))
+    y = rng.integers(0, 3, size=240)
+    x = centers[y] + rng.normal(0, 1, size=(240, 8))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def make_model(n_in: int = 8, n_out: int = 3, metrics: Sequence[Any] | None = ("accuracy",),
+               loss: Any = "sparse_categorical_crossentropy", optimizer: Any = "adam",
+               **compile_kwargs: Any) -> torcheras.Model:
+    net = torch.nn.Sequential(torch.nn.Linear(n_in, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, n_out))
+    model = torcheras.Model(net)
+    if isinstance(optimizer, str):
+        compile_kwargs.setdefault("learning_rate", 0.02)
+    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []), device="cpu",
+                  **compile_kwargs)
+    return model
+
+
+@pytest.fixture
+def model() -> torcheras.Model:
+    return make_model()
+
+
+def drive(callback: Any, values: Sequence[float], monitor: str = "val_loss",
+          model: Any = None, extra: dict[str, float] | None = None) -> list[int]:
+    """Run scripted epoch ends through ``callback`` as a hand-written loop would.
+
+    Returns the epochs that ran (training stops when the callback sets stop_training).
+    """
+    from torcheras.callbacks import CallbackList
+
+    model = model if model is not None else make_model()
+    callbacks = CallbackList([callback], model=model, epochs=len(values), steps=1, verbose=0)
+    model.stop_training = False
+    ran = []
+    callbacks.on_train_begin()
+    logs: dict[str, float] = {}
+    for epoch, value in enumerate(values):
+        callbacks.on_epoch_begin(epoch)
+        logs = {"loss": 1.0, monitor: value, **(extra or {})}
+        callbacks.on_epoch_end(epoch, logs)
+        ran.append(epoch)
+        if model.stop_training:
+            break
+    callbacks.on_train_end(logs)
+    return ran
+
+
+def files_in(folder: str | os.PathLike[str]) -> list[str]:
+    return sorted(os.listdir(folder))
