@@ -87,10 +87,10 @@ class ReduceLROnPlateau(Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         monitor = self.monitor_state
-        monitor.resolve(self.model)
         current = monitor.get(logs, warn_prefix="Learning rate reduction is conditioned on metric")
         if current is None:
             return
+        monitor.resolve(self.model)
         if self.in_cooldown():
             self.cooldown_counter -= 1
             self.wait = 0
