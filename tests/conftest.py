@@ -31,16 +31,23 @@ def blobs() -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def make_model(n_in: int = 8, n_out: int = 3, metrics: Sequence[Any] | None = ("accuracy",),
-               loss: Any = "sparse_categorical_crossentropy", optimizer: Any = "adam",
-               **compile_kwargs: Any) -> torcheras.Model:
-    net = torch.nn.Sequential(torch.nn.Linear(n_in, 16), torch.nn.ReLU(),
-                              torch.nn.Linear(16, n_out))
+def make_model(
+    n_in: int = 8,
+    n_out: int = 3,
+    metrics: Sequence[Any] | None = ("accuracy",),
+    loss: Any = "sparse_categorical_crossentropy",
+    optimizer: Any = "adam",
+    **compile_kwargs: Any,
+) -> torcheras.Model:
+    net = torch.nn.Sequential(
+        torch.nn.Linear(n_in, 16), torch.nn.ReLU(), torch.nn.Linear(16, n_out)
+    )
     model = torcheras.Model(net)
     if isinstance(optimizer, str):
         compile_kwargs.setdefault("learning_rate", 0.02)
-    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []), device="cpu",
-                  **compile_kwargs)
+    model.compile(
+        optimizer=optimizer, loss=loss, metrics=list(metrics or []), device="cpu", **compile_kwargs
+    )
     return model
 
 
@@ -49,8 +56,13 @@ def model() -> torcheras.Model:
     return make_model()
 
 
-def drive(callback: Any, values: Sequence[float], monitor: str = "val_loss",
-          model: Any = None, extra: dict[str, float] | None = None) -> list[int]:
+def drive(
+    callback: Any,
+    values: Sequence[float],
+    monitor: str = "val_loss",
+    model: Any = None,
+    extra: dict[str, float] | None = None,
+) -> list[int]:
     """Run scripted epoch ends through ``callback`` as a hand-written loop would.
 
     Returns the epochs that ran (training stops when the callback sets stop_training).

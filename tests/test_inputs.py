@@ -22,10 +22,16 @@ def started():
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"y": np.zeros(9, dtype="int64")}, ValueError,
-         r"`x` and `y` have different lengths: x has 10 samples, y has 9"),
-        ({"x": np.zeros((0, 8), dtype="float32"), "y": np.zeros(0, dtype="int64")}, ValueError,
-         r"`x` is empty"),
+        (
+            {"y": np.zeros(9, dtype="int64")},
+            ValueError,
+            r"`x` and `y` have different lengths: x has 10 samples, y has 9",
+        ),
+        (
+            {"x": np.zeros((0, 8), dtype="float32"), "y": np.zeros(0, dtype="int64")},
+            ValueError,
+            r"`x` is empty",
+        ),
         ({"validation_split": 1.0}, ValueError, r"`validation_split` must be a float in \[0, 1\)"),
         ({"validation_split": -0.1}, ValueError, r"`validation_split`"),
         ({"sample_weight": np.ones(3)}, ValueError, r"`sample_weight` has 3 values but `x` has 10"),
@@ -39,8 +45,13 @@ def started():
 )
 def test_bad_fit_arguments_fail_before_training(started, kwargs, error, message):
     calls, probe = started
-    args = {"x": np.zeros((10, 8), dtype="float32"), "y": np.zeros(10, dtype="int64"),
-            "verbose": 0, "callbacks": [probe], **kwargs}
+    args = {
+        "x": np.zeros((10, 8), dtype="float32"),
+        "y": np.zeros(10, dtype="int64"),
+        "verbose": 0,
+        "callbacks": [probe],
+        **kwargs,
+    }
     with pytest.raises(error, match=message):
         make_model().fit(**args)
     assert calls == []
@@ -70,7 +81,8 @@ def test_iterator_without_steps_per_epoch_for_several_epochs(started):
 
 def test_dataloader_with_batch_size_or_y():
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)))
+        torch.utils.data.TensorDataset(torch.zeros(4, 8), torch.zeros(4, dtype=torch.long))
+    )
     with pytest.raises(ValueError, match="Do not pass `batch_size` with a DataLoader"):
         make_model().fit(loader, batch_size=2, verbose=0)
     with pytest.raises(ValueError, match="`y` must not be given"):

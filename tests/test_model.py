@@ -23,7 +23,12 @@ def test_fit_learns_and_returns_history(blobs):
     assert isinstance(history, History) and model.history is history
     assert history.epoch == [0, 1, 2, 3, 4]
     assert sorted(history.history) == [
-        "accuracy", "learning_rate", "loss", "val_accuracy", "val_loss"]
+        "accuracy",
+        "learning_rate",
+        "loss",
+        "val_accuracy",
+        "val_loss",
+    ]
     assert all(type(v) is float for vals in history.history.values() for v in vals)
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert history.history["val_accuracy"][-1] > 0.9
@@ -116,8 +121,10 @@ def test_dataset_dataloader_and_iterables(blobs):
     loader = torch.utils.data.DataLoader(dataset, batch_size=60)
     h2 = model.fit(loader, epochs=1, verbose=0, validation_data=loader)
     assert "val_loss" in h2.history and h2.params["steps"] == 4
-    batches = [(torch.from_numpy(x[i:i + 48]), torch.from_numpy(y[i:i + 48]))
-               for i in range(0, 240, 48)]
+    batches = [
+        (torch.from_numpy(x[i : i + 48]), torch.from_numpy(y[i : i + 48]))
+        for i in range(0, 240, 48)
+    ]
     assert model.fit(batches, epochs=2, verbose=0).params["steps"] == 5
     assert isinstance(model.evaluate(loader, verbose=0), list)
     assert model.predict(loader, verbose=0).shape == (240, 3)
@@ -129,7 +136,7 @@ def test_generator_with_steps_per_epoch_and_validation_steps(blobs):
     def forever():
         while True:
             for i in range(0, 240, 30):
-                yield torch.from_numpy(x[i:i + 30]), torch.from_numpy(y[i:i + 30])
+                yield torch.from_numpy(x[i : i + 30]), torch.from_numpy(y[i : i + 30])
 
     seen = []
 
@@ -141,16 +148,25 @@ def test_generator_with_steps_per_epoch_and_validation_steps(blobs):
             seen.append(("test", batch))
 
     model = make_model()
-    model.fit(forever(), epochs=2, steps_per_epoch=3, validation_data=forever(),
-              validation_steps=4, verbose=0, callbacks=[Count()])
+    model.fit(
+        forever(),
+        epochs=2,
+        steps_per_epoch=3,
+        validation_data=forever(),
+        validation_steps=4,
+        verbose=0,
+        callbacks=[Count()],
+    )
     assert [s for s in seen if s[0] == "train"] == [("train", b) for b in (0, 1, 2)] * 2
     assert len([s for s in seen if s[0] == "test"]) == 8
 
 
 def test_generator_that_runs_out_warns_and_stops(blobs):
     x, y = blobs
-    gen = ((torch.from_numpy(x[i:i + 60]), torch.from_numpy(y[i:i + 60]))
-           for i in range(0, 240, 60))
+    gen = (
+        (torch.from_numpy(x[i : i + 60]), torch.from_numpy(y[i : i + 60]))
+        for i in range(0, 240, 60)
+    )
     model = make_model()
     with pytest.warns(UserWarning, match="ran out of data"):
         history = model.fit(gen, epochs=3, steps_per_epoch=6, verbose=0)
@@ -200,8 +216,9 @@ def test_class_weight_changes_training(blobs):
     torch.manual_seed(1)
     plain = make_model(optimizer="sgd").fit(x, y, epochs=1, shuffle=False, verbose=0)
     torch.manual_seed(1)
-    weighted = make_model(optimizer="sgd").fit(x, y, epochs=1, shuffle=False, verbose=0,
-                                                class_weight={0: 5.0, 1: 1.0, 2: 1.0})
+    weighted = make_model(optimizer="sgd").fit(
+        x, y, epochs=1, shuffle=False, verbose=0, class_weight={0: 5.0, 1: 1.0, 2: 1.0}
+    )
     assert weighted.history["loss"][0] != pytest.approx(plain.history["loss"][0])
 
 
@@ -220,8 +237,12 @@ def test_optimizer_names_instances_and_factories():
 
 def test_learning_rate_property_sets_every_group():
     model = torcheras.Model(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
-    opt = torch.optim.SGD([{"params": model.module[0].parameters(), "lr": 0.1},
-                           {"params": model.module[1].parameters(), "lr": 0.2}])
+    opt = torch.optim.SGD(
+        [
+            {"params": model.module[0].parameters(), "lr": 0.1},
+            {"params": model.module[1].parameters(), "lr": 0.2},
+        ]
+    )
     model.compile(opt, "mse")
     assert model.learning_rate == pytest.approx(0.1)
     model.learning_rate = 0.01
@@ -232,8 +253,10 @@ def test_learning_rate_property_sets_every_group():
     ("kwargs", "message"),
     [
         ({"optimizer": "adamm"}, r"Unknown optimizer 'adamm'\. Did you mean 'adam'\?.*sgd"),
-        ({"loss": "sparse_categorical_crossentrop"},
-         r"Unknown loss.*Did you mean 'sparse_categorical_crossentropy'"),
+        (
+            {"loss": "sparse_categorical_crossentrop"},
+            r"Unknown loss.*Did you mean 'sparse_categorical_crossentropy'",
+        ),
         ({"metrics": ["acuracy"]}, r"Unknown metric 'acuracy'.*Known metrics: .*accuracy"),
         ({"metrics": "accuracy"}, r"`metrics` must be a list"),
     ],
@@ -247,8 +270,12 @@ def test_unknown_names_list_the_known_ones(kwargs, message):
 
 def test_losses_keras_torch_module_and_callable(blobs):
     x, y = blobs
-    for loss in ("sparse_categorical_crossentropy", "cross_entropy", nn.CrossEntropyLoss(),
-                 torch.nn.functional.cross_entropy):
+    for loss in (
+        "sparse_categorical_crossentropy",
+        "cross_entropy",
+        nn.CrossEntropyLoss(),
+        torch.nn.functional.cross_entropy,
+    ):
         model = make_model(loss=loss)
         history = model.fit(x, y, epochs=3, verbose=0)
         assert history.history["loss"][-1] < history.history["loss"][0]
@@ -313,8 +340,9 @@ def test_load_weights_accepts_a_plain_torch_state_dict(tmp_path, blobs):
     torch.save(net.state_dict(), tmp_path / "plain.pt")
     model = make_model()
     model.load_weights(tmp_path / "plain.pt")
-    np.testing.assert_allclose(model.predict(x, verbose=0),
-                               net(torch.from_numpy(x)).detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), net(torch.from_numpy(x)).detach().numpy(), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="do not fit this model"):
         make_model(n_in=5).load_weights(tmp_path / "plain.pt")
 
@@ -362,8 +390,13 @@ def test_gan_like_train_step_with_two_optimizers():
         def on_after_backward(self, batch):
             grads_seen.append(gan.discriminator[0].weight.grad is not None)
 
-    history = gan.fit(torch.utils.data.TensorDataset(real), epochs=2, batch_size=16, verbose=0,
-                      callbacks=[GradProbe()])
+    history = gan.fit(
+        torch.utils.data.TensorDataset(real),
+        epochs=2,
+        batch_size=16,
+        verbose=0,
+        callbacks=[GradProbe()],
+    )
     assert sorted(history.history) == ["d_loss", "g_loss"]
     assert len(history.history["d_loss"]) == 2
     assert not torch.equal(gan.generator.weight, g_before)
@@ -374,8 +407,11 @@ def test_gan_like_train_step_with_two_optimizers():
 def test_device_auto_resolves_to_what_is_available():
     model = torcheras.Model(nn.Linear(2, 1))
     model.compile("sgd", "mse")
-    expected = "cuda" if torch.cuda.is_available() else (
-        "mps" if torch.backends.mps.is_available() else "cpu")
+    expected = (
+        "cuda"
+        if torch.cuda.is_available()
+        else ("mps" if torch.backends.mps.is_available() else "cpu")
+    )
     assert model.device.type == expected
     assert next(model.parameters()).device.type == expected
 

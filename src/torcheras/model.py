@@ -34,6 +34,24 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+class LoopState:
+    """Where the training loop is: read by callbacks (``model.loop``), cheap to update.
+
+    ``epoch`` and ``batch`` are 0-based; ``global_step`` counts the training batches run in
+    this fit (resumed runs included); ``order`` is the epoch's sample order; ``current_batch``
+    is the batch being trained on (on the device).
+    """
+
+    __slots__ = ("epoch", "batch", "global_step", "order", "current_batch")
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.batch = -1
+        self.global_step = 0
+        self.order: Tensor | None = None
+        self.current_batch: Any = None
+
+
 def _check_verbose(verbose: Any) -> None:
     if verbose not in ("auto", 0, 1, 2):
         raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2; got {verbose!r}.")
@@ -73,7 +91,7 @@ class Model(nn.Module):
         self.device = torch.device("cpu")
         self._is_compiled = False
         self._callbacks: CallbackList | None = None
-        self._batch_index = 0
+        self.loop = LoopState()
         self._initial_epoch: int | None = None
         self._forward_fn: Callable[..., Any] | None = None
         self._fused_loss: Callable[..., Tensor] | None = None
@@ -261,7 +279,7 @@ class Model(nn.Module):
         loss.backward()
         callbacks = self._callbacks
         if callbacks is not None and callbacks._active["on_after_backward"]:
-            callbacks.on_after_backward(self._batch_index)
+            callbacks.on_after_backward(self.loop.batch)
 
     def train_step(self, batch: Any) -> dict[str, Any]:
         """One optimisation step on ``batch``; returns the values to log (tensors are fine).
@@ -460,10 +478,11 @@ class Model(nn.Module):
         needs_end = callbacks.needs("on_train_batch_end")
         train_step = self.train_step
         self.train_means = means = RunningMeans()
+        self.loop = loop = LoopState()
         for epoch in range(initial_epoch, epochs):
             self.reset_metrics()
             means.reset()
-            self.epoch = epoch
+            loop.epoch = epoch
             resume = self._resume_position
             start_batch = 0
             if resume is not None and resume["epoch"] == epoch:
@@ -478,17 +497,17 @@ class Model(nn.Module):
             self.train()
             if not (resume is not None and resume["epoch"] == epoch):
                 order = train_source.new_order()
-            self.epoch_order = order
+            loop.order = order
             step = start_batch - 1
             for step, batch in enumerate(train_source.batches(order, start_batch), start_batch):
-                self._batch_index = step
+                loop.batch = step
                 if needs_begin:
                     callbacks.on_train_batch_begin(step)
                 batch = data.to_device(batch, device)
-                self.current_batch = batch
+                loop.current_batch = batch
                 logs = train_step(batch)
                 means.add(logs, data.batch_size_of(batch[0]))
-                self.batches_done = step + 1
+                loop.global_step += 1
                 if needs_end:
                     callbacks.on_train_batch_end(step, self._batch_logs(means))
                 if self.stop_training:

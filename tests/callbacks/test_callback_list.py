@@ -79,41 +79,63 @@ def test_full_hook_sequence_of_fit_evaluate_and_predict():
     vx, vy = _data(4)
     model = make_model(8, 3, loss="mse", metrics=["mae"])
     rec = Recorder()
-    model.fit(x, y, batch_size=4, epochs=2, verbose=0, validation_data=(vx, vy),
-              validation_batch_size=2, callbacks=[rec])
+    model.fit(
+        x,
+        y,
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        validation_data=(vx, vy),
+        validation_batch_size=2,
+        callbacks=[rec],
+    )
     m = ["loss", "mae"]
     epoch_keys = ["learning_rate", "loss", "mae", "val_loss", "val_mae"]
     per_epoch = lambda e: [  # noqa: E731
         ("on_epoch_begin", e, []),
-        ("on_train_batch_begin", 0, []), ("on_train_batch_end", 0, m),
-        ("on_train_batch_begin", 1, []), ("on_train_batch_end", 1, m),
+        ("on_train_batch_begin", 0, []),
+        ("on_train_batch_end", 0, m),
+        ("on_train_batch_begin", 1, []),
+        ("on_train_batch_end", 1, m),
         ("on_test_begin", []),
-        ("on_test_batch_begin", 0, []), ("on_test_batch_end", 0, m),
-        ("on_test_batch_begin", 1, []), ("on_test_batch_end", 1, m),
+        ("on_test_batch_begin", 0, []),
+        ("on_test_batch_end", 0, m),
+        ("on_test_batch_begin", 1, []),
+        ("on_test_batch_end", 1, m),
         ("on_test_end", m),
         ("on_epoch_end", e, epoch_keys),
     ]
     assert rec.events == [
         ("set_params", {"verbose": 0, "epochs": 2, "steps": 2}),
-        ("on_train_begin", []), *per_epoch(0), *per_epoch(1), ("on_train_end", epoch_keys)]
+        ("on_train_begin", []),
+        *per_epoch(0),
+        *per_epoch(1),
+        ("on_train_end", epoch_keys),
+    ]
 
     rec.events.clear()
     model.evaluate(vx, vy, batch_size=2, verbose=0, callbacks=[rec])
     assert rec.events == [
         ("set_params", {"verbose": 0, "epochs": 1, "steps": 2}),
         ("on_test_begin", []),
-        ("on_test_batch_begin", 0, []), ("on_test_batch_end", 0, m),
-        ("on_test_batch_begin", 1, []), ("on_test_batch_end", 1, m),
-        ("on_test_end", m)]
+        ("on_test_batch_begin", 0, []),
+        ("on_test_batch_end", 0, m),
+        ("on_test_batch_begin", 1, []),
+        ("on_test_batch_end", 1, m),
+        ("on_test_end", m),
+    ]
 
     rec.events.clear()
     model.predict(vx, batch_size=2, verbose=0, callbacks=[rec])
     assert rec.events == [
         ("set_params", {"verbose": 0, "epochs": 1, "steps": 2}),
         ("on_predict_begin", []),
-        ("on_predict_batch_begin", 0, []), ("on_predict_batch_end", 0, ["outputs"]),
-        ("on_predict_batch_begin", 1, []), ("on_predict_batch_end", 1, ["outputs"]),
-        ("on_predict_end", [])]
+        ("on_predict_batch_begin", 0, []),
+        ("on_predict_batch_end", 0, ["outputs"]),
+        ("on_predict_batch_begin", 1, []),
+        ("on_predict_batch_end", 1, ["outputs"]),
+        ("on_predict_end", []),
+    ]
 
 
 def test_logs_are_floats_and_batch_logs_are_running_means():
@@ -187,8 +209,11 @@ def test_non_callback_is_rejected_with_a_hint():
 
 @pytest.mark.parametrize(
     ("where", "expected_batches", "expected_epochs"),
-    [("on_train_batch_end", [0], [0]), ("on_epoch_begin", [0], [0]),
-     ("on_epoch_end", [0, 1, 2, 3], [0])],
+    [
+        ("on_train_batch_end", [0], [0]),
+        ("on_epoch_begin", [0], [0]),
+        ("on_epoch_end", [0, 1, 2, 3], [0]),
+    ],
 )
 def test_stop_training_edge_cases(where, expected_batches, expected_epochs):
     x, y = _data(16)
@@ -213,7 +238,8 @@ def test_stop_training_edge_cases(where, expected_batches, expected_epochs):
                 self.model.stop_training = True
 
     history = make_model(8, 3, loss="mse").fit(
-        x, y, batch_size=4, epochs=3, verbose=0, validation_data=(x, y), callbacks=[Stop()])
+        x, y, batch_size=4, epochs=3, verbose=0, validation_data=(x, y), callbacks=[Stop()]
+    )
     assert batches == expected_batches and epochs == expected_epochs
     assert history.epoch == expected_epochs and tests == [1]  # validation still runs
 
@@ -263,8 +289,9 @@ def test_on_after_backward_sees_the_gradients_before_the_step():
             grads = [p.grad for p in self.model.parameters()]
             norms.append((batch, all(g is not None for g in grads)))
 
-    make_model(8, 3, loss="mse").fit(x, y, batch_size=4, epochs=2, verbose=0,
-                                     callbacks=[GradNorm()])
+    make_model(8, 3, loss="mse").fit(
+        x, y, batch_size=4, epochs=2, verbose=0, callbacks=[GradNorm()]
+    )
     assert norms == [(0, True), (1, True)] * 2
 
 
@@ -281,8 +308,9 @@ def test_hand_written_loop_driven_by_callback_list():
         cbs.on_epoch_begin(epoch)
         for batch in range(2):
             cbs.on_train_batch_begin(batch)
-            loss = torch.nn.functional.mse_loss(net(x[batch * 4:(batch + 1) * 4]),
-                                                y[batch * 4:(batch + 1) * 4])
+            loss = torch.nn.functional.mse_loss(
+                net(x[batch * 4 : (batch + 1) * 4]), y[batch * 4 : (batch + 1) * 4]
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -299,14 +327,16 @@ def test_hand_written_loop_driven_by_callback_list():
 
 
 def test_state_dict_roundtrip_of_every_callback():
-    cbs = CallbackList([EarlyStopping(monitor="loss")], add_history=True,
-                       model=make_model(), epochs=3)
+    cbs = CallbackList(
+        [EarlyStopping(monitor="loss")], add_history=True, model=make_model(), epochs=3
+    )
     cbs.on_train_begin()
     cbs.on_epoch_begin(0)
     cbs.on_epoch_end(0, {"loss": 0.5})
     state = cbs.state_dict()
-    other = CallbackList([EarlyStopping(monitor="loss")], add_history=True,
-                         model=make_model(), epochs=3)
+    other = CallbackList(
+        [EarlyStopping(monitor="loss")], add_history=True, model=make_model(), epochs=3
+    )
     other.load_state_dict(state)
     assert other.callbacks[0].best == 0.5
     assert other.callbacks[1].history == {"loss": [0.5]}

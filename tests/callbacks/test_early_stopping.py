@@ -36,8 +36,14 @@ def test_improving_epochs_never_stop_even_below_baseline():
 
 def test_min_delta_and_max_mode():
     stop = EarlyStopping(monitor="val_accuracy", min_delta=0.05, patience=2)
-    assert drive(stop, [0.5, 0.54, 0.56, 0.7, 0.72, 0.74], monitor="val_accuracy") == [0, 1, 2, 3,
-                                                                                       4, 5]
+    assert drive(stop, [0.5, 0.54, 0.56, 0.7, 0.72, 0.74], monitor="val_accuracy") == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     stop = EarlyStopping(monitor="val_accuracy", min_delta=0.05, patience=2)
     assert drive(stop, [0.5, 0.54, 0.53, 0.7], monitor="val_accuracy") == [0, 1, 2]
     assert stop.best == 0.5 and stop.best_epoch == 0
@@ -59,8 +65,9 @@ def test_start_from_epoch_ignores_warm_up_entirely():
 
 def test_missing_monitor_warns_every_epoch_and_never_stops():
     stop = EarlyStopping(monitor="val_los", patience=0)
-    with pytest.warns(UserWarning, match="Early stopping conditioned on metric `val_los` which is "
-                                         "not available") as record:
+    with pytest.warns(
+        UserWarning, match="Early stopping conditioned on metric `val_los` which is not available"
+    ) as record:
         ran = drive(stop, [1.0, 2.0, 3.0])
     assert ran == [0, 1, 2] and len(record) == 3
 
@@ -94,8 +101,9 @@ def test_real_fit_stops_and_prints_keras_messages(blobs, capsys):
 
     from torcheras.callbacks import LambdaCallback
 
-    fake = LambdaCallback(on_epoch_end=lambda epoch, logs: logs.__setitem__("val_loss",
-                                                                             next(losses)))
+    fake = LambdaCallback(
+        on_epoch_end=lambda epoch, logs: logs.__setitem__("val_loss", next(losses))
+    )
     stop = EarlyStopping(patience=2, verbose=1, restore_best_weights=True)
     history = model.fit(x, y, epochs=8, verbose=0, callbacks=[fake, stop])
     assert history.epoch == [0, 1, 2, 3] and stop.stopped_epoch == 3
@@ -104,11 +112,14 @@ def test_real_fit_stops_and_prints_keras_messages(blobs, capsys):
     assert "Restoring model weights from the end of the best epoch: 2." in out
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"patience": -1}, "`patience` must be a non-negative integer"),
-    ({"start_from_epoch": 1.5}, "`start_from_epoch`"),
-    ({"monitor": ""}, "`monitor` must be a log key"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"patience": -1}, "`patience` must be a non-negative integer"),
+        ({"start_from_epoch": 1.5}, "`start_from_epoch`"),
+        ({"monitor": ""}, "`monitor` must be a log key"),
+    ],
+)
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EarlyStopping(**kwargs)

@@ -30,7 +30,13 @@ def test_recompiling_with_other_metrics_changes_keys(blobs):
     x, y = blobs
     model = make_model(metrics=["sparse_top_k_categorical_accuracy"])
     assert sorted(model.fit(x, y, epochs=1, verbose=0).history) == [
-        "learning_rate", "loss", "sparse_top_k_categorical_accuracy"]
+        "learning_rate",
+        "loss",
+        "sparse_top_k_categorical_accuracy",
+    ]
     model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
     assert sorted(model.fit(x, y, epochs=1, verbose=0).history) == [
-        "accuracy", "learning_rate", "loss"]
+        "accuracy",
+        "learning_rate",
+        "loss",
+    ]

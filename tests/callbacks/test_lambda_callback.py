@@ -16,13 +16,15 @@ def test_lambda_hooks_receive_keras_arguments(blobs):
         on_train_batch_end=lambda batch, logs: calls.append(("batch_end", batch)),
         on_test_begin=lambda logs: calls.append(("test_begin",)),
     )
-    history = make_model().fit(x, y, epochs=2, batch_size=120, validation_data=(x, y),
-                               verbose=0, callbacks=[cb])
+    history = make_model().fit(
+        x, y, epochs=2, batch_size=120, validation_data=(x, y), verbose=0, callbacks=[cb]
+    )
     assert calls[0] == ("train_begin", {})
     assert [c for c in calls if c[0] == "batch_end"] == [("batch_end", 0), ("batch_end", 1)] * 2
     assert [c for c in calls if c[0] == "test_begin"] == [("test_begin",)] * 2
     assert [c[2] for c in calls if c[0] == "epoch_end"] == [
-        round(v, 9) for v in history.history["loss"]]
+        round(v, 9) for v in history.history["loss"]
+    ]
 
 
 def test_lambda_on_batch_end_alias_fires_for_training_batches_only(blobs):

@@ -15,8 +15,9 @@ def _fit(callbacks, epochs=4, batch_size=120, **kwargs):
     x = np.random.rand(240, 8).astype("float32")
     y = np.random.randint(0, 3, 240)
     model = kwargs.pop("model", None) or make_model()
-    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0,
-                        callbacks=callbacks, **kwargs)
+    history = model.fit(
+        x, y, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=callbacks, **kwargs
+    )
     return model, history
 
 
@@ -28,15 +29,15 @@ def test_two_argument_schedule_gets_epoch_and_current_lr():
         return lr * 0.5
 
     _, history = _fit([LearningRateScheduler(schedule)], epochs=3)
-    assert calls == [(0, pytest.approx(0.02)), (1, pytest.approx(0.01)),
-                     (2, pytest.approx(0.005))]
+    assert calls == [(0, pytest.approx(0.02)), (1, pytest.approx(0.01)), (2, pytest.approx(0.005))]
     assert type(calls[0][1]) is float
     assert history.history["learning_rate"] == pytest.approx([0.01, 0.005, 0.0025])
 
 
 def test_one_argument_schedule_and_ints_and_numpy_floats():
-    _, history = _fit([LearningRateScheduler(lambda epoch: [1, 0.5, np.float32(0.25)][epoch])],
-                      epochs=3)
+    _, history = _fit(
+        [LearningRateScheduler(lambda epoch: [1, 0.5, np.float32(0.25)][epoch])], epochs=3
+    )
     assert history.history["learning_rate"] == [1.0, 0.5, 0.25]
 
 
@@ -71,14 +72,17 @@ def test_torch_scheduler_per_batch():
 
 def test_function_per_batch_gets_the_global_step():
     steps = []
-    _fit([LearningRateScheduler(lambda step, lr: steps.append(step) or 0.01, interval="batch")],
-         epochs=2)
+    _fit(
+        [LearningRateScheduler(lambda step, lr: steps.append(step) or 0.01, interval="batch")],
+        epochs=2,
+    )
     assert steps == [0, 1, 2, 3]
 
 
 def test_ready_schedules():
-    _, history = _fit([LearningRateScheduler(schedules.step_decay(0.1, drop=0.5, every=2))],
-                      epochs=4)
+    _, history = _fit(
+        [LearningRateScheduler(schedules.step_decay(0.1, drop=0.5, every=2))], epochs=4
+    )
     assert history.history["learning_rate"] == pytest.approx([0.1, 0.1, 0.05, 0.05])
     cosine = schedules.cosine_annealing(1.0, total=10, warmup=2, min_lr=0.0)
     assert [cosine(e) for e in (0, 1, 2)] == [0.5, 1.0, 1.0]
@@ -93,15 +97,24 @@ def test_relative_schedule_keeps_plateau_reductions():
     from torcheras.callbacks import LambdaCallback
 
     fake = LambdaCallback(on_epoch_end=lambda e, logs: logs.__setitem__("val_loss", 1.0))
-    _, history = _fit([LearningRateScheduler(lambda epoch, lr: lr), fake,
-                       ReduceLROnPlateau(factor=0.5, patience=1)], epochs=4)
+    _, history = _fit(
+        [
+            LearningRateScheduler(lambda epoch, lr: lr),
+            fake,
+            ReduceLROnPlateau(factor=0.5, patience=1),
+        ],
+        epochs=4,
+    )
     assert history.history["learning_rate"] == pytest.approx([0.02, 0.02, 0.01, 0.005])
 
 
-@pytest.mark.parametrize(("args", "match"), [
-    (("not callable",), "must be a function"),
-    ((lambda e: 0.1,), None),
-])
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("not callable",), "must be a function"),
+        ((lambda e: 0.1,), None),
+    ],
+)
 def test_argument_errors(args, match):
     if match is None:
         with pytest.raises(ValueError, match="`interval` must be 'epoch' or 'batch'"):

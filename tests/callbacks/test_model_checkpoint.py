@@ -25,8 +25,7 @@ def test_every_epoch_with_formatted_names(tmp_path, blobs):
     assert state["logs"]["val_loss"] == pytest.approx(model.history.history["val_loss"][-1])
     fresh = make_model()
     fresh.load_weights(tmp_path / "ckpt" / names[-1])
-    np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
 
 
 def test_save_best_only_keeps_the_best_epoch(tmp_path):
@@ -53,7 +52,9 @@ def test_best_only_verbose_messages(tmp_path, capsys):
     ckpt = ModelCheckpoint(str(tmp_path / "m.pt"), save_best_only=True, verbose=1)
     drive(ckpt, [0.5, 0.6])
     out = capsys.readouterr().out
-    assert f"Epoch 1: val_loss improved from None to 0.50000, saving model to {tmp_path}/m.pt" in out
+    assert (
+        f"Epoch 1: val_loss improved from None to 0.50000, saving model to {tmp_path}/m.pt" in out
+    )
     assert "Epoch 2: val_loss did not improve from 0.50000" in out
 
 
@@ -62,8 +63,7 @@ def test_best_kept_across_fits_and_initial_value_threshold(tmp_path):
     drive(ckpt, [0.5])
     drive(ckpt, [0.6])
     assert ckpt.best == 0.5
-    ckpt = ModelCheckpoint(str(tmp_path / "t.pt"), save_best_only=True,
-                           initial_value_threshold=0.3)
+    ckpt = ModelCheckpoint(str(tmp_path / "t.pt"), save_best_only=True, initial_value_threshold=0.3)
     drive(ckpt, [0.5, 0.4])
     assert not (tmp_path / "t.pt").exists()
 
@@ -84,9 +84,16 @@ def test_missing_monitor_warns_and_does_not_save(tmp_path):
 def test_weights_only_and_safetensors(tmp_path, blobs):
     x, y = blobs
     model = make_model()
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[
-        ModelCheckpoint(str(tmp_path / "w.pt"), save_weights_only=True),
-        ModelCheckpoint(str(tmp_path / "w.safetensors"), save_weights_only=True)])
+    model.fit(
+        x,
+        y,
+        epochs=1,
+        verbose=0,
+        callbacks=[
+            ModelCheckpoint(str(tmp_path / "w.pt"), save_weights_only=True),
+            ModelCheckpoint(str(tmp_path / "w.safetensors"), save_weights_only=True),
+        ],
+    )
     state = torch.load(tmp_path / "w.pt", weights_only=True)
     assert "optimizer" not in state and "model" in state
     from safetensors.torch import load_file
@@ -102,16 +109,25 @@ def test_weights_only_and_safetensors(tmp_path, blobs):
 def test_save_freq_counts_batches_across_epochs(tmp_path, blobs):
     x, y = blobs  # 240 samples, batch 50 -> 5 batches per epoch
     path = str(tmp_path / "e{epoch}-b{batch}.pt")
-    make_model().fit(x, y, epochs=2, batch_size=50, verbose=0,
-                     callbacks=[ModelCheckpoint(path, save_freq=3, monitor="loss")])
+    make_model().fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=50,
+        verbose=0,
+        callbacks=[ModelCheckpoint(path, save_freq=3, monitor="loss")],
+    )
     # global batches 3, 6, 9 -> epoch 1 batch 3, epoch 2 batch 1, epoch 2 batch 4
     assert sorted(os.listdir(tmp_path)) == ["e1-b3.pt", "e2-b1.pt", "e2-b4.pt"]
 
 
 def test_unknown_placeholder_names_the_key(tmp_path):
     ckpt = ModelCheckpoint(str(tmp_path / "{val_acc:.2f}.pt"))
-    with pytest.raises(KeyError, match=r'Failed to format this callback filepath: ".*"\. '
-                                       r"Reason: .*val_acc.*Available keys: epoch, loss"):
+    with pytest.raises(
+        KeyError,
+        match=r'Failed to format this callback filepath: ".*"\. '
+        r"Reason: .*val_acc.*Available keys: epoch, loss",
+    ):
         drive(ckpt, [0.5])
 
 
@@ -124,12 +140,15 @@ def test_directory_as_filepath_is_an_error_and_nothing_is_lost(tmp_path):
     assert (tmp_path / "dir" / "keep.txt").read_text() == "x"
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"save_freq": "batch"}, "Unrecognized save_freq: 'batch'"),
-    ({"save_freq": 0}, "Unrecognized save_freq"),
-    ({"filepath": "m.safetensors"}, "holds weights only; pass save_weights_only=True"),
-    ({"filepath": ""}, "`filepath` is empty"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"save_freq": "batch"}, "Unrecognized save_freq: 'batch'"),
+        ({"save_freq": 0}, "Unrecognized save_freq"),
+        ({"filepath": "m.safetensors"}, "holds weights only; pass save_weights_only=True"),
+        ({"filepath": ""}, "`filepath` is empty"),
+    ],
+)
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ModelCheckpoint(**{"filepath": "m.pt", **kwargs})
@@ -166,6 +185,12 @@ def test_batch_saves_use_batch_logs(tmp_path, blobs):
     x, y = blobs
     seen = []
     probe = LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(b))
-    make_model().fit(x, y, epochs=1, batch_size=120, verbose=0, callbacks=[
-        probe, ModelCheckpoint(str(tmp_path / "{batch}-{loss:.3f}.pt"), save_freq=1)])
+    make_model().fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=120,
+        verbose=0,
+        callbacks=[probe, ModelCheckpoint(str(tmp_path / "{batch}-{loss:.3f}.pt"), save_freq=1)],
+    )
     assert len(os.listdir(tmp_path)) == 2 and seen == [0, 1]

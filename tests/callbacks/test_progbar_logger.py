@@ -18,9 +18,11 @@ def test_verbose_1_shows_epochs_steps_time_and_metrics(capsys, blobs):
     assert "Epoch 1/2" in lines and "Epoch 2/2" in lines
     final = [line for line in lines if line.startswith("5/5")]
     assert final, lines
-    assert re.search(r"5/5 \[=+\] \d+s \d+(us|ms)/step - accuracy: \d\.\d{4} - learning_rate: "
-                     r"0\.0200 - loss: \d\.\d{4} - val_accuracy: \d\.\d{4} - val_loss: \d\.\d{4}",
-                     final[-1]), final[-1]
+    assert re.search(
+        r"5/5 \[=+\] \d+s \d+(us|ms)/step - accuracy: \d\.\d{4} - learning_rate: "
+        r"0\.0200 - loss: \d\.\d{4} - val_accuracy: \d\.\d{4} - val_loss: \d\.\d{4}",
+        final[-1],
+    ), final[-1]
 
 
 def test_verbose_2_prints_one_line_per_epoch(capsys, blobs):
@@ -48,8 +50,9 @@ def test_verbose_0_is_silent_and_auto_is_1(capsys, blobs):
 def test_validation_is_silent_inside_fit_but_evaluate_draws_its_bar(capsys, blobs):
     x, y = blobs
     model = make_model()
-    model.fit(x, y, epochs=1, batch_size=240, validation_data=(x, y), validation_batch_size=10,
-              verbose=1)
+    model.fit(
+        x, y, epochs=1, batch_size=240, validation_data=(x, y), validation_batch_size=10, verbose=1
+    )
     assert "/24" not in capsys.readouterr().out  # no bar over the 24 validation batches
     model.evaluate(x, y, batch_size=10, verbose=1)
     out = _lines(capsys.readouterr().out)

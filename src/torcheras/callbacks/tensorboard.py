@@ -181,8 +181,11 @@ class TensorBoard(Callback):
         self._epoch_first_step = self._global_step
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if self.profile_range is not None and self._global_step + 1 == self.profile_range[0]:
-            self._start_profiler()
+        if self.profile_range is not None:
+            start = self.profile_range[0]
+            warmup_step = start - 1 if start > 1 else start  # one warm-up batch when possible
+            if self._global_step + 1 == warmup_step:
+                self._start_profiler(warmup=int(warmup_step < start))
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -202,20 +205,27 @@ class TensorBoard(Callback):
                 self._profiler.stop()
                 self._profiler = None
 
-    def _start_profiler(self) -> None:
-        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+    def _start_profiler(self, warmup: int) -> None:
+        from torch.profiler import ProfilerActivity
 
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(ProfilerActivity.CUDA)
         start, stop = self.profile_range  # type: ignore[misc]
-        self._profiler = profile(
+        with warnings.catch_warnings():  # "no warmup" when profiling the very first batch
+            warnings.simplefilter("ignore")
+            self._profiler = self._make_profiler(activities, warmup, stop - start + 1)
+        self._profiler.start()
+
+    def _make_profiler(self, activities: list[Any], warmup: int, active: int) -> Any:
+        from torch.profiler import profile, schedule, tensorboard_trace_handler
+
+        return profile(
             activities=activities,
-            schedule=schedule(wait=0, warmup=0, active=stop - start + 1, repeat=1),
+            schedule=schedule(wait=0, warmup=warmup, active=active, repeat=1),
             on_trace_ready=tensorboard_trace_handler(os.path.join(self.log_dir, "train")),
             record_shapes=True,
         )
-        self._profiler.start()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
@@ -248,7 +258,8 @@ class TensorBoard(Callback):
             w.flush()
 
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
-        step = self._global_step
+        loop = getattr(self.model, "loop", None)
+        step = loop.global_step if loop is not None else self._global_step
         if not logs:
             return
         writer = self._writer("validation")
@@ -260,7 +271,8 @@ class TensorBoard(Callback):
     def _write_graph(self) -> None:
         self._graph_written = True
         model = self.model
-        batch = getattr(model, "current_batch", None)
+        loop = getattr(model, "loop", None)
+        batch = getattr(loop, "current_batch", None)
         if not isinstance(model, torch.nn.Module) or batch is None:
             return
         inputs = batch[0] if isinstance(batch, tuple) else batch

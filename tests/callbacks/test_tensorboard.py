@@ -1,0 +1,244 @@
+"""TensorBoard: event files read back with TensorBoard's own reader, and a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import torcheras
+from torcheras.callbacks import TensorBoard
+
+
+def _load(folder):
+    acc = EventAccumulator(
+        str(folder), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    )
+    acc.Reload()
+    return acc
+
+
+def _steps(acc, tag):
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_epoch_scalars_in_train_and_validation_runs(tmp_path, blobs):
+    x, y = blobs
+    history = make_model().fit(
+        x,
+        y,
+        epochs=3,
+        batch_size=40,
+        validation_split=0.25,
+        verbose=0,
+        callbacks=[TensorBoard(tmp_path)],
+    )
+    assert sorted(os.listdir(tmp_path)) == ["train", "validation"]
+    train, val = _load(tmp_path / "train"), _load(tmp_path / "validation")
+    assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= set(train.Tags()["scalars"])
+    assert _steps(train, "epoch_loss") == [0, 1, 2]
+    assert [e.value for e in train.Scalars("epoch_loss")] == pytest.approx(history.history["loss"])
+    assert [e.value for e in val.Scalars("epoch_loss")] == pytest.approx(
+        history.history["val_loss"]
+    )
+    # evaluation_*_vs_iterations at the global batch step: 5 batches per epoch
+    assert _steps(val, "evaluation_loss_vs_iterations") == [5, 10, 15]
+    assert "batch_loss" not in train.Tags()["scalars"]
+
+
+def test_no_validation_run_without_validation(tmp_path, blobs):
+    x, y = blobs
+    make_model().fit(x, y, epochs=1, verbose=0, callbacks=[TensorBoard(tmp_path)])
+    assert os.listdir(tmp_path) == ["train"]
+
+
+@pytest.mark.parametrize(("update_freq", "steps"), [("batch", list(range(1, 13))), (4, [4, 8, 12])])
+def test_update_freq_batch_scalars_with_global_1_based_step(tmp_path, blobs, update_freq, steps):
+    x, y = blobs
+    make_model().fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=40,
+        verbose=0,
+        callbacks=[TensorBoard(tmp_path, update_freq=update_freq, write_steps_per_second=True)],
+    )
+    train = _load(tmp_path / "train")
+    assert _steps(train, "batch_loss") == steps
+    assert _steps(train, "batch_steps_per_second") == steps
+    assert _steps(train, "epoch_loss") == [0, 1]  # not filtered by update_freq (Keras quirk)
+    assert _steps(train, "epoch_steps_per_second") == [0, 1]
+
+
+def test_histograms_gradients_images_and_graph(tmp_path, blobs):
+    x, y = blobs
+    make_model().fit(
+        x,
+        y,
+        epochs=3,
+        verbose=0,
+        callbacks=[TensorBoard(tmp_path, histogram_freq=2, write_images=True)],
+    )
+    train = _load(tmp_path / "train")
+    hist = set(train.Tags()["histograms"])
+    assert {
+        "module.0.weight/histogram",
+        "module.0.weight/gradient",
+        "module.2.bias/histogram",
+    } <= hist
+    assert [e.step for e in train.Histograms("module.0.weight/histogram")] == [0, 2]
+    assert "module.0.weight/image" in train.Tags()["images"]
+    assert train.Tags()["graph"] is True
+    graph = train.Graph()
+    assert any("Linear" in node.op or "linear" in node.name.lower() for node in graph.node)
+
+
+def test_embeddings_for_the_projector(tmp_path):
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 4)
+            self.out = torch.nn.Linear(4, 2)
+
+        def forward(self, tokens):
+            return self.out(self.embed(tokens).mean(1))
+
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("\n".join(f"word{i}" for i in range(5)) + "\n")
+    model = torcheras.Model(Bag())
+    model.compile("adam", "sparse_categorical_crossentropy")
+    tokens = np.random.randint(0, 5, (20, 3))
+    model.fit(
+        tokens,
+        np.random.randint(0, 2, 20),
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            TensorBoard(
+                tmp_path / "tb",
+                embeddings_freq=1,
+                embeddings_metadata={"module.embed": str(labels)},
+            )
+        ],
+    )
+    config = (tmp_path / "tb" / "train" / "projector_config.pbtxt").read_text()
+    assert "module.embed" in config and "metadata.tsv" in config
+    metadata_files = list((tmp_path / "tb" / "train").rglob("metadata.tsv"))
+    assert metadata_files and metadata_files[0].read_text().splitlines()[0] == "word0"
+    with pytest.raises(
+        ValueError,
+        match=r"Unrecognized `Embedding` layer names.*'nope'.*"
+        r"module.embed",
+    ):
+        model.fit(
+            tokens,
+            np.zeros(20, dtype="int64"),
+            epochs=1,
+            verbose=0,
+            callbacks=[
+                TensorBoard(tmp_path / "tb2", embeddings_freq=1, embeddings_metadata={"nope": "x"})
+            ],
+        )
+
+
+def test_profile_batch_writes_a_torch_profiler_trace(tmp_path, blobs):
+    x, y = blobs
+    make_model().fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=40,
+        verbose=0,
+        callbacks=[TensorBoard(tmp_path, profile_batch=(2, 3))],
+    )
+    traces = list((tmp_path / "train").rglob("*.pt.trace.json"))
+    assert len(traces) == 1
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any("linear" in str(e.get("name", "")).lower() for e in events)
+
+
+@pytest.mark.parametrize("bad", [-1, (3, 2), "a,b", (1, 2, 3), 1.5])
+def test_profile_batch_errors(bad):
+    with pytest.raises(ValueError, match="profile_batch must be a non-negative integer or 2-tuple"):
+        TensorBoard(profile_batch=bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"update_freq": "sometimes"}, "`update_freq` must be 'epoch', 'batch'"),
+        ({"histogram_freq": -1}, "`histogram_freq` must be a non-negative integer"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TensorBoard(**kwargs)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_tensorboard_server_lists_our_runs_and_tags(tmp_path, blobs):
+    x, y = blobs
+    make_model().fit(
+        x, y, epochs=2, validation_split=0.25, verbose=0, callbacks=[TensorBoard(tmp_path / "logs")]
+    )
+    port = _free_port()
+    tb_main = (
+        "import sys; from tensorboard.main import run_main; sys.argv[0] = 'tensorboard'; run_main()"
+    )
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            tb_main,
+            "--logdir",
+            str(tmp_path / "logs"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast",
+            "false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        runs = None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{base}/data/runs", timeout=2) as r:
+                    runs = json.load(r)
+                if sorted(runs) == ["train", "validation"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert sorted(runs or []) == ["train", "validation"]
+        with urllib.request.urlopen(f"{base}/data/plugin/scalars/tags", timeout=5) as r:
+            tags = json.load(r)
+        assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= set(tags["train"])
+        assert "epoch_loss" in tags["validation"]
+        url = f"{base}/data/plugin/scalars/scalars?run=train&tag=epoch_loss"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            points = json.load(r)
+        assert [p[1] for p in points] == [0, 1]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -1,0 +1,81 @@
+"""TerminateOnNaN: stop (or raise) on a NaN or infinite training loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_model
+
+from torcheras.callbacks import Callback, CSVLogger, TerminateOnNaN
+
+
+def _poisoned(n=240, bad_from=96):
+    x = np.random.rand(n, 8).astype("float32")
+    x[bad_from:] = np.nan
+    return x, np.random.randint(0, 3, n)
+
+
+def test_stops_after_the_bad_batch_and_finishes_the_epoch(capsys):
+    x, y = _poisoned()
+    ends = []
+
+    class Watch(Callback):
+        def on_train_end(self, logs=None):
+            ends.append("end")
+
+    history = make_model().fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        validation_data=(x[:32], y[:32]),
+        callbacks=[TerminateOnNaN(), Watch()],
+    )
+    assert "Batch 3: Invalid loss, terminating training" in capsys.readouterr().out
+    assert history.epoch == [0] and "val_loss" in history.history  # the epoch finished
+    assert ends == ["end"]
+
+
+def test_raise_error_skips_train_end(tmp_path):
+    x, y = _poisoned()
+    ends = []
+
+    class Watch(Callback):
+        def on_train_end(self, logs=None):
+            ends.append("end")
+
+    logger = CSVLogger(tmp_path / "log.csv")
+    with pytest.raises(
+        RuntimeError,
+        match=r"NaN or Inf loss encountered at batch 3\. Loss "
+        r"value: nan\. Terminating training immediately\.",
+    ):
+        make_model().fit(
+            x,
+            y,
+            batch_size=32,
+            epochs=3,
+            shuffle=False,
+            verbose=0,
+            callbacks=[TerminateOnNaN(raise_error=True), Watch(), logger],
+        )
+    assert ends == [] and logger._file is None
+
+
+def test_finite_training_is_untouched(blobs):
+    x, y = blobs
+    assert make_model().fit(x, y, epochs=2, verbose=0, callbacks=[TerminateOnNaN()]).epoch == [0, 1]
+
+
+def test_infinite_loss_is_caught_too():
+    cb = TerminateOnNaN()
+    model = make_model()
+    cb.set_model(model)
+    model.stop_training = False
+    cb.on_train_batch_end(4, {"loss": float("inf")})
+    assert model.stop_training
+    model.stop_training = False
+    cb.on_train_batch_end(5, {"accuracy": 1.0})  # no loss key: ignored
+    assert not model.stop_training
