@@ -28,22 +28,18 @@ def test_every_epoch_with_formatted_names(tmp_path, blobs):
     np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
 
 
-def test_save_best_only_keeps_the_best_epoch(tmp_path):
+def test_save_best_only_keeps_the_best_epoch(tmp_path, monkeypatch):
     path = tmp_path / "best.pt"
-    model = make_model()
-    ckpt = ModelCheckpoint(str(path), save_best_only=True, verbose=1)
+    ckpt = ModelCheckpoint(str(path), save_best_only=True)
     saved_at = []
-    orig = torcheras.checkpoint.save_model
+    original = torcheras.checkpoint.save_model
 
-    def spy(m, p, **kw):
-        saved_at.append(kw["epoch"])
-        return orig(m, p, **kw)
+    def spy(model, filepath, **kwargs):
+        saved_at.append(kwargs["epoch"])
+        return original(model, filepath, **kwargs)
 
-    torcheras.checkpoint.save_model, old = spy, torcheras.checkpoint.save_model
-    try:
-        drive(ckpt, [0.5, 0.6, 0.4, 0.4, 0.45])
-    finally:
-        torcheras.checkpoint.save_model = old
+    monkeypatch.setattr(torcheras.checkpoint, "save_model", spy)
+    drive(ckpt, [0.5, 0.6, 0.4, 0.4, 0.45])
     assert saved_at == [0, 2] and ckpt.best == 0.4
     assert torch.load(path, weights_only=True)["epoch"] == 2
 
