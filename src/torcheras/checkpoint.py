@@ -14,7 +14,9 @@ import errno
 import io
 import os
 import pickle
+import random
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +25,8 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "capture_training_state",
+    "restore_training_state",
     "FORMAT",
     "atomic_write",
     "save",
@@ -248,3 +252,102 @@ def save_model(
     if optimizer is not None:
         state["optimizer"] = _cpu(optimizer.state_dict())
     return save(state, path)
+
+
+# ---- training state: everything an exact resume needs ------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python RNG states, in weights_only-safe types."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _optimizers(model: Any) -> dict[str, torch.optim.Optimizer]:
+    """``model.optimizer`` and any other optimizer the model holds (a GAN's two)."""
+    found = {
+        name: value
+        for name, value in vars(model).items()
+        if isinstance(value, torch.optim.Optimizer)
+    }
+    return dict(sorted(found.items()))
+
+
+def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
+    """The whole training state at a batch boundary of ``fit``: resuming from it continues
+    exactly where the run was (weights, optimizers, data order, RNG, every callback)."""
+    loop = model.loop
+    done = loop.epoch_done
+    state: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": "training_state",
+        "created": time.time(),
+        "epoch": loop.epoch + 1 if done else loop.epoch,
+        "batch": 0 if done else loop.batch + 1,
+        "global_step": loop.global_step,
+        "model": _cpu(model.state_dict()),
+        "optimizers": {k: _cpu(v.state_dict()) for k, v in _optimizers(model).items()},
+        "callbacks": _cpu(callbacks.state_dict()),
+        "rng": rng_state(),
+        "logs": dict(loop.last_logs),
+    }
+    scaler = getattr(model, "scaler", None)
+    if scaler is not None and hasattr(scaler, "state_dict"):
+        state["scaler"] = scaler.state_dict()
+    if not done:
+        state["order"] = loop.order
+        state["means"] = model.train_means.state_dict()
+        state["metrics"] = [m.state_dict() for m in model.compiled_metrics]
+        state["epoch_lr"] = loop.epoch_lr
+        state["epoch_rng"] = loop.epoch_rng
+    return state
+
+
+def restore_training_state(model: Any, callbacks: Any, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Load weights, optimizers and callbacks' state; return the position to resume from."""
+    if state.get("kind") != "training_state":
+        raise CheckpointError(
+            errno.EINVAL, f"This file is not a training-state backup (kind={state.get('kind')!r})."
+        )
+    model.load_state_dict(state["model"])
+    optimizers = _optimizers(model)
+    for name, opt_state in state["optimizers"].items():
+        if name not in optimizers:
+            raise CheckpointError(
+                errno.EINVAL,
+                f"The backup holds optimizer {name!r}, which this model does not have.",
+            )
+        optimizers[name].load_state_dict(opt_state)
+    scaler = getattr(model, "scaler", None)
+    if "scaler" in state and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+    callbacks.load_state_dict(state["callbacks"])
+    return dict(state)

@@ -237,10 +237,24 @@ class IterableSource:
         return None
 
     def batches(self, order: None = None, start: int = 0) -> Iterator[tuple]:
+        """This epoch's batches after the first ``start``.
+
+        The iterator is created and the skipped batches are drawn now, not lazily, so that a
+        resumed epoch consumes the RNG in the same order as an uninterrupted one.
+        """
         if self._iterator is None or not self.is_iterator:
             self._iterator = iter(self.iterable)
         iterator = self._iterator
-        step = 0
+        skipped = 0
+        while skipped < start:
+            try:
+                next(iterator)
+            except StopIteration:
+                break
+            skipped += 1
+        return self._rest(iterator, skipped)
+
+    def _rest(self, iterator: Iterator[Any], step: int) -> Iterator[tuple]:
         while self.steps is None or step < self.steps:
             try:
                 batch = next(iterator)
@@ -254,8 +268,7 @@ class IterableSource:
                         stacklevel=4,
                     )
                 break
-            if step >= start:
-                yield tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
+            yield tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
             step += 1
 
 

@@ -42,7 +42,18 @@ class LoopState:
     is the batch being trained on (on the device).
     """
 
-    __slots__ = ("epoch", "batch", "global_step", "order", "current_batch")
+    __slots__ = (
+        "epoch",
+        "batch",
+        "global_step",
+        "order",
+        "current_batch",
+        "epoch_done",
+        "epoch_lr",
+        "epoch_rng",
+        "last_logs",
+        "pending",
+    )
 
     def __init__(self) -> None:
         self.epoch = 0
@@ -50,6 +61,16 @@ class LoopState:
         self.global_step = 0
         self.order: Tensor | None = None
         self.current_batch: Any = None
+        self.epoch_done = False
+        self.epoch_lr: float | None = None
+        self.epoch_rng: Tensor | None = None
+        self.last_logs: dict[str, Any] = {}
+        self.pending: list[Callable[[], None]] = []
+
+    def run_pending(self) -> None:
+        """Run the work callbacks asked for at this batch boundary (backups), in order."""
+        while self.pending:
+            self.pending.pop(0)()
 
 
 def _check_verbose(verbose: Any) -> None:
@@ -468,38 +489,45 @@ class Model(nn.Module):
     ) -> History:
         self.stop_training = False
         self._initial_epoch = None
-        self._resume_position: dict[str, Any] | None = None
+        self.loop = loop = LoopState()
+        self.train_means = means = RunningMeans()
         callbacks.on_train_begin()
-        if self._initial_epoch is not None:  # set by BackupAndRestore in on_train_begin
-            initial_epoch = self._initial_epoch
+        resume = callbacks.take_resume_state()  # from BackupAndRestore, after every train_begin
+        position = None
         epoch_logs: dict[str, Any] = {}
+        if resume is not None:
+            position = checkpoint.restore_training_state(self, callbacks, resume)
+            initial_epoch = position["epoch"]
+            loop.global_step = position["global_step"]
+            epoch_logs = dict(position.get("logs") or {})
+        elif self._initial_epoch is not None:  # Keras's hook for callbacks that set it
+            initial_epoch = self._initial_epoch
         device = self.device
         needs_begin = callbacks.needs("on_train_batch_begin")
         needs_end = callbacks.needs("on_train_batch_end")
         train_step = self.train_step
-        self.train_means = means = RunningMeans()
-        self.loop = loop = LoopState()
+        pending = loop.pending
         for epoch in range(initial_epoch, epochs):
             self.reset_metrics()
             means.reset()
-            loop.epoch = epoch
-            resume = self._resume_position
-            start_batch = 0
-            if resume is not None and resume["epoch"] == epoch:
-                start_batch = resume["batch"]
-                order = resume["order"]
-                means.load_state_dict(resume["means"], device)
-                for metric, state in zip(self.compiled_metrics, resume["metrics"]):
-                    metric.load_state_dict(state)
-            self._resume_position = None
+            loop.epoch, loop.batch, loop.epoch_done = epoch, -1, False
             callbacks.on_epoch_begin(epoch)
             learning_rate = self._current_lr()
             self.train()
-            if not (resume is not None and resume["epoch"] == epoch):
+            start_batch = 0
+            if position is not None and position["epoch"] == epoch:
+                order, learning_rate, start_batch = self._resume_epoch(position, train_source)
+                batches = train_source.batches(order, start_batch)
+                if start_batch:  # mid-epoch: the RNG as it was after the last batch done
+                    checkpoint.set_rng_state(position["rng"])
+            else:
+                loop.epoch_rng = torch.get_rng_state()
                 order = train_source.new_order()
-            loop.order = order
+                batches = train_source.batches(order)
+            position = None
+            loop.order, loop.epoch_lr = order, learning_rate
             step = start_batch - 1
-            for step, batch in enumerate(train_source.batches(order, start_batch), start_batch):
+            for step, batch in enumerate(batches, start_batch):
                 loop.batch = step
                 if needs_begin:
                     callbacks.on_train_batch_begin(step)
@@ -510,6 +538,8 @@ class Model(nn.Module):
                 loop.global_step += 1
                 if needs_end:
                     callbacks.on_train_batch_end(step, self._batch_logs(means))
+                if pending:
+                    loop.run_pending()
                 if self.stop_training:
                     break
             if getattr(train_source, "ran_out", False):
@@ -523,11 +553,29 @@ class Model(nn.Module):
             if learning_rate is not None:
                 epoch_logs["learning_rate"] = learning_rate
             epoch_logs = dict(sorted(epoch_logs.items()))
+            loop.epoch_done, loop.last_logs = True, epoch_logs
             callbacks.on_epoch_end(epoch, epoch_logs)
+            if pending:
+                loop.run_pending()
             if self.stop_training:
                 break
         callbacks.on_train_end(epoch_logs)
         return self.history  # type: ignore[return-value]
+
+    def _resume_epoch(self, position: dict[str, Any], source: Any) -> tuple[Any, Any, int]:
+        """Put the epoch back where a backup left it: order, running means, metrics, rate."""
+        start = position["batch"]
+        if start == 0:  # an epoch boundary: draw the order from the restored RNG, as before
+            checkpoint.set_rng_state(position["rng"])
+            self.loop.epoch_rng = torch.get_rng_state()
+            return source.new_order(), self._current_lr(), 0
+        self.loop.epoch_rng = position["epoch_rng"]
+        if isinstance(source, data.IterableSource):
+            torch.set_rng_state(position["epoch_rng"])  # the loader draws its order at iter()
+        self.train_means.load_state_dict(position["means"], self.device)
+        for metric, state in zip(self.compiled_metrics, position["metrics"]):
+            metric.load_state_dict(data._map(lambda t: t.to(self.device), state))
+        return position["order"], position["epoch_lr"], start
 
     def _current_lr(self) -> float | None:
         return None if self.optimizer is None else self.learning_rate

@@ -1,5 +1,6 @@
 """Callbacks: Keras's hooks and built-ins, one per file."""
 
+from torcheras.callbacks.backup_and_restore import BackupAndRestore, Preempted
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.callbacks.csv_logger import CSVLogger
@@ -14,6 +15,8 @@ from torcheras.callbacks.tensorboard import TensorBoard
 from torcheras.callbacks.terminate_on_nan import TerminateOnNaN
 
 __all__ = [
+    "BackupAndRestore",
+    "Preempted",
     "CSVLogger",
     "Callback",
     "CallbackList",

@@ -229,6 +229,16 @@ class CallbackList(Callback):
         for phase in self._open:
             self._open[phase] = 0
 
+    def take_resume_state(self) -> dict[str, Any] | None:
+        """A training state a callback (BackupAndRestore) loaded for ``fit`` to resume from."""
+        for cb in self.callbacks:
+            take = getattr(cb, "take_resume_state", None)
+            if take is not None:
+                state = take()
+                if state is not None:
+                    return state
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Each callback's state, keyed by its class name and position."""
         return {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)}

@@ -50,25 +50,32 @@ class CSVLogger(Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._close()
+        self.keys = None
+        self._resume_offset = None
+
+    def _open(self) -> None:
+        """Open at the first row, so a resumed run (load_state_dict) can trim the file first."""
         folder = os.path.dirname(self.filename)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        resuming = self._resume_offset is not None
-        if resuming and os.path.exists(self.filename):
-            # A resumed run: drop rows written after the backup we resume from.
+        exists = os.path.exists(self.filename)
+        if self._resume_offset is not None and exists:
+            # A resumed run: drop rows written after the backup it resumes from.
             with open(self.filename, "r+b") as f:
                 f.truncate(self._resume_offset)
-        append = resuming or self.append
-        self._header_needed = not (
-            append and os.path.exists(self.filename) and _first_line(self.filename)
-        )
-        if not resuming:
-            self.keys = None
-        self._writer = None
+            append = True
+        else:
+            append = self.append
+        header = not (append and exists and _first_line(self.filename))
         self._resume_offset = None
         self._file = open(  # noqa: SIM115 - kept open across epochs, closed in _close
             self.filename, "a" if append else "w", newline="", encoding="utf-8"
         )
+        self._writer = csv.DictWriter(
+            self._file, fieldnames=["epoch", *self.keys], delimiter=self.sep, extrasaction="ignore"
+        )
+        if header:
+            self._writer.writeheader()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
@@ -76,19 +83,10 @@ class CSVLogger(Callback):
             self.keys = sorted(logs)
             if not any(k.startswith("val_") for k in self.keys):
                 self.keys += [f"val_{k}" for k in self.keys]
-        if self._file is None:  # driven without on_train_begin (a hand-written loop)
-            self.on_train_begin()
         if self._writer is None:
-            self._writer = csv.DictWriter(
-                self._file,
-                fieldnames=["epoch", *self.keys],
-                delimiter=self.sep,
-                extrasaction="ignore",
-            )
-            if self._header_needed:
-                self._writer.writeheader()
+            self._open()
         row = {"epoch": epoch, **{k: _cell(logs[k]) if k in logs else "NA" for k in self.keys}}
-        self._writer.writerow(row)
+        self._writer.writerow(row)  # type: ignore[union-attr]
         self._file.flush()  # type: ignore[union-attr]
 
     def _close(self) -> None:

@@ -57,6 +57,7 @@ class LearningRateScheduler(Callback):
         self.verbose = verbose
         self.interval = interval
         self.global_step = 0
+        self.applied_epoch: int | None = None
         self._skip_hooks = (
             ("on_train_batch_begin", "on_train_batch_end")
             if interval == "epoch"
@@ -87,9 +88,14 @@ class LearningRateScheduler(Callback):
                 f"{self.schedule.get_last_lr()[0]}."
             )
 
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.applied_epoch = None
+
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if not self.is_torch_scheduler:
+        # A run resumed mid-epoch already has this epoch's rate: do not apply it twice.
+        if not self.is_torch_scheduler and epoch != self.applied_epoch:
             self._apply(epoch, f"Epoch {epoch + 1}")
+            self.applied_epoch = epoch
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.is_torch_scheduler:
@@ -105,12 +111,16 @@ class LearningRateScheduler(Callback):
         self.global_step += 1
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"global_step": self.global_step}
+        state: dict[str, Any] = {
+            "global_step": self.global_step,
+            "applied_epoch": self.applied_epoch,
+        }
         if self.is_torch_scheduler:
             state["scheduler"] = self.schedule.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_step = state["global_step"]
+        self.applied_epoch = state.get("applied_epoch")
         if self.is_torch_scheduler and "scheduler" in state:
             self.schedule.load_state_dict(state["scheduler"])

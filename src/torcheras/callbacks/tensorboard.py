@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 import warnings
 from typing import Any
@@ -117,7 +118,8 @@ class TensorBoard(Callback):
         self.embeddings_metadata = embeddings_metadata
         self._writers: dict[str, Any] = {}
         self._global_step = 0
-        self._resumed = False
+        self._epochs_logged = 0
+        self._trim: tuple[int, int] | None = None
         self._graph_written = False
         self._profiler: Any = None
         skip = []
@@ -129,6 +131,9 @@ class TensorBoard(Callback):
     def _writer(self, run: str) -> Any:
         if run not in self._writers:
             from torch.utils.tensorboard import SummaryWriter
+
+            if self._trim is not None:
+                _trim_events(os.path.join(self.log_dir, run), *self._trim)
 
             self._writers[run] = SummaryWriter(os.path.join(self.log_dir, run))
         return self._writers[run]
@@ -165,9 +170,9 @@ class TensorBoard(Callback):
 
     # --- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        if not self._resumed:
-            self._global_step = 0
-        self._resumed = False
+        self._global_step = 0
+        self._epochs_logged = 0
+        self._trim = None
         self._graph_written = False
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
@@ -237,6 +242,7 @@ class TensorBoard(Callback):
                 val[key[4:]] = value
             else:
                 train[key] = value
+        self._epochs_logged = epoch + 1
         writer = self._writer("train")
         for key, value in train.items():
             writer.add_scalar(f"epoch_{key}", value, epoch)
@@ -342,8 +348,57 @@ class TensorBoard(Callback):
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"global_step": self._global_step}
+        loop = getattr(self.model, "loop", None)
+        step = loop.global_step if loop is not None else self._global_step
+        return {"global_step": step, "epochs_logged": self._epochs_logged}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: events written after the backup are dropped from the files (once, when a
+        writer opens), so no step is ever logged twice."""
         self._global_step = state["global_step"]
-        self._resumed = True
+        self._epochs_logged = state["epochs_logged"]
+        self._trim = (self._epochs_logged, self._global_step)
+
+
+def _read_records(path: str) -> list[bytes]:
+    """The raw records of an event file; a record cut short by a kill ends the list."""
+    records = []
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)
+            if len(header) < 12:
+                break
+            (length,) = struct.unpack("<Q", header[:8])
+            body = f.read(length + 4)
+            if len(body) < length + 4:
+                break
+            records.append(header + body)
+    return records
+
+
+def _trim_events(run_dir: str, epochs_logged: int, global_step: int) -> None:
+    """Drop events past a backup: epoch-level steps >= ``epochs_logged``, batch-level steps
+    (``batch_*``, ``evaluation_*``) > ``global_step``. Files are rewritten atomically."""
+    from tensorboard.compat.proto import event_pb2
+
+    from torcheras import checkpoint
+
+    if not os.path.isdir(run_dir):
+        return
+    for name in sorted(os.listdir(run_dir)):
+        if "tfevents" not in name:
+            continue
+        path = os.path.join(run_dir, name)
+        kept, dropped = [], 0
+        for record in _read_records(path):
+            event = event_pb2.Event.FromString(record[12:-4])
+            tags = [v.tag for v in event.summary.value]
+            batch_level = any(t.startswith(("batch_", "evaluation_")) for t in tags)
+            limit_ok = event.step <= global_step if batch_level else event.step < epochs_logged
+            if not tags or limit_ok:
+                kept.append(record)
+            else:
+                dropped += 1
+        if dropped or os.path.getsize(path) != sum(map(len, kept)):
+            data = b"".join(kept)
+            checkpoint.atomic_write(path, lambda f, data=data: f.write(data))

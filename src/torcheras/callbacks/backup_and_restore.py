@@ -1,0 +1,197 @@
+"""BackupAndRestore: never lose training; resume at the exact batch after a crash or a kill."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torcheras import checkpoint
+from torcheras.callbacks.callback import Callback
+
+__all__ = ["BackupAndRestore", "Preempted"]
+
+
+class Preempted(SystemExit):
+    """Raised by ``fit`` after SIGTERM, once the backup is written: the process exits cleanly."""
+
+
+class BackupAndRestore(Callback):
+    """Back up the whole training state; a restarted script resumes exactly where it stopped.
+
+    Args:
+        backup_dir: where the backups live (``latest.pt``, and ``previous.pt`` with
+            ``double_checkpoint``).
+        save_freq: ``"epoch"`` (after every epoch) or N: every N training batches.
+        double_checkpoint: keep the previous backup too, to fall back on if the newest is
+            unreadable.
+        delete_checkpoint: delete the backups when training ends normally. Default True.
+
+    Unlike Keras, which restarts the interrupted epoch from its start with the weights alone,
+    a backup holds the model, every optimizer, the epoch and batch, the data order of the epoch,
+    the running metrics, the torch / numpy / Python RNG states and every callback's state
+    (EarlyStopping's wait, ReduceLROnPlateau's cooldown, ModelCheckpoint's best, CSVLogger's
+    and TensorBoard's positions, the History). A resumed run ends with the same weights, the
+    same History and the same files as one that was never interrupted. Backups are written
+    atomically: a kill during a save leaves the previous backup intact.
+
+    SIGTERM (a preemption) and Ctrl-C make ``fit`` finish the current batch, write a backup
+    and stop: SIGTERM raises :class:`Preempted` (a ``SystemExit``, exit code 143),
+    Ctrl-C ``KeyboardInterrupt``; a second Ctrl-C interrupts at once. Exactness needs the same
+    script, device and thread count; with a ``DataLoader``, ``num_workers`` must not change.
+
+    Example::
+
+        backup = BackupAndRestore("runs/backup", save_freq=100)
+        model.fit(x, y, epochs=50, callbacks=[backup, CSVLogger("log.csv")])
+        # killed? run the same script again: it resumes at the last backup
+    """
+
+    def __init__(
+        self,
+        backup_dir: str | os.PathLike[str],
+        save_freq: str | int = "epoch",
+        double_checkpoint: bool = False,
+        delete_checkpoint: bool = True,
+    ) -> None:
+        if not backup_dir:
+            raise ValueError("Empty `backup_dir` argument passed")
+        if save_freq != "epoch" and not (
+            isinstance(save_freq, int) and save_freq > 0 and not isinstance(save_freq, bool)
+        ):
+            raise ValueError(
+                f"Invalid value for argument `save_freq`. Received: save_freq="
+                f"{save_freq!r}. Expected either 'epoch' or a positive integer."
+            )
+        self.backup_dir = Path(backup_dir)
+        self.save_freq = save_freq
+        self.double_checkpoint = double_checkpoint
+        self.delete_checkpoint = delete_checkpoint
+        self.latest_path = self.backup_dir / "latest.pt"
+        self.previous_path = self.backup_dir / "previous.pt"
+        self.resumed_from: Path | None = None
+        self._resume_state: dict[str, Any] | None = None
+        self._batches_since_save = 0
+        self._old_handlers: dict[int, Any] = {}
+        self._signal: int | None = None
+        if save_freq == "epoch":
+            self._skip_hooks = ("on_train_batch_end",)
+
+    # --- loading --------------------------------------------------------------------------------
+    def _load(self) -> dict[str, Any] | None:
+        candidates = [p for p in (self.latest_path, self.previous_path) if p.exists()]
+        if not candidates:
+            return None
+        errors = []
+        for path in candidates:
+            try:
+                state = checkpoint.load(path)
+                if state.get("kind") != "training_state":
+                    raise checkpoint.CheckpointError(
+                        22, f"{str(path)!r} is not a training-state backup."
+                    )
+            except checkpoint.CheckpointError as exc:
+                errors.append((path, exc))
+                continue
+            if errors:
+                bad = "; ".join(f"{p}: {e.strerror or e}" for p, e in errors)
+                warnings.warn(
+                    f"BackupAndRestore: the newest backup is unusable ({bad}). "
+                    f"Resuming from the previous backup {path} instead.",
+                    stacklevel=3,
+                )
+            self.resumed_from = path
+            return state
+        details = "; ".join(f"{p}: {e.strerror or e}" for p, e in errors)
+        raise checkpoint.CheckpointError(
+            5,
+            f"BackupAndRestore cannot resume: no usable backup in {str(self.backup_dir)!r} "
+            f"({details}). Training was not started over silently: move or delete that "
+            "folder to start from scratch.",
+        )
+
+    def take_resume_state(self) -> dict[str, Any] | None:
+        state, self._resume_state = self._resume_state, None
+        return state
+
+    # --- saving ---------------------------------------------------------------------------------
+    def _request_save(self) -> None:
+        self.model.loop.pending.append(self._save)
+
+    def _save(self) -> None:
+        callbacks = getattr(self.model, "_callbacks", None)
+        if callbacks is None:
+            raise RuntimeError("BackupAndRestore works inside Model.fit, which it resumes.")
+        state = checkpoint.capture_training_state(self.model, callbacks)
+        if self.double_checkpoint and self.latest_path.exists():
+            os.replace(self.latest_path, self.previous_path)
+        checkpoint.save(state, self.latest_path)
+
+    # --- hooks ----------------------------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if not hasattr(self.model, "loop"):
+            raise RuntimeError("BackupAndRestore works inside torcheras Model.fit only.")
+        self._batches_since_save = 0
+        self.resumed_from = None
+        self._resume_state = self._load()
+        self._install_signal_handlers()
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._batches_since_save += 1
+        if self._batches_since_save >= self.save_freq:  # type: ignore[operator]
+            self._batches_since_save = 0
+            self._request_save()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.save_freq == "epoch":
+            self._request_save()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._restore_signal_handlers()
+        if self.delete_checkpoint:
+            for path in (self.latest_path, self.previous_path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            for stale in self.backup_dir.glob(f"{checkpoint.TEMP_PREFIX}*"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            with contextlib.suppress(OSError):
+                self.backup_dir.rmdir()  # only if nothing else is in it
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._restore_signal_handlers()
+
+    # --- preemption -----------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self._signal = signum
+        self.model.loop.pending.append(self._save_and_stop)
+
+    def _save_and_stop(self) -> None:
+        self._save()
+        if self._signal == signal.SIGTERM:
+            raise Preempted(128 + signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_since_save": self._batches_since_save}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._batches_since_save = state["batches_since_save"]
