@@ -119,7 +119,7 @@ class TensorBoard(Callback):
         self._writers: dict[str, Any] = {}
         self._global_step = 0
         self._epochs_logged = 0
-        self._trim: tuple[int, int] | None = None
+        self._trim: tuple[int, int, int] | None = None
         self._graph_written = False
         self._profiler: Any = None
         skip = []
@@ -350,14 +350,21 @@ class TensorBoard(Callback):
     def state_dict(self) -> dict[str, Any]:
         loop = getattr(self.model, "loop", None)
         step = loop.global_step if loop is not None else self._global_step
-        return {"global_step": step, "epochs_logged": self._epochs_logged}
+        # Validation of the current epoch is logged at this step too, but only once the epoch
+        # is done; a backup taken before that must not keep it.
+        evaluated = step if loop is None or loop.epoch_done else step - 1
+        return {
+            "global_step": step,
+            "epochs_logged": self._epochs_logged,
+            "evaluated_step": evaluated,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: events written after the backup are dropped from the files (once, when a
         writer opens), so no step is ever logged twice."""
         self._global_step = state["global_step"]
         self._epochs_logged = state["epochs_logged"]
-        self._trim = (self._epochs_logged, self._global_step)
+        self._trim = (self._epochs_logged, self._global_step, state["evaluated_step"])
 
 
 def _read_records(path: str) -> list[bytes]:
@@ -376,9 +383,9 @@ def _read_records(path: str) -> list[bytes]:
     return records
 
 
-def _trim_events(run_dir: str, epochs_logged: int, global_step: int) -> None:
-    """Drop events past a backup: epoch-level steps >= ``epochs_logged``, batch-level steps
-    (``batch_*``, ``evaluation_*``) > ``global_step``. Files are rewritten atomically."""
+def _trim_events(run_dir: str, epochs_logged: int, global_step: int, evaluated_step: int) -> None:
+    """Drop events past a backup: epoch-level steps >= ``epochs_logged``, ``batch_*`` steps
+    > ``global_step``, ``evaluation_*`` steps > ``evaluated_step``. Rewritten atomically."""
     from tensorboard.compat.proto import event_pb2
 
     from torcheras import checkpoint
@@ -393,8 +400,12 @@ def _trim_events(run_dir: str, epochs_logged: int, global_step: int) -> None:
         for record in _read_records(path):
             event = event_pb2.Event.FromString(record[12:-4])
             tags = [v.tag for v in event.summary.value]
-            batch_level = any(t.startswith(("batch_", "evaluation_")) for t in tags)
-            limit_ok = event.step <= global_step if batch_level else event.step < epochs_logged
+            if any(t.startswith("batch_") for t in tags):
+                limit_ok = event.step <= global_step
+            elif any(t.startswith("evaluation_") for t in tags):
+                limit_ok = event.step <= evaluated_step
+            else:
+                limit_ok = event.step < epochs_logged
             if not tags or limit_ok:
                 kept.append(record)
             else:
