@@ -93,9 +93,17 @@ def describe(path: str) -> dict[str, Any]:
         "tensors": len(weights),
         "parameters": int(sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))),
     }
-    for key in ("epoch", "batch", "logs", "created"):
+    for key in ("epoch", "batch", "global_step"):
         if key in state:
             info[key] = state[key]
+    if "logs" in state:  # a training state holds the logs of the last finished epoch
+        info["last_epoch_logs" if info["kind"] == "training_state" else "logs"] = state["logs"]
+    if "created" in state:
+        import datetime
+
+        info["created"] = datetime.datetime.fromtimestamp(state["created"]).isoformat(
+            " ", "seconds"
+        )
     if "optimizer" in state:
         opt = state["optimizer"]
         info["optimizer"] = {
