@@ -214,3 +214,48 @@ def test_in_process_fit_resumes_and_deletes_its_backup(tmp_path, blobs):
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BackupAndRestore(**kwargs)
+
+
+def test_dataloader_with_shuffling_resumes_exactly_in_process(tmp_path):
+    """A crash (an exception) mid-epoch with a shuffling DataLoader and dropout."""
+    from torcheras.callbacks import Callback
+
+    g = torch.Generator().manual_seed(5)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    )
+
+    class Crash(Callback):
+        def __init__(self, at):
+            self.at = at
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.model.loop.global_step == self.at:
+                raise RuntimeError("simulated crash")
+
+    def train(backup, crash_at=-1):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)
+        )
+        import torcheras
+
+        model = torcheras.Model(net)
+        model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"], device="cpu")
+        loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+        history = model.fit(
+            loader,
+            epochs=3,
+            verbose=0,
+            callbacks=[BackupAndRestore(backup, save_freq=2), Crash(crash_at)],
+        )
+        return model, history.history
+
+    reference, ref_history = train(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tmp_path / "b", crash_at=9)  # epoch 1, batch 2; last backup after batch 1
+    assert checkpoint.load(tmp_path / "b" / "latest.pt")["global_step"] == 8
+    resumed, history = train(tmp_path / "b")
+    assert history == ref_history
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
