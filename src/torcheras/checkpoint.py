@@ -170,8 +170,7 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(
-            errno.EIO,
-            f"{str(target)!r} is truncated or corrupt and cannot be loaded ({exc}).",
+            errno.EIO, f"{str(target)!r} is truncated or corrupt and cannot be loaded ({exc})."
         ) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(errno.EINVAL, f"{str(target)!r} does not hold a dict of state.")

@@ -32,10 +32,7 @@ def demo(
         x, y, test_size=0.2, random_state=seed, stratify=y
     )
     net = torch.nn.Sequential(
-        torch.nn.Linear(64, 128),
-        torch.nn.ReLU(),
-        torch.nn.Dropout(0.1),
-        torch.nn.Linear(128, 10),
+        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(128, 10)
     )
     model = torcheras.Model(net)
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])

@@ -17,7 +17,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-__all__ = ["ArraySource", "IterableSource", "make_source", "to_device", "unpack", "batch_size_of"]
+__all__ = [
+    "ArraySource",
+    "IterableSource",
+    "batch_size_of",
+    "concat_batches",
+    "make_fit_sources",
+    "make_source",
+    "to_device",
+    "to_numpy",
+    "unpack",
+]
 
 Structure = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
 
@@ -392,3 +402,109 @@ def dataset_split(dataset: Dataset, fraction: float) -> tuple[Subset, Subset]:
     if n_val == 0 or n_val == n:
         raise ValueError(f"validation_split={fraction} of {n} samples leaves an empty part.")
     return Subset(dataset, range(0, n - n_val)), Subset(dataset, range(n - n_val, n))
+
+
+def concat_batches(outputs: list[Any]) -> Any:
+    """Concatenate per-batch outputs (tensors, tuples or dicts of them) along the batch axis."""
+    if not outputs:
+        return None
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, Mapping):
+        return {k: concat_batches([o[k] for o in outputs]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_batches([o[i] for o in outputs]) for i in range(len(first)))
+    return outputs
+
+
+def to_numpy(obj: Any) -> Any:
+    return _map(lambda t: t.numpy(), obj)
+
+
+def make_fit_sources(
+    x: Any,
+    y: Any,
+    sample_weight: Any,
+    *,
+    batch_size: int | None,
+    shuffle: bool,
+    class_weight: Mapping[int, float] | None,
+    steps_per_epoch: int | None,
+    epochs_to_run: int,
+    validation_split: float,
+    validation_data: Any,
+    validation_steps: int | None,
+    validation_batch_size: int | None,
+    validation_freq: Any,
+) -> tuple[ArraySource | IterableSource, ArraySource | IterableSource | None]:
+    """``fit``'s training and validation sources; every data argument is checked here."""
+    if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
+        raise ValueError(
+            f"`validation_split` must be a float in [0, 1); got {validation_split!r}. "
+            "It is the fraction of the training data held out (the last samples)."
+        )
+    if not (
+        (isinstance(validation_freq, int) and validation_freq >= 1)
+        or (
+            isinstance(validation_freq, (list, tuple))
+            and all(isinstance(v, int) for v in validation_freq)
+        )
+    ):
+        raise ValueError(
+            "`validation_freq` must be a positive integer or a list of epochs "
+            f"(1-based); got {validation_freq!r}."
+        )
+    train = make_source(
+        x,
+        y,
+        sample_weight,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        steps=steps_per_epoch,
+        class_weight=class_weight,
+    )
+    if (
+        isinstance(train, IterableSource)
+        and train.is_iterator
+        and steps_per_epoch is None
+        and epochs_to_run > 1
+    ):
+        raise ValueError(
+            "`x` is an iterator (a generator?) that can be consumed once, and fit() runs "
+            f"{epochs_to_run} epochs: pass `steps_per_epoch` (batches per epoch), or pass a "
+            "re-iterable object such as a list or a DataLoader."
+        )
+    if validation_data is not None:
+        return train, _validation_source(
+            validation_data, validation_batch_size or batch_size, validation_steps
+        )
+    if not validation_split:
+        return train, None
+    train, val = split_validation(train, validation_split)
+    if validation_batch_size:
+        val.batch_size = validation_batch_size
+        val.steps = math.ceil(val.num_samples / validation_batch_size)
+    return train, val
+
+
+def _validation_source(validation_data: Any, batch_size: int | None, steps: int | None) -> Any:
+    """``(x_val, y_val)`` / ``(x_val, y_val, sample_weight)`` arrays, or a loader/iterable."""
+    if (
+        isinstance(validation_data, tuple)
+        and len(validation_data) in (2, 3)
+        and all(_is_array_like(v) or _is_structure(v) for v in validation_data)
+    ):
+        vx, vy, *rest = validation_data
+        return make_source(
+            vx,
+            vy,
+            rest[0] if rest else None,
+            batch_size=batch_size,
+            shuffle=False,
+            steps=steps,
+            name="validation_data",
+        )
+    return make_source(
+        validation_data, batch_size=None, shuffle=False, steps=steps, name="validation_data"
+    )

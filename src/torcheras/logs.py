@@ -54,6 +54,9 @@ class RunningMeans:
         """The means as Python floats; one device-to-host copy for all tensor values."""
         return dict(zip(self._totals, _as_floats(self.result_tensors())))
 
+    def result_tensor(self, key: str) -> torch.Tensor | float:
+        return self._totals[key] / self._weights[key]
+
     def result_tensors(self) -> list[torch.Tensor | float]:
         return [total / self._weights[key] for key, total in self._totals.items()]
 
@@ -176,7 +179,9 @@ class BatchLogs(MutableMapping[str, Any]):
         """The value of ``key`` as it is on the device (a tensor), without synchronising."""
         if key in self._extra or self._raw is None:
             return self[key]
-        return self._raw()[key]
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._raw(key)
 
     @property
     def materialized(self) -> bool:

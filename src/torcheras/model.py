@@ -16,6 +16,7 @@ from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.callbacks.history import History
 from torcheras.logs import BatchLogs, RunningMeans, _as_floats
+from torcheras.loop_state import LoopState
 
 __all__ = ["Model", "resolve_device"]
 
@@ -32,45 +33,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
-
-
-class LoopState:
-    """Where the training loop is: read by callbacks (``model.loop``), cheap to update.
-
-    ``epoch`` and ``batch`` are 0-based; ``global_step`` counts the training batches run in
-    this fit (resumed runs included); ``order`` is the epoch's sample order; ``current_batch``
-    is the batch being trained on (on the device).
-    """
-
-    __slots__ = (
-        "epoch",
-        "batch",
-        "global_step",
-        "order",
-        "current_batch",
-        "epoch_done",
-        "epoch_lr",
-        "epoch_rng",
-        "last_logs",
-        "pending",
-    )
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.batch = -1
-        self.global_step = 0
-        self.order: Tensor | None = None
-        self.current_batch: Any = None
-        self.epoch_done = False
-        self.epoch_lr: float | None = None
-        self.epoch_rng: Tensor | None = None
-        self.last_logs: dict[str, Any] = {}
-        self.pending: list[Callable[[], None]] = []
-
-    def run_pending(self) -> None:
-        """Run the work callbacks asked for at this batch boundary (backups), in order."""
-        while self.pending:
-            self.pending.pop(0)()
 
 
 def _check_verbose(verbose: Any) -> None:
@@ -384,51 +346,21 @@ class Model(nn.Module):
             raise ValueError(
                 f"`initial_epoch` must be a non-negative integer; got {initial_epoch!r}."
             )
-        if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
-            raise ValueError(
-                f"`validation_split` must be a float in [0, 1); got {validation_split!r}. "
-                "It is the fraction of the training data held out (the last samples)."
-            )
-        if validation_freq is not None and not (
-            (isinstance(validation_freq, int) and validation_freq >= 1)
-            or (
-                isinstance(validation_freq, Sequence)
-                and all(isinstance(v, int) for v in validation_freq)
-            )
-        ):
-            raise ValueError(
-                "`validation_freq` must be a positive integer or a list of epochs "
-                f"(1-based); got {validation_freq!r}."
-            )
-        train_source = data.make_source(
+        train_source, val_source = data.make_fit_sources(
             x,
             y,
             sample_weight,
             batch_size=batch_size,
             shuffle=shuffle,
-            steps=steps_per_epoch,
             class_weight=class_weight,
+            steps_per_epoch=steps_per_epoch,
+            epochs_to_run=epochs - initial_epoch,
+            validation_split=validation_split,
+            validation_data=validation_data,
+            validation_steps=validation_steps,
+            validation_batch_size=validation_batch_size,
+            validation_freq=validation_freq,
         )
-        if (
-            isinstance(train_source, data.IterableSource)
-            and train_source.is_iterator
-            and (steps_per_epoch is None and epochs - initial_epoch > 1)
-        ):
-            raise ValueError(
-                "`x` is an iterator (a generator?) that can be consumed once, and fit() runs "
-                f"{epochs - initial_epoch} epochs: pass `steps_per_epoch` (batches per epoch), or "
-                "pass a re-iterable object such as a list or a DataLoader."
-            )
-        val_source = None
-        if validation_data is not None:
-            val_source = self._validation_source(
-                validation_data, validation_batch_size or batch_size, validation_steps
-            )
-        elif validation_split:
-            train_source, val_source = data.split_validation(train_source, validation_split)
-            if validation_batch_size:
-                val_source.batch_size = validation_batch_size
-                val_source.steps = -(-val_source.num_samples // validation_batch_size)
         callback_list = CallbackList(
             callbacks,
             add_history=True,
@@ -454,28 +386,6 @@ class Model(nn.Module):
             raise
         finally:
             self._callbacks = None
-
-    def _validation_source(
-        self, validation_data: Any, batch_size: int | None, steps: int | None
-    ) -> Any:
-        if (
-            isinstance(validation_data, tuple)
-            and len(validation_data) in (2, 3)
-            and all(data._is_array_like(v) or data._is_structure(v) for v in validation_data)
-        ):
-            vx, vy, *rest = validation_data
-            return data.make_source(
-                vx,
-                vy,
-                rest[0] if rest else None,
-                batch_size=batch_size,
-                shuffle=False,
-                steps=steps,
-                name="validation_data",
-            )
-        return data.make_source(
-            validation_data, batch_size=None, shuffle=False, steps=steps, name="validation_data"
-        )
 
     def _fit_loop(
         self,
@@ -594,11 +504,14 @@ class Model(nn.Module):
 
     def _batch_logs(self, means: RunningMeans) -> BatchLogs:
         keys = sorted(means.keys() + [m.name for m in self.compiled_metrics])
-        return BatchLogs(keys, lambda: self._results(means), lambda: self._raw_results(means))
+        return BatchLogs(keys, lambda: self._results(means), lambda key: self._raw(means, key))
 
-    def _raw_results(self, means: RunningMeans) -> dict[str, Any]:
-        keys = means.keys() + [m.name for m in self.compiled_metrics]
-        return dict(zip(keys, means.result_tensors() + [m.result() for m in self.compiled_metrics]))
+    def _raw(self, means: RunningMeans, key: str) -> Any:
+        """One log value as it is on the device (no synchronisation)."""
+        for metric in self.compiled_metrics:
+            if metric.name == key:
+                return metric.result()
+        return means.result_tensor(key)
 
     # ---- evaluate ----------------------------------------------------------------------------
     def _test_loop(
@@ -710,7 +623,7 @@ class Model(nn.Module):
                     out = data._map(lambda t: t.detach().cpu(), out)
                     outputs.append(out)
                     if needs_end:
-                        callback_list.on_predict_batch_end(step, {"outputs": _to_numpy(out)})
+                        callback_list.on_predict_batch_end(step, {"outputs": data.to_numpy(out)})
                     if self.stop_predicting:
                         break
             callback_list.on_predict_end()
@@ -719,22 +632,5 @@ class Model(nn.Module):
             raise
         finally:
             self.train(was_training)
-        result = _concat(outputs)
-        return _to_numpy(result) if numpy_in else result
-
-
-def _concat(outputs: list[Any]) -> Any:
-    if not outputs:
-        return None
-    first = outputs[0]
-    if isinstance(first, Tensor):
-        return torch.cat(outputs)
-    if isinstance(first, Mapping):
-        return {k: _concat([o[k] for o in outputs]) for k in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat([o[i] for o in outputs]) for i in range(len(first)))
-    return outputs
-
-
-def _to_numpy(obj: Any) -> Any:
-    return data._map(lambda t: t.numpy(), obj)
+        result = data.concat_batches(outputs)
+        return data.to_numpy(result) if numpy_in else result

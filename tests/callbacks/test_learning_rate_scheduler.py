@@ -109,11 +109,7 @@ def test_relative_schedule_keeps_plateau_reductions():
 
 
 @pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        (("not callable",), "must be a function"),
-        ((lambda e: 0.1,), None),
-    ],
+    ("args", "match"), [(("not callable",), "must be a function"), ((lambda e: 0.1,), None)]
 )
 def test_argument_errors(args, match):
     if match is None:

@@ -79,6 +79,8 @@ class ModelCheckpoint(Callback):
         self._batches_seen_since_last_saving = 0
         self._last_batch_seen = 0
         self._current_epoch = 0
+        if save_freq == "epoch":
+            self._skip_hooks = ("on_train_batch_end",)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._current_epoch = epoch
