@@ -87,7 +87,9 @@ def test_dataloader_with_batch_size_or_y():
         make_model().fit(loader, batch_size=2, verbose=0)
     with pytest.raises(ValueError, match="`y` must not be given"):
         make_model().fit(loader, np.zeros(4), verbose=0)
-    with pytest.raises(ValueError, match="`validation_split` works only with arrays"):
+    with pytest.raises(
+        ValueError, match="`validation_split` works with arrays, tensors and Datasets"
+    ):
         make_model().fit(loader, validation_split=0.5, verbose=0)
 
 

@@ -422,3 +422,13 @@ def test_jit_compile_trains():
     x = np.random.rand(32, 3).astype("float32")
     history = model.fit(x, x.sum(1, keepdims=True), epochs=3, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_validation_split_on_a_dataset_takes_its_last_samples(blobs):
+    x, y = blobs
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    model = make_model(optimizer="sgd")
+    history = model.fit(dataset, epochs=1, batch_size=30, validation_split=0.25, verbose=0)
+    assert history.params["steps"] == 6  # 180 training samples / 30
+    tail = model.evaluate(x[180:], y[180:], verbose=0, return_dict=True)
+    assert history.history["val_loss"][0] == pytest.approx(tail["loss"], rel=1e-6)

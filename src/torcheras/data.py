@@ -358,6 +358,10 @@ def make_source(
     )
 
 
+def _is_map_dataset(x: Any) -> bool:
+    return isinstance(x, Dataset) and not isinstance(x, IterableDataset)
+
+
 def _check_no_y(x: Any, y: Any, sample_weight: Any, what: str) -> None:
     if y is not None:
         raise ValueError(
@@ -386,21 +390,15 @@ def _class_weights(
     return per_sample if weights is None else per_sample * weights
 
 
-def split_validation(source: Any, fraction: float) -> tuple[Any, Any]:
-    """Apply ``validation_split`` to an array source or a Dataset."""
-    if isinstance(source, ArraySource):
-        return source.split(fraction)
-    raise ValueError(
-        "`validation_split` works only with arrays and tensors (it takes the last fraction of the"
-        " samples). With a DataLoader or an iterable, pass `validation_data` instead."
-    )
-
-
-def dataset_split(dataset: Dataset, fraction: float) -> tuple[Subset, Subset]:
+def _split_dataset(dataset: Dataset, fraction: float) -> tuple[Subset, Subset]:
+    """``validation_split`` for a map-style Dataset: the last fraction, as for arrays."""
     n = len(dataset)  # type: ignore[arg-type]
     n_val = int(n * fraction)
     if n_val == 0 or n_val == n:
-        raise ValueError(f"validation_split={fraction} of {n} samples leaves an empty part.")
+        raise ValueError(
+            f"validation_split={fraction} of {n} samples leaves {n - n_val} for training and "
+            f"{n_val} for validation; both must be at least 1."
+        )
     return Subset(dataset, range(0, n - n_val)), Subset(dataset, range(n - n_val, n))
 
 
@@ -455,6 +453,9 @@ def make_fit_sources(
             "`validation_freq` must be a positive integer or a list of epochs "
             f"(1-based); got {validation_freq!r}."
         )
+    val_dataset = None
+    if validation_split and validation_data is None and _is_map_dataset(x):
+        x, val_dataset = _split_dataset(x, validation_split)
     train = make_source(
         x,
         y,
@@ -481,7 +482,17 @@ def make_fit_sources(
         )
     if not validation_split:
         return train, None
-    train, val = split_validation(train, validation_split)
+    if val_dataset is not None:
+        val_batch = validation_batch_size or batch_size
+        return train, make_source(
+            val_dataset, batch_size=val_batch, shuffle=False, steps=validation_steps
+        )
+    if not isinstance(train, ArraySource):
+        raise ValueError(
+            "`validation_split` works with arrays, tensors and Datasets (it takes the last "
+            "fraction of the samples). With a DataLoader or an iterable, pass `validation_data`."
+        )
+    train, val = train.split(validation_split)
     if validation_batch_size:
         val.batch_size = validation_batch_size
         val.steps = math.ceil(val.num_samples / validation_batch_size)

@@ -8,13 +8,14 @@ ends without a softmax or sigmoid, and the fused log-softmax is the numerically 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from torcheras.registry import lookup
 
 __all__ = ["LOSSES", "get", "reduce_loss"]
 
@@ -170,15 +171,7 @@ def get(loss: str | nn.Module | LossFn) -> tuple[str, LossFn]:
     'mean_squared_error'
     """
     if isinstance(loss, str):
-        key = loss.lower()
-        if key not in LOSSES:
-            close = difflib.get_close_matches(key, LOSSES, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"Unknown loss {loss!r}.{hint} Known losses: {', '.join(sorted(LOSSES))}; "
-                "or pass an nn.Module or a callable loss(y_pred, y_true)."
-            )
-        fn = LOSSES[key]
+        fn = lookup(LOSSES, loss, "loss", "an nn.Module or a callable loss(y_pred, y_true)")
         return fn.__name__, fn
     if isinstance(loss, nn.Module):
         return _snake(type(loss).__name__), _module_loss(loss)

@@ -7,7 +7,6 @@ are. ``direction`` is ``"max"`` for accuracy-like metrics and ``"min"`` for erro
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor
 
 from torcheras import losses
+from torcheras.registry import lookup
 
 __all__ = ["Metric", "MeanMetric", "get", "direction_of"]
 
@@ -305,15 +305,8 @@ def get(metric: Any, loss_name: str | None = None) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
-        key = metric.lower()
-        if key not in _BUILTINS:
-            close = difflib.get_close_matches(key, _BUILTINS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"Unknown metric {metric!r}.{hint} Known metrics: {', '.join(sorted(_BUILTINS))}; "
-                "or pass a torchmetrics.Metric or a callable metric(y_pred, y_true)."
-            )
-        factory, _, direction, transform = _BUILTINS[key]
+        alternatives = "a torchmetrics.Metric or a callable metric(y_pred, y_true)"
+        factory, _, direction, transform = lookup(_BUILTINS, metric, "metric", alternatives)
         return MeanMetric(factory(loss_name), name=metric, direction=direction, transform=transform)
     if _is_torchmetric(metric):
         return TorchMetric(metric)

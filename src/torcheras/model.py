@@ -513,6 +513,14 @@ class Model(nn.Module):
                 return metric.result()
         return means.result_tensor(key)
 
+    def _single_pass_callbacks(
+        self, callbacks: Sequence[Callback] | None, verbose: str | int, steps: int | None
+    ) -> CallbackList:
+        """The callback list of ``evaluate`` / ``predict``: one pass, no History."""
+        return CallbackList(
+            callbacks, add_progbar=verbose != 0, model=self, verbose=verbose, epochs=1, steps=steps
+        )
+
     # ---- evaluate ----------------------------------------------------------------------------
     def _test_loop(
         self, source: Any, callbacks: CallbackList, steps: int | None
@@ -559,14 +567,7 @@ class Model(nn.Module):
         source = data.make_source(
             x, y, sample_weight, batch_size=batch_size, shuffle=False, steps=steps
         )
-        callback_list = CallbackList(
-            callbacks,
-            add_progbar=verbose != 0,
-            model=self,
-            verbose=verbose,
-            epochs=1,
-            steps=steps or source.steps,
-        )
+        callback_list = self._single_pass_callbacks(callbacks, verbose, steps or source.steps)
         self.stop_evaluating = False
         try:
             logs = self._test_loop(source, callback_list, steps)
@@ -599,14 +600,7 @@ class Model(nn.Module):
         source = data.make_source(
             x, None, None, batch_size=batch_size, shuffle=False, steps=steps, need_y=False
         )
-        callback_list = CallbackList(
-            callbacks,
-            add_progbar=verbose != 0,
-            model=self,
-            verbose=verbose,
-            epochs=1,
-            steps=steps or source.steps,
-        )
+        callback_list = self._single_pass_callbacks(callbacks, verbose, steps or source.steps)
         was_training = self.training
         self.eval()
         outputs: list[Any] = []

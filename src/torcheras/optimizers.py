@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+from torcheras.registry import lookup
 
 __all__ = ["OPTIMIZERS", "get"]
 
@@ -44,16 +45,13 @@ def get(
                 group["lr"] = learning_rate
         return optimizer
     if isinstance(optimizer, str):
-        key = optimizer.lower()
-        if key not in OPTIMIZERS:
-            close = difflib.get_close_matches(key, OPTIMIZERS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"Unknown optimizer {optimizer!r}.{hint} Known optimizers: "
-                f"{', '.join(sorted(OPTIMIZERS))}; or pass a torch.optim.Optimizer instance or "
-                "a callable taking the parameters (functools.partial(torch.optim.SGD, lr=0.1))."
-            )
-        cls, defaults = OPTIMIZERS[key]
+        cls, defaults = lookup(
+            OPTIMIZERS,
+            optimizer,
+            "optimizer",
+            "a torch.optim.Optimizer instance or a callable taking the parameters "
+            "(functools.partial(torch.optim.SGD, lr=0.1))",
+        )
         kwargs = dict(defaults)
         if learning_rate is not None:
             kwargs["lr"] = learning_rate

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_model
 
 from torcheras.callbacks import Callback, CSVLogger, TerminateOnNaN
@@ -79,3 +80,21 @@ def test_infinite_loss_is_caught_too():
     model.stop_training = False
     cb.on_train_batch_end(5, {"accuracy": 1.0})  # no loss key: ignored
     assert not model.stop_training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the non-blocking path needs CUDA")
+def test_cuda_check_reads_the_flag_without_blocking_and_stops_at_most_one_batch_late(capsys):
+    import torcheras
+
+    x, y = _poisoned()
+    model = torcheras.Model(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)))
+    model.compile("adam", "sparse_categorical_crossentropy", device="cuda")
+    batches = []
+    from torcheras.callbacks import LambdaCallback
+
+    count = LambdaCallback(on_train_batch_end=lambda batch, logs: batches.append(batch))
+    history = model.fit(
+        x, y, batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=[count, TerminateOnNaN()]
+    )
+    assert "Invalid loss, terminating training" in capsys.readouterr().out
+    assert history.epoch == [0] and batches[-1] in (3, 4)
