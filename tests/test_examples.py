@@ -1,0 +1,34 @@
+"""The examples run as a user would run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_custom_callback_example():
+    result = _run(str(EXAMPLES / "custom_callback.py"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("largest gradient norm") == 3
+
+
+def test_hand_written_loop_example():
+    result = _run(str(EXAMPLES / "hand_written_loop.py"))
+    assert result.returncode == 0, result.stderr
+    assert "early stopping" in result.stdout and "trained" in result.stdout
+
+
+def test_resume_example_crashes_then_resumes(tmp_path):
+    first = _run(str(EXAMPLES / "resume_after_a_crash.py"), str(tmp_path))
+    assert first.returncode == 1 and (tmp_path / "backup" / "latest.pt").exists()
+    second = _run(str(EXAMPLES / "resume_after_a_crash.py"), str(tmp_path))
+    assert second.returncode == 0, second.stderr
+    assert "epochs: [0, 1, 2, 3]" in second.stdout
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 5
