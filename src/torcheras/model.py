@@ -278,7 +278,7 @@ class Model(nn.Module):
         self.backward(loss)
         optimizer.step()  # type: ignore[union-attr]
         if self.compiled_metrics:
-            self.update_metrics(y_pred.detach(), y, sample_weight)
+            self.update_metrics(y_pred, y, sample_weight)
         return {"loss": loss}
 
     def test_step(self, batch: Any) -> dict[str, Any]:
