@@ -57,3 +57,14 @@ def test_validation_is_silent_inside_fit_but_evaluate_draws_its_bar(capsys, blob
     model.evaluate(x, y, batch_size=10, verbose=1)
     out = _lines(capsys.readouterr().out)
     assert any(line.startswith("24/24") and "loss:" in line for line in out)
+
+
+def test_final_line_shows_validation_metrics_even_when_every_batch_was_drawn(capsys, blobs):
+    from torcheras.callbacks import ProgbarLogger
+
+    x, y = blobs
+    make_model().fit(x, y, epochs=1, batch_size=40, validation_data=(x, y), verbose=1,
+                     callbacks=[ProgbarLogger(refresh_interval=0)])
+    lines = _lines(capsys.readouterr().out)
+    assert "val_loss:" in lines[-1] and lines[-1].startswith("6/6")
+    assert sum("1/6" in line for line in lines) == 1  # batch draws happened along the way

@@ -107,9 +107,12 @@ class ProgbarLogger(Callback):
                 dynamic_ncols=True,
                 keras_text=text,
             )
-        elif self._seen != self._bar.n:
+        else:
             self._bar.keras_text = text
-            self._bar.update(self._seen - self._bar.n)
+            if self._seen != self._bar.n:
+                self._bar.update(self._seen - self._bar.n)
+            else:
+                self._bar.refresh()
 
     def _update(self, batch: int, logs: Any) -> None:
         self._seen = batch + 1
