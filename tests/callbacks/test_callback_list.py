@@ -8,64 +8,32 @@ import torch
 from conftest import make_model
 
 from torcheras.callbacks import Callback, CallbackList, EarlyStopping, History, ProgbarLogger
+from torcheras.callbacks.callback_list import HOOKS
 from torcheras.logs import BatchLogs
 
 
 class Recorder(Callback):
-    """Records every hook with its index and sorted log keys."""
+    """Records every Keras hook with its index and sorted log keys."""
 
     def __init__(self):
         self.events = []
+        for hook in HOOKS:
+            if hook not in ("on_after_backward", "on_exception"):
+                setattr(self, hook, self._recorder(hook))
 
-    def _rec(self, name, index=None, logs=None):
-        keys = sorted(logs) if logs is not None else None
-        self.events.append((name, index, keys) if index is not None else (name, keys))
+    def _recorder(self, name):
+        indexed = "batch" in name or "epoch" in name
+
+        def record(*args):
+            index, logs = args if indexed else (None, args[0])
+            keys = sorted(logs) if logs is not None else None
+            self.events.append((name, index, keys) if indexed else (name, keys))
+
+        return record
 
     def set_params(self, params):
         super().set_params(params)
         self.events.append(("set_params", dict(params)))
-
-    def on_train_begin(self, logs=None):
-        self._rec("on_train_begin", logs=logs)
-
-    def on_train_end(self, logs=None):
-        self._rec("on_train_end", logs=logs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._rec("on_epoch_begin", epoch, logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._rec("on_epoch_end", epoch, logs)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._rec("on_train_batch_begin", batch, logs)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._rec("on_train_batch_end", batch, logs)
-
-    def on_test_begin(self, logs=None):
-        self._rec("on_test_begin", logs=logs)
-
-    def on_test_end(self, logs=None):
-        self._rec("on_test_end", logs=logs)
-
-    def on_test_batch_begin(self, batch, logs=None):
-        self._rec("on_test_batch_begin", batch, logs)
-
-    def on_test_batch_end(self, batch, logs=None):
-        self._rec("on_test_batch_end", batch, logs)
-
-    def on_predict_begin(self, logs=None):
-        self._rec("on_predict_begin", logs=logs)
-
-    def on_predict_end(self, logs=None):
-        self._rec("on_predict_end", logs=logs)
-
-    def on_predict_batch_begin(self, batch, logs=None):
-        self._rec("on_predict_batch_begin", batch, logs)
-
-    def on_predict_batch_end(self, batch, logs=None):
-        self._rec("on_predict_batch_end", batch, logs)
 
 
 def _data(n):

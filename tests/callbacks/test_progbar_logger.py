@@ -63,8 +63,15 @@ def test_final_line_shows_validation_metrics_even_when_every_batch_was_drawn(cap
     from torcheras.callbacks import ProgbarLogger
 
     x, y = blobs
-    make_model().fit(x, y, epochs=1, batch_size=40, validation_data=(x, y), verbose=1,
-                     callbacks=[ProgbarLogger(refresh_interval=0)])
+    make_model().fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=40,
+        validation_data=(x, y),
+        verbose=1,
+        callbacks=[ProgbarLogger(refresh_interval=0)],
+    )
     lines = _lines(capsys.readouterr().out)
     assert "val_loss:" in lines[-1] and lines[-1].startswith("6/6")
     assert sum("1/6" in line for line in lines) == 1  # batch draws happened along the way
