@@ -100,10 +100,10 @@ def _as_floats(values: list[torch.Tensor | float]) -> list[float]:
 
 def to_float_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:
     """Keras's ``pythonify_logs``: a new dict whose scalar tensors/arrays are Python floats."""
+    if type(logs) is BatchLogs:  # lazy batch logs pass through untouched (the hot path)
+        return logs  # type: ignore[return-value]
     if not logs:
         return {}
-    if isinstance(logs, BatchLogs):
-        return logs  # type: ignore[return-value]
     out: dict[str, Any] = {}
     scalars: list[str] = []
     for key, value in logs.items():
