@@ -289,14 +289,10 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _optimizers(model: Any) -> dict[str, torch.optim.Optimizer]:
-    """``model.optimizer`` and any other optimizer the model holds (a GAN's two)."""
-    found = {
-        name: value
-        for name, value in vars(model).items()
-        if isinstance(value, torch.optim.Optimizer)
-    }
-    return dict(sorted(found.items()))
+def _attributes_of_type(model: Any, kind: type) -> dict[str, Any]:
+    """The model's attributes of a kind, by name: ``model.optimizer`` and any other optimizer
+    (a GAN's two), or the LR schedulers a custom ``train_step`` keeps on the model."""
+    return dict(sorted((k, v) for k, v in vars(model).items() if isinstance(v, kind)))
 
 
 def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
@@ -313,7 +309,14 @@ def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
         "batch": 0 if done else loop.batch + 1,
         "global_step": loop.global_step,
         "model": _cpu(model.state_dict()),
-        "optimizers": {k: _cpu(v.state_dict()) for k, v in _optimizers(model).items()},
+        "optimizers": {
+            k: _cpu(v.state_dict())
+            for k, v in _attributes_of_type(model, torch.optim.Optimizer).items()
+        },
+        "schedulers": {
+            k: v.state_dict()
+            for k, v in _attributes_of_type(model, torch.optim.lr_scheduler.LRScheduler).items()
+        },
         "callbacks": _cpu(callbacks.state_dict()),
         "rng": rng_state(),
         "logs": dict(loop.last_logs),
@@ -337,14 +340,18 @@ def restore_training_state(model: Any, callbacks: Any, state: Mapping[str, Any])
             errno.EINVAL, f"This file is not a training-state backup (kind={state.get('kind')!r})."
         )
     model.load_state_dict(state["model"])
-    optimizers = _optimizers(model)
-    for name, opt_state in state["optimizers"].items():
-        if name not in optimizers:
-            raise CheckpointError(
-                errno.EINVAL,
-                f"The backup holds optimizer {name!r}, which this model does not have.",
-            )
-        optimizers[name].load_state_dict(opt_state)
+    for kind, key in (
+        (torch.optim.Optimizer, "optimizers"),
+        (torch.optim.lr_scheduler.LRScheduler, "schedulers"),
+    ):
+        mine = _attributes_of_type(model, kind)
+        for name, saved in state.get(key, {}).items():
+            if name not in mine:
+                raise CheckpointError(
+                    errno.EINVAL,
+                    f"The backup holds {key[:-1]} {name!r}, which this model does not have.",
+                )
+            mine[name].load_state_dict(saved)
     scaler = getattr(model, "scaler", None)
     if "scaler" in state and scaler is not None:
         scaler.load_state_dict(state["scaler"])

@@ -261,21 +261,27 @@ def test_dataloader_with_shuffling_resumes_exactly_in_process(tmp_path):
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
-def test_backup_holds_the_amp_scaler_and_every_optimizer_of_the_model(tmp_path, blobs):
+def test_backup_holds_the_amp_scaler_and_every_optimizer_and_scheduler_of_the_model(tmp_path, blobs):
     x, y = blobs
     model = make_model()
     model.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     model.extra_opt = torch.optim.SGD(model.parameters(), lr=0.5)  # e.g. a GAN's second one
+    model.decay = torch.optim.lr_scheduler.StepLR(model.extra_opt, step_size=1)
+    model.extra_opt.step()  # (no gradients: a no-op) so the scheduler may step
+    model.decay.step()
     model.fit(
         x, y, epochs=1, verbose=0, callbacks=[BackupAndRestore(tmp_path, delete_checkpoint=False)]
     )
     state = checkpoint.load(tmp_path / "latest.pt")
     assert state["scaler"]["scale"] == 1024.0
     assert set(state["optimizers"]) == {"extra_opt", "optimizer"}
+    assert state["schedulers"]["decay"]["last_epoch"] == 1
     other = make_model()
     other.scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
     other.extra_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    other.decay = torch.optim.lr_scheduler.StepLR(other.extra_opt, step_size=1)
     history = other.fit(x, y, epochs=2, verbose=0, callbacks=[BackupAndRestore(tmp_path)])
     assert history.epoch == [0, 1]  # epoch 0 from the backup, epoch 1 trained now
     assert other.scaler.get_scale() == 1024.0
-    assert other.extra_opt.param_groups[0]["lr"] == 0.5
+    assert other.extra_opt.param_groups[0]["lr"] == pytest.approx(0.05)  # after one decay
+    assert other.decay.last_epoch == 1
