@@ -23,6 +23,8 @@ from typing import IO, Any
 
 import torch
 
+from torcheras.data import to_cpu
+
 __all__ = [
     "CheckpointError",
     "capture_training_state",
@@ -135,7 +137,7 @@ def save_weights(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "kind": "weights",
-        "model": _cpu(state_dict),
+        "model": to_cpu(state_dict),
     }
     if metadata:
         payload.update(metadata)
@@ -205,18 +207,6 @@ def load_weights_into(
     return checkpoint
 
 
-def _cpu(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    if isinstance(state, Mapping):
-        return {k: _cpu(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_cpu(v) for v in state]
-    if isinstance(state, tuple):
-        return tuple(_cpu(v) for v in state)
-    return state
-
-
 def save_model(
     model: Any,
     path: str | os.PathLike[str],
@@ -243,13 +233,13 @@ def save_model(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "kind": "checkpoint",
-        "model": _cpu(weights),
+        "model": to_cpu(weights),
         **meta,
         "logs": plain_logs,
     }
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None:
-        state["optimizer"] = _cpu(optimizer.state_dict())
+        state["optimizer"] = to_cpu(optimizer.state_dict())
     return save(state, path)
 
 
@@ -308,16 +298,16 @@ def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
         "epoch": loop.epoch + 1 if done else loop.epoch,
         "batch": 0 if done else loop.batch + 1,
         "global_step": loop.global_step,
-        "model": _cpu(model.state_dict()),
+        "model": to_cpu(model.state_dict()),
         "optimizers": {
-            k: _cpu(v.state_dict())
+            k: to_cpu(v.state_dict())
             for k, v in _attributes_of_type(model, torch.optim.Optimizer).items()
         },
         "schedulers": {
             k: v.state_dict()
             for k, v in _attributes_of_type(model, torch.optim.lr_scheduler.LRScheduler).items()
         },
-        "callbacks": _cpu(callbacks.state_dict()),
+        "callbacks": to_cpu(callbacks.state_dict()),
         "rng": rng_state(),
         "logs": dict(loop.last_logs),
     }

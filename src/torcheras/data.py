@@ -22,8 +22,10 @@ __all__ = [
     "IterableSource",
     "batch_size_of",
     "concat_batches",
+    "map_tensors",
     "make_fit_sources",
     "make_source",
+    "to_cpu",
     "to_device",
     "to_numpy",
     "unpack",
@@ -35,14 +37,23 @@ Structure = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
 # ---- structures of tensors ------------------------------------------------------------------
 
 
-def _map(fn: Any, obj: Structure) -> Structure:
+def map_tensors(fn: Any, obj: Structure) -> Structure:
+    """Apply ``fn`` to every tensor of a nested dict / list / tuple; other leaves stay."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, Mapping):
-        return {k: _map(fn, v) for k, v in obj.items()}
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_map(fn, v) for v in obj) if type(obj) in (tuple, list) else obj
+        return type(obj)(map_tensors(fn, v) for v in obj) if type(obj) in (tuple, list) else obj
     return obj
+
+
+def to_cpu(obj: Structure, clone: bool = False) -> Structure:
+    """Detached CPU copies of every tensor in ``obj``; ``clone`` also copies CPU tensors (for
+    state that keeps changing in place after it is captured)."""
+    if clone:
+        return map_tensors(lambda t: t.detach().cpu().clone(), obj)
+    return map_tensors(lambda t: t.detach().cpu(), obj)
 
 
 def _leaves(obj: Structure) -> list[torch.Tensor]:
@@ -68,7 +79,7 @@ def to_device(obj: Structure, device: torch.device) -> Structure:
             t = t.pin_memory()
         return t.to(device, non_blocking=non_blocking)
 
-    return _map(move, obj)
+    return map_tensors(move, obj)
 
 
 def batch_size_of(obj: Structure) -> int:
@@ -165,7 +176,7 @@ def _length(structure: Structure, name: str) -> int:
 
 
 def _take(structure: Structure, index: torch.Tensor | slice) -> Structure:
-    return _map(lambda t: t[index], structure)
+    return map_tensors(lambda t: t[index], structure)
 
 
 class ArraySource:
@@ -308,7 +319,7 @@ def make_source(
         raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"The number of steps must be a positive integer; got {steps!r}.")
-    if isinstance(x, Dataset) and not isinstance(x, IterableDataset):
+    if _is_map_dataset(x):
         _check_no_y(x, y, sample_weight, "a Dataset")
         if len(x) == 0:  # type: ignore[arg-type]
             raise ValueError(f"`{name}` is an empty Dataset.")
@@ -417,7 +428,7 @@ def concat_batches(outputs: list[Any]) -> Any:
 
 
 def to_numpy(obj: Any) -> Any:
-    return _map(lambda t: t.numpy(), obj)
+    return map_tensors(lambda t: t.numpy(), obj)
 
 
 def make_fit_sources(

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from torcheras.data import to_cpu
+
 __all__ = ["BatchLogs", "RunningMeans", "to_float_logs"]
 
 
@@ -66,13 +68,7 @@ class RunningMeans:
 
     def state_dict(self) -> dict[str, Any]:
         """Exact state (CPU tensors): a resumed epoch logs what an unbroken one would."""
-        return {
-            "totals": {
-                k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else float(v))
-                for k, v in self._totals.items()
-            },
-            "weights": dict(self._weights),
-        }
+        return {"totals": to_cpu(self._totals, clone=True), "weights": dict(self._weights)}
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> None:
         self._totals = {

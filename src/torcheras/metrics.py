@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from torcheras import losses
+from torcheras.data import to_cpu
 from torcheras.registry import lookup
 
 __all__ = ["Metric", "MeanMetric", "get", "direction_of"]
@@ -103,10 +104,7 @@ class MeanMetric(Metric):
         self._count = 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        def cpu(v: Any) -> Any:
-            return v.detach().cpu().clone() if isinstance(v, Tensor) else v
-
-        return {"total": cpu(self._total), "count": cpu(self._count)}
+        return to_cpu({"total": self._total, "count": self._count}, clone=True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._total, self._count = state["total"], state["count"]
@@ -137,20 +135,12 @@ class TorchMetric(Metric):
 
     def state_dict(self) -> dict[str, Any]:
         # torchmetrics keeps its accumulators as (non-persistent) states; save them explicitly.
-        return {k: _cpu_tree(getattr(self.metric, k)) for k in self.metric._defaults}
+        return to_cpu({k: getattr(self.metric, k) for k in self.metric._defaults}, clone=True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             setattr(self.metric, k, v)
         self.metric._update_count = 1
-
-
-def _cpu_tree(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return v.detach().cpu().clone()
-    if isinstance(v, list):
-        return [_cpu_tree(x) for x in v]
-    return v
 
 
 # ---- accuracy-like functions (per sample, 1.0 = correct) --------------------------------------

@@ -198,10 +198,10 @@ class Model(nn.Module):
             "format": checkpoint.FORMAT,
             "version": checkpoint.FORMAT_VERSION,
             "kind": "model",
-            "model": checkpoint._cpu(self.state_dict()),
+            "model": data.to_cpu(self.state_dict()),
         }
         if self.optimizer is not None:
-            state["optimizer"] = checkpoint._cpu(self.optimizer.state_dict())
+            state["optimizer"] = data.to_cpu(self.optimizer.state_dict())
         checkpoint.save(state, filepath)
 
     def load_weights(self, filepath: str | os.PathLike[str], strict: bool = True) -> None:
@@ -484,7 +484,7 @@ class Model(nn.Module):
             torch.set_rng_state(position["epoch_rng"])  # the loader draws its order at iter()
         self.train_means.load_state_dict(position["means"], self.device)
         for metric, state in zip(self.compiled_metrics, position["metrics"]):
-            metric.load_state_dict(data._map(lambda t: t.to(self.device), state))
+            metric.load_state_dict(data.map_tensors(lambda t: t.to(self.device), state))
         return position["order"], position["epoch_lr"], start
 
     def _current_lr(self) -> float | None:
@@ -496,14 +496,17 @@ class Model(nn.Module):
             return (epoch + 1) % validation_freq == 0
         return epoch + 1 in validation_freq
 
+    def _log_keys(self, means: RunningMeans) -> list[str]:
+        return means.keys() + [m.name for m in self.compiled_metrics]
+
     def _results(self, means: RunningMeans) -> dict[str, float]:
         """Running means and metric results as floats, with one device read."""
-        keys = means.keys() + [m.name for m in self.compiled_metrics]
+        keys = self._log_keys(means)
         values = means.result_tensors() + [m.result() for m in self.compiled_metrics]
         return dict(zip(keys, _as_floats(values)))
 
     def _batch_logs(self, means: RunningMeans) -> BatchLogs:
-        keys = sorted(means.keys() + [m.name for m in self.compiled_metrics])
+        keys = sorted(self._log_keys(means))
         return BatchLogs(keys, lambda: self._results(means), lambda key: self._raw(means, key))
 
     def _raw(self, means: RunningMeans, key: str) -> Any:
@@ -614,7 +617,7 @@ class Model(nn.Module):
                         break
                     callback_list.on_predict_batch_begin(step)
                     out = self.predict_step(data.to_device(batch, self.device))
-                    out = data._map(lambda t: t.detach().cpu(), out)
+                    out = data.to_cpu(out)
                     outputs.append(out)
                     if needs_end:
                         callback_list.on_predict_batch_end(step, {"outputs": data.to_numpy(out)})

@@ -261,7 +261,7 @@ def test_dataloader_with_shuffling_resumes_exactly_in_process(tmp_path):
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
-def test_backup_holds_the_amp_scaler_and_every_optimizer_and_scheduler_of_the_model(tmp_path, blobs):
+def test_backup_holds_the_amp_scaler_every_optimizer_and_scheduler(tmp_path, blobs):
     x, y = blobs
     model = make_model()
     model.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)

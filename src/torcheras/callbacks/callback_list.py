@@ -121,12 +121,8 @@ class CallbackList(Callback):
 
     def set_model(self, model: Any) -> None:
         self._model = model
-        from torcheras.callbacks.history import History
-
         for cb in self.callbacks:
             cb.set_model(model)
-            if isinstance(cb, History) and hasattr(model, "__dict__"):
-                model.history = cb
 
     def set_params(self, params: dict[str, Any]) -> None:
         self.params = params

@@ -26,6 +26,11 @@ class History(Callback):
         self.history: dict[str, list[Any]] = {}
         self.epoch: list[int] = []
 
+    def set_model(self, model: Any) -> None:
+        super().set_model(model)
+        if hasattr(model, "__dict__"):
+            self.model.history = self  # as Keras: model.history is the History of the fit
+
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.epoch = []
 
@@ -33,8 +38,6 @@ class History(Callback):
         self.epoch.append(epoch)
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(value)
-        if self._model is not None and hasattr(self._model, "__dict__"):
-            self.model.history = self
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()}, "epoch": list(self.epoch)}

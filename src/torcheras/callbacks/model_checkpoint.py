@@ -138,13 +138,12 @@ class ModelCheckpoint(Callback):
                 )
             else:
                 monitor.resolve(self.model)
+                best = "None" if self.best is None else f"{self.best:.5f}"
                 if not monitor.is_improvement(current, self.best):
                     if self.verbose > 0:
-                        best = "None" if self.best is None else f"{self.best:.5f}"
                         print(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best}")
                     return
                 if self.verbose > 0:
-                    best = "None" if self.best is None else f"{self.best:.5f}"
                     print(
                         f"\nEpoch {epoch + 1}: {self.monitor} improved from {best} to "
                         f"{current:.5f}, saving model to {path}"

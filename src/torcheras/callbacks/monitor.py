@@ -8,7 +8,6 @@ the "metric missing" warning.
 from __future__ import annotations
 
 import difflib
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -105,10 +104,6 @@ class Monitor:
             f"{prefix} `{self.monitor}` which is not available. Available metrics are: "
             f"{','.join(keys)}.{hint}{extra}"
         )
-
-    @staticmethod
-    def is_finite(value: float) -> bool:
-        return not (math.isnan(value) or math.isinf(value))
 
     def state_dict(self) -> dict[str, Any]:
         return {"direction": self.direction}
