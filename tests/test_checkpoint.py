@@ -21,9 +21,14 @@ def test_atomic_write_replaces_and_cleans_stray_temp_files(tmp_path):
     checkpoint.save({"a": torch.ones(2)}, target)
     stray = tmp_path / f"{checkpoint.TEMP_PREFIX}state.pt.abc123"
     stray.write_bytes(b"half a checkpoint")  # what a kill during a save leaves behind
+    an_hour_ago = checkpoint._PROCESS_START - 3600
+    os.utime(stray, (an_hour_ago, an_hour_ago))  # ... in an earlier process
+    busy = tmp_path / f"{checkpoint.TEMP_PREFIX}state.pt.def456"
+    busy.write_bytes(b"another writer, right now")  # must survive the sweep
     checkpoint.save({"a": torch.zeros(2)}, target)
     assert torch.equal(checkpoint.load(target)["a"], torch.zeros(2))
-    assert sorted(os.listdir(tmp_path)) == ["state.pt"]
+    assert sorted(os.listdir(tmp_path)) == [busy.name, "state.pt"]
+    assert busy.read_bytes() == b"another writer, right now"
 
 
 def test_a_failing_write_raises_and_leaves_the_old_file_intact(tmp_path):
@@ -105,6 +110,7 @@ def test_malicious_pickle_is_refused_with_the_reason(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as info:
         checkpoint.load(tmp_path / "evil.pt")
     assert "could run code" in str(info.value) and "weights_only=True" in str(info.value)
+    assert "posix.system" in str(info.value) and "weights_only=False" not in str(info.value)
     assert main(["inspect", str(tmp_path / "evil.pt")]) == 2
     assert not marker.exists()
 
@@ -113,7 +119,7 @@ def test_truncated_file_is_reported_as_corrupt(tmp_path):
     target = tmp_path / "m.pt"
     make_model().save(target)
     target.write_bytes(target.read_bytes()[:200])
-    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a torcheras/torch checkpoint or corrupt"):
         checkpoint.load(target)
 
 

@@ -25,7 +25,7 @@ def started():
         (
             {"y": np.zeros(9, dtype="int64")},
             ValueError,
-            r"`x` and `y` have different lengths: x has 10 samples, y has 9",
+            r"`x` and `y` have different lengths: 10 samples and 9 targets",
         ),
         (
             {"x": np.zeros((0, 8), dtype="float32"), "y": np.zeros(0, dtype="int64")},

@@ -235,7 +235,7 @@ def test_optimizer_names_instances_and_factories():
     assert model.learning_rate == pytest.approx(0.05)
 
 
-def test_learning_rate_property_sets_every_group():
+def test_learning_rate_property_keeps_the_ratio_between_groups():
     model = torcheras.Model(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)))
     opt = torch.optim.SGD(
         [
@@ -246,7 +246,7 @@ def test_learning_rate_property_sets_every_group():
     model.compile(opt, "mse")
     assert model.learning_rate == pytest.approx(0.1)
     model.learning_rate = 0.01
-    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.01), pytest.approx(0.02)]
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import pickle
 import random
+import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -47,6 +48,35 @@ class CheckpointError(OSError):
     """A state file could not be written or read; the message names the path and the cause."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """There is no file at the path given."""
+
+
+# Temp files older than this process cannot belong to a write of ours still under way; a
+# sweep leaves younger ones alone (another process may be writing them right now).
+_PROCESS_START = time.time()
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _check_parents(target: Path) -> None:
+    """A clear error when a folder on the way to ``target`` is a file."""
+    for parent in reversed(target.parents):
+        if parent.exists() and not parent.is_dir():
+            raise CheckpointError(
+                errno.ENOTDIR,
+                f"Cannot save to {str(target)!r}: {str(parent)!r} is a file, not a folder. "
+                "Choose another path, or move that file away.",
+            )
+
+
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):  # not every platform/filesystem lets us open a folder
         fd = os.open(folder, os.O_RDONLY)
@@ -59,9 +89,10 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Write a file so that readers only ever see the old or the complete new content.
 
-    ``write`` receives a binary file object. The parent folder is created if missing.
-    Stale temp files of earlier interrupted writes to the same target are removed once the
-    new file is in place.
+    ``write`` receives a binary file object. The parent folder is created if missing; the file
+    gets the usual permissions (``0o666`` less the umask). Temp files that earlier, interrupted
+    writes to the same target left behind are removed once the new file is in place — only
+    those older than this process, so a concurrent writer's temp file is never touched.
     """
     target = Path(path)
     if target.is_dir():
@@ -70,11 +101,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             f"Cannot save to {str(target)!r}: it is an existing directory. Pass a file path "
             "such as 'ckpt/best.pt'.",
         )
+    _check_parents(target)
     folder = target.parent if str(target.parent) else Path(".")
     tmp_name = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}.", dir=folder)
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -82,15 +115,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         os.replace(tmp_name, target)
         tmp_name = None
         _fsync_dir(folder)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    except (OSError, RuntimeError) as exc:
+        cause = _os_error_in(exc)  # torch's zip writer wraps a failed write in a RuntimeError
+        if cause is None:
+            raise
+        reason = cause.strerror or str(cause)
         hint = {
             errno.ENOSPC: " The disk is full: free space or save elsewhere.",
             errno.EACCES: " Check the folder's permissions or choose another path.",
             errno.EROFS: " The filesystem is read-only: choose another path.",
-        }.get(exc.errno or 0, "")
+        }.get(cause.errno or 0, "")
         raise CheckpointError(
-            exc.errno or errno.EIO,
+            cause.errno or errno.EIO,
             f"Could not save {str(target)!r}: {reason}.{hint} Files saved earlier are unchanged.",
         ) from exc
     finally:
@@ -99,8 +135,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
                 os.unlink(tmp_name)
     for stale in folder.glob(f"{TEMP_PREFIX}{target.name}.*"):
         with contextlib.suppress(OSError):
-            stale.unlink()
+            if stale.stat().st_mtime < _PROCESS_START:
+                stale.unlink()
     return target
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (itself, or one it was raised from or while handling)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def is_safetensors(path: str | os.PathLike[str]) -> bool:
@@ -108,11 +155,10 @@ def is_safetensors(path: str | os.PathLike[str]) -> bool:
 
 
 def save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Save a dict of tensors and plain values atomically (``torch.save`` format)."""
-    buffer = io.BytesIO()
-    torch.save(dict(obj), buffer)
-    data = buffer.getvalue()
-    return atomic_write(path, lambda f: f.write(data))
+    """Save a dict of tensors and plain values atomically (``torch.save`` format), streamed
+    straight into the temp file."""
+    state = dict(obj)
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def save_weights(
@@ -148,7 +194,7 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a state file safely. Raises :class:`CheckpointError` naming the path and the cause."""
     target = Path(path)
     if not target.exists():
-        raise CheckpointError(errno.ENOENT, f"No checkpoint at {str(target)!r}.")
+        raise CheckpointNotFoundError(errno.ENOENT, f"No checkpoint at {str(target)!r}.")
     if target.is_dir():
         raise CheckpointError(errno.EISDIR, f"{str(target)!r} is a directory, not a checkpoint.")
     if is_safetensors(target):
@@ -161,22 +207,34 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
                 errno.EIO, f"{str(target)!r} is not a readable safetensors file ({exc})."
             ) from exc
     try:
-        obj = torch.load(target, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own advice to pass weights_only=False
+            warnings.simplefilter("ignore")
+            obj = torch.load(target, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        forbidden = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if forbidden is None:
+            raise _not_a_checkpoint(target, exc) from exc
         raise CheckpointError(
             errno.EPERM,
-            f"Refusing to load {str(target)!r}: it contains Python objects other than tensors and "
-            "plain values, which could run code when unpickled (torch.load(weights_only=True) "
-            f"refused it: {str(exc).splitlines()[0]}). Only load files you trust, and save "
-            "state with torcheras or torch.save(state_dict).",
+            f"Refusing to load {str(target)!r}: it holds a Python object "
+            f"({forbidden.group(1)}) other than tensors and plain values, and unpickling it could "
+            "run code, so torch.load(weights_only=True) refused it. Only load files you trust; "
+            "save state with torcheras or torch.save(model.state_dict()).",
         ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(
-            errno.EIO, f"{str(target)!r} is truncated or corrupt and cannot be loaded ({exc})."
-        ) from exc
+    except Exception as exc:  # truncated zips, text files, random bytes...
+        raise _not_a_checkpoint(target, exc) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(errno.EINVAL, f"{str(target)!r} does not hold a dict of state.")
     return obj
+
+
+def _not_a_checkpoint(target: Path, exc: BaseException) -> CheckpointError:
+    detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return CheckpointError(
+        errno.EIO,
+        f"{str(target)!r} is not a torcheras/torch checkpoint or corrupt (truncated or "
+        f"damaged): {detail[:200]}",
+    )
 
 
 def state_dict_of(checkpoint: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
@@ -202,7 +260,7 @@ def load_weights_into(
                 break
     try:
         module.load_state_dict(weights, strict=strict)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
         raise ValueError(f"The weights in {str(path)!r} do not fit this model: {exc}") from exc
     return checkpoint
 
@@ -285,6 +343,55 @@ def _attributes_of_type(model: Any, kind: type) -> dict[str, Any]:
     return dict(sorted((k, v) for k, v in vars(model).items() if isinstance(v, kind)))
 
 
+def capture_model_state(model: Any) -> dict[str, Any]:
+    """Everything on the model that training changes: weights, every optimizer, the LR
+    schedulers and the AMP scaler kept on it (CPU copies)."""
+    state: dict[str, Any] = {
+        "model": to_cpu(model.state_dict()),
+        "optimizers": {
+            k: to_cpu(v.state_dict())
+            for k, v in _attributes_of_type(model, torch.optim.Optimizer).items()
+        },
+        "schedulers": {
+            k: v.state_dict()
+            for k, v in _attributes_of_type(model, torch.optim.lr_scheduler.LRScheduler).items()
+        },
+    }
+    scaler = getattr(model, "scaler", None)
+    if scaler is not None and hasattr(scaler, "state_dict"):
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: str) -> None:
+    """Load what :func:`capture_model_state` captured; a mismatch names ``source`` and ``fix``."""
+
+    def mismatch(what: str, exc: BaseException | str) -> CheckpointError:
+        return CheckpointError(
+            errno.EINVAL, f"{source} does not fit this model: {what} ({exc}). {fix}"
+        )
+
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise mismatch("the weights differ (another architecture?)", exc) from exc
+    for kind, key in (
+        (torch.optim.Optimizer, "optimizers"),
+        (torch.optim.lr_scheduler.LRScheduler, "schedulers"),
+    ):
+        mine = _attributes_of_type(model, kind)
+        for name, saved in state.get(key, {}).items():
+            if name not in mine:
+                raise mismatch(f"it holds {key[:-1]} {name!r}", "this model has none")
+            try:
+                mine[name].load_state_dict(saved)
+            except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+                raise mismatch(f"{key[:-1]} {name!r} differs (another optimizer?)", exc) from exc
+    scaler = getattr(model, "scaler", None)
+    if "scaler" in state and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+
+
 def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
     """The whole training state at a batch boundary of ``fit``: resuming from it continues
     exactly where the run was (weights, optimizers, data order, RNG, every callback)."""
@@ -298,52 +405,35 @@ def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
         "epoch": loop.epoch + 1 if done else loop.epoch,
         "batch": 0 if done else loop.batch + 1,
         "global_step": loop.global_step,
-        "model": to_cpu(model.state_dict()),
-        "optimizers": {
-            k: to_cpu(v.state_dict())
-            for k, v in _attributes_of_type(model, torch.optim.Optimizer).items()
-        },
-        "schedulers": {
-            k: v.state_dict()
-            for k, v in _attributes_of_type(model, torch.optim.lr_scheduler.LRScheduler).items()
-        },
+        **capture_model_state(model),
         "callbacks": to_cpu(callbacks.state_dict()),
         "rng": rng_state(),
         "logs": dict(loop.last_logs),
     }
-    scaler = getattr(model, "scaler", None)
-    if scaler is not None and hasattr(scaler, "state_dict"):
-        state["scaler"] = scaler.state_dict()
+    source = loop.train_source
+    if source is not None and hasattr(source, "state_dict"):
+        state["data"] = source.state_dict()
     if not done:
         state["order"] = loop.order
-        state["means"] = model.train_means.state_dict()
-        state["metrics"] = [m.state_dict() for m in model.compiled_metrics]
-        state["epoch_lr"] = loop.epoch_lr
-        state["epoch_rng"] = loop.epoch_rng
+        state["collector"] = model.train_logs.state_dict()
+        state["batch_lrs"] = list(loop.batch_lrs)
     return state
 
 
-def restore_training_state(model: Any, callbacks: Any, state: Mapping[str, Any]) -> dict[str, Any]:
+def restore_training_state(
+    model: Any, callbacks: Any, state: Mapping[str, Any], path: str | os.PathLike[str] = "backup"
+) -> dict[str, Any]:
     """Load weights, optimizers and callbacks' state; return the position to resume from."""
     if state.get("kind") != "training_state":
         raise CheckpointError(
             errno.EINVAL, f"This file is not a training-state backup (kind={state.get('kind')!r})."
         )
-    model.load_state_dict(state["model"])
-    for kind, key in (
-        (torch.optim.Optimizer, "optimizers"),
-        (torch.optim.lr_scheduler.LRScheduler, "schedulers"),
-    ):
-        mine = _attributes_of_type(model, kind)
-        for name, saved in state.get(key, {}).items():
-            if name not in mine:
-                raise CheckpointError(
-                    errno.EINVAL,
-                    f"The backup holds {key[:-1]} {name!r}, which this model does not have.",
-                )
-            mine[name].load_state_dict(saved)
-    scaler = getattr(model, "scaler", None)
-    if "scaler" in state and scaler is not None:
-        scaler.load_state_dict(state["scaler"])
+    folder = str(Path(path).parent)
+    restore_model_state(
+        model,
+        state,
+        f"The backup {str(path)!r}",
+        f"It was written by another run: move or delete the folder {folder!r} to start over.",
+    )
     callbacks.load_state_dict(state["callbacks"])
     return dict(state)

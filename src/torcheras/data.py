@@ -9,6 +9,7 @@ is a tensor, a tuple of tensors (``forward(*x)``) or a dict (``forward(**x)``).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -109,18 +110,34 @@ def unpack(batch: Any) -> tuple[Any, Any, Any]:
 # ---- arrays and tensors ---------------------------------------------------------------------
 
 
+def as_int(value: Any, name: str, minimum: int = 0) -> int:
+    """``value`` as a Python int (numpy integers too), at least ``minimum``; else a ValueError."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum:
+        return int(value)
+    kind = "positive" if minimum == 1 else "non-negative"
+    raise ValueError(f"`{name}` must be a {kind} integer; got {value!r}.")
+
+
+def _is_pandas(value: Any) -> bool:
+    return type(value).__module__.startswith("pandas") and hasattr(value, "to_numpy")
+
+
 def _as_tensor(value: Any, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         tensor = value
     else:
+        if _is_pandas(value):
+            value = value.to_numpy()
         try:
             array = np.asarray(value)
         except Exception as exc:  # ragged lists and the like
             raise TypeError(f"`{name}` could not be converted to an array: {exc}") from exc
-        if array.dtype == object:
+        if array.dtype.kind in "USO":
+            what = "strings" if array.dtype.kind in "US" else "objects (ragged or mixed data)"
             raise TypeError(
-                f"`{name}` has dtype object (ragged or mixed data); pass a numeric numpy array, "
-                "a tensor, a Dataset or a DataLoader."
+                f"`{name}` holds {what} (dtype {array.dtype}); a model needs numbers. Encode "
+                "them first (class indices, one-hot or embeddings ids) and pass a numeric "
+                "numpy array, a tensor, a Dataset or a DataLoader."
             )
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     if tensor.is_floating_point() and tensor.dtype == torch.float64:
@@ -131,7 +148,7 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
 
 
 def _is_array_like(value: Any) -> bool:
-    return isinstance(value, (torch.Tensor, np.ndarray)) or (
+    return isinstance(value, (torch.Tensor, np.ndarray)) or _is_pandas(value) or (
         isinstance(value, (list, tuple))
         and len(value) > 0
         and not _is_structure(value)
@@ -180,7 +197,11 @@ def _take(structure: Structure, index: torch.Tensor | slice) -> Structure:
 
 
 class ArraySource:
-    """Batches of in-memory arrays, sliced by index. ``order`` is the epoch's permutation."""
+    """Batches of in-memory arrays, sliced by index. ``order`` is the epoch's permutation.
+
+    ``max_steps`` (``steps_per_epoch``) caps the batches of an epoch; asking for more than
+    the arrays hold runs out of data, as in Keras.
+    """
 
     def __init__(
         self,
@@ -189,13 +210,22 @@ class ArraySource:
         sample_weight: torch.Tensor | None,
         batch_size: int,
         shuffle: bool,
+        max_steps: int | None = None,
+        name: str = "x",
     ) -> None:
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.num_samples = _length(x, "x")
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.steps = math.ceil(self.num_samples / batch_size)
-        self._parts = tuple(p for p in (x, y, sample_weight) if p is not None)
+        self.max_steps = max_steps
+        self.name = name
+        self.ran_out = False
+        self._set_parts()
+
+    def _set_parts(self) -> None:
+        available = math.ceil(self.num_samples / self.batch_size)
+        self.steps = available if self.max_steps is None else self.max_steps
+        self._parts = tuple(p for p in (self.x, self.y, self.sample_weight) if p is not None)
 
     def new_order(self) -> torch.Tensor | None:
         """The sample order of a new epoch (drawn from torch's global RNG), None when unshuffled."""
@@ -203,17 +233,21 @@ class ArraySource:
 
     def batches(self, order: torch.Tensor | None = None, start: int = 0) -> Iterator[tuple]:
         parts, bs, n = self._parts, self.batch_size, self.num_samples
+        end = n if self.max_steps is None else min(n, self.max_steps * bs)
         if len(parts) == 2 and all(isinstance(p, torch.Tensor) for p in parts):
             x, y = parts  # the common case, kept lean: it runs once per batch
-            for i in range(start * bs, n, bs):
+            for i in range(start * bs, end, bs):
                 index: torch.Tensor | slice = (
                     slice(i, i + bs) if order is None else order[i : i + bs]
                 )
                 yield x[index], y[index]
-            return
-        for i in range(start * bs, n, bs):
-            index = slice(i, i + bs) if order is None else order[i : i + bs]
-            yield tuple(_take(p, index) for p in parts)
+        else:
+            for i in range(start * bs, end, bs):
+                index = slice(i, i + bs) if order is None else order[i : i + bs]
+                yield tuple(_take(p, index) for p in parts)
+        if self.max_steps is not None and self.max_steps * bs > n:
+            self.ran_out = True
+            _warn_ran_out(self.name, math.ceil(n / bs), self.max_steps)
 
     def split(self, fraction: float) -> tuple[ArraySource, ArraySource]:
         """Keras's ``validation_split``: the last ``fraction`` of the samples, before shuffling."""
@@ -225,23 +259,47 @@ class ArraySource:
                 f"{n_train} for training and {n_val} for validation; both must be at least 1."
             )
 
-        def part(sl: slice, shuffle: bool) -> ArraySource:
+        def part(sl: slice, shuffle: bool, max_steps: int | None) -> ArraySource:
             return ArraySource(
                 _take(self.x, sl),
                 None if self.y is None else _take(self.y, sl),
                 None if self.sample_weight is None else self.sample_weight[sl],
                 self.batch_size,
                 shuffle,
+                max_steps,
             )
 
-        return part(slice(0, n_train), self.shuffle), part(slice(n_train, None), False)
+        return (
+            part(slice(0, n_train), self.shuffle, self.max_steps),
+            part(slice(n_train, None), False, None),
+        )
+
+    def apply_class_weight(self, class_weight: Mapping[Any, float]) -> None:
+        """Multiply the sample weights by each sample's class weight (training data only)."""
+        self.sample_weight = _class_weights(self.y, class_weight, self.sample_weight)
+        self._set_parts()
+
+
+def _warn_ran_out(name: str, step: int, steps: int) -> None:
+    warnings.warn(
+        "Your input ran out of data; interrupting training. Make sure that your "
+        f"`{name}` can generate at least `steps_per_epoch * epochs` batches "
+        f"(it stopped after {step} of {steps} steps this epoch).",
+        stacklevel=5,
+    )
 
 
 # ---- datasets, loaders and other iterables --------------------------------------------------
 
 
 class IterableSource:
-    """Batches from a DataLoader or any iterable of batches, ``steps`` at most per epoch."""
+    """Batches from a DataLoader or any iterable of batches, ``steps`` at most per epoch.
+
+    With ``steps_per_epoch``, an epoch continues where the last one stopped (as in Keras) and
+    the iterable is restarted only when it is exhausted; without it, each epoch is one pass.
+    :meth:`state_dict` records the position (the RNG state the pass started from and the
+    batches drawn from it) so that a resumed run draws the same batches.
+    """
 
     shuffle = False
 
@@ -249,48 +307,80 @@ class IterableSource:
         self.iterable = iterable
         self.is_iterator = iter(iterable) is iterable if hasattr(iterable, "__iter__") else False
         self.name = name
+        self.continues = steps is not None  # steps_per_epoch: epochs continue the pass
         known = _safe_len(iterable)
         self.steps = steps if steps is not None else known
         self._iterator: Iterator[Any] | None = None
+        self._pass_rng: torch.Tensor | None = None
+        self._consumed = 0
+        self._restore: dict[str, Any] | None = None
         self.ran_out = False
 
     def new_order(self) -> None:
         return None
 
-    def batches(self, order: None = None, start: int = 0) -> Iterator[tuple]:
-        """This epoch's batches after the first ``start``.
+    def _new_pass(self) -> Iterator[Any]:
+        self._pass_rng = torch.get_rng_state()  # a DataLoader draws its shuffle seed at iter()
+        self._consumed = 0
+        self._iterator = iter(self.iterable)
+        return self._iterator
 
-        The iterator is created and the skipped batches are drawn now, not lazily, so that a
+    def batches(self, order: None = None, start: int = 0) -> Iterator[tuple]:
+        """This epoch's batches (after the first ``start`` of it, for a resumed epoch).
+
+        The iterator is created and skipped batches are drawn now, not lazily, so that a
         resumed epoch consumes the RNG in the same order as an uninterrupted one.
         """
-        if self._iterator is None or not self.is_iterator:
-            self._iterator = iter(self.iterable)
-        iterator = self._iterator
+        restore, self._restore = self._restore, None
+        if restore is not None and (self.continues or start > 0):  # else a fresh pass is right
+            rng = torch.get_rng_state()
+            if restore["pass_rng"] is not None:
+                torch.set_rng_state(restore["pass_rng"])
+            iterator = self._new_pass()
+            for _ in range(restore["consumed"]):
+                if next(iterator, _END) is _END:
+                    break
+                self._consumed += 1
+            torch.set_rng_state(rng)
+            return self._rest(iterator, start)
+        if self._iterator is None or not self.continues:
+            iterator = self._new_pass()
+        else:
+            iterator = self._iterator
         skipped = 0
         while skipped < start:
-            try:
-                next(iterator)
-            except StopIteration:
+            if next(iterator, _END) is _END:
                 break
+            self._consumed += 1
             skipped += 1
         return self._rest(iterator, skipped)
 
     def _rest(self, iterator: Iterator[Any], step: int) -> Iterator[tuple]:
+        first = step
         while self.steps is None or step < self.steps:
-            try:
-                batch = next(iterator)
-            except StopIteration:
+            batch = next(iterator, _END)
+            if batch is _END and step == first and self.continues and not self.is_iterator:
+                iterator = self._new_pass()  # exhausted at an epoch boundary: a new pass
+                batch = next(iterator, _END)
+            if batch is _END:
                 if self.steps is not None and step < self.steps:
                     self.ran_out = True
-                    warnings.warn(
-                        "Your input ran out of data; interrupting training. Make sure that your "
-                        f"`{self.name}` can generate at least `steps_per_epoch * epochs` batches "
-                        f"(it stopped after {step} of {self.steps} steps this epoch).",
-                        stacklevel=4,
-                    )
+                    self._iterator = None
+                    _warn_ran_out(self.name, step, self.steps)
                 break
+            self._consumed += 1
             yield tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
             step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pass_rng": self._pass_rng, "consumed": self._consumed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next :meth:`batches` call replays the pass up to where it was."""
+        self._restore = dict(state)
+
+
+_END = object()
 
 
 def _safe_len(obj: Any) -> int | None:
@@ -308,17 +398,16 @@ def make_source(
     batch_size: int | None,
     shuffle: bool,
     steps: int | None = None,
-    class_weight: Mapping[int, float] | None = None,
     name: str = "x",
     need_y: bool = True,
 ) -> ArraySource | IterableSource:
     """Turn the user's input into a batch source, failing fast with a message that names it."""
     if x is None:
         raise ValueError(f"`{name}` is required: pass arrays, tensors, a Dataset or a DataLoader.")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"The number of steps must be a positive integer; got {steps!r}.")
+    if batch_size is not None:
+        batch_size = as_int(batch_size, "batch_size", minimum=1)
+    if steps is not None:
+        steps = as_int(steps, "steps", minimum=1)
     if _is_map_dataset(x):
         _check_no_y(x, y, sample_weight, "a Dataset")
         if len(x) == 0:  # type: ignore[arg-type]
@@ -342,30 +431,33 @@ def make_source(
             raise ValueError(f"`{name}` is empty (0 samples); there is nothing to train on.")
         targets = None
         if y is not None:
-            targets = _structure_to_tensors(y, "y")
-            if _length(targets, "y") != n:
+            y_name = "y" if name == "x" else f"{name}'s y"
+            targets = _structure_to_tensors(y, y_name)
+            if _length(targets, y_name) != n:
                 raise ValueError(
-                    f"`x` and `y` have different lengths: x has {n} samples, y has "
-                    f"{_length(targets, 'y')}. Pass one target per sample."
+                    f"`{name}` and `{y_name}` have different lengths: {n} samples and "
+                    f"{_length(targets, y_name)} targets. Pass one target per sample."
                 )
         elif need_y:
-            raise ValueError("`y` is required when `x` is an array or tensor (pass targets).")
+            raise ValueError(
+                f"`y` is required when `{name}` is an array or tensor: the default train_step "
+                "computes the loss against targets. Pass y, or override train_step to train "
+                "on inputs alone."
+            )
         weights = None
         if sample_weight is not None:
             weights = _as_tensor(sample_weight, "sample_weight").float().reshape(-1)
             if weights.shape[0] != n:
                 raise ValueError(
-                    f"`sample_weight` has {weights.shape[0]} values but `x` has {n} samples."
+                    f"`sample_weight` has {weights.shape[0]} values but `{name}` has {n} samples."
                 )
-        if class_weight is not None:
-            weights = _class_weights(targets, class_weight, weights)
-        return ArraySource(inputs, targets, weights, batch_size or 32, shuffle)
+        return ArraySource(inputs, targets, weights, batch_size or 32, shuffle, steps, name)
     if isinstance(x, Iterable) and not isinstance(x, (str, bytes)):
         _check_no_y(x, y, sample_weight, "an iterable of batches")
         return IterableSource(x, steps, name)
     raise TypeError(
-        f"`{name}` must be a numpy array, a tensor, a tuple/list/dict of them, a Dataset, a "
-        f"DataLoader or an iterable of (x, y) batches; got {type(x).__name__}."
+        f"`{name}` must be a numpy array, a tensor, a pandas DataFrame, a tuple/list/dict of "
+        f"them, a Dataset, a DataLoader or an iterable of (x, y) batches; got {type(x).__name__}."
     )
 
 
@@ -384,9 +476,33 @@ def _check_no_y(x: Any, y: Any, sample_weight: Any, what: str) -> None:
         )
 
 
+def check_class_weight(class_weight: Any) -> dict[int, float]:
+    """``class_weight`` as ``{int class: float weight}``; a ValueError naming what is wrong."""
+    if not isinstance(class_weight, Mapping):
+        raise ValueError(
+            f"`class_weight` must be a dict {{class index: weight}}; got "
+            f"{type(class_weight).__name__}."
+        )
+    table: dict[int, float] = {}
+    for key, weight in class_weight.items():
+        if not isinstance(key, numbers.Integral) or isinstance(key, bool) or key < 0:
+            raise ValueError(
+                f"`class_weight` keys must be class indices (non-negative integers); got "
+                f"{key!r}. Map each class index to its weight: {{0: 1.0, 1: 5.0}}."
+            )
+        try:
+            table[int(key)] = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`class_weight[{key!r}]` must be a number; got {weight!r}."
+            ) from None
+    return table
+
+
 def _class_weights(
-    targets: Structure | None, class_weight: Mapping[int, float], weights: torch.Tensor | None
+    targets: Structure | None, class_weight: Mapping[Any, float], weights: torch.Tensor | None
 ) -> torch.Tensor:
+    class_weight = check_class_weight(class_weight)
     if not isinstance(targets, torch.Tensor):
         raise ValueError("`class_weight` needs a single target array `y`.")
     labels = targets
@@ -394,7 +510,7 @@ def _class_weights(
         labels = labels.argmax(dim=-1)
     labels = labels.reshape(labels.shape[0], -1)[:, 0].long()
     n_classes = int(labels.max()) + 1
-    table = torch.ones(max(n_classes, max(class_weight) + 1))
+    table = torch.ones(max(n_classes, max(class_weight, default=-1) + 1))
     for cls, w in class_weight.items():
         table[int(cls)] = float(w)
     per_sample = table[labels]
@@ -438,7 +554,7 @@ def make_fit_sources(
     *,
     batch_size: int | None,
     shuffle: bool,
-    class_weight: Mapping[int, float] | None,
+    class_weight: Mapping[Any, float] | None,
     steps_per_epoch: int | None,
     epochs_to_run: int,
     validation_split: float,
@@ -446,24 +562,38 @@ def make_fit_sources(
     validation_steps: int | None,
     validation_batch_size: int | None,
     validation_freq: Any,
+    need_y: bool = True,
 ) -> tuple[ArraySource | IterableSource, ArraySource | IterableSource | None]:
-    """``fit``'s training and validation sources; every data argument is checked here."""
-    if not (isinstance(validation_split, (int, float)) and 0 <= validation_split < 1):
+    """``fit``'s training and validation sources; every data argument is checked here.
+
+    ``validation_split`` is taken before ``class_weight`` is applied: validation is never
+    class-weighted (Keras).
+    """
+    if not (
+        isinstance(validation_split, numbers.Real)
+        and not isinstance(validation_split, bool)
+        and 0 <= validation_split < 1
+    ):
         raise ValueError(
             f"`validation_split` must be a float in [0, 1); got {validation_split!r}. "
             "It is the fraction of the training data held out (the last samples)."
         )
-    if not (
-        (isinstance(validation_freq, int) and validation_freq >= 1)
-        or (
-            isinstance(validation_freq, (list, tuple))
-            and all(isinstance(v, int) for v in validation_freq)
-        )
+    if isinstance(validation_freq, numbers.Integral) and not isinstance(validation_freq, bool):
+        validation_freq = as_int(validation_freq, "validation_freq", minimum=1)
+    elif not (
+        isinstance(validation_freq, (list, tuple))
+        and all(isinstance(v, numbers.Integral) for v in validation_freq)
     ):
         raise ValueError(
             "`validation_freq` must be a positive integer or a list of epochs "
             f"(1-based); got {validation_freq!r}."
         )
+    if validation_steps is not None:
+        validation_steps = as_int(validation_steps, "validation_steps", minimum=1)
+    if validation_batch_size is not None:
+        validation_batch_size = as_int(validation_batch_size, "validation_batch_size", minimum=1)
+    if class_weight is not None:
+        check_class_weight(class_weight)
     val_dataset = None
     if validation_split and validation_data is None and _is_map_dataset(x):
         x, val_dataset = _split_dataset(x, validation_split)
@@ -474,8 +604,13 @@ def make_fit_sources(
         batch_size=batch_size,
         shuffle=shuffle,
         steps=steps_per_epoch,
-        class_weight=class_weight,
+        need_y=need_y,
     )
+    if class_weight is not None and not isinstance(train, ArraySource):
+        raise ValueError(
+            "`class_weight` works with array or tensor inputs. With a Dataset, a DataLoader or "
+            "an iterable, yield (x, y, sample_weight) batches with the weights instead."
+        )
     if (
         isinstance(train, IterableSource)
         and train.is_iterator
@@ -487,46 +622,91 @@ def make_fit_sources(
             f"{epochs_to_run} epochs: pass `steps_per_epoch` (batches per epoch), or pass a "
             "re-iterable object such as a list or a DataLoader."
         )
+    val: ArraySource | IterableSource | None = None
     if validation_data is not None:
-        return train, _validation_source(
-            validation_data, validation_batch_size or batch_size, validation_steps
+        val = _validation_source(
+            validation_data, validation_batch_size or batch_size, validation_steps, train
         )
-    if not validation_split:
-        return train, None
-    if val_dataset is not None:
-        val_batch = validation_batch_size or batch_size
-        return train, make_source(
-            val_dataset, batch_size=val_batch, shuffle=False, steps=validation_steps
+    elif val_dataset is not None:
+        val = make_source(
+            val_dataset,
+            batch_size=validation_batch_size or batch_size,
+            shuffle=False,
+            steps=validation_steps,
         )
-    if not isinstance(train, ArraySource):
-        raise ValueError(
-            "`validation_split` works with arrays, tensors and Datasets (it takes the last "
-            "fraction of the samples). With a DataLoader or an iterable, pass `validation_data`."
-        )
-    train, val = train.split(validation_split)
-    if validation_batch_size:
-        val.batch_size = validation_batch_size
-        val.steps = math.ceil(val.num_samples / validation_batch_size)
+    elif validation_split:
+        if not isinstance(train, ArraySource):
+            raise ValueError(
+                "`validation_split` works with arrays, tensors and Datasets (it takes the last "
+                "fraction of the samples). With a DataLoader or an iterable, pass "
+                "`validation_data`."
+            )
+        train, val = train.split(validation_split)
+        if validation_batch_size:
+            val.batch_size = validation_batch_size
+            val._set_parts()
+    if class_weight is not None:
+        train.apply_class_weight(class_weight)  # type: ignore[union-attr]
     return train, val
 
 
-def _validation_source(validation_data: Any, batch_size: int | None, steps: int | None) -> Any:
+_VALIDATION_FORMS = (
+    "Pass a tuple (x_val, y_val) or (x_val, y_val, sample_weight_val) of arrays, a Dataset, "
+    "a DataLoader or an iterable of (x, y) batches."
+)
+
+
+def _validation_source(
+    validation_data: Any, batch_size: int | None, steps: int | None, train: Any
+) -> Any:
     """``(x_val, y_val)`` / ``(x_val, y_val, sample_weight)`` arrays, or a loader/iterable."""
-    if (
-        isinstance(validation_data, tuple)
-        and len(validation_data) in (2, 3)
-        and all(_is_array_like(v) or _is_structure(v) for v in validation_data)
-    ):
-        vx, vy, *rest = validation_data
-        return make_source(
-            vx,
-            vy,
-            rest[0] if rest else None,
-            batch_size=batch_size,
-            shuffle=False,
-            steps=steps,
-            name="validation_data",
-        )
-    return make_source(
-        validation_data, batch_size=None, shuffle=False, steps=steps, name="validation_data"
-    )
+    name = "validation_data"
+    if isinstance(validation_data, tuple):
+        arrays = [_is_array_like(v) or _is_structure(v) for v in validation_data]
+        if all(arrays) and validation_data:
+            if len(validation_data) not in (2, 3):
+                raise ValueError(
+                    f"`{name}` is a tuple of {len(validation_data)} arrays; it needs 2 or 3. "
+                    f"{_VALIDATION_FORMS}"
+                )
+            vx, vy, *rest = validation_data
+            try:
+                source = make_source(
+                    vx,
+                    vy,
+                    rest[0] if rest else None,
+                    batch_size=batch_size,
+                    shuffle=False,
+                    steps=steps,
+                    name=name,
+                )
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{exc} {_VALIDATION_FORMS}") from exc
+            _check_same_shapes(train, source)
+            return source
+        if isinstance(validation_data, tuple) and any(arrays):
+            raise ValueError(f"`{name}` mixes arrays and other objects. {_VALIDATION_FORMS}")
+    try:
+        return make_source(validation_data, batch_size=None, shuffle=False, steps=steps, name=name)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc} {_VALIDATION_FORMS}") from exc
+
+
+def _sample_shapes(structure: Structure) -> list[tuple[int, ...]]:
+    return [tuple(t.shape[1:]) for t in _leaves(structure)]
+
+
+def _check_same_shapes(train: Any, val: ArraySource) -> None:
+    """Validation arrays must have the training arrays' per-sample shapes."""
+    if not isinstance(train, ArraySource):
+        return
+    for part, a, b in (("x", train.x, val.x), ("y", train.y, val.y)):
+        if a is None or b is None:
+            continue
+        shapes_a, shapes_b = _sample_shapes(a), _sample_shapes(b)
+        squeeze = [tuple(d for d in s if d != 1) for s in shapes_a]
+        if shapes_a != shapes_b and squeeze != [tuple(d for d in s if d != 1) for s in shapes_b]:
+            raise ValueError(
+                f"`validation_data`'s {part} has samples of shape {shapes_b}, but the training "
+                f"{part} has {shapes_a}. {_VALIDATION_FORMS}"
+            )

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from torcheras.data import to_cpu
+from torcheras.data import map_tensors, to_cpu
 
-__all__ = ["BatchLogs", "RunningMeans", "to_float_logs"]
+__all__ = ["BatchLogs", "LogCollector", "RunningMeans", "to_float_logs"]
 
 
 class RunningMeans:
@@ -119,31 +119,36 @@ def to_float_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class BatchLogs(MutableMapping[str, Any]):
-    """Batch logs whose values are read from the device only when a callback reads one.
+    """The logs of one batch: a snapshot of its values, read from the device on first read.
 
     Behaves like the ``dict`` of floats Keras passes: ``logs["loss"]``, ``logs.get("acc")``,
-    ``dict(logs)`` and iteration all work. The keys are known without any device read; the
-    first value read converts every value at once (a single synchronisation).
+    ``dict(logs)``, ``logs.copy()`` and ``json.dumps(dict(logs))`` all work, and a callback that
+    keeps the logs of batch 3 still sees batch 3's values later. Building one costs no device
+    synchronisation; the first value read converts every value of the batch at once.
     """
 
-    __slots__ = ("_keys", "_compute", "_raw", "_values", "_extra")
+    __slots__ = ("_snapshot", "_values", "_extra", "_deleted")
 
-    def __init__(self, keys: list[str], compute: Any, raw: Any = None) -> None:
-        self._keys = keys
-        self._compute = compute
-        self._raw = raw
+    def __init__(self, snapshot: Mapping[str, Any]) -> None:
+        self._snapshot = dict(sorted(snapshot.items()))  # tensors that nothing changes later
         self._values: dict[str, Any] | None = None
         self._extra: dict[str, Any] = {}
+        self._deleted: set[str] = set()
 
     def _materialize(self) -> dict[str, Any]:
         if self._values is None:
-            self._values = self._compute()
+            self._values = dict(
+                zip(self._snapshot, _as_floats(list(self._snapshot.values())))
+            )
         return self._values
+
+    def _has(self, key: object) -> bool:
+        return key in self._snapshot and key not in self._deleted
 
     def __getitem__(self, key: str) -> Any:
         if key in self._extra:
             return self._extra[key]
-        if key not in self._keys:
+        if not self._has(key):
             raise KeyError(key)
         return self._materialize()[key]
 
@@ -153,33 +158,111 @@ class BatchLogs(MutableMapping[str, Any]):
     def __delitem__(self, key: str) -> None:
         if key in self._extra:
             del self._extra[key]
-        elif key in self._keys:
-            self._keys = [k for k in self._keys if k != key]
+        elif self._has(key):
+            self._deleted.add(key)
         else:
             raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._keys
-        yield from (k for k in self._extra if k not in self._keys)
+        yield from (k for k in self._snapshot if k not in self._deleted and k not in self._extra)
+        yield from self._extra
 
     def __len__(self) -> int:
-        return len(self._keys) + sum(1 for k in self._extra if k not in self._keys)
+        return sum(1 for _ in self)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._extra or key in self._keys
+        return key in self._extra or self._has(key)
 
     def __repr__(self) -> str:
         return f"BatchLogs({dict(self)!r})"
 
+    def copy(self) -> dict[str, Any]:
+        """A plain ``dict`` of floats, as ``dict.copy`` gives for Keras's logs."""
+        return dict(self)
+
     def raw(self, key: str) -> Any:
         """The value of ``key`` as it is on the device (a tensor), without synchronising."""
-        if key in self._extra or self._raw is None:
-            return self[key]
-        if key not in self._keys:
+        if key in self._extra:
+            return self._extra[key]
+        if not self._has(key):
             raise KeyError(key)
-        return self._raw(key)
+        return self._snapshot[key]
 
     @property
     def materialized(self) -> bool:
         """Whether a value has been read (and so the device was synchronised)."""
         return self._values is not None
+
+
+class LogCollector:
+    """What one pass (a training epoch, an evaluation) logs: running means of the values the
+    steps return, and the results of the metrics.
+
+    ``metrics`` are the compiled metrics (their results are logged under their names);
+    ``tracked`` are metric objects kept on the model (Keras's tracked metrics): a step that
+    returns a key naming one logs that metric's result, not a running mean of what it returned.
+    """
+
+    def __init__(self, metrics: list[Any], tracked: Mapping[str, Any] | None = None) -> None:
+        self.means = RunningMeans()
+        self.metrics = metrics
+        self.tracked = dict(tracked or {})
+        self.returned: dict[str, None] = {}  # tracked keys the steps returned, in order
+
+    def reset(self) -> None:
+        self.means.reset()
+        self.returned.clear()
+        for metric in self.metrics:
+            metric.reset()
+        for metric in self.tracked.values():
+            metric.reset()
+
+    def add(self, logs: Mapping[str, Any], weight: float) -> None:
+        """Add one step's returned values, counted ``weight`` times (the batch size)."""
+        tracked = self.tracked
+        if tracked:
+            rest = {}
+            for key, value in logs.items():
+                if key in tracked:
+                    self.returned[key] = None
+                else:
+                    rest[key] = value
+            logs = rest
+        self.means.add(logs, weight)
+
+    def values(self) -> dict[str, Any]:
+        """The current values, as device tensors or floats (no synchronisation)."""
+        out: dict[str, Any] = dict(zip(self.means.keys(), self.means.result_tensors()))
+        for metric in self.metrics:
+            out[metric.name] = metric.result()
+        for key in self.returned:
+            out[key] = self.tracked[key].result()
+        return out
+
+    def result(self) -> dict[str, float]:
+        """The values as Python floats, sorted by key, with one device read."""
+        values = self.values()
+        return dict(sorted(zip(values, _as_floats(list(values.values())))))
+
+    def snapshot(self) -> BatchLogs:
+        return BatchLogs(self.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "means": self.means.state_dict(),
+            "metrics": [m.state_dict() for m in self.metrics],
+            "tracked": {k: m.state_dict() for k, m in self.tracked.items()},
+            "returned": list(self.returned),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> None:
+        def to_device(obj: Any) -> Any:
+            return map_tensors(lambda t: t.to(device) if device is not None else t, obj)
+
+        self.means.load_state_dict(state["means"], device)
+        for metric, saved in zip(self.metrics, state["metrics"]):
+            metric.load_state_dict(to_device(saved))
+        for key, saved in state.get("tracked", {}).items():
+            if key in self.tracked:
+                self.tracked[key].load_state_dict(to_device(saved))
+        self.returned = dict.fromkeys(state.get("returned", []))

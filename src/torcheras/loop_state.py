@@ -15,7 +15,8 @@ class LoopState:
 
     ``epoch`` and ``batch`` are 0-based; ``global_step`` counts the training batches run in
     this fit (resumed runs included); ``order`` is the epoch's sample order; ``current_batch``
-    is the batch being trained on (on the device).
+    is the batch being trained on (on the device); ``batch_lrs`` the learning rate each batch
+    of the epoch used (first param group), so the epoch logs show a rate really used.
     """
 
     __slots__ = (
@@ -25,8 +26,8 @@ class LoopState:
         "order",
         "current_batch",
         "epoch_done",
-        "epoch_lr",
-        "epoch_rng",
+        "batch_lrs",
+        "train_source",
         "last_logs",
         "pending",
     )
@@ -38,8 +39,8 @@ class LoopState:
         self.order: Tensor | None = None
         self.current_batch: Any = None
         self.epoch_done = False
-        self.epoch_lr: float | None = None
-        self.epoch_rng: Tensor | None = None
+        self.batch_lrs: list[Any] = []
+        self.train_source: Any = None
         self.last_logs: dict[str, Any] = {}
         self.pending: list[Callable[[], None]] = []
 

@@ -1,13 +1,31 @@
-"""Loss names to functions.
+"""Losses: Keras's names and loss objects, torch's modules and functions, one reduction rule.
 
-Every built-in loss takes ``(y_pred, y_true)`` — torch's argument order — and returns one
-value per sample, so that ``sample_weight`` and ``class_weight`` can weight it. Predictions
-are **logits** for the cross-entropies (Keras's ``from_logits=True``): a torch model normally
-ends without a softmax or sigmoid, and the fused log-softmax is the numerically stable form.
+Every loss takes ``(y_pred, y_true)`` — torch's argument order. :func:`get` turns what the user
+passed to ``compile(loss=...)`` into a :class:`CompiledLoss`, which computes one value per batch:
+
+* **Built-in names** (``"sparse_categorical_crossentropy"``, ``"mse"``, ...) mean what Keras
+  means, except that the cross-entropy *names* take **logits** (Keras's ``from_logits=True``);
+  the loss objects (``BinaryCrossentropy(from_logits=False)``, ...) follow Keras's defaults.
+* **A torch loss module** (``nn.CrossEntropyLoss(weight=w, ignore_index=-1)``) is computed as
+  torch computes it: its class weights, ``ignore_index``, ``label_smoothing`` and
+  ``reduction`` all hold.
+* **A callable** ``loss(y_pred, y_true)`` returning a scalar or one value per sample.
+
+Sample weights (``sample_weight=``, and ``class_weight=`` turned into sample weights) combine
+as in Keras: they multiply each sample's loss in the numerator, and the denominator stays what
+the loss divides by without them — the batch size for the built-ins (Keras's
+``sum_over_batch_size``), torch's own divisor for a module (``sum(weight[y])`` over the samples
+not ignored, for ``CrossEntropyLoss(weight=...)``), nothing for ``reduction="sum"``. With all
+weights 1 the result is exactly the unweighted loss.
+
+Integer labels of any integer dtype (``uint8``, ``int16``, ``int32``...) are cast to int64 for
+the cross-entropies.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +35,26 @@ from torch import Tensor, nn
 
 from torcheras.registry import lookup
 
-__all__ = ["LOSSES", "get", "reduce_loss"]
+__all__ = [
+    "LOSSES",
+    "BinaryCrossentropy",
+    "CategoricalCrossentropy",
+    "CompiledLoss",
+    "SparseCategoricalCrossentropy",
+    "get",
+    "output_kind",
+]
 
 LossFn = Callable[[Any, Any], Tensor]
+EPSILON = 1e-7  # Keras's backend epsilon: the clip of probabilities and logarithms
+
+# What a loss says about the model's outputs: "logits", "probabilities", "values" (a
+# regression: no threshold question) or None (cannot tell).
+LOGITS, PROBABILITIES, VALUES = "logits", "probabilities", "values"
 
 
 def _match_shape(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    """Let ``(N,)`` targets meet ``(N, 1)`` predictions, as Keras does."""
+    """Let ``(N,)`` targets meet ``(N, 1)`` predictions, as Keras does; floats as y_pred."""
     if y_true.shape != y_pred.shape and y_true.numel() == y_pred.numel():
         y_true = y_true.reshape(y_pred.shape)
     return y_true.to(y_pred.dtype) if y_pred.is_floating_point() else y_true
@@ -34,12 +65,29 @@ def _per_sample(values: Tensor) -> Tensor:
     return values.reshape(values.shape[0], -1).mean(dim=1) if values.dim() > 1 else values
 
 
-def sparse_categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
+def class_labels(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    """Integer class labels as int64 (any integer dtype, or whole floats), ``(N, 1)`` squeezed."""
     if y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1:
         y_true = y_true.squeeze(-1)
-    if y_pred.dim() > 2:  # (N, ..., C) as Keras lays it out; torch wants (N, C, ...)
+    return y_true if y_true.dtype == torch.int64 else y_true.long()
+
+
+# ---- per-sample built-ins (Keras's formulas) ------------------------------------------------
+
+
+def sparse_categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    """Integer labels and logits; ``(N, ..., C)`` predictions as Keras lays them out."""
+    labels = class_labels(y_pred, y_true)
+    if y_pred.dim() > 2:  # torch wants (N, C, ...)
         y_pred = y_pred.movedim(-1, 1)
-    return _per_sample(F.cross_entropy(y_pred, y_true.long(), reduction="none"))
+    return _per_sample(F.cross_entropy(y_pred, labels, reduction="none"))
+
+
+def cross_entropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    """torch's ``cross_entropy``: class labels, or class probabilities of ``y_pred``'s shape."""
+    if y_true.is_floating_point() and y_true.shape == y_pred.shape:
+        return _per_sample(F.cross_entropy(y_pred, y_true, reduction="none"))
+    return _per_sample(F.cross_entropy(y_pred, class_labels(y_pred, y_true), reduction="none"))
 
 
 def categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
@@ -49,6 +97,23 @@ def categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
 def binary_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
     return _per_sample(F.binary_cross_entropy_with_logits(y_pred, y_true, reduction="none"))
+
+
+def _binary_crossentropy_probs(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    y_true = _match_shape(y_pred, y_true)
+    p = y_pred.clamp(EPSILON, 1 - EPSILON)
+    return _per_sample(-(y_true * p.log() + (1 - y_true) * (1 - p).log()))
+
+
+def _categorical_crossentropy_probs(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    p = (y_pred / y_pred.sum(dim=-1, keepdim=True)).clamp(EPSILON, 1 - EPSILON)
+    return _per_sample(-(y_true.to(y_pred.dtype) * p.log()).sum(dim=-1))
+
+
+def _sparse_categorical_crossentropy_probs(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    labels = class_labels(y_pred, y_true)
+    p = (y_pred / y_pred.sum(dim=-1, keepdim=True)).clamp(EPSILON, 1 - EPSILON)
+    return _per_sample(-p.log().gather(-1, labels.unsqueeze(-1)).squeeze(-1))
 
 
 def mean_squared_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
@@ -61,13 +126,13 @@ def mean_absolute_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
 
 def mean_absolute_percentage_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
-    return _per_sample(100.0 * ((y_true - y_pred) / y_true.abs().clamp_min(1e-7)).abs())
+    return _per_sample(100.0 * ((y_true - y_pred) / y_true.abs().clamp_min(EPSILON)).abs())
 
 
 def mean_squared_logarithmic_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
     return _per_sample(
-        (torch.log1p(y_pred.clamp_min(0)) - torch.log1p(y_true.clamp_min(0))).square()
+        (torch.log1p(y_pred.clamp_min(EPSILON)) - torch.log1p(y_true.clamp_min(EPSILON))).square()
     )
 
 
@@ -77,33 +142,51 @@ def huber(y_pred: Tensor, y_true: Tensor) -> Tensor:
 
 def log_cosh(y_pred: Tensor, y_true: Tensor) -> Tensor:
     diff = y_pred - _match_shape(y_pred, y_true)
-    return _per_sample(diff + F.softplus(-2.0 * diff) - torch.log(torch.tensor(2.0)))
+    return _per_sample(diff + F.softplus(-2.0 * diff) - math.log(2.0))
 
 
 def kl_divergence(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    y_true = _match_shape(y_pred, y_true).clamp(1e-7, 1)
-    return (y_true * (y_true.log() - F.log_softmax(y_pred, dim=-1))).sum(dim=-1)
+    """Keras's KL divergence of two probability distributions (both clipped to [1e-7, 1])."""
+    y_true = _match_shape(y_pred, y_true).clamp(EPSILON, 1)
+    p = y_pred.clamp(EPSILON, 1)
+    return _per_sample((y_true * (y_true / p).log()).sum(dim=-1))
 
 
 def poisson(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
-    return _per_sample(y_pred - y_true * torch.log(y_pred + 1e-7))
+    return _per_sample(y_pred - y_true * torch.log(y_pred + EPSILON))
+
+
+def _hinge_labels(y_true: Tensor) -> Tensor:
+    """Keras: {0, 1} labels become {-1, 1}; labels already in {-1, 1} stay."""
+    return torch.where(y_true == 0, -torch.ones_like(y_true), y_true)
 
 
 def hinge(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    y_true = _match_shape(y_pred, y_true)
-    y_true = torch.where(y_true == 0, -torch.ones_like(y_true), y_true)  # {0, 1} -> {-1, 1}
+    y_true = _hinge_labels(_match_shape(y_pred, y_true))
     return _per_sample(F.relu(1.0 - y_true * y_pred))
 
 
 def squared_hinge(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    y_true = _match_shape(y_pred, y_true)
-    y_true = torch.where(y_true == 0, -torch.ones_like(y_true), y_true)
+    y_true = _hinge_labels(_match_shape(y_pred, y_true))
     return _per_sample(F.relu(1.0 - y_true * y_pred).square())
 
 
+def categorical_hinge(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    y_true = y_true.to(y_pred.dtype)
+    positive = (y_true * y_pred).sum(dim=-1)
+    negative = ((1.0 - y_true) * y_pred).amax(dim=-1)
+    return _per_sample(F.relu(negative - positive + 1.0))
+
+
+def cosine_similarity(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    """Keras's loss: minus the cosine similarity (so -1 is a perfect match)."""
+    y_true = _match_shape(y_pred, y_true)
+    return _per_sample(-(F.normalize(y_true, dim=-1) * F.normalize(y_pred, dim=-1)).sum(dim=-1))
+
+
 def nll_loss(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    return F.nll_loss(y_pred, y_true.long(), reduction="none")
+    return _per_sample(F.nll_loss(y_pred, class_labels(y_pred, y_true), reduction="none"))
 
 
 LOSSES: dict[str, LossFn] = {
@@ -126,8 +209,10 @@ LOSSES: dict[str, LossFn] = {
     "poisson": poisson,
     "hinge": hinge,
     "squared_hinge": squared_hinge,
+    "categorical_hinge": categorical_hinge,
+    "cosine_similarity": cosine_similarity,
     # torch's names
-    "cross_entropy": sparse_categorical_crossentropy,
+    "cross_entropy": cross_entropy,
     "binary_cross_entropy_with_logits": binary_crossentropy,
     "bce_with_logits": binary_crossentropy,
     "mse_loss": mean_squared_error,
@@ -137,14 +222,105 @@ LOSSES: dict[str, LossFn] = {
     "nll_loss": nll_loss,
 }
 
+# What each built-in expects of y_true ("sparse": class labels) and says of y_pred.
+_SPARSE = {sparse_categorical_crossentropy, nll_loss}
+_CATEGORICAL = {categorical_crossentropy}
+_BINARY = {binary_crossentropy}
+_LOGIT_LOSSES = _SPARSE | _CATEGORICAL | _BINARY | {cross_entropy}
+_PROBABILITY_LOSSES = {kl_divergence}
+
+
+# ---- Keras's loss objects -------------------------------------------------------------------
+
+
+class _KerasCrossentropy:
+    """Base of the Keras-style cross-entropy objects: ``from_logits`` as in Keras (False)."""
+
+    target = "binary"
+
+    def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0) -> None:
+        if not 0.0 <= float(label_smoothing) <= 1.0:
+            raise ValueError(
+                f"{type(self).__name__}: `label_smoothing` must be in [0, 1]; "
+                f"got {label_smoothing!r}."
+            )
+        self.from_logits = bool(from_logits)
+        self.label_smoothing = float(label_smoothing)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(from_logits={self.from_logits})"
+
+
+class BinaryCrossentropy(_KerasCrossentropy):
+    """Keras's ``BinaryCrossentropy``: probabilities by default, ``from_logits=True`` for logits.
+
+    Example::
+
+        model.compile(loss=torcheras.losses.BinaryCrossentropy(from_logits=False))  # sigmoid net
+    """
+
+    __name__ = "binary_crossentropy"
+
+    def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
+        y_true = _match_shape(y_pred, y_true)
+        if self.label_smoothing:
+            y_true = y_true * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        if self.from_logits:
+            return binary_crossentropy(y_pred, y_true)
+        return _binary_crossentropy_probs(y_pred, y_true)
+
+
+class CategoricalCrossentropy(_KerasCrossentropy):
+    """Keras's ``CategoricalCrossentropy`` (one-hot targets); probabilities by default.
+
+    Example::
+
+        model.compile(loss=torcheras.losses.CategoricalCrossentropy(from_logits=True))
+    """
+
+    __name__ = "categorical_crossentropy"
+    target = "categorical"
+
+    def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
+        y_true = y_true.to(y_pred.dtype)
+        if self.label_smoothing:
+            classes = y_pred.shape[-1]
+            y_true = y_true * (1.0 - self.label_smoothing) + self.label_smoothing / classes
+        if self.from_logits:
+            return categorical_crossentropy(y_pred, y_true)
+        return _categorical_crossentropy_probs(y_pred, y_true)
+
+
+class SparseCategoricalCrossentropy(_KerasCrossentropy):
+    """Keras's ``SparseCategoricalCrossentropy`` (integer labels); probabilities by default.
+
+    Example::
+
+        model.compile(loss=torcheras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    """
+
+    __name__ = "sparse_categorical_crossentropy"
+    target = "sparse"
+
+    def __init__(self, from_logits: bool = False) -> None:
+        super().__init__(from_logits)
+
+    def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
+        if self.from_logits:
+            return sparse_categorical_crossentropy(y_pred, y_true)
+        return _sparse_categorical_crossentropy_probs(y_pred, y_true)
+
+
+# ---- one compiled loss: reduction, sample weights, first-batch checks -----------------------
+
 
 def _fused_sparse_cce(y_pred: Tensor, y_true: Tensor) -> Tensor:
     if y_pred.dim() == 2 and y_true.dim() == 1:
-        return F.cross_entropy(y_pred, y_true.long() if y_true.is_floating_point() else y_true)
+        return F.cross_entropy(y_pred, y_true if y_true.dtype == torch.int64 else y_true.long())
     return sparse_categorical_crossentropy(y_pred, y_true).mean()
 
 
-def _fused(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+def _fused(fn: Callable[..., Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     def mean(y_pred: Tensor, y_true: Tensor) -> Tensor:
         if y_pred.shape == y_true.shape:
             return fn(y_pred, y_true.to(y_pred.dtype))
@@ -162,41 +338,117 @@ FUSED: dict[LossFn, LossFn] = {
     huber: _fused(F.huber_loss),
 }
 
+# torch loss modules: what they say of y_pred, and which take class labels.
+_MODULE_KINDS: dict[type, str] = {
+    nn.CrossEntropyLoss: LOGITS,
+    nn.BCEWithLogitsLoss: LOGITS,
+    nn.BCELoss: PROBABILITIES,
+    nn.NLLLoss: VALUES,  # log-probabilities: no threshold question
+    nn.MSELoss: VALUES,
+    nn.L1Loss: VALUES,
+    nn.HuberLoss: VALUES,
+    nn.SmoothL1Loss: VALUES,
+    nn.KLDivLoss: VALUES,
+    nn.PoissonNLLLoss: VALUES,
+}
+_LABEL_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+_FUNCTION_KINDS: dict[Any, str] = {
+    F.binary_cross_entropy_with_logits: LOGITS,
+    F.cross_entropy: LOGITS,
+    F.binary_cross_entropy: PROBABILITIES,
+    F.mse_loss: VALUES,
+    F.l1_loss: VALUES,
+    F.huber_loss: VALUES,
+    F.smooth_l1_loss: VALUES,
+    F.nll_loss: VALUES,
+}
 
-def get(loss: str | nn.Module | LossFn) -> tuple[str, LossFn]:
-    """Resolve ``loss`` to ``(name, fn)`` where ``fn(y_pred, y_true)`` returns a tensor.
 
-    >>> name, fn = get("mse")
-    >>> name
-    'mean_squared_error'
+class CompiledLoss:
+    """The loss ``compile`` resolved: ``loss(y_pred, y_true, sample_weight) -> scalar``.
+
+    ``name`` is the loss's name, ``output_kind`` what it says of the model's outputs
+    (``"logits"``, ``"probabilities"``, ``"values"`` or None), ``target`` what it expects of
+    ``y_true`` (``"sparse"``, ``"categorical"``, ``"binary"`` or None). :meth:`check` runs
+    the one-time checks of the first batch.
     """
-    if isinstance(loss, str):
-        fn = lookup(LOSSES, loss, "loss", "an nn.Module or a callable loss(y_pred, y_true)")
-        return fn.__name__, fn
-    if isinstance(loss, nn.Module):
-        return _snake(type(loss).__name__), _module_loss(loss)
-    if callable(loss):
-        return getattr(loss, "__name__", type(loss).__name__), loss
-    raise TypeError(
-        f"`loss` must be a loss name, an nn.Module or a callable loss(y_pred, y_true); "
-        f"got {type(loss).__name__}."
-    )
+
+    def __init__(
+        self,
+        fn: LossFn,
+        name: str,
+        *,
+        output_kind: str | None,
+        target: str | None = None,
+        module: nn.Module | None = None,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.output_kind = output_kind
+        self.target = target
+        self.module = module
+        self._fused = FUSED.get(fn)
+
+    def __call__(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> Tensor:
+        if self.module is not None:
+            return self._module_loss(y_pred, y_true, sample_weight)
+        if sample_weight is None and self._fused is not None:
+            return self._fused(y_pred, y_true)
+        return reduce_loss(self.fn(y_pred, y_true), sample_weight)
+
+    def _module_loss(self, y_pred: Tensor, y_true: Tensor, sample_weight: Tensor | None) -> Tensor:
+        module = self.module
+        if self.target == "sparse" and not (
+            y_true.is_floating_point() and y_true.shape == y_pred.shape
+        ):
+            y_true = y_true if y_true.dtype == torch.int64 else y_true.long()
+        elif self.target == "binary":
+            y_true = _match_shape(y_pred, y_true)
+        if sample_weight is None:
+            return module(y_pred, y_true)  # exactly torch's
+        reduction = module.reduction  # type: ignore[union-attr]
+        if reduction == "none":
+            raise ValueError(
+                "sample_weight/class_weight need a loss that reduces; this loss module has "
+                "reduction='none'. Use reduction='mean' or 'sum'."
+            )
+        module.reduction = "none"  # type: ignore[union-attr]
+        try:
+            values = module(y_pred, y_true)
+        finally:
+            module.reduction = reduction  # type: ignore[union-attr]
+        weights = sample_weight.to(values.dtype).reshape(-1)
+        per_sample = values.reshape(weights.shape[0], -1).sum(dim=1)
+        numerator = (per_sample * weights).sum()
+        if reduction == "sum":
+            return numerator
+        return numerator / _torch_mean_divisor(module, y_pred, y_true, values)
+
+    def check(self, y_pred: Any, y_true: Any) -> None:
+        """One-time checks of the first batch: the targets' form and the logits trap."""
+        if not isinstance(y_pred, Tensor) or not isinstance(y_true, Tensor):
+            return
+        if self.target == "sparse":
+            _check_sparse_labels(self.name, y_pred, y_true, self.module is not None)
+        if self.output_kind == LOGITS:
+            _warn_if_probabilities(self.name, self.target, y_pred)
+        elif self.output_kind == PROBABILITIES and self.target in ("binary", "categorical"):
+            _warn_if_logits(self.name, y_pred)
+
+    def __repr__(self) -> str:
+        return f"CompiledLoss({self.name!r}, output_kind={self.output_kind!r})"
 
 
-def _module_loss(module: nn.Module) -> LossFn:
-    """Call a torch loss module per sample when it has a ``reduction`` we can switch off."""
-    if getattr(module, "reduction", None) == "mean":
-
-        def per_sample(y_pred: Tensor, y_true: Tensor) -> Tensor:
-            module.reduction = "none"
-            try:
-                return _per_sample(module(y_pred, y_true))
-            finally:
-                module.reduction = "mean"
-
-        per_sample.__name__ = type(module).__name__
-        return per_sample
-    return module
+def _torch_mean_divisor(module: nn.Module, y_pred: Tensor, y_true: Tensor, values: Tensor) -> Any:
+    """What torch's ``reduction="mean"`` divides by, for these targets."""
+    if isinstance(module, _LABEL_MODULES) and not y_true.is_floating_point():
+        ignore = getattr(module, "ignore_index", -100)
+        valid = y_true != ignore
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            return valid.sum().to(values.dtype)
+        return weight[torch.where(valid, y_true, 0)].mul(valid).sum().to(values.dtype)
+    return values.numel()
 
 
 def reduce_loss(values: Tensor, sample_weight: Tensor | None = None) -> Tensor:
@@ -216,6 +468,164 @@ def reduce_loss(values: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         return values.mean()
     weights = sample_weight.to(values.dtype).reshape(-1)
     return (values.reshape(weights.shape[0], -1).mean(dim=1) * weights).sum() / weights.shape[0]
+
+
+def _check_sparse_labels(name: str, y_pred: Tensor, y_true: Tensor, torch_module: bool) -> None:
+    if not y_true.is_floating_point():
+        return
+    if y_true.shape == y_pred.shape and y_pred.dim() >= 2 and y_pred.shape[-1] > 1:
+        if torch_module:  # torch's CrossEntropyLoss takes class probabilities of this shape
+            return
+        raise ValueError(
+            f"`y` holds one-hot (or probability) rows of shape {tuple(y_true.shape)}, but the "
+            f"loss {name!r} takes integer class labels. Use loss='categorical_crossentropy' "
+            "for one-hot targets, or pass y.argmax(-1) as the labels."
+        )
+    if not torch.equal(y_true, y_true.round()):
+        raise ValueError(
+            f"`y` holds float values that are not whole numbers (e.g. "
+            f"{y_true[y_true != y_true.round()].flatten()[0].item()!r}), but the loss {name!r} "
+            "takes integer class labels. Pass integer labels (y.astype('int64')), or use a "
+            "regression loss such as 'mse' for continuous targets."
+        )
+
+
+def _warn_if_probabilities(name: str, target: str | None, y_pred: Tensor) -> None:
+    """The logits trap: a network that ends with sigmoid/softmax, given to a logits loss."""
+    if y_pred.numel() == 0 or not y_pred.is_floating_point():
+        return
+    outputs = y_pred.detach()
+    in_unit = bool(((outputs >= 0) & (outputs <= 1)).all())
+    if not in_unit:
+        return
+    if target in ("sparse", "categorical") or (target is None and outputs.dim() >= 2):
+        if outputs.shape[-1] < 2:
+            return
+        sums = outputs.float().sum(dim=-1)
+        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+            return
+        fix = (
+            "remove the final softmax (recommended), or compile with "
+            f"torcheras.losses.{_OBJECT_FOR.get(name, 'CategoricalCrossentropy')}"
+            "(from_logits=False)"
+        )
+        what = "rows that sum to 1 (a softmax?)"
+    else:
+        fix = (
+            "remove the final sigmoid (recommended), or compile with "
+            "torcheras.losses.BinaryCrossentropy(from_logits=False)"
+        )
+        what = "values in [0, 1] (a sigmoid?)"
+    warnings.warn(
+        f"The loss {name!r} expects logits, but the model's outputs on the first batch are "
+        f"all {what}: training will go badly. To fix it, {fix}.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _warn_if_logits(name: str, y_pred: Tensor) -> None:
+    if y_pred.numel() == 0 or not y_pred.is_floating_point():
+        return
+    outputs = y_pred.detach()
+    if bool(((outputs >= 0) & (outputs <= 1)).all()):
+        return
+    warnings.warn(
+        f"The loss {name!r} expects probabilities (from_logits=False), but the model's outputs "
+        "on the first batch lie outside [0, 1] (logits?). End the network with a sigmoid / "
+        "softmax, or pass from_logits=True.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+_OBJECT_FOR = {
+    "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
+    "categorical_crossentropy": "CategoricalCrossentropy",
+    "cross_entropy": "SparseCategoricalCrossentropy",
+}
+
+
+def get(loss: str | nn.Module | LossFn) -> CompiledLoss:
+    """Resolve ``compile(loss=...)`` to a :class:`CompiledLoss`.
+
+    >>> get("mse").name
+    'mean_squared_error'
+    """
+    if isinstance(loss, CompiledLoss):
+        return loss
+    if isinstance(loss, str):
+        fn = lookup(LOSSES, loss, "loss", "an nn.Module or a callable loss(y_pred, y_true)")
+        return CompiledLoss(fn, fn.__name__, output_kind=_builtin_kind(fn), target=_target(fn))
+    if isinstance(loss, _KerasCrossentropy):
+        kind = LOGITS if loss.from_logits else PROBABILITIES
+        return CompiledLoss(loss, loss.__name__, output_kind=kind, target=loss.target)
+    if isinstance(loss, nn.Module):
+        kind = _MODULE_KINDS.get(type(loss))
+        target = (
+            "sparse"
+            if isinstance(loss, _LABEL_MODULES)
+            else "binary"
+            if isinstance(loss, (nn.BCEWithLogitsLoss, nn.BCELoss))
+            else None
+        )
+        reduces = getattr(loss, "reduction", None) in ("mean", "sum", "none")
+        return CompiledLoss(
+            loss,
+            _snake(type(loss).__name__),
+            output_kind=kind,
+            target=target,
+            module=loss if reduces else None,
+        )
+    if callable(loss):
+        return CompiledLoss(
+            loss,
+            getattr(loss, "__name__", type(loss).__name__),
+            output_kind=output_kind(loss),
+            target=_target(loss),
+        )
+    raise TypeError(
+        f"`loss` must be a loss name, an nn.Module or a callable loss(y_pred, y_true); "
+        f"got {type(loss).__name__}."
+    )
+
+
+def _builtin_kind(fn: LossFn) -> str:
+    if fn in _LOGIT_LOSSES:
+        return LOGITS
+    if fn in _PROBABILITY_LOSSES:
+        return PROBABILITIES
+    return VALUES
+
+
+def _target(fn: Any) -> str | None:
+    if fn in _SPARSE or fn is F.cross_entropy or fn is F.nll_loss:
+        return "sparse"
+    if fn in _CATEGORICAL:
+        return "categorical"
+    if fn in _BINARY or fn in (F.binary_cross_entropy, F.binary_cross_entropy_with_logits):
+        return "binary"
+    return None
+
+
+def output_kind(loss: Any) -> str | None:
+    """What a loss says of the model's outputs: "logits", "probabilities", "values" or None.
+
+    Known names, torch modules and functions answer for themselves; any other callable may
+    declare it with a ``from_logits`` attribute.
+    """
+    if isinstance(loss, CompiledLoss):
+        return loss.output_kind
+    if loss in _FUNCTION_KINDS:
+        return _FUNCTION_KINDS[loss]
+    if isinstance(loss, nn.Module):
+        return _MODULE_KINDS.get(type(loss))
+    if loss in LOSSES.values():
+        return _builtin_kind(loss)
+    from_logits = getattr(loss, "from_logits", None)
+    if from_logits is not None:
+        return LOGITS if from_logits else PROBABILITIES
+    return None
 
 
 def _snake(name: str) -> str:

@@ -17,7 +17,7 @@ from torcheras import losses
 from torcheras.data import to_cpu
 from torcheras.registry import lookup
 
-__all__ = ["Metric", "MeanMetric", "get", "direction_of"]
+__all__ = ["BinaryAccuracy", "Mean", "MeanMetric", "Metric", "direction_of", "get", "tracked"]
 
 
 class Metric:
@@ -113,6 +113,49 @@ class MeanMetric(Metric):
         return f"MeanMetric(name={self.name!r}, direction={self.direction!r})"
 
 
+class Mean(MeanMetric):
+    """Keras's ``metrics.Mean``: the (weighted) mean of the values given to ``update_state``.
+
+    Assigned to a model (``self.loss_tracker = Mean(name="loss")``), it is tracked: listed in
+    ``model.metrics`` and reset at the start of each epoch and each evaluation; a
+    ``train_step`` that returns ``{"loss": self.loss_tracker.result()}`` logs its result.
+
+    >>> tracker = Mean(name="loss")
+    >>> tracker.update_state(torch.tensor([1.0, 3.0]))
+    >>> float(tracker.result())
+    2.0
+    """
+
+    def __init__(self, name: str = "mean", direction: str | None = None) -> None:
+        super().__init__(lambda values, _: values, name=name, direction=direction)
+
+    def update_state(self, values: Any, sample_weight: Any = None) -> None:
+        if not isinstance(values, Tensor):
+            values = torch.as_tensor(values, dtype=torch.float32)
+        values = values.detach().float().reshape(-1)
+        if sample_weight is not None and not isinstance(sample_weight, Tensor):
+            sample_weight = torch.as_tensor(sample_weight, dtype=torch.float32)
+        if sample_weight is not None:
+            sample_weight = sample_weight.to(values.device).reshape(-1).expand_as(values)
+        self.update(values, None, sample_weight)
+
+    def reset_state(self) -> None:
+        self.reset()
+
+
+class BinaryAccuracy(MeanMetric):
+    """How often ``y_pred > threshold`` matches binary ``y_true``; 0.0 suits logits.
+
+    Example::
+
+        model.compile(loss=torch.nn.BCEWithLogitsLoss(), metrics=[BinaryAccuracy(threshold=0.0)])
+    """
+
+    def __init__(self, threshold: float = 0.5, name: str = "binary_accuracy") -> None:
+        super().__init__(_binary_accuracy(float(threshold)), name=name, direction="max")
+        self.threshold = float(threshold)
+
+
 class TorchMetric(Metric):
     """Adapter for a ``torchmetrics.Metric``; direction from its ``higher_is_better``."""
 
@@ -173,28 +216,68 @@ def _top_k(k: int, sparse: bool) -> Callable[[Tensor, Tensor], Tensor]:
     return top_k
 
 
-def _auto_accuracy(loss_name: str | None) -> Callable[[Tensor, Tensor], Tensor]:
-    """Keras resolves ``"accuracy"`` from the loss; we also look at the shapes."""
-    binary_logits = _binary_accuracy(0.0)
-    binary_probs = _binary_accuracy(0.5)
+def threshold_for(loss: losses.CompiledLoss | None) -> float | None:
+    """The threshold of binary accuracy for the outputs ``loss`` describes: 0 for logits,
+    0.5 for probabilities or plain values (Keras's default), None when the loss cannot tell."""
+    kind = None if loss is None else loss.output_kind
+    if kind == losses.LOGITS:
+        return 0.0
+    if kind in (losses.PROBABILITIES, losses.VALUES):
+        return 0.5
+    return None
+
+
+def _auto_accuracy(loss: losses.CompiledLoss | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """``"accuracy"``, resolved as Keras does from the loss, then from the shapes.
+
+    The rule: a categorical loss gives categorical accuracy, a sparse one sparse accuracy
+    (both an argmax: logits or probabilities alike). Outputs with one value per sample are
+    binary: the threshold is 0 when the loss takes logits (our ``"binary_crossentropy"``,
+    ``nn.BCEWithLogitsLoss``, ``from_logits=True``), 0.5 when it takes probabilities or is a
+    regression loss; a loss that cannot say (a custom callable without ``from_logits``) is
+    an error that names the fix.
+    """
+    target = None if loss is None else loss.target
+    threshold = threshold_for(loss)
+    binary = None if threshold is None else _binary_accuracy(threshold)
 
     def accuracy(y_pred: Tensor, y_true: Tensor) -> Tensor:
-        if loss_name == "binary_crossentropy":  # our binary cross-entropy takes logits
-            return binary_logits(y_pred, y_true)
-        if y_pred.dim() >= 2 and y_pred.shape[-1] > 1:
+        if target == "categorical":
+            return categorical_accuracy(y_pred, y_true)
+        multi = y_pred.dim() >= 2 and y_pred.shape[-1] > 1
+        if multi and target != "binary":
             if y_true.shape == y_pred.shape and y_true.is_floating_point():
                 return categorical_accuracy(y_pred, y_true)
             return sparse_categorical_accuracy(y_pred, y_true)
-        return binary_probs(y_pred, y_true)
+        if binary is None:
+            name = "no loss" if loss is None else f"the loss {loss.name!r}"
+            raise ValueError(
+                "The metric 'accuracy' cannot tell whether the model's outputs are logits or "
+                f"probabilities: {name} does not say. Pass metrics=[torcheras.metrics."
+                "BinaryAccuracy(threshold=0.0)] for logits (0.5 for probabilities), or give "
+                "the loss function a `from_logits` attribute."
+            )
+        return binary(y_pred, y_true)
 
     return accuracy
 
 
-def _loss_metric(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    return losses.LOSSES[name]
+def _auto_binary_accuracy(loss: losses.CompiledLoss | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """Keras's ``binary_accuracy`` (threshold 0.5), at 0 when the loss takes logits."""
+    threshold = threshold_for(loss)
+    return _binary_accuracy(0.5 if threshold is None else threshold)
 
 
-# name -> (factory(loss_name) -> fn, canonical name, direction, transform)
+def _loss_metric(name: str, loss: losses.CompiledLoss | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """A loss used as a metric; the compiled loss of the same name when there is one, so that
+    ``BinaryCrossentropy(from_logits=False)`` and its metric agree on the outputs."""
+    fn = losses.LOSSES[name]
+    if loss is not None and loss.module is None and loss.name == fn.__name__:
+        return loss.fn
+    return fn
+
+
+# name -> (factory(compiled loss) -> fn, canonical name, direction, transform)
 _MAX = "max"
 _MIN = "min"
 _BUILTINS: dict[str, tuple[Callable[[str | None], Callable], str, str, Any]] = {
@@ -207,7 +290,7 @@ _BUILTINS: dict[str, tuple[Callable[[str | None], Callable], str, str, Any]] = {
         None,
     ),
     "categorical_accuracy": (lambda _: categorical_accuracy, "categorical_accuracy", _MAX, None),
-    "binary_accuracy": (lambda _: _binary_accuracy(0.5), "binary_accuracy", _MAX, None),
+    "binary_accuracy": (_auto_binary_accuracy, "binary_accuracy", _MAX, None),
     "top_k_categorical_accuracy": (
         lambda _: _top_k(5, sparse=False),
         "top_k_categorical_accuracy",
@@ -248,8 +331,15 @@ for _name in [
     "hinge",
     "squared_hinge",
     "huber",
+    "categorical_hinge",
 ]:
-    _BUILTINS[_name] = (lambda _, n=_name: _loss_metric(n), _name, _MIN, None)
+    _BUILTINS[_name] = (lambda loss, n=_name: _loss_metric(n, loss), _name, _MIN, None)
+_BUILTINS["cosine_similarity"] = (
+    lambda _: lambda p, t: -losses.cosine_similarity(p, t),
+    "cosine_similarity",
+    _MAX,
+    None,
+)
 
 # Directions of names Keras users monitor, for metrics we do not build ourselves.
 _MAX_NAMES = {
@@ -286,8 +376,10 @@ def direction_of(name: str) -> str | None:
     return None
 
 
-def get(metric: Any, loss_name: str | None = None) -> Metric:
+def get(metric: Any, loss: losses.CompiledLoss | None = None) -> Metric:
     """Resolve a metric name, ``torchmetrics.Metric``, :class:`Metric` or callable.
+
+    ``loss`` is the compiled loss: ``"accuracy"`` reads from it whether outputs are logits.
 
     >>> get("accuracy").direction
     'max'
@@ -297,7 +389,7 @@ def get(metric: Any, loss_name: str | None = None) -> Metric:
     if isinstance(metric, str):
         alternatives = "a torchmetrics.Metric or a callable metric(y_pred, y_true)"
         factory, _, direction, transform = lookup(_BUILTINS, metric, "metric", alternatives)
-        return MeanMetric(factory(loss_name), name=metric, direction=direction, transform=transform)
+        return MeanMetric(factory(loss), name=metric, direction=direction, transform=transform)
     if _is_torchmetric(metric):
         return TorchMetric(metric)
     if callable(metric):
@@ -315,3 +407,15 @@ def _is_torchmetric(obj: Any) -> bool:
         c.__module__.startswith("torchmetrics") and c.__name__ == "Metric"
         for c in type(obj).__mro__
     )
+
+
+def tracked(model: Any) -> dict[str, Metric]:
+    """Metric objects assigned to ``model`` as attributes (Keras's tracked metrics), by name:
+    torcheras metrics by their ``name``, torchmetrics objects by the attribute's name."""
+    found: dict[str, Metric] = {}
+    for attr, value in list(vars(model).items()) + list(getattr(model, "_modules", {}).items()):
+        if isinstance(value, Metric):
+            found.setdefault(value.name, value)
+        elif _is_torchmetric(value):
+            found.setdefault(attr, TorchMetric(value, name=attr))
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from torcheras import metrics as metrics_lib
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.callbacks.history import History
-from torcheras.logs import BatchLogs, RunningMeans, _as_floats
+from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
 
 __all__ = ["Model", "resolve_device"]
@@ -68,16 +69,20 @@ class Model(nn.Module):
         self.stop_training = False
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: History | None = None
-        self.loss_fn: Callable[..., Tensor] | None = None
+        self.loss_fn: Any = None
         self.loss_name: str | None = None
+        self.compiled_loss: losses.CompiledLoss | None = None
         self.compiled_metrics: list[metrics_lib.Metric] = []
+        self.weighted_metrics: list[metrics_lib.Metric] = []
         self.device = torch.device("cpu")
         self._is_compiled = False
+        self._compile_config: dict[str, Any] = {}
         self._callbacks: CallbackList | None = None
+        self._fitting = False
+        self._check_first_batch = False
         self.loop = LoopState()
         self._initial_epoch: int | None = None
         self._forward_fn: Callable[..., Any] | None = None
-        self._fused_loss: Callable[..., Tensor] | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         module = self._modules.get("module")
@@ -95,6 +100,7 @@ class Model(nn.Module):
         loss: Any = None,
         metrics: Sequence[Any] | None = None,
         *,
+        weighted_metrics: Sequence[Any] | None = None,
         learning_rate: float | None = None,
         device: str | torch.device = "auto",
         jit_compile: bool = False,
@@ -104,8 +110,12 @@ class Model(nn.Module):
         Args:
             optimizer: a name (``"adam"``, ``"sgd"``, ...; Keras's defaults), a
                 ``torch.optim.Optimizer``, or a callable taking the parameters.
-            loss: a Keras or torch loss name, an ``nn.Module`` or ``loss(y_pred, y_true)``.
-            metrics: names, ``torchmetrics.Metric`` objects, or ``metric(y_pred, y_true)``.
+            loss: a Keras or torch loss name, a Keras loss object
+                (``torcheras.losses.BinaryCrossentropy(from_logits=False)``), a torch loss
+                module (computed exactly as torch does) or ``loss(y_pred, y_true)``.
+            metrics: names, ``torchmetrics.Metric`` objects, or ``metric(y_pred, y_true)``;
+                unweighted, as in Keras.
+            weighted_metrics: metrics weighted by ``sample_weight`` / ``class_weight``.
             learning_rate: overrides the optimizer's learning rate.
             device: ``"auto"`` (CUDA, then MPS, then CPU) or any torch device.
             jit_compile: run the forward pass through ``torch.compile``.
@@ -121,35 +131,60 @@ class Model(nn.Module):
             if optimizer is None
             else optimizers.get(optimizer, self.parameters(), learning_rate)
         )
-        if loss is None:
-            self.loss_fn, self.loss_name = None, None
-        else:
-            self.loss_name, self.loss_fn = losses.get(loss)
-        self._fused_loss = losses.FUSED.get(self.loss_fn)  # type: ignore[arg-type]
-        if metrics is not None and (
-            isinstance(metrics, (str, Mapping)) or not isinstance(metrics, Iterable)
-        ):
-            raise TypeError(
-                f"`metrics` must be a list, e.g. metrics=['accuracy']; got {metrics!r}."
-            )
-        self.compiled_metrics = [metrics_lib.get(m, self.loss_name) for m in (metrics or [])]
-        names = [m.name for m in self.compiled_metrics]
+        self.loss_fn = loss
+        self.compiled_loss = None if loss is None else losses.get(loss)
+        self.loss_name = None if self.compiled_loss is None else self.compiled_loss.name
+        self.compiled_metrics = self._resolve_metrics(metrics, "metrics")
+        self.weighted_metrics = self._resolve_metrics(weighted_metrics, "weighted_metrics")
+        names = [m.name for m in self.compiled_metrics + self.weighted_metrics]
         duplicates = {n for n in names if names.count(n) > 1} | ({"loss"} & set(names))
         if duplicates:
             raise ValueError(f"Metric names must be unique and not 'loss'; repeated: {duplicates}.")
         self._forward_fn = torch.compile(self.forward) if jit_compile else None
+        self._compile_config = {
+            "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
+            "loss": loss if isinstance(loss, str) else None,
+            "metrics": [m for m in metrics or [] if isinstance(m, str)],
+            "weighted_metrics": [m for m in weighted_metrics or [] if isinstance(m, str)],
+            "complete": isinstance(loss, (str, type(None)))
+            and all(isinstance(m, str) for m in [*(metrics or []), *(weighted_metrics or [])]),
+        }
         self._is_compiled = True
+
+    def _resolve_metrics(self, metrics: Any, argument: str) -> list[metrics_lib.Metric]:
+        if metrics is not None and (
+            isinstance(metrics, (str, Mapping)) or not isinstance(metrics, Iterable)
+        ):
+            raise TypeError(
+                f"`{argument}` must be a list, e.g. {argument}=['accuracy']; got {metrics!r}."
+            )
+        return [metrics_lib.get(m, self.compiled_loss) for m in (metrics or [])]
+
+    @property
+    def metrics(self) -> list[metrics_lib.Metric]:
+        """Every metric the model updates: compiled, weighted, and the metric objects kept as
+        attributes (tracked, as in Keras); all are reset at each epoch's start."""
+        return self.compiled_metrics + self.weighted_metrics + list(self._tracked().values())
+
+    def _tracked(self) -> dict[str, metrics_lib.Metric]:
+        compiled = {id(getattr(m, "metric", m)) for m in self.compiled_metrics}
+        compiled |= {id(getattr(m, "metric", m)) for m in self.weighted_metrics}
+        return {
+            name: m
+            for name, m in metrics_lib.tracked(self).items()
+            if id(getattr(m, "metric", m)) not in compiled
+        }
 
     @property
     def metrics_names(self) -> list[str]:
-        return (["loss"] if self.loss_fn is not None else []) + [
-            m.name for m in self.compiled_metrics
+        return (["loss"] if self.compiled_loss is not None else []) + [
+            m.name for m in self.compiled_metrics + self.weighted_metrics
         ]
 
     def metric_direction(self, name: str) -> str | None:
         """``"max"``/``"min"`` for a log key (``val_`` stripped), from the compiled metric."""
         base = name[4:] if name.startswith("val_") else name
-        for metric in self.compiled_metrics:
+        for metric in self.metrics:
             if metric.name == base:
                 return metric.direction
         return metrics_lib.direction_of(base)
@@ -157,20 +192,17 @@ class Model(nn.Module):
     # ---- learning rate and weights -----------------------------------------------------------
     @property
     def learning_rate(self) -> float:
-        """The learning rate of the first param group; setting it sets every group's."""
+        """The learning rate of the first param group. Setting it keeps the ratios between
+        param groups (see :func:`torcheras.optimizers.set_learning_rate`)."""
         if self.optimizer is None:
             raise AttributeError("The model has no optimizer: call compile(optimizer=...) first.")
-        return float(self.optimizer.param_groups[0]["lr"])
+        return optimizers.get_learning_rate(self.optimizer)
 
     @learning_rate.setter
     def learning_rate(self, value: float) -> None:
         if self.optimizer is None:
             raise AttributeError("The model has no optimizer: call compile(optimizer=...) first.")
-        for group in self.optimizer.param_groups:
-            if isinstance(group["lr"], Tensor):
-                group["lr"].fill_(value)
-            else:
-                group["lr"] = float(value)
+        optimizers.set_learning_rate(self.optimizer, value)
 
     def get_weights(self) -> dict[str, Tensor]:
         """A detached copy of the model's state (on its device)."""
@@ -193,16 +225,60 @@ class Model(nn.Module):
         checkpoint.save_weights(self.state_dict(), filepath)
 
     def save(self, filepath: str | os.PathLike[str]) -> None:
-        """Save weights and optimizer state atomically; reload with :meth:`load_weights`."""
+        """Save everything needed to continue training identically, atomically: weights,
+        every optimizer's state, the LR schedulers and AMP scaler kept on the model, and the
+        compile settings that are names (optimizer class, loss, metrics). Reload with
+        :meth:`load`; :meth:`load_weights` reads the weights alone.
+
+        Example::
+
+            model.save("run/model.pt")
+            model.load("run/model.pt")  # or on a fresh, uncompiled Model of the same network
+        """
         state: dict[str, Any] = {
             "format": checkpoint.FORMAT,
             "version": checkpoint.FORMAT_VERSION,
             "kind": "model",
-            "model": data.to_cpu(self.state_dict()),
+            **checkpoint.capture_model_state(self),
+            "compile": dict(self._compile_config),
         }
-        if self.optimizer is not None:
-            state["optimizer"] = data.to_cpu(self.optimizer.state_dict())
         checkpoint.save(state, filepath)
+
+    def load(self, filepath: str | os.PathLike[str]) -> None:
+        """Load a file written by :meth:`save`: weights, optimizers, schedulers, scaler.
+
+        An uncompiled model is compiled first from the saved names (optimizer class, loss,
+        metrics); a model compiled with objects must be compiled the same way before loading.
+        """
+        state = checkpoint.load(filepath)
+        if state.get("kind") != "model":
+            raise ValueError(
+                f"{str(filepath)!r} holds {state.get('kind') or 'weights'} only, not a saved "
+                "model: load it with load_weights(), or save with model.save()."
+            )
+        if not self._is_compiled:
+            self._compile_from(state.get("compile") or {}, filepath)
+        checkpoint.restore_model_state(
+            self,
+            state,
+            f"The saved model {str(filepath)!r}",
+            "Build the same network (and compile the same optimizer) before loading.",
+        )
+
+    def _compile_from(self, config: Mapping[str, Any], filepath: Any) -> None:
+        if not config.get("complete", False):
+            raise ValueError(
+                f"{str(filepath)!r} was saved from a model compiled with a loss or metric "
+                "object, which a file cannot hold: compile this model the same way, then load."
+            )
+        name = config.get("optimizer")
+        optimizer_cls = getattr(torch.optim, name, None) if name else None
+        self.compile(
+            optimizer=None if optimizer_cls is None else optimizer_cls,
+            loss=config.get("loss"),
+            metrics=config.get("metrics") or None,
+            weighted_metrics=config.get("weighted_metrics") or None,
+        )
 
     def load_weights(self, filepath: str | os.PathLike[str], strict: bool = True) -> None:
         """Load weights saved by torcheras, safetensors or ``torch.save(state_dict)``.
@@ -247,15 +323,26 @@ class Model(nn.Module):
         self, x: Any, y: Any, y_pred: Any, sample_weight: Tensor | None = None
     ) -> Tensor:
         """The compiled loss of one batch (weighted by ``sample_weight``)."""
-        if sample_weight is None and self._fused_loss is not None:
-            return self._fused_loss(y_pred, y)
-        if self.loss_fn is None:
+        loss = self.compiled_loss
+        if loss is None:
             raise ValueError("No loss was compiled: call compile(loss=...) or override train_step.")
-        return losses.reduce_loss(self.loss_fn(y_pred, y), sample_weight)
+        if y is None:
+            raise ValueError(
+                "The batch has no targets: the default train_step/test_step need (x, y) or "
+                "(x, y, sample_weight) batches (your DataLoader or generator yields inputs "
+                "alone). Yield (x, y) pairs, or override train_step to train without targets."
+            )
+        if self._check_first_batch:  # once per fit / evaluate: label form and logits trap
+            self._check_first_batch = False
+            loss.check(y_pred, y)
+        return loss(y_pred, y, sample_weight)
 
     def update_metrics(self, y_pred: Any, y: Any, sample_weight: Tensor | None = None) -> None:
+        """Update the compiled metrics (unweighted) and the weighted metrics, as in Keras."""
         for metric in self.compiled_metrics:
             metric.update(y_pred, y)
+        for metric in self.weighted_metrics:
+            metric.update(y_pred, y, sample_weight)
 
     def backward(self, loss: Tensor) -> None:
         """``loss.backward()``, then the ``on_after_backward`` hook (gradients are ready)."""
@@ -267,8 +354,10 @@ class Model(nn.Module):
     def train_step(self, batch: Any) -> dict[str, Any]:
         """One optimisation step on ``batch``; returns the values to log (tensors are fine).
 
-        The loop keeps running means of what you return. Override it for custom training
-        (two optimizers, a GAN...); call ``self.backward(loss)`` to keep ``on_after_backward``.
+        The loop keeps a running mean of each returned value over the epoch; a key that names
+        a metric object kept on the model (``self.loss_tracker = metrics.Mean(name="loss")``)
+        logs that metric's result instead. Override it for custom training (two optimizers,
+        a GAN...); call ``self.backward(loss)`` to keep ``on_after_backward``.
         """
         x, y, sample_weight = data.unpack(batch)
         y_pred = self.call_on(x)
@@ -277,7 +366,7 @@ class Model(nn.Module):
         optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
         self.backward(loss)
         optimizer.step()  # type: ignore[union-attr]
-        if self.compiled_metrics:
+        if self.compiled_metrics or self.weighted_metrics:
             self.update_metrics(y_pred, y, sample_weight)
         return {"loss": loss}
 
@@ -285,10 +374,12 @@ class Model(nn.Module):
         """Loss and metrics of one batch, without gradients."""
         x, y, sample_weight = data.unpack(batch)
         y_pred = self.call_on(x)
-        self.update_metrics(y_pred, y, sample_weight)
-        if self.loss_fn is None:
+        if self.compiled_loss is None:
+            self.update_metrics(y_pred, y, sample_weight)
             return {}
-        return {"loss": self.compute_loss(x, y, y_pred, sample_weight)}
+        loss = self.compute_loss(x, y, y_pred, sample_weight)
+        self.update_metrics(y_pred, y, sample_weight)
+        return {"loss": loss}
 
     def predict_step(self, batch: Any) -> Any:
         """The model's outputs for one batch."""
@@ -296,8 +387,11 @@ class Model(nn.Module):
         return self.call_on(x)
 
     def reset_metrics(self) -> None:
-        for metric in self.compiled_metrics:
+        for metric in self.metrics:
             metric.reset()
+
+    def _collector(self) -> LogCollector:
+        return LogCollector(self.compiled_metrics + self.weighted_metrics, self._tracked())
 
     # ---- fit ---------------------------------------------------------------------------------
     def _check_compiled(self, method: str) -> None:
@@ -306,6 +400,17 @@ class Model(nn.Module):
                 f"{method}() needs compile() first: call model.compile(optimizer='adam', "
                 "loss='sparse_categorical_crossentropy') (or your own optimizer and loss)."
             )
+
+    def _check_not_fitting(self) -> None:
+        if self._fitting:
+            raise RuntimeError(
+                "fit() was called while fit() is running on this model (from a "
+                "callback?). A nested fit would replace the running one's History and state: "
+                "call it after fit() returns, or on another model."
+            )
+
+    def _uses_default_train_step(self) -> bool:
+        return type(self).train_step is Model.train_step
 
     def fit(
         self,
@@ -329,23 +434,27 @@ class Model(nn.Module):
         """Train for ``epochs`` epochs (``epochs`` is the index of the final epoch, as Keras).
 
         Returns the :class:`History`. Arguments have Keras's meaning; ``x`` may be arrays,
-        tensors, a tuple/dict of them, a ``Dataset``, a ``DataLoader`` or an iterable of batches.
+        tensors, a pandas DataFrame, a tuple/dict of them, a ``Dataset``, a ``DataLoader`` or
+        an iterable of batches. With ``steps_per_epoch``, a loader or generator continues
+        where the last epoch stopped and restarts only when exhausted.
         """
         self._check_compiled("fit")
-        if type(self).train_step is Model.train_step:
-            if self.loss_fn is None:
+        self._check_not_fitting()
+        default_step = self._uses_default_train_step()
+        if default_step:
+            if self.compiled_loss is None:
                 raise ValueError(
                     "fit() needs a loss: call compile(loss=...) or override train_step."
                 )
             if self.optimizer is None:
                 raise ValueError("fit() needs an optimizer: call compile(optimizer='adam').")
         _check_verbose(verbose)
-        if not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"`epochs` must be a non-negative integer; got {epochs!r}.")
-        if not isinstance(initial_epoch, int) or initial_epoch < 0:
-            raise ValueError(
-                f"`initial_epoch` must be a non-negative integer; got {initial_epoch!r}."
-            )
+        epochs = data.as_int(epochs, "epochs")
+        initial_epoch = data.as_int(initial_epoch, "initial_epoch")
+        if steps_per_epoch is not None:
+            steps_per_epoch = data.as_int(steps_per_epoch, "steps_per_epoch", minimum=1)
+        if isinstance(validation_freq, numbers.Integral):
+            validation_freq = data.as_int(validation_freq, "validation_freq", minimum=1)
         train_source, val_source = data.make_fit_sources(
             x,
             y,
@@ -360,6 +469,7 @@ class Model(nn.Module):
             validation_steps=validation_steps,
             validation_batch_size=validation_batch_size,
             validation_freq=validation_freq,
+            need_y=default_step,
         )
         callback_list = CallbackList(
             callbacks,
@@ -371,6 +481,7 @@ class Model(nn.Module):
             steps=train_source.steps,
         )
         self._callbacks = callback_list
+        self._fitting = True
         try:
             return self._fit_loop(
                 train_source,
@@ -386,6 +497,7 @@ class Model(nn.Module):
             raise
         finally:
             self._callbacks = None
+            self._fitting = False
 
     def _fit_loop(
         self,
@@ -399,17 +511,23 @@ class Model(nn.Module):
     ) -> History:
         self.stop_training = False
         self._initial_epoch = None
+        self._check_first_batch = True
         self.loop = loop = LoopState()
-        self.train_means = means = RunningMeans()
+        loop.train_source = train_source
+        self.train_logs = collector = self._collector()
         callbacks.on_train_begin()
         resume = callbacks.take_resume_state()  # from BackupAndRestore, after every train_begin
         position = None
         epoch_logs: dict[str, Any] = {}
         if resume is not None:
-            position = checkpoint.restore_training_state(self, callbacks, resume)
+            position = checkpoint.restore_training_state(
+                self, callbacks, resume, resume.get("path", "backup")
+            )
             initial_epoch = position["epoch"]
             loop.global_step = position["global_step"]
             epoch_logs = dict(position.get("logs") or {})
+            if "data" in position and hasattr(train_source, "load_state_dict"):
+                train_source.load_state_dict(position["data"])
         elif self._initial_epoch is not None:  # Keras's hook for callbacks that set it
             initial_epoch = self._initial_epoch
         device = self.device
@@ -417,51 +535,55 @@ class Model(nn.Module):
         needs_end = callbacks.needs("on_train_batch_end")
         train_step = self.train_step
         pending = loop.pending
+        groups = None if self.optimizer is None else self.optimizer.param_groups
+        batch_lrs = loop.batch_lrs
         for epoch in range(initial_epoch, epochs):
-            self.reset_metrics()
-            means.reset()
+            collector.reset()
+            batch_lrs.clear()
             loop.epoch, loop.batch, loop.epoch_done = epoch, -1, False
             callbacks.on_epoch_begin(epoch)
-            learning_rate = self._current_lr()
             self.train()
             start_batch = 0
             if position is not None and position["epoch"] == epoch:
-                order, learning_rate, start_batch = self._resume_epoch(position, train_source)
-                batches = train_source.batches(order, start_batch)
-                if start_batch:  # mid-epoch: the RNG as it was after the last batch done
-                    checkpoint.set_rng_state(position["rng"])
+                order, start_batch = self._resume_epoch(position, train_source)
             else:
-                loop.epoch_rng = torch.get_rng_state()
                 order = train_source.new_order()
-                batches = train_source.batches(order)
+            batches = train_source.batches(order, start_batch)
+            if start_batch:  # mid-epoch: the RNG as it was after the last batch done
+                checkpoint.set_rng_state(position["rng"])  # type: ignore[index]
             position = None
-            loop.order, loop.epoch_lr = order, learning_rate
+            loop.order = order
             step = start_batch - 1
             for step, batch in enumerate(batches, start_batch):
                 loop.batch = step
                 if needs_begin:
                     callbacks.on_train_batch_begin(step)
+                if groups is not None:  # the rate this batch uses (a schedule may have set it)
+                    lr = groups[0]["lr"]
+                    batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
                 batch = data.to_device(batch, device)
                 loop.current_batch = batch
                 logs = train_step(batch)
-                means.add(logs, data.batch_size_of(batch[0]))
+                collector.add(logs, data.batch_size_of(batch[0]))
                 loop.global_step += 1
                 if needs_end:
-                    callbacks.on_train_batch_end(step, self._batch_logs(means))
+                    callbacks.on_train_batch_end(step, collector.snapshot())
                 if pending:
                     loop.run_pending()
                 if self.stop_training:
                     break
-            if getattr(train_source, "ran_out", False):
+            if train_source.ran_out:
                 self.stop_training = True
-            if step < 0 and start_batch == 0:
+            elif step < 0 and start_batch == 0:
                 raise ValueError("The training data yielded no batch: `x` is empty.")
-            epoch_logs = self._results(means)
+            epoch_logs = collector.result()
             if val_source is not None and self._should_validate(epoch, validation_freq):
                 val_logs = self._test_loop(val_source, callbacks, validation_steps)
                 epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
-            if learning_rate is not None:
-                epoch_logs["learning_rate"] = learning_rate
+            if batch_lrs:
+                epoch_logs["learning_rate"] = float(batch_lrs[-1])
+            elif groups is not None:
+                epoch_logs["learning_rate"] = optimizers.get_learning_rate(self.optimizer)
             epoch_logs = dict(sorted(epoch_logs.items()))
             loop.epoch_done, loop.last_logs = True, epoch_logs
             callbacks.on_epoch_end(epoch, epoch_logs)
@@ -472,49 +594,21 @@ class Model(nn.Module):
         callbacks.on_train_end(epoch_logs)
         return self.history  # type: ignore[return-value]
 
-    def _resume_epoch(self, position: dict[str, Any], source: Any) -> tuple[Any, Any, int]:
-        """Put the epoch back where a backup left it: order, running means, metrics, rate."""
+    def _resume_epoch(self, position: dict[str, Any], source: Any) -> tuple[Any, int]:
+        """Put the epoch back where a backup left it: order, running means, metrics, rates."""
         start = position["batch"]
         if start == 0:  # an epoch boundary: draw the order from the restored RNG, as before
             checkpoint.set_rng_state(position["rng"])
-            self.loop.epoch_rng = torch.get_rng_state()
-            return source.new_order(), self._current_lr(), 0
-        self.loop.epoch_rng = position["epoch_rng"]
-        if isinstance(source, data.IterableSource):
-            torch.set_rng_state(position["epoch_rng"])  # the loader draws its order at iter()
-        self.train_means.load_state_dict(position["means"], self.device)
-        for metric, state in zip(self.compiled_metrics, position["metrics"]):
-            metric.load_state_dict(data.map_tensors(lambda t: t.to(self.device), state))
-        return position["order"], position["epoch_lr"], start
-
-    def _current_lr(self) -> float | None:
-        return None if self.optimizer is None else self.learning_rate
+            return source.new_order(), 0
+        self.train_logs.load_state_dict(position["collector"], self.device)
+        self.loop.batch_lrs.extend(position.get("batch_lrs", []))
+        return position["order"], start
 
     @staticmethod
     def _should_validate(epoch: int, validation_freq: int | Sequence[int]) -> bool:
         if isinstance(validation_freq, int):
             return (epoch + 1) % validation_freq == 0
         return epoch + 1 in validation_freq
-
-    def _log_keys(self, means: RunningMeans) -> list[str]:
-        return means.keys() + [m.name for m in self.compiled_metrics]
-
-    def _results(self, means: RunningMeans) -> dict[str, float]:
-        """Running means and metric results as floats, with one device read."""
-        keys = self._log_keys(means)
-        values = means.result_tensors() + [m.result() for m in self.compiled_metrics]
-        return dict(zip(keys, _as_floats(values)))
-
-    def _batch_logs(self, means: RunningMeans) -> BatchLogs:
-        keys = sorted(self._log_keys(means))
-        return BatchLogs(keys, lambda: self._results(means), lambda key: self._raw(means, key))
-
-    def _raw(self, means: RunningMeans, key: str) -> Any:
-        """One log value as it is on the device (no synchronisation)."""
-        for metric in self.compiled_metrics:
-            if metric.name == key:
-                return metric.result()
-        return means.result_tensor(key)
 
     def _single_pass_callbacks(
         self, callbacks: Sequence[Callback] | None, verbose: str | int, steps: int | None
@@ -530,8 +624,9 @@ class Model(nn.Module):
     ) -> dict[str, float]:
         was_training = self.training
         self.eval()
-        self.reset_metrics()
-        means = RunningMeans()
+        self.stop_evaluating = False
+        collector = self._collector()
+        collector.reset()
         device = self.device
         needs_begin = callbacks.needs("on_test_batch_begin")
         needs_end = callbacks.needs("on_test_batch_end")
@@ -543,12 +638,12 @@ class Model(nn.Module):
                 if needs_begin:
                     callbacks.on_test_batch_begin(step)
                 batch = data.to_device(batch, device)
-                means.add(self.test_step(batch), data.batch_size_of(batch[0]))
+                collector.add(self.test_step(batch), data.batch_size_of(batch[0]))
                 if needs_end:
-                    callbacks.on_test_batch_end(step, self._batch_logs(means))
-                if getattr(self, "stop_evaluating", False):
+                    callbacks.on_test_batch_end(step, collector.snapshot())
+                if self.stop_evaluating:
                     break
-        logs = dict(sorted(self._results(means).items()))
+        logs = collector.result()
         callbacks.on_test_end(logs)
         self.train(was_training)
         return logs
@@ -568,10 +663,16 @@ class Model(nn.Module):
         self._check_compiled("evaluate")
         _check_verbose(verbose)
         source = data.make_source(
-            x, y, sample_weight, batch_size=batch_size, shuffle=False, steps=steps
+            x,
+            y,
+            sample_weight,
+            batch_size=batch_size,
+            shuffle=False,
+            steps=steps,
+            need_y=type(self).test_step is Model.test_step,
         )
         callback_list = self._single_pass_callbacks(callbacks, verbose, steps or source.steps)
-        self.stop_evaluating = False
+        self._check_first_batch = True
         try:
             logs = self._test_loop(source, callback_list, steps)
         except BaseException as exc:
@@ -594,7 +695,7 @@ class Model(nn.Module):
     ) -> Any:
         """The model's outputs for ``x``, concatenated: numpy in, numpy out; else CPU tensors."""
         _check_verbose(verbose)
-        numpy_in = isinstance(x, np.ndarray) or (
+        numpy_in = isinstance(x, np.ndarray) or data._is_pandas(x) or (
             isinstance(x, (tuple, list, Mapping))
             and all(
                 isinstance(v, np.ndarray) for v in (x.values() if isinstance(x, Mapping) else x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 
 from torcheras.registry import lookup
 
-__all__ = ["OPTIMIZERS", "get"]
+__all__ = ["OPTIMIZERS", "get", "get_learning_rate", "set_learning_rate"]
 
 # name -> (class, Keras's defaults expressed in torch's argument names)
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
@@ -71,3 +72,36 @@ def get(
         "`optimizer` must be a name such as 'adam', a torch.optim.Optimizer, or a callable taking "
         f"the parameters; got {type(optimizer).__name__}."
     )
+
+
+def get_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the optimizer's first param group, as a float."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Set the learning rate, keeping the ratios between param groups.
+
+    The one rule every setter follows (``model.learning_rate = ...``, ReduceLROnPlateau,
+    LearningRateScheduler): the first group gets ``value`` and each other group is scaled by
+    the same factor, so a backbone at a tenth of the head's rate stays at a tenth. When the
+    first group's rate is 0 the ratios are unknown and every group gets ``value``. A rate
+    kept as a tensor stays a tensor (filled in place).
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD([{"params": [net.weight], "lr": 1.0},
+    ...                        {"params": [net.bias], "lr": 0.1}])
+    >>> set_learning_rate(opt, 0.5); [g["lr"] for g in opt.param_groups]
+    [0.5, 0.05]
+    """
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"A learning rate must be a finite number >= 0; got {value!r}.")
+    groups = optimizer.param_groups
+    first = float(groups[0]["lr"])
+    for i, group in enumerate(groups):
+        new = value if i == 0 or first == 0 else float(group["lr"]) * (value / first)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(new)
+        else:
+            group["lr"] = new

@@ -9,7 +9,7 @@ from conftest import make_model
 
 from torcheras.callbacks import Callback, CallbackList, EarlyStopping, History, ProgbarLogger
 from torcheras.callbacks.callback_list import HOOKS
-from torcheras.logs import BatchLogs
+from torcheras.logs import BatchLogs, LogCollector
 
 
 class Recorder(Callback):
@@ -145,7 +145,7 @@ def test_no_batch_logs_are_built_when_no_callback_wants_them(monkeypatch):
     x, y = _data(16)
     model = make_model(8, 3, loss="mse")
     calls = []
-    monkeypatch.setattr(model, "_batch_logs", lambda means: calls.append(1))
+    monkeypatch.setattr(LogCollector, "snapshot", lambda self: calls.append(1))
     model.fit(x, y, batch_size=4, epochs=2, verbose=0)
     assert calls == []
 

@@ -105,6 +105,7 @@ class BackupAndRestore(Callback):
                     stacklevel=3,
                 )
             self.resumed_from = path
+            state["path"] = str(path)
             return state
         details = "; ".join(f"{p}: {e.strerror or e}" for p, e in errors)
         raise checkpoint.CheckpointError(
