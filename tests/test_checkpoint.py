@@ -119,7 +119,7 @@ def test_truncated_file_is_reported_as_corrupt(tmp_path):
     target = tmp_path / "m.pt"
     make_model().save(target)
     target.write_bytes(target.read_bytes()[:200])
-    with pytest.raises(checkpoint.CheckpointError, match="not a torcheras/torch checkpoint or corrupt"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a torcheras/torch checkpoint or"):
         checkpoint.load(target)
 
 

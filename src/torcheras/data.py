@@ -148,11 +148,15 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
 
 
 def _is_array_like(value: Any) -> bool:
-    return isinstance(value, (torch.Tensor, np.ndarray)) or _is_pandas(value) or (
-        isinstance(value, (list, tuple))
-        and len(value) > 0
-        and not _is_structure(value)
-        and not _is_batch(value[0])
+    return (
+        isinstance(value, (torch.Tensor, np.ndarray))
+        or _is_pandas(value)
+        or (
+            isinstance(value, (list, tuple))
+            and len(value) > 0
+            and not _is_structure(value)
+            and not _is_batch(value[0])
+        )
     )
 
 
@@ -493,9 +497,7 @@ def check_class_weight(class_weight: Any) -> dict[int, float]:
         try:
             table[int(key)] = float(weight)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"`class_weight[{key!r}]` must be a number; got {weight!r}."
-            ) from None
+            raise ValueError(f"`class_weight[{key!r}]` must be a number; got {weight!r}.") from None
     return table
 
 

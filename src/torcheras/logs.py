@@ -137,9 +137,7 @@ class BatchLogs(MutableMapping[str, Any]):
 
     def _materialize(self) -> dict[str, Any]:
         if self._values is None:
-            self._values = dict(
-                zip(self._snapshot, _as_floats(list(self._snapshot.values())))
-            )
+            self._values = dict(zip(self._snapshot, _as_floats(list(self._snapshot.values()))))
         return self._values
 
     def _has(self, key: object) -> bool:

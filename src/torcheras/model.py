@@ -695,10 +695,14 @@ class Model(nn.Module):
     ) -> Any:
         """The model's outputs for ``x``, concatenated: numpy in, numpy out; else CPU tensors."""
         _check_verbose(verbose)
-        numpy_in = isinstance(x, np.ndarray) or data._is_pandas(x) or (
-            isinstance(x, (tuple, list, Mapping))
-            and all(
-                isinstance(v, np.ndarray) for v in (x.values() if isinstance(x, Mapping) else x)
+        numpy_in = (
+            isinstance(x, np.ndarray)
+            or data._is_pandas(x)
+            or (
+                isinstance(x, (tuple, list, Mapping))
+                and all(
+                    isinstance(v, np.ndarray) for v in (x.values() if isinstance(x, Mapping) else x)
+                )
             )
         )
         source = data.make_source(

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import drive, make_model
 
-from torcheras.callbacks import EarlyStopping
+from torcheras.callbacks import EarlyStopping, ModelCheckpoint, ReduceLROnPlateau
 
 
 @pytest.mark.parametrize(
@@ -64,12 +64,31 @@ def test_start_from_epoch_ignores_warm_up_entirely():
 
 
 def test_missing_monitor_warns_every_epoch_and_never_stops():
-    stop = EarlyStopping(monitor="val_los", patience=0)
+    stop = EarlyStopping(monitor="val_accuracy", patience=0)  # a known direction, not logged
     with pytest.warns(
-        UserWarning, match="Early stopping conditioned on metric `val_los` which is not available"
+        UserWarning,
+        match="Early stopping conditioned on metric `val_accuracy` which is not available",
     ) as record:
         ran = drive(stop, [1.0, 2.0, 3.0])
     assert ran == [0, 1, 2] and len(record) == 3
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EarlyStopping(monitor="val_los"),
+        lambda: ReduceLROnPlateau(monitor="val_los"),
+        lambda: ModelCheckpoint("never.pt", monitor="val_los", save_best_only=True),
+    ],
+)
+def test_a_typo_in_auto_mode_raises_at_the_first_epoch_end_naming_the_closest_key(make, blobs):
+    """A monitor whose direction cannot be told is Keras's ValueError, never a silent no-op."""
+    x, y = blobs
+    model = make_model()
+    with pytest.raises(ValueError, match=r"monitor=val_los.*Did you mean 'val_loss'\?") as info:
+        model.fit(x, y, epochs=3, validation_split=0.25, verbose=0, callbacks=[make()])
+    assert "maximized or minimized" in str(info.value)
+    assert len(model.history.epoch if model.history else []) == 0  # it stopped at epoch 0
 
 
 def test_restore_best_weights_even_without_early_stop(blobs):

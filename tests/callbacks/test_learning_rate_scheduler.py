@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import make_model
 
+import torcheras
 from torcheras import schedules
 from torcheras.callbacks import LearningRateScheduler, ReduceLROnPlateau
 
@@ -41,10 +42,61 @@ def test_one_argument_schedule_and_ints_and_numpy_floats():
     assert history.history["learning_rate"] == [1.0, 0.5, 0.25]
 
 
-@pytest.mark.parametrize("bad", ["0.1", None, torch.tensor(0.1), True])
-def test_non_real_result_is_an_error_naming_the_value(bad):
-    with pytest.raises(ValueError, match="should be a float. Got: "):
-        _fit([LearningRateScheduler(lambda epoch, lr: bad)], epochs=1)
+@pytest.mark.parametrize("bad", ["0.1", None, torch.tensor(0.1), True, float("nan"), np.inf])
+def test_non_real_result_is_an_error_naming_the_schedule_and_epoch(bad):
+    def warmup(epoch, lr):
+        return 0.01 if epoch == 0 else bad
+
+    with pytest.raises(
+        ValueError, match=r"should be a float. Got: .* schedule 'warmup' at epoch 1"
+    ):
+        _fit([LearningRateScheduler(warmup)], epochs=2)
+
+
+def test_a_torch_scheduler_on_another_optimizer_is_an_error():
+    model = make_model()
+    stray = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(stray, step_size=1)
+    with pytest.raises(ValueError, match="bound to another optimizer"):
+        model.fit(
+            np.zeros((4, 8), "float32"),
+            np.zeros(4, "int64"),
+            verbose=0,
+            callbacks=[LearningRateScheduler(scheduler)],
+        )
+
+
+def test_setting_the_rate_keeps_the_ratio_between_param_groups():
+    """A backbone at a tenth of the head's rate stays at a tenth."""
+    model = make_model()
+    net = model.module
+    model.compile(
+        torch.optim.SGD(
+            [
+                {"params": net[2].parameters(), "lr": 0.1},  # the head
+                {"params": net[0].parameters(), "lr": 0.01},  # the backbone
+            ]
+        ),
+        "sparse_categorical_crossentropy",
+        device="cpu",
+    )
+    seen = []
+    cb = LearningRateScheduler(lambda epoch, lr: [0.5, 0.2][epoch])
+    probe = torcheras.callbacks.LambdaCallback(
+        on_epoch_end=lambda e, logs: seen.append([g["lr"] for g in model.optimizer.param_groups])
+    )
+    history = model.fit(
+        np.zeros((4, 8), "float32"),
+        np.zeros(4, "int64"),
+        epochs=2,
+        verbose=0,
+        callbacks=[cb, probe],
+    )
+    assert seen == [
+        [pytest.approx(0.5), pytest.approx(0.05)],
+        [pytest.approx(0.2), pytest.approx(0.02)],
+    ]
+    assert history.history["learning_rate"] == pytest.approx([0.5, 0.2])
 
 
 def test_verbose_message(capsys):

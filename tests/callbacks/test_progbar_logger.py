@@ -70,7 +70,7 @@ def test_final_line_shows_validation_metrics_even_when_every_batch_was_drawn(cap
         batch_size=40,
         validation_data=(x, y),
         verbose=1,
-        callbacks=[ProgbarLogger(refresh_interval=0)],
+        callbacks=[ProgbarLogger(refresh_interval=0, interactive=True)],
     )
     lines = _lines(capsys.readouterr().out)
     assert "val_loss:" in lines[-1] and lines[-1].startswith("6/6")

@@ -51,9 +51,13 @@ def test_cooldown_and_min_lr():
     assert [r[0] for r in rates] == [1.0, 0.5, 0.5, 0.25, 0.25, 0.2, 0.2, 0.2]
 
 
-def test_every_param_group_is_reduced_from_its_own_rate():
+def test_param_groups_keep_their_ratio_when_reduced():
     rates = run(ReduceLROnPlateau(factor=0.1, patience=1), [1.0, 1.0], groups=(0.5, 0.02))
     assert rates[-1] == [pytest.approx(0.05), pytest.approx(0.002)]
+    floored = run(
+        ReduceLROnPlateau(factor=0.1, patience=1, min_lr=0.1), [1.0, 1.0], groups=(0.5, 0.02)
+    )
+    assert floored[-1] == [pytest.approx(0.1), pytest.approx(0.004)]  # min_lr bounds the first
 
 
 def test_verbose_message(capsys):

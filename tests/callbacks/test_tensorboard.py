@@ -113,28 +113,29 @@ def test_embeddings_for_the_projector(tmp_path):
         def forward(self, tokens):
             return self.out(self.embed(tokens).mean(1))
 
-    labels = tmp_path / "labels.tsv"
-    labels.write_text("\n".join(f"word{i}" for i in range(5)) + "\n")
     model = torcheras.Model(Bag())
     model.compile("adam", "sparse_categorical_crossentropy")
     tokens = np.random.randint(0, 5, (20, 3))
-    model.fit(
-        tokens,
-        np.random.randint(0, 2, 20),
-        epochs=2,
-        verbose=0,
-        callbacks=[
-            TensorBoard(
-                tmp_path / "tb",
-                embeddings_freq=1,
-                embeddings_metadata={"module.embed": str(labels)},
-            )
-        ],
+    # Keras's form: a file name per embedding layer, relative to log_dir, that TensorBoard's
+    # projector opens; it does not exist in the working directory and is never opened by us.
+    board = TensorBoard(
+        tmp_path / "tb", embeddings_freq=1, embeddings_metadata={"module.embed": "labels.tsv"}
     )
-    config = (tmp_path / "tb" / "train" / "projector_config.pbtxt").read_text()
-    assert "module.embed" in config and "metadata.tsv" in config
-    metadata_files = list((tmp_path / "tb" / "train").rglob("metadata.tsv"))
-    assert metadata_files and metadata_files[0].read_text().splitlines()[0] == "word0"
+    torcheras.callbacks.CallbackList([board], model=model)  # set_model writes the config
+    config_path = tmp_path / "tb" / "projector_config.pbtxt"
+    assert 'metadata_path: "labels.tsv"' in config_path.read_text()
+    model.fit(tokens, np.random.randint(0, 2, 20), epochs=2, verbose=0, callbacks=[board])
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector import projector_config_pb2
+
+    config = text_format.Parse(config_path.read_text(), projector_config_pb2.ProjectorConfig())
+    (embedding,) = config.embeddings
+    assert (embedding.tensor_name, embedding.metadata_path) == ("module.embed", "labels.tsv")
+    tensors = np.loadtxt(tmp_path / "tb" / embedding.tensor_path, delimiter="\t")
+    np.testing.assert_allclose(
+        tensors, model.module.embed.weight.detach().numpy(), rtol=1e-5, atol=1e-6
+    )
+    assert not (tmp_path / "labels.tsv").exists() and not os.path.exists("labels.tsv")
     with pytest.raises(
         ValueError,
         match=r"Unrecognized `Embedding` layer names.*'nope'.*"

@@ -24,8 +24,10 @@ class CSVLogger(Callback):
 
     The columns are ``epoch`` (0-based) and the sorted log keys of the first epoch (with a
     ``val_`` column for each key when the first epoch had no validation); they stay fixed,
-    and a value missing in a later epoch is written as ``NA``. The file is closed at the end
-    of training and when an exception leaves ``fit``.
+    and a value missing in a later epoch is written as ``NA``. The file is opened when training
+    begins (an unwritable path fails at once), and closed at the end of training and when an
+    exception leaves ``fit``. A run resumed by BackupAndRestore cuts the file back to the backup,
+    so every epoch has one row.
 
     Example::
 
@@ -47,35 +49,39 @@ class CSVLogger(Callback):
         self._file: IO[str] | None = None
         self._writer: csv.DictWriter | None = None
         self._resume_offset: int | None = None
+        self._start_offset = 0
+        self._started = False
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        """Open the file now, so an unwritable path fails before the first batch. It is
+        truncated (unless ``append``) at the first row: a resumed run first learns where."""
         self._close()
         self.keys = None
         self._resume_offset = None
-
-    def _open(self) -> None:
-        """Open at the first row, so a resumed run (load_state_dict) can trim the file first."""
         folder = os.path.dirname(self.filename)
         if folder:
             os.makedirs(folder, exist_ok=True)
-        exists = os.path.exists(self.filename)
-        if self._resume_offset is not None and exists:
-            # A resumed run: drop rows written after the backup it resumes from.
-            with open(self.filename, "r+b") as f:
-                f.truncate(self._resume_offset)
-            append = True
-        else:
-            append = self.append
-        header = not (append and exists and _first_line(self.filename))
-        self._resume_offset = None
         self._file = open(  # noqa: SIM115 - kept open across epochs, closed in _close
-            self.filename, "a" if append else "w", newline="", encoding="utf-8"
+            self.filename, "a", newline="", encoding="utf-8"
         )
+        self._start_offset = self._file.tell() if self.append else 0
+        self._started = False
+
+    def _start(self) -> None:
+        """Before the first row: cut the file to where this run (or the resumed one) began."""
+        offset = self._start_offset if self._resume_offset is None else self._resume_offset
+        self._file.truncate(offset)  # type: ignore[union-attr]
+        self._file.seek(offset)  # type: ignore[union-attr]
+        header = offset == 0 or not _first_line(self.filename)
         self._writer = csv.DictWriter(
-            self._file, fieldnames=["epoch", *self.keys], delimiter=self.sep, extrasaction="ignore"
+            self._file,  # type: ignore[arg-type]
+            fieldnames=["epoch", *self.keys],  # type: ignore[misc]
+            delimiter=self.sep,
+            extrasaction="ignore",
         )
         if header:
             self._writer.writeheader()
+        self._started = True
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
@@ -83,8 +89,10 @@ class CSVLogger(Callback):
             self.keys = sorted(logs)
             if not any(k.startswith("val_") for k in self.keys):
                 self.keys += [f"val_{k}" for k in self.keys]
-        if self._writer is None:
-            self._open()
+        if self._file is None:  # driven without on_train_begin
+            self.on_train_begin()
+        if not self._started:
+            self._start()
         row = {"epoch": epoch, **{k: _cell(logs[k]) if k in logs else "NA" for k in self.keys}}
         self._writer.writerow(row)  # type: ignore[union-attr]
         self._file.flush()  # type: ignore[union-attr]
@@ -102,16 +110,19 @@ class CSVLogger(Callback):
         self._close()
 
     def state_dict(self) -> dict[str, Any]:
-        offset = (
-            self._file.tell()
-            if self._file is not None
-            else (os.path.getsize(self.filename) if os.path.exists(self.filename) else 0)
-        )
+        """Where this run's rows end: a resumed run cuts the file back to it."""
+        if self._file is not None and self._started:
+            offset = self._file.tell()
+        elif self._resume_offset is not None:
+            offset = self._resume_offset
+        else:
+            offset = getattr(self, "_start_offset", 0)
         return {"keys": self.keys, "offset": offset}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.keys = state["keys"]
         self._resume_offset = state["offset"]
+        self._started = False
 
 
 def _first_line(path: str) -> str:

@@ -90,10 +90,10 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         monitor = self.monitor_state
+        monitor.resolve(self.model, logs)  # Keras's order: a typo raises, it is never ignored
         current = monitor.get(logs, warn_prefix="Early stopping conditioned on metric")
         if current is None or epoch < self.start_from_epoch:
             return
-        monitor.resolve(self.model)
         if self.restore_best_weights and self.best_weights is None:
             self.best_weights = get_weights(self.model)  # so there is always something to restore
             self.best_epoch = epoch

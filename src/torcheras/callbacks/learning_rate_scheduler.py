@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
 import torch
 
 from torcheras.callbacks.callback import Callback
-from torcheras.callbacks.reduce_lr_on_plateau import param_groups
+from torcheras.callbacks.reduce_lr_on_plateau import optimizer_of
+from torcheras.optimizers import get_learning_rate, set_learning_rate
 
 __all__ = ["LearningRateScheduler"]
 
@@ -17,8 +19,10 @@ class LearningRateScheduler(Callback):
     """Set the learning rate at the start of each epoch (or batch) from ``schedule``.
 
     Args:
-        schedule: ``schedule(epoch, lr) -> float`` (0-based epoch, current rate), or the
-            one-argument ``schedule(epoch)``; see :mod:`torcheras.schedules` for ready ones.
+        schedule: ``schedule(epoch, lr) -> float`` (0-based epoch, current rate of the first
+            param group), or the one-argument ``schedule(epoch)``; see
+            :mod:`torcheras.schedules` for ready ones. The value goes to the first param group
+            and the others keep their ratio to it; NaN, inf or a non-number is a ValueError.
             Beyond Keras, a ``torch.optim.lr_scheduler`` object built on the model's optimizer,
             stepped after each epoch (or batch).
         verbose: 1 prints each new rate.
@@ -65,18 +69,21 @@ class LearningRateScheduler(Callback):
         )
 
     def _apply(self, step: int, label: str) -> None:
-        groups = param_groups(self.model)
-        current = float(groups[0]["lr"])
+        optimizer = optimizer_of(self.model)
+        current = get_learning_rate(optimizer)
         try:
             lr = self.schedule(step, current)
         except TypeError:  # the one-argument form, schedule(epoch)
             lr = self.schedule(step)
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr):
+            name = getattr(self.schedule, "__name__", type(self.schedule).__name__)
+            where = "batch" if self.interval == "batch" else "epoch"
             raise ValueError(
-                f"The output of the `schedule` function should be a float. Got: {lr!r}"
+                f"The output of the `schedule` function should be a float. Got: {lr!r} from "
+                f"schedule {name!r} at {where} {step} (0-based). Return a finite number, "
+                "e.g. `return lr * 0.9`."
             )
-        for group in groups:
-            group["lr"] = float(lr)
+        set_learning_rate(optimizer, float(lr))  # the other param groups keep their ratio
         if self.verbose > 0:
             print(f"\n{label}: LearningRateScheduler setting learning rate to {float(lr)}.")
 
@@ -90,6 +97,13 @@ class LearningRateScheduler(Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.applied_epoch = None
+        if self.is_torch_scheduler and self.schedule.optimizer is not optimizer_of(self.model):
+            raise ValueError(
+                "LearningRateScheduler: the torch scheduler is bound to another optimizer than "
+                "the model's, so stepping it would not change the rate used for training. Build "
+                "it on model.optimizer (after compile): "
+                "torch.optim.lr_scheduler.StepLR(model.optimizer, step_size=10)."
+            )
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         # A run resumed mid-epoch already has this epoch's rate: do not apply it twice.

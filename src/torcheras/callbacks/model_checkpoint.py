@@ -98,6 +98,7 @@ class ModelCheckpoint(Callback):
             self._save(self._current_epoch, batch, logs or {})
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.monitor_state.resolve(self.model, logs)  # as Keras: even when saving every epoch
         if self.save_freq == "epoch":
             self._save(epoch, None, logs or {})
 
@@ -137,7 +138,7 @@ class ModelCheckpoint(Callback):
                     stacklevel=2,
                 )
             else:
-                monitor.resolve(self.model)
+                monitor.resolve(self.model, logs)
                 best = "None" if self.best is None else f"{self.best:.5f}"
                 if not monitor.is_improvement(current, self.best):
                     if self.verbose > 0:

@@ -51,8 +51,12 @@ class Monitor:
         self.baseline = baseline
         self.direction: str | None = None if mode == "auto" else mode
 
-    def resolve(self, model: Any) -> str:
-        """Fix the direction (lazily, once the model's metrics are known)."""
+    def resolve(self, model: Any, logs: Mapping[str, Any] | None = None) -> str:
+        """Fix the direction (lazily, once the model's metrics are known).
+
+        Keras's ValueError when ``mode="auto"`` cannot tell; ``logs`` lets the message name
+        the closest available key, so a typo never silently turns the callback off.
+        """
         if self.direction is None:
             direction = None
             if model is not None and hasattr(model, "metric_direction"):
@@ -60,10 +64,15 @@ class Monitor:
             if direction is None:
                 direction = metrics_lib.direction_of(self.monitor)
             if direction is None:
+                keys = [k for k in (logs or {}) if k != self.monitor]
+                close = difflib.get_close_matches(self.monitor, keys, n=1, cutoff=0.5)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                available = f" Available metrics are: {','.join(keys)}." if keys else ""
                 raise ValueError(
                     f"{self.owner} callback received monitor={self.monitor}, but cannot tell "
                     "whether that metric should be maximized or minimized. Pass `mode='max'` to "
                     "monitor the highest value, or `mode='min'` to monitor the lowest."
+                    f"{hint}{available}"
                 )
             self.direction = direction
         return self.direction

@@ -32,6 +32,12 @@ def format_rate(seconds: float, steps: int) -> str:
     return f"{per_step * 1e6:.0f}us/step"
 
 
+def _is_interactive() -> bool:
+    """A terminal, or a Jupyter kernel (which renders carriage returns)."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
+
+
 class _Bar(tqdm):
     """tqdm with one extra field, ``{keras}``: our ``" 3ms/step - loss: 0.1234"`` text."""
 
@@ -55,13 +61,19 @@ class ProgbarLogger(Callback):
     standalone ``evaluate`` and ``predict`` draw their own bar. ``fit`` adds one when
     ``verbose != 0``.
 
+    When the output is not a terminal (a log file, CI, a pipe), ``verbose=1`` prints the final
+    line of each epoch only, as Keras does: clean lines, no carriage returns. ``interactive``
+    forces either way (None: a terminal or a Jupyter kernel draws the live bar).
+
     Example::
 
         model.fit(x, y, epochs=3, verbose=2)   # one line per epoch
     """
 
-    def __init__(self, refresh_interval: float = 0.1) -> None:
+    def __init__(self, refresh_interval: float = 0.1, interactive: bool | None = None) -> None:
         self.refresh_interval = refresh_interval
+        self.interactive = interactive
+        self._live = True
         self.verbose = 1
         self.epochs = 1
         self.steps: int | None = None
@@ -82,6 +94,7 @@ class ProgbarLogger(Callback):
     # --- bar helpers --------------------------------------------------------------------------
     def _open(self, steps: int | None) -> None:
         self._close()
+        self._live = self.interactive if self.interactive is not None else _is_interactive()
         self._start = time.perf_counter()
         self._last_draw = self._start
         self._seen = 0
@@ -116,7 +129,7 @@ class ProgbarLogger(Callback):
 
     def _update(self, batch: int, logs: Any) -> None:
         self._seen = batch + 1
-        if self.verbose != 1:
+        if self.verbose != 1 or not self._live:
             return
         now = time.perf_counter()
         if now - self._last_draw >= self.refresh_interval:
@@ -127,7 +140,10 @@ class ProgbarLogger(Callback):
         seconds = time.perf_counter() - self._start
         seen = self._seen or steps or 0
         text = f" {format_rate(seconds, seen)}{format_logs(logs or {})}"
-        if self.verbose == 1:
+        if self.verbose == 1 and not self._live:  # a log file: the epoch's line, once
+            bar = f"{seen}/{steps or seen} [{'=' * 20}] {seconds:.0f}s" if seen else ""
+            print(f"{bar}{text}", file=sys.stdout, flush=True)
+        elif self.verbose == 1:
             self._seen = seen
             if self._bar is not None and self._bar.total is None:
                 self._bar.total = seen

@@ -5,21 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.monitor import Monitor
+from torcheras.optimizers import get_learning_rate, set_learning_rate
 
 __all__ = ["ReduceLROnPlateau"]
 
 
-def param_groups(model: Any) -> list[dict[str, Any]]:
+def optimizer_of(model: Any) -> torch.optim.Optimizer:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None:
         raise ValueError(
             "This callback changes the learning rate, but the model has no "
             "optimizer: call compile(optimizer=...) or set model.optimizer."
         )
-    return optimizer.param_groups
+    return optimizer
 
 
 class ReduceLROnPlateau(Callback):
@@ -35,7 +37,8 @@ class ReduceLROnPlateau(Callback):
         cooldown: epochs to wait after a reduction before counting again. Default 0.
         min_lr: the lower bound of the learning rate. Default 0.
 
-    Every param group of the optimizer is reduced (each from its own rate). The epoch logs'
+    The rate of the first param group is reduced and ``min_lr`` bounds it; the other groups
+    keep their ratio to it (:func:`torcheras.optimizers.set_learning_rate`). The epoch logs'
     ``learning_rate`` is the rate used during the epoch, before any reduction.
 
     Example::
@@ -87,10 +90,10 @@ class ReduceLROnPlateau(Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         monitor = self.monitor_state
+        monitor.resolve(self.model, logs)  # Keras's order: a typo raises, it is never ignored
         current = monitor.get(logs, warn_prefix="Learning rate reduction is conditioned on metric")
         if current is None:
             return
-        monitor.resolve(self.model)
         if self.in_cooldown():
             self.cooldown_counter -= 1
             self.wait = 0
@@ -103,20 +106,13 @@ class ReduceLROnPlateau(Callback):
                 self._reduce(epoch)
 
     def _reduce(self, epoch: int) -> None:
-        reduced = False
-        for i, group in enumerate(param_groups(self.model)):
-            old_lr = float(group["lr"])
-            if old_lr > np.float32(self.min_lr):
-                new_lr = max(old_lr * self.factor, self.min_lr)
-                group["lr"] = new_lr
-                reduced = True
-                if self.verbose > 0:
-                    which = f" (param group {i})" if i else ""
-                    print(
-                        f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate"
-                        f"{which} to {new_lr}."
-                    )
-        if reduced:
+        optimizer = optimizer_of(self.model)
+        old_lr = get_learning_rate(optimizer)
+        if old_lr > np.float32(self.min_lr):
+            new_lr = max(old_lr * self.factor, self.min_lr)
+            set_learning_rate(optimizer, new_lr)  # the other param groups keep their ratio
+            if self.verbose > 0:
+                print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new_lr}.")
             self.cooldown_counter = self.cooldown
             self.wait = 0
 

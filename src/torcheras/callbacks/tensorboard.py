@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import struct
 import time
@@ -59,9 +61,10 @@ class TensorBoard(Callback):
         profile_batch: profile batches ``(start, stop)`` (1-based) with ``torch.profiler``,
             traces in ``log_dir/train``; an int profiles one batch; 0 disables.
         embeddings_freq: every N epochs, write the weights of each ``nn.Embedding`` for the
-            projector (0: never).
-        embeddings_metadata: a metadata file (one label per line) for every embedding, or a
-            dict ``{layer name: file}``.
+            projector (0: never), as ``log_dir/train/embeddings/<layer>/tensors.tsv``.
+        embeddings_metadata: as in Keras, a dict ``{layer name: metadata file}`` (or one file
+            name for every embedding layer), relative to ``log_dir``; written into
+            ``log_dir/projector_config.pbtxt`` when the model is set, and read by TensorBoard.
 
     Scalars: ``epoch_loss``, ``epoch_<metric>``, ``epoch_learning_rate`` at step = epoch
     (0-based), validation ones under ``validation`` without the ``val_`` prefix, and
@@ -117,6 +120,8 @@ class TensorBoard(Callback):
         self.embeddings_freq = embeddings_freq
         self.embeddings_metadata = embeddings_metadata
         self._writers: dict[str, Any] = {}
+        self._own_files: dict[str, list[str]] = {}  # event files this run wrote, per run
+        self._in_fit = False
         self._global_step = 0
         self._epochs_logged = 0
         self._trim: tuple[int, int, int] | None = None
@@ -132,10 +137,13 @@ class TensorBoard(Callback):
         if run not in self._writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            if self._trim is not None:
-                _trim_events(os.path.join(self.log_dir, run), *self._trim)
-
-            self._writers[run] = SummaryWriter(os.path.join(self.log_dir, run))
+            run_dir = os.path.join(self.log_dir, run)
+            if self._trim is not None:  # only the files this run wrote before the backup
+                _trim_events(run_dir, self._own_files.get(run, []), *self._trim)
+            writer = SummaryWriter(run_dir)
+            self._writers[run] = writer
+            name = os.path.basename(writer.file_writer.event_writer._file_name)
+            self._own_files.setdefault(run, []).append(name)
         return self._writers[run]
 
     def _close(self) -> None:
@@ -150,6 +158,8 @@ class TensorBoard(Callback):
         super().set_model(model)
         self._close()
         self._check_embeddings()
+        if self.embeddings_freq and self._embedding_layers():
+            self._write_projector_config()
 
     def _embedding_layers(self) -> dict[str, torch.nn.Embedding]:
         model = self.model
@@ -174,16 +184,25 @@ class TensorBoard(Callback):
         self._epochs_logged = 0
         self._trim = None
         self._graph_written = False
+        self._own_files = {}
+        self._in_fit = True
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._close()
+        self._in_fit = False
 
     def on_exception(self, exception: BaseException) -> None:
         self._close()
+        self._in_fit = False
+
+    def _loop_step(self) -> int:
+        """The global training step: the loop's count in ``fit``, our own count elsewhere."""
+        loop = getattr(self.model, "loop", None)
+        return loop.global_step if loop is not None else self._global_step
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self._epoch_start = time.perf_counter()
-        self._epoch_first_step = self._global_step
+        self._epoch_start = self._rate_start = time.perf_counter()
+        self._epoch_first_step = self._rate_step = self._loop_step()
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self.profile_range is not None:
@@ -191,7 +210,6 @@ class TensorBoard(Callback):
             warmup_step = start - 1 if start > 1 else start  # one warm-up batch when possible
             if self._global_step + 1 == warmup_step:
                 self._start_profiler(warmup=int(warmup_step < start))
-        self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._global_step += 1
@@ -201,9 +219,13 @@ class TensorBoard(Callback):
             for key, value in (logs or {}).items():
                 if isinstance(value, (int, float)):
                     writer.add_scalar(f"batch_{key}", value, step)
-            if self.write_steps_per_second:
-                seconds = max(time.perf_counter() - self._batch_start, 1e-9)
-                writer.add_scalar("batch_steps_per_second", 1.0 / seconds, step)
+            if self.write_steps_per_second:  # steps done since the last write, over wall time
+                now = time.perf_counter()
+                steps = self._loop_step() - self._rate_step
+                writer.add_scalar(
+                    "batch_steps_per_second", steps / max(now - self._rate_start, 1e-9), step
+                )
+                self._rate_start, self._rate_step = now, self._loop_step()
         if self._profiler is not None:
             self._profiler.step()
             if step >= self.profile_range[1]:  # type: ignore[index]
@@ -247,9 +269,10 @@ class TensorBoard(Callback):
         for key, value in train.items():
             writer.add_scalar(f"epoch_{key}", value, epoch)
         if self.write_steps_per_second:
-            steps = self._global_step - self._epoch_first_step
+            steps = self._loop_step() - self._epoch_first_step
             seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
             writer.add_scalar("epoch_steps_per_second", steps / seconds, epoch)
+        self._write_batch_learning_rates(writer)
         if val:
             val_writer = self._writer("validation")
             for key, value in val.items():
@@ -263,15 +286,23 @@ class TensorBoard(Callback):
         for w in self._writers.values():
             w.flush()
 
-    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+    def _write_batch_learning_rates(self, writer: Any) -> None:
+        """A per-batch schedule changes the rate inside the epoch: write each batch's rate."""
         loop = getattr(self.model, "loop", None)
-        step = loop.global_step if loop is not None else self._global_step
-        if not logs:
-            return
-        writer = self._writer("validation")
-        for key, value in logs.items():
-            if isinstance(value, (int, float)):
-                writer.add_scalar(f"evaluation_{key}_vs_iterations", value, step)
+        rates = [float(r) for r in getattr(loop, "batch_lrs", [])]
+        if len(set(rates)) > 1:
+            first = loop.global_step - len(rates)  # type: ignore[union-attr]
+            for i, rate in enumerate(rates, first + 1):
+                writer.add_scalar("batch_learning_rate", rate, i)
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        if logs:
+            writer = self._writer("validation")
+            for key, value in logs.items():
+                if isinstance(value, (int, float)):
+                    writer.add_scalar(f"evaluation_{key}_vs_iterations", value, self._loop_step())
+        if not self._in_fit:  # a standalone evaluate: nothing else will close the writer
+            self._close()
 
     # --- heavier summaries ----------------------------------------------------------------------
     def _write_graph(self) -> None:
@@ -296,15 +327,22 @@ class TensorBoard(Callback):
         )
         was_training = model.training
         model.eval()
+        chatter = io.StringIO()  # torch's tracer prints its own pages of trace on failure
         try:
-            with warnings.catch_warnings():
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(chatter),
+                contextlib.redirect_stderr(chatter),
+            ):
                 warnings.simplefilter("ignore")
                 self._writer("train").add_graph(
                     module, tuple(inputs) if isinstance(inputs, list) else inputs
                 )
-        except Exception as exc:  # tracing fails on data-dependent control flow
+        except Exception as exc:  # tracing fails on data-dependent control flow, and more
+            reason = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             warnings.warn(
-                f"TensorBoard: could not trace the model's graph ({exc}); skipping write_graph.",
+                f"TensorBoard: the graph of {type(module).__name__} cannot be traced "
+                f"({reason[:160]}); skipping write_graph. Pass write_graph=False to silence this.",
                 stacklevel=2,
             )
         finally:
@@ -316,35 +354,52 @@ class TensorBoard(Callback):
             writer.add_histogram(f"{name}/histogram", param.detach().float().cpu(), epoch)
             if param.grad is not None:
                 writer.add_histogram(f"{name}/gradient", param.grad.detach().float().cpu(), epoch)
-            if self.write_images and param.dim() in (2, 4):
+            if self.write_images and param.dim() in (1, 2, 4):
                 image = param.detach().float().cpu()
-                if image.dim() == 4:  # conv kernels: one tile per (out, in) pair
+                if image.dim() == 1:  # biases: one row, as Keras draws them
+                    image = image.reshape(1, -1)
+                elif image.dim() == 4:  # conv kernels: one tile per (out, in) pair
                     image = image.reshape(-1, image.shape[-1])
                 image = (image - image.min()) / (image.max() - image.min() + 1e-12)
                 writer.add_image(f"{name}/image", image.unsqueeze(0), epoch)
 
+    def _embedding_metadata(self) -> dict[str, str]:
+        """Keras's ``embeddings_metadata``: a file name per embedding layer (or one for all),
+        relative to ``log_dir``; TensorBoard's projector opens it, we never do."""
+        layers = self._embedding_layers()
+        if isinstance(self.embeddings_metadata, dict):
+            return {k: str(v) for k, v in self.embeddings_metadata.items() if k in layers}
+        if self.embeddings_metadata:
+            return dict.fromkeys(layers, str(self.embeddings_metadata))
+        return {}
+
+    def _write_projector_config(self) -> None:
+        """``log_dir/projector_config.pbtxt``: each embedding's tensor file and metadata."""
+        from torcheras import checkpoint
+
+        metadata = self._embedding_metadata()
+        lines = []
+        for name in self._embedding_layers():
+            lines.append("embeddings {")
+            lines.append(f'  tensor_name: "{name}"')
+            lines.append(f'  tensor_path: "train/embeddings/{name}/tensors.tsv"')
+            if name in metadata:
+                lines.append(f'  metadata_path: "{metadata[name]}"')
+            lines.append("}")
+        text = "\n".join(lines) + "\n"
+        checkpoint.atomic_write(
+            os.path.join(self.log_dir, "projector_config.pbtxt"), lambda f: f.write(text.encode())
+        )
+
     def _write_embeddings(self, epoch: int) -> None:
-        writer = self._writer("train")
+        """The current weights of every ``nn.Embedding`` as the projector's TSV tensors."""
+        from torcheras import checkpoint
+
         for name, layer in self._embedding_layers().items():
-            metadata = None
-            path = (
-                self.embeddings_metadata.get(name)
-                if isinstance(self.embeddings_metadata, dict)
-                else self.embeddings_metadata
-            )
-            if path:
-                with open(path, encoding="utf-8") as f:
-                    metadata = [line.rstrip("\n") for line in f]
-                if len(metadata) != layer.num_embeddings:
-                    metadata = None
-                    warnings.warn(
-                        f"TensorBoard: {path} has a label count different from the "
-                        f"{layer.num_embeddings} rows of {name}; writing no labels.",
-                        stacklevel=2,
-                    )
-            writer.add_embedding(
-                layer.weight.detach().cpu(), metadata=metadata, tag=name, global_step=epoch
-            )
+            rows = layer.weight.detach().float().cpu().tolist()
+            text = "".join("\t".join(f"{v:.6g}" for v in row) + "\n" for row in rows)
+            path = os.path.join(self.log_dir, "train", "embeddings", name, "tensors.tsv")
+            checkpoint.atomic_write(path, lambda f, text=text: f.write(text.encode()))
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -357,13 +412,16 @@ class TensorBoard(Callback):
             "global_step": step,
             "epochs_logged": self._epochs_logged,
             "evaluated_step": evaluated,
+            "files": {run: list(names) for run, names in self._own_files.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: events written after the backup are dropped from the files (once, when a
-        writer opens), so no step is ever logged twice."""
+        """Resume: events written after the backup are dropped from the files this run wrote
+        (once, when a writer opens), so no step is ever logged twice; files of other runs in
+        the same folder are never touched."""
         self._global_step = state["global_step"]
         self._epochs_logged = state["epochs_logged"]
+        self._own_files = {run: list(names) for run, names in state.get("files", {}).items()}
         self._trim = (self._epochs_logged, self._global_step, state["evaluated_step"])
 
 
@@ -383,19 +441,20 @@ def _read_records(path: str) -> list[bytes]:
     return records
 
 
-def _trim_events(run_dir: str, epochs_logged: int, global_step: int, evaluated_step: int) -> None:
-    """Drop events past a backup: epoch-level steps >= ``epochs_logged``, ``batch_*`` steps
-    > ``global_step``, ``evaluation_*`` steps > ``evaluated_step``. Rewritten atomically."""
+def _trim_events(
+    run_dir: str, files: list[str], epochs_logged: int, global_step: int, evaluated_step: int
+) -> None:
+    """Drop events past a backup from ``files`` (this run's): epoch-level steps >=
+    ``epochs_logged``, ``batch_*`` steps > ``global_step``, ``evaluation_*`` steps >
+    ``evaluated_step``. Rewritten atomically."""
     from tensorboard.compat.proto import event_pb2
 
     from torcheras import checkpoint
 
-    if not os.path.isdir(run_dir):
-        return
-    for name in sorted(os.listdir(run_dir)):
-        if "tfevents" not in name:
-            continue
+    for name in files:
         path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
         kept, dropped = [], 0
         for record in _read_records(path):
             event = event_pb2.Event.FromString(record[12:-4])
