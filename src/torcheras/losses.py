@@ -432,7 +432,7 @@ class CompiledLoss:
             _check_sparse_labels(self.name, y_pred, y_true, self.module is not None)
         if self.output_kind == LOGITS:
             _warn_if_probabilities(self.name, self.target, y_pred)
-        elif self.output_kind == PROBABILITIES and self.target in ("binary", "categorical"):
+        elif self.output_kind == PROBABILITIES and self.target is not None:
             _warn_if_logits(self.name, y_pred)
 
     def __repr__(self) -> str:

@@ -1,0 +1,407 @@
+"""Losses and metrics give the numbers torch and Keras give (issue: every number right).
+
+Each built-in is checked against torch's own function where torch has one, and against the
+values Keras documents for the name; torch loss modules are computed as torch computes them,
+options included. Tolerances state float32 reality.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+from torch import nn
+
+import torcheras
+from torcheras import losses, metrics
+
+RTOL = 1e-5  # float32 arithmetic in another order than torch's
+
+
+def _loss(loss, y_pred, y_true, sample_weight=None):
+    compiled = losses.get(loss)
+    weights = None if sample_weight is None else torch.as_tensor(sample_weight)
+    return float(compiled(torch.as_tensor(y_pred), torch.as_tensor(y_true), weights))
+
+
+# ---- torch loss modules: exactly torch's numbers -------------------------------------------
+
+
+@pytest.fixture
+def logits_and_labels():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(12, 4, generator=gen), torch.randint(0, 4, (12,), generator=gen)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.CrossEntropyLoss(),
+        nn.CrossEntropyLoss(weight=torch.tensor([0.2, 1.0, 3.0, 0.5])),
+        nn.CrossEntropyLoss(ignore_index=2),
+        nn.CrossEntropyLoss(weight=torch.tensor([0.2, 1.0, 3.0, 0.5]), ignore_index=1),
+        nn.CrossEntropyLoss(label_smoothing=0.1, weight=torch.tensor([0.2, 1.0, 3.0, 0.5])),
+        nn.CrossEntropyLoss(reduction="sum"),
+        nn.NLLLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.0])),
+    ],
+    ids=["plain", "weight", "ignore_index", "weight+ignore", "smoothing+weight", "sum", "nll"],
+)
+def test_a_torch_loss_module_gives_torchs_value_in_fit_and_evaluate(module, logits_and_labels):
+    logits, labels = logits_and_labels
+    expected = float(module(logits, labels))
+    assert _loss(module, logits, labels) == pytest.approx(expected, rel=RTOL)
+
+    class Fixed(torcheras.Model):  # a "model" that outputs the fixed logits
+        def forward(self, index):
+            return logits[index]
+
+    model = Fixed()
+    model.compile(optimizer=None, loss=module, device="cpu")
+    index = torch.arange(12)
+    assert model.evaluate(index, labels, batch_size=12, verbose=0) == pytest.approx(
+        expected, rel=RTOL
+    )
+
+
+def test_issue_figures_weighted_and_ignored_cross_entropy():
+    """The two numbers the issue reproduced: torch gives 1.166 and 1.348."""
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(64, 5, generator=gen), torch.randint(0, 5, (64,), generator=gen)
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([0.1, 1.0, 5.0, 1.0, 1.0]))
+    ignoring = nn.CrossEntropyLoss(ignore_index=0)
+    for module in (weighted, ignoring):
+        assert _loss(module, logits, labels) == pytest.approx(
+            float(module(logits, labels)), rel=RTOL
+        )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sample_weights_multiply_each_term_and_keep_torchs_divisor(reduction, logits_and_labels):
+    """Keras's combination: weights scale each sample's loss; the divisor is torch's own."""
+    logits, labels = logits_and_labels
+    class_weight = torch.tensor([0.2, 1.0, 3.0, 0.5])
+    module = nn.CrossEntropyLoss(weight=class_weight, ignore_index=3, reduction=reduction)
+    sample_weight = torch.linspace(0.1, 2.0, 12)
+    per_sample = F.cross_entropy(
+        logits, labels, weight=class_weight, ignore_index=3, reduction="none"
+    )
+    numerator = (per_sample * sample_weight).sum()
+    valid = labels != 3
+    divisor = class_weight[labels.clamp_max(2)][valid].sum() if reduction == "mean" else 1.0
+    assert _loss(module, logits, labels, sample_weight) == pytest.approx(
+        float(numerator / divisor), rel=RTOL
+    )
+    ones = torch.ones(12)  # weights of 1 change nothing
+    assert _loss(module, logits, labels, ones) == pytest.approx(
+        float(module(logits, labels)), rel=RTOL
+    )
+
+
+def test_builtin_losses_reduce_weighted_samples_over_the_batch_size():
+    """Keras's sum_over_batch_size: sum(loss * w) / N."""
+    y_pred, y_true = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [0.0]])
+    assert _loss("mse", y_pred, y_true, [1.0, 0.5]) == pytest.approx((1.0 + 0.5 * 4.0) / 2)
+
+
+# ---- integer labels of any dtype, and labels of the wrong form -----------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, np.int16, np.int64])
+@pytest.mark.parametrize(
+    "loss",
+    ["sparse_categorical_crossentropy", "cross_entropy", nn.CrossEntropyLoss()],
+    ids=["keras-name", "torch-name", "module"],
+)
+def test_integer_labels_of_any_dtype_train_and_match_torch(dtype, loss, blobs):
+    x, y = blobs
+    model = make_model(loss=loss)
+    model.fit(x, y.astype(dtype), epochs=1, batch_size=60, verbose=0)
+    logits = model(torch.from_numpy(x)).detach()
+    expected = float(F.cross_entropy(logits, torch.from_numpy(y)))
+    result = model.evaluate(x, y.astype(dtype), batch_size=240, verbose=0, return_dict=True)
+    assert result["loss"] == pytest.approx(expected, rel=RTOL)
+
+
+def test_whole_float_labels_work_but_fractional_ones_are_an_error_naming_y(blobs):
+    x, y = blobs
+    model = make_model()
+    model.fit(x, y.astype("float32"), epochs=1, verbose=0)  # 0.0, 1.0, 2.0: fine
+    bad = y.astype("float32") + 0.5
+    with pytest.raises(ValueError, match=r"`y` holds float values that are not whole numbers"):
+        model.fit(x, bad, epochs=1, verbose=0)
+
+
+def test_one_hot_targets_to_a_sparse_loss_point_to_categorical_crossentropy(blobs):
+    x, y = blobs
+    one_hot = np.eye(3, dtype="float32")[y]
+    with pytest.raises(ValueError, match="categorical_crossentropy"):
+        make_model().fit(x, one_hot, epochs=1, verbose=0)
+    # ... while categorical_crossentropy and torch's CrossEntropyLoss take them
+    for loss in ("categorical_crossentropy", nn.CrossEntropyLoss()):
+        history = make_model(loss=loss).fit(x, one_hot, epochs=3, verbose=0)
+        assert history.history["accuracy"][-1] > 0.9
+
+
+# ---- every built-in against torch and Keras ------------------------------------------------
+
+Y_TRUE = [[0.0, 1.0], [0.0, 0.0]]
+Y_SOFT = [[0.6, 0.4], [0.4, 0.6]]
+
+
+@pytest.mark.parametrize(
+    ("name", "y_true", "y_pred", "keras_value", "keras_weighted"),
+    [
+        ("mean_squared_error", Y_TRUE, [[1.0, 1.0], [1.0, 0.0]], 0.5, ([0.7, 0.3], 0.25)),
+        ("mean_absolute_error", Y_TRUE, [[1.0, 1.0], [1.0, 0.0]], 0.5, ([0.7, 0.3], 0.25)),
+        (
+            "mean_absolute_percentage_error",
+            [[2.0, 1.0], [2.0, 3.0]],
+            [[1.0, 1.0], [1.0, 0.0]],
+            50.0,
+            ([0.7, 0.3], 20.0),
+        ),
+        (
+            "mean_squared_logarithmic_error",
+            [[0.0, 1.0], [0.0, 0.0]],
+            [[1.0, 1.0], [1.0, 0.0]],
+            0.240,
+            ([0.7, 0.3], 0.120),
+        ),
+        ("huber", Y_TRUE, Y_SOFT, 0.155, ([1.0, 0.0], 0.09)),
+        ("log_cosh", Y_TRUE, [[1.0, 1.0], [0.0, 0.0]], 0.108, ([0.8, 0.2], 0.087)),
+        ("kl_divergence", Y_TRUE, Y_SOFT, 0.458, ([0.8, 0.2], 0.366)),
+        ("poisson", Y_TRUE, [[1.0, 1.0], [0.0, 0.0]], 0.5, ([0.8, 0.2], 0.4)),
+        ("hinge", Y_TRUE, Y_SOFT, 1.3, ([1.0, 0.0], 0.55)),
+        ("squared_hinge", Y_TRUE, Y_SOFT, 1.86, ([1.0, 0.0], 0.73)),
+        ("categorical_hinge", Y_TRUE, Y_SOFT, 1.4, ([1.0, 0.0], 0.6)),
+        ("cosine_similarity", [[0.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 1.0]], -0.5, None),
+    ],
+)
+def test_builtin_loss_matches_the_value_keras_documents(
+    name, y_true, y_pred, keras_value, keras_weighted
+):
+    assert _loss(name, y_pred, y_true) == pytest.approx(keras_value, abs=1e-3)
+    if keras_weighted is not None:
+        weights, value = keras_weighted
+        assert _loss(name, y_pred, y_true, weights) == pytest.approx(value, abs=1e-3)
+
+
+def test_kl_divergence_takes_probabilities_as_keras_documents():
+    assert _loss("kl_divergence", [[0.5, 0.8, 0.12]], [[0.4, 0.9, 0.2]]) == pytest.approx(
+        0.11891246, rel=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "torch_fn"),
+    [
+        ("mse", F.mse_loss),
+        ("mae", F.l1_loss),
+        ("huber", F.huber_loss),
+        ("smooth_l1_loss", F.smooth_l1_loss),
+        ("binary_crossentropy", F.binary_cross_entropy_with_logits),
+        ("poisson", lambda p, t: F.poisson_nll_loss(p, t, log_input=False, eps=1e-7)),
+    ],
+)
+def test_regression_and_binary_losses_equal_torchs_functions(name, torch_fn):
+    gen = torch.Generator().manual_seed(1)
+    y_pred = torch.rand(16, 3, generator=gen) * 2
+    y_true = (torch.rand(16, 3, generator=gen) > 0.5).float()
+    weights = torch.rand(16, generator=gen)
+    expected = torch_fn(y_pred, y_true)
+    assert _loss(name, y_pred, y_true) == pytest.approx(float(expected), rel=1e-4)
+    per_sample = torch.stack([torch_fn(y_pred[i], y_true[i]) for i in range(16)])
+    weighted = float((per_sample * weights).sum() / 16)
+    assert _loss(name, y_pred, y_true, weights) == pytest.approx(weighted, rel=1e-4)
+
+
+def test_cross_entropies_equal_torch_and_keras():
+    y_prob = torch.tensor([[0.05, 0.95, 0.0], [0.1, 0.8, 0.1]])
+    one_hot, labels = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), torch.tensor([1, 2])
+    # Keras's documented 1.177, from probabilities
+    assert _loss(losses.CategoricalCrossentropy(), y_prob, one_hot) == pytest.approx(
+        1.177, abs=1e-3
+    )
+    assert _loss(losses.SparseCategoricalCrossentropy(), y_prob, labels) == pytest.approx(
+        1.177, abs=1e-3
+    )
+    assert _loss(losses.CategoricalCrossentropy(), y_prob, one_hot, [0.3, 0.7]) == pytest.approx(
+        0.814, abs=1e-3
+    )
+    # logits: the names, and torch
+    logits = torch.tensor([[-18.6, 0.51, 2.94, -12.8]])
+    binary = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    assert _loss("binary_crossentropy", logits, binary) == pytest.approx(0.865, abs=1e-3)
+    assert _loss(losses.BinaryCrossentropy(from_logits=True), logits, binary) == pytest.approx(
+        0.865, abs=1e-3
+    )
+    assert _loss(
+        losses.BinaryCrossentropy(), [[0.6, 0.4], [0.4, 0.6]], [[0.0, 1.0], [0.0, 0.0]]
+    ) == pytest.approx(0.815, abs=1e-3)
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0, 3, 1, 1, 2, 0])
+    assert _loss("sparse_categorical_crossentropy", z, t) == pytest.approx(
+        float(F.cross_entropy(z, t)), rel=RTOL
+    )
+    assert _loss("categorical_crossentropy", z, F.one_hot(t, 4).float()) == pytest.approx(
+        float(F.cross_entropy(z, t)), rel=RTOL
+    )
+    smoothed = losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2)
+    assert _loss(smoothed, z, F.one_hot(t, 4).float()) == pytest.approx(
+        float(F.cross_entropy(z, t, label_smoothing=0.2)), rel=RTOL
+    )
+
+
+def _metric(name, y_pred, y_true, loss=None, sample_weight=None):
+    metric = metrics.get(name, None if loss is None else losses.get(loss))
+    metric.update(torch.as_tensor(y_pred), torch.as_tensor(y_true), sample_weight)
+    return float(metric.result())
+
+
+def test_builtin_metrics_equal_torch():
+    gen = torch.Generator().manual_seed(4)
+    logits, labels = torch.randn(50, 5, generator=gen), torch.randint(0, 5, (50,), generator=gen)
+    expected_acc = float((logits.argmax(1) == labels).float().mean())
+    assert _metric("accuracy", logits, labels, "sparse_categorical_crossentropy") == pytest.approx(
+        expected_acc
+    )
+    assert _metric("sparse_categorical_accuracy", logits, labels) == pytest.approx(expected_acc)
+    assert _metric("categorical_accuracy", logits, F.one_hot(labels, 5)) == pytest.approx(
+        expected_acc
+    )
+    top3 = float((logits.topk(3, 1).indices == labels[:, None]).any(1).float().mean())
+    sparse_top_k = metrics.MeanMetric(metrics._top_k(3, sparse=True), "top3")
+    sparse_top_k.update(logits, labels)
+    assert float(sparse_top_k.result()) == pytest.approx(top3)
+    y_pred, y_true = torch.randn(50, 2, generator=gen), torch.randn(50, 2, generator=gen)
+    assert _metric("mse", y_pred, y_true) == pytest.approx(float(F.mse_loss(y_pred, y_true)), RTOL)
+    assert _metric("mae", y_pred, y_true) == pytest.approx(float(F.l1_loss(y_pred, y_true)), RTOL)
+    assert _metric("rmse", y_pred, y_true) == pytest.approx(
+        float(F.mse_loss(y_pred, y_true).sqrt()), RTOL
+    )
+    assert _metric("cosine_similarity", y_pred, y_true) == pytest.approx(
+        float(F.cosine_similarity(y_pred, y_true).mean()), RTOL
+    )
+    weights = torch.rand(50, generator=gen)
+    per_sample = (y_pred - y_true).square().mean(1)
+    assert _metric("mse", y_pred, y_true, sample_weight=weights) == pytest.approx(
+        float((per_sample * weights).sum() / weights.sum()), RTOL
+    )
+
+
+# ---- accuracy on logits: the rule -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("loss", "outputs", "threshold"),
+    [
+        ("binary_crossentropy", "logits", 0.0),
+        (nn.BCEWithLogitsLoss(), "logits", 0.0),
+        (F.binary_cross_entropy_with_logits, "logits", 0.0),
+        (losses.BinaryCrossentropy(from_logits=True), "logits", 0.0),
+        (nn.BCELoss(), "probabilities", 0.5),
+        (F.binary_cross_entropy, "probabilities", 0.5),
+        (losses.BinaryCrossentropy(), "probabilities", 0.5),
+        ("mse", "probabilities", 0.5),
+    ],
+)
+def test_accuracy_threshold_follows_what_the_loss_says_of_the_outputs(loss, outputs, threshold):
+    y_true = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    if outputs == "logits":  # all correct logits, all of them below 0.5
+        y_pred = torch.tensor([[0.2], [-3.0], [0.4], [-0.1]])
+    else:
+        y_pred = torch.tensor([[0.6], [0.4], [0.9], [0.1]])
+    assert metrics.threshold_for(losses.get(loss)) == threshold
+    assert _metric("accuracy", y_pred, y_true, loss) == 1.0
+    assert _metric("binary_accuracy", y_pred, y_true, loss) == 1.0
+
+
+def test_accuracy_on_all_correct_logits_with_bce_with_logits_in_fit():
+    x = torch.linspace(-1, 1, 64).reshape(-1, 1)
+    y = (x > 0).float()
+    net = nn.Linear(1, 1)
+    with torch.no_grad():
+        net.weight.fill_(0.3)  # logits in [-0.3, 0.3]: all correct, none above 0.5
+        net.bias.zero_()
+    model = torcheras.Model(net)
+    model.compile(optimizer=None, loss=nn.BCEWithLogitsLoss(), metrics=["accuracy"], device="cpu")
+    assert model.evaluate(x, y, verbose=0, return_dict=True)["accuracy"] == 1.0
+
+
+def test_accuracy_errors_when_a_custom_binary_loss_cannot_say():
+    def my_loss(y_pred, y_true):
+        return (y_pred - y_true).abs().mean()
+
+    x, y = torch.randn(8, 1), (torch.rand(8, 1) > 0.5).float()
+    model = torcheras.Model(nn.Linear(1, 1))
+    model.compile("sgd", loss=my_loss, metrics=["accuracy"], device="cpu")
+    with pytest.raises(ValueError, match="cannot tell whether the model's outputs are logits"):
+        model.fit(x, y, verbose=0)
+    my_loss.from_logits = True  # a loss may say so itself
+    model.compile("sgd", loss=my_loss, metrics=["accuracy"], device="cpu")
+    model.fit(x, y, verbose=0)
+    assert metrics.threshold_for(model.compiled_loss) == 0.0
+    explicit = metrics.BinaryAccuracy(threshold=0.0)
+    model.compile("sgd", loss=lambda p, t: (p - t).abs().mean(), metrics=[explicit], device="cpu")
+    model.fit(x, y, verbose=0)
+
+
+# ---- the logits trap ------------------------------------------------------------------------
+
+
+def _moons():
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(400, noise=0.15, random_state=0)
+    return x.astype("float32"), y.astype("float32").reshape(-1, 1)
+
+
+def _sigmoid_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 1), nn.Sigmoid())
+
+
+def test_a_sigmoid_network_with_a_logits_loss_warns_once_with_the_fix():
+    x, y = _moons()
+    model = torcheras.Model(_sigmoid_net())
+    model.compile("adam", "binary_crossentropy", metrics=["accuracy"], device="cpu")
+    with pytest.warns(
+        UserWarning, match=r"expects logits.*BinaryCrossentropy\(from_logits=False\)"
+    ) as rec:
+        model.fit(x, y, epochs=2, verbose=0)
+    assert sum("expects logits" in str(w.message) for w in rec) == 1
+
+
+def test_keras_loss_object_with_probabilities_trains_a_sigmoid_network_without_a_warning():
+    x, y = _moons()
+    model = torcheras.Model(_sigmoid_net())
+    model.compile(
+        torch.optim.Adam(model.parameters(), lr=0.02),
+        losses.BinaryCrossentropy(from_logits=False),
+        metrics=["accuracy"],
+        device="cpu",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        history = model.fit(x, y, epochs=40, batch_size=32, verbose=0)
+    assert history.history["accuracy"][-1] > 0.85
+
+
+def test_a_softmax_network_with_a_logits_loss_warns(blobs):
+    x, y = blobs
+    net = nn.Sequential(nn.Linear(8, 3), nn.Softmax(dim=-1))
+    model = torcheras.Model(net)
+    model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
+    with pytest.warns(UserWarning, match=r"rows that sum to 1.*SparseCategoricalCrossentropy"):
+        model.fit(x, y, epochs=1, verbose=0)
+
+
+def test_logits_given_to_a_probability_loss_warn(blobs):
+    x, y = blobs
+    model = make_model(loss=losses.SparseCategoricalCrossentropy(from_logits=False), metrics=[])
+    with pytest.warns(UserWarning, match="expects probabilities"):
+        model.fit(x, y, epochs=1, verbose=0)
