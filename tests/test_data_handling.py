@@ -97,7 +97,9 @@ def test_class_weight_weights_the_right_class_in_training(blobs):
         torch.manual_seed(0)
         model = make_model()
         first = []
-        probe = LambdaCallback(on_train_batch_end=lambda b, logs: first.append(logs["loss"]))
+        probe = LambdaCallback(
+            on_train_batch_end=lambda b, logs, first=first: first.append(logs["loss"])
+        )
         model.fit(
             x,
             y,
