@@ -346,12 +346,11 @@ def _attributes_of_type(model: Any, kind: type) -> dict[str, Any]:
 def capture_model_state(model: Any) -> dict[str, Any]:
     """Everything on the model that training changes: weights, every optimizer, the LR
     schedulers and the AMP scaler kept on it (CPU copies)."""
+    optimizers = _attributes_of_type(model, torch.optim.Optimizer)
     state: dict[str, Any] = {
         "model": to_cpu(model.state_dict()),
-        "optimizers": {
-            k: to_cpu(v.state_dict())
-            for k, v in _attributes_of_type(model, torch.optim.Optimizer).items()
-        },
+        "optimizers": {k: to_cpu(v.state_dict()) for k, v in optimizers.items()},
+        "optimizer_classes": {k: type(v).__name__ for k, v in optimizers.items()},
         "schedulers": {
             k: v.state_dict()
             for k, v in _attributes_of_type(model, torch.optim.lr_scheduler.LRScheduler).items()
@@ -367,14 +366,16 @@ def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: 
     """Load what :func:`capture_model_state` captured; a mismatch names ``source`` and ``fix``."""
 
     def mismatch(what: str, exc: BaseException | str) -> CheckpointError:
+        detail = " ".join(str(exc).split())  # torch's multi-line message on one line
         return CheckpointError(
-            errno.EINVAL, f"{source} does not fit this model: {what} ({exc}). {fix}"
+            errno.EINVAL, f"{source} does not fit this model: {what} ({detail}). {fix}"
         )
 
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as exc:
         raise mismatch("the weights differ (another architecture?)", exc) from exc
+    classes = state.get("optimizer_classes", {})
     for kind, key in (
         (torch.optim.Optimizer, "optimizers"),
         (torch.optim.lr_scheduler.LRScheduler, "schedulers"),
@@ -383,6 +384,12 @@ def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: 
         for name, saved in state.get(key, {}).items():
             if name not in mine:
                 raise mismatch(f"it holds {key[:-1]} {name!r}", "this model has none")
+            saved_class = classes.get(name) if key == "optimizers" else None
+            if saved_class is not None and saved_class != type(mine[name]).__name__:
+                raise mismatch(
+                    f"optimizer {name!r} is a {type(mine[name]).__name__} here",
+                    f"saved from a {saved_class}",
+                )
             try:
                 mine[name].load_state_dict(saved)
             except (ValueError, KeyError, RuntimeError, TypeError) as exc:

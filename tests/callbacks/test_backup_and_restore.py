@@ -24,12 +24,20 @@ SCRIPT = Path(__file__).parent.parent / "resume" / "train_script.py"
 BATCHES = 50  # 5 epochs x 10 batches
 
 
+def _clean_signals() -> None:
+    """The child starts as from a shell: default SIGINT, nothing blocked (a test runner's
+    worker, pytest-xdist's for one, may ignore or block SIGINT, and children inherit that)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), str(workdir), *args],
         capture_output=True,
         text=True,
         timeout=120,
+        preexec_fn=_clean_signals,
     )
 
 
@@ -48,14 +56,20 @@ def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def assert_same_as_reference(workdir: Path, reference: Path) -> None:
+def assert_same_as_reference(
+    workdir: Path, reference: Path, trained_before: int | None = None
+) -> None:
+    """The resumed run ends as the unbroken one; ``trained_before``: batches the backup held,
+    so the last process must have trained only the rest (not started over)."""
     final, expected = (torch.load(d / "final.pt", weights_only=True) for d in (workdir, reference))
     assert final.keys() == expected.keys()
     for key in expected:
         assert torch.equal(final[key], expected[key]), f"{key} differs from the unbroken run"
-    assert json.loads((workdir / "history.json").read_text()) == json.loads(
-        (reference / "history.json").read_text()
-    )
+    got, want = (json.loads((d / "history.json").read_text()) for d in (workdir, reference))
+    assert (got["history"], got["epoch"]) == (want["history"], want["epoch"])
+    assert want["batches_run"] == BATCHES
+    if trained_before is not None:
+        assert got["batches_run"] == BATCHES - trained_before, "the resumed run started over"
     with open(workdir / "log.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert [r[0] for r in rows] == ["epoch", "0", "1", "2", "3", "4"]  # one row per epoch
@@ -84,7 +98,7 @@ def test_sigkill_at_a_random_batch_resumes_bit_identical(tmp_path, reference, se
     assert state["batch"] == state["global_step"] % 10 or state["batch"] == 10
     resumed = run(tmp_path, "--save-freq", save_freq)
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_as_reference(tmp_path, reference)
+    assert_same_as_reference(tmp_path, reference, trained_before=state["global_step"])
 
 
 def test_sigkill_twice_in_one_run(tmp_path, reference):
@@ -101,7 +115,7 @@ def test_sigkill_between_epochs(tmp_path, reference):
     state = checkpoint.load(tmp_path / "backup" / "latest.pt")
     assert (state["epoch"], state["batch"]) == (2, 0)
     assert run(tmp_path, "--save-freq", "epoch").returncode == 0
-    assert_same_as_reference(tmp_path, reference)
+    assert_same_as_reference(tmp_path, reference, trained_before=20)
 
 
 def test_sigkill_during_the_backup_write_keeps_the_previous_backup(tmp_path, reference):
@@ -132,7 +146,51 @@ def test_preemption_writes_a_backup_at_the_current_batch(tmp_path, reference, ho
     with open(tmp_path / "log.csv", newline="") as f:
         assert len(list(csv.reader(f))) == 3  # header + 2 epochs, flushed and closed
     assert run(tmp_path, "--save-freq", "epoch").returncode == 0
-    assert_same_as_reference(tmp_path, reference)
+    assert_same_as_reference(tmp_path, reference, trained_before=23)
+
+
+def test_a_fresh_run_in_a_folder_of_an_earlier_run_resumes_to_one_row_per_epoch(
+    tmp_path, reference
+):
+    """The earlier run's CSV and event files are there; this run is preempted in its first
+    epoch and resumed: one CSV row per epoch, no TensorBoard step twice, the old files intact."""
+    assert run(tmp_path).returncode == 0  # the earlier run, complete
+    old_events = {p: p.read_bytes() for p in (tmp_path / "tb").rglob("*tfevents*")}
+    assert run(tmp_path, "--kill-at", "4").returncode == -signal.SIGKILL  # in epoch 0
+    assert run(tmp_path).returncode == 0
+    with open(tmp_path / "log.csv", newline="") as f:
+        assert [r[0] for r in csv.reader(f)] == ["epoch", "0", "1", "2", "3", "4"]
+    assert (tmp_path / "log.csv").read_text() == (reference / "log.csv").read_text()
+    for path, content in old_events.items():
+        assert path.read_bytes() == content, f"{path.name} of the earlier run was changed"
+    from tensorboard.backend.event_processing import event_file_loader
+
+    for run_name in ("train", "validation"):
+        seen: dict[tuple[str, int], str] = {}
+        for path in sorted((tmp_path / "tb" / run_name).glob("*tfevents*")):
+            if path in old_events:
+                continue
+            for event in event_file_loader.EventFileLoader(str(path)).Load():
+                for value in event.summary.value:
+                    key = (value.tag, event.step)
+                    assert key not in seen, f"{key} written by {seen.get(key)} and {path.name}"
+                    seen[key] = path.name
+        assert {s for t, s in seen if t == "epoch_loss"} == {0, 1, 2, 3, 4}
+
+
+def test_a_backup_of_another_architecture_names_the_backup_and_the_fix(tmp_path, blobs):
+    x, y = blobs
+    backup = tmp_path / "backup"
+    make_model().fit(
+        x, y, epochs=1, verbose=0, callbacks=[BackupAndRestore(backup, delete_checkpoint=False)]
+    )
+    wider = make_model(n_out=5)
+    with pytest.raises(checkpoint.CheckpointError, match=r"latest\.pt.*move or delete the folder"):
+        wider.fit(x, y, epochs=2, verbose=0, callbacks=[BackupAndRestore(backup)])
+    other_optimizer = make_model(optimizer="sgd")
+    with pytest.raises(checkpoint.CheckpointError, match=r"optimizer.*move or delete the folder"):
+        other_optimizer.fit(x, y, epochs=2, verbose=0, callbacks=[BackupAndRestore(backup)])
+    assert checkpoint.load(backup / "latest.pt")["epoch"] == 1  # nothing was lost
 
 
 def test_corrupt_newest_backup_falls_back_to_the_previous_one(tmp_path, reference):

@@ -101,3 +101,28 @@ def test_file_closed_when_an_exception_leaves_fit(tmp_path, blobs):
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CSVLogger(**kwargs)
+
+
+def test_an_unwritable_path_fails_before_the_first_batch(tmp_path, blobs):
+    x, y = blobs
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the folder should be")
+    batches = []
+    probe = LambdaCallback(on_train_batch_begin=lambda b, logs: batches.append(b))
+    with pytest.raises(OSError):
+        make_model().fit(
+            x, y, epochs=1, verbose=0, callbacks=[CSVLogger(blocker / "log.csv"), probe]
+        )
+    assert batches == []
+
+
+def test_a_fresh_run_overwrites_and_append_keeps_the_earlier_rows(tmp_path, blobs):
+    x, y = blobs
+    path = tmp_path / "log.csv"
+    make_model().fit(x, y, epochs=2, verbose=0, callbacks=[CSVLogger(path)])
+    make_model().fit(x, y, epochs=3, verbose=0, callbacks=[CSVLogger(path)])
+    with open(path, newline="") as f:
+        assert [r[0] for r in csv.reader(f)] == ["epoch", "0", "1", "2"]
+    make_model().fit(x, y, epochs=1, verbose=0, callbacks=[CSVLogger(path, append=True)])
+    with open(path, newline="") as f:
+        assert [r[0] for r in csv.reader(f)] == ["epoch", "0", "1", "2", "0"]

@@ -75,3 +75,31 @@ def test_final_line_shows_validation_metrics_even_when_every_batch_was_drawn(cap
     lines = _lines(capsys.readouterr().out)
     assert "val_loss:" in lines[-1] and lines[-1].startswith("6/6")
     assert sum("1/6" in line for line in lines) == 1  # batch draws happened along the way
+
+
+def test_off_a_terminal_verbose_1_prints_each_epoch_line_once_without_carriage_returns(blobs):
+    """What a log file or CI sees: Keras's epoch line only, clean lines."""
+    x, y = blobs
+    script = (
+        "import sys, numpy as np; sys.path.insert(0, 'tests');"
+        "from conftest import make_model;"
+        "x = np.random.rand(240, 8).astype('float32'); y = np.random.randint(0, 3, 240);"
+        "make_model().fit(x, y, epochs=3, batch_size=40, validation_split=0.25, verbose=1)"
+    )
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    out = result.stdout
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert lines[::2] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+    assert len(lines) == 6 and len(set(lines)) == 6
+    for line in lines[1::2]:
+        assert re.fullmatch(
+            r"5/5 \[=+\] \d+s \d+(us|ms)/step - accuracy: \d\.\d{4} - learning_rate: "
+            r"0\.0200 - loss: \d\.\d{4} - val_accuracy: \d\.\d{4} - val_loss: \d\.\d{4}",
+            line,
+        ), line

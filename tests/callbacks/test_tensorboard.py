@@ -17,7 +17,7 @@ from conftest import make_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import torcheras
-from torcheras.callbacks import TensorBoard
+from torcheras.callbacks import LambdaCallback, TensorBoard
 
 
 def _load(folder):
@@ -243,3 +243,67 @@ def test_a_real_tensorboard_server_lists_our_runs_and_tags(tmp_path, blobs):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_steps_per_second_is_the_real_rate(tmp_path, blobs):
+    import time as clock
+
+    x, y = blobs
+    sleepy = LambdaCallback(on_train_batch_begin=lambda b, logs: clock.sleep(0.02))
+    make_model().fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=30,
+        verbose=0,
+        callbacks=[sleepy, TensorBoard(tmp_path, write_steps_per_second=True, write_graph=False)],
+    )
+    (rate,) = _load(tmp_path / "train").Scalars("epoch_steps_per_second")
+    assert 10 < rate.value < 50  # 8 steps of at least 20 ms: at most 50 steps/s, not 0
+
+
+def test_a_standalone_evaluate_flushes_and_closes_its_writer(tmp_path, blobs):
+    x, y = blobs
+    board = TensorBoard(tmp_path, write_graph=False)
+    model = make_model()
+    model.evaluate(x, y, verbose=0, callbacks=[board])
+    assert board._writers == {}  # closed
+    assert "evaluation_loss_vs_iterations" in _load(tmp_path / "validation").Tags()["scalars"]
+
+
+def test_write_images_draws_biases_too(tmp_path, blobs):
+    x, y = blobs
+    make_model().fit(
+        x,
+        y,
+        epochs=1,
+        verbose=0,
+        callbacks=[TensorBoard(tmp_path, histogram_freq=1, write_images=True, write_graph=False)],
+    )
+    images = _load(tmp_path / "train").Tags()["images"]
+    assert "module.0.bias/image" in images and "module.0.weight/image" in images
+
+
+def test_an_untraceable_graph_gives_one_short_warning(tmp_path, capfd):
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+            self.out = torch.nn.Linear(4, 2)
+
+        def forward(self, tokens):
+            mixed, _ = self.attention(tokens, tokens, tokens)
+            return self.out(mixed.mean(1))
+
+    model = torcheras.Model(Attention())
+    model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
+    x, y = torch.randn(16, 3, 4), torch.randint(0, 2, (16,))
+    with pytest.warns(UserWarning) as record:
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[TensorBoard(tmp_path)])
+    graph_warnings = [w for w in record if "graph" in str(w.message)]
+    if graph_warnings:  # this torch cannot trace it: one short warning, no pages of trace
+        assert len(graph_warnings) == 1 and len(str(graph_warnings[0].message)) < 400
+    else:  # this torch traces it: the graph is there
+        assert _load(tmp_path / "train").Tags()["graph"] is True
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Error occurs" not in out + err

@@ -50,9 +50,13 @@ model.compile(
 
 
 class Killer(cb.Callback):
-    """Kills this process at a chosen point, as a crash or a preemption would."""
+    """Kills this process at a chosen point, as a crash or a preemption would; counts the
+    batches this process really trained (a resumed run trains only what was left)."""
+
+    batches_run = 0
 
     def on_train_batch_end(self, batch, logs=None):
+        Killer.batches_run += 1
         if self.model.loop.global_step == args.kill_at:
             if args.kill_how == "batch":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -108,6 +112,8 @@ history = model.fit(
 )
 torch.save(model.state_dict(), os.path.join(work, "final.pt"))
 with open(os.path.join(work, "history.json"), "w") as f:
-    json.dump({"history": history.history, "epoch": history.epoch}, f)
+    json.dump(
+        {"history": history.history, "epoch": history.epoch, "batches_run": Killer.batches_run}, f
+    )
 print("finished", flush=True)
 sys.exit(0)

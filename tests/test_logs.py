@@ -1,0 +1,206 @@
+"""Logs as Keras users expect: batch logs are values, the logged learning rate was really
+used, and a custom train_step's metric results are logged as results."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+from torch import nn
+
+import torcheras
+from torcheras import metrics
+from torcheras.callbacks import Callback, LambdaCallback, LearningRateScheduler, TensorBoard
+
+
+class KeepLogs(Callback):
+    def __init__(self):
+        self.kept = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.kept.append(logs)  # kept, not read
+
+
+def test_kept_batch_logs_still_hold_their_own_batch_values(blobs):
+    x, y = blobs
+    keep, read = KeepLogs(), []
+    probe = LambdaCallback(on_train_batch_end=lambda b, logs: read.append(dict(logs)))
+    make_model().fit(x, y, epochs=1, batch_size=30, verbose=0, callbacks=[keep, probe])
+    assert len(keep.kept) == 8
+    # read later: every kept object shows the values read at its own batch end
+    assert [dict(logs) for logs in keep.kept] == read
+    assert len({logs["loss"] for logs in keep.kept}) == 8
+
+
+def test_batch_logs_copy_dict_and_json_work(blobs):
+    x, y = blobs
+    copies = []
+
+    def at_batch_end(batch, logs):
+        copies.append((logs.copy(), dict(logs), json.dumps(dict(logs))))
+
+    make_model().fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=120,
+        verbose=0,
+        callbacks=[LambdaCallback(on_train_batch_end=at_batch_end)],
+    )
+    copied, as_dict, as_json = copies[0]
+    assert type(copied) is dict and copied == as_dict == json.loads(as_json)
+    assert sorted(copied) == ["accuracy", "loss"] and all(type(v) is float for v in copied.values())
+
+
+def test_batch_logs_are_read_from_the_device_once_and_only_when_read(blobs):
+    x, y = blobs
+    keep = KeepLogs()
+    make_model().fit(x, y, epochs=1, batch_size=60, verbose=0, callbacks=[keep])
+    assert not any(logs.materialized for logs in keep.kept)  # building them read nothing
+    first = keep.kept[0]
+    value = first["loss"]
+    assert first.materialized and first["accuracy"] is not None and first["loss"] == value
+
+
+def test_epoch_loss_is_the_sample_weighted_mean_of_the_batch_losses(blobs):
+    """Not the last batch's loss: batches of 100, 100 and 40 samples weigh 100, 100, 40."""
+    x, y = blobs
+    per_batch = []
+    probe = LambdaCallback(
+        on_train_batch_end=lambda b, logs: per_batch.append(
+            float(probe.model.train_step_losses[-1])
+        )
+    )
+
+    class Recording(torcheras.Model):
+        train_step_losses: list = []
+
+        def train_step(self, batch):
+            logs = super().train_step(batch)
+            self.train_step_losses.append(logs["loss"].detach())
+            return logs
+
+    torch.manual_seed(0)
+    model = Recording(make_model().module)
+    model.compile(torch.optim.SGD(model.parameters(), lr=0.1), "sparse_categorical_crossentropy")
+    history = model.fit(x, y, epochs=1, batch_size=100, shuffle=False, verbose=0, callbacks=[probe])
+    expected = (100 * per_batch[0] + 100 * per_batch[1] + 40 * per_batch[2]) / 240
+    assert per_batch[0] != pytest.approx(per_batch[2])
+    assert history.history["loss"][0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_logged_learning_rate_is_the_last_batch_rate_with_a_per_batch_schedule(tmp_path, blobs):
+    x, y = blobs  # 8 batches of 30 per epoch
+    rates = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] * 10
+    used = []
+    schedule = LearningRateScheduler(lambda step, lr: rates[step], interval="batch")
+    probe = LambdaCallback(
+        on_train_batch_end=lambda b, logs: used.append(probe.model.optimizer.param_groups[0]["lr"])
+    )
+    history = make_model().fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=30,
+        verbose=0,
+        callbacks=[schedule, probe, TensorBoard(tmp_path, write_graph=False)],
+    )
+    assert history.history["learning_rate"] == pytest.approx([used[7], used[15]])
+    assert history.history["learning_rate"] == pytest.approx([0.2, 0.4])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "train"), size_guidance={"scalars": 0})
+    acc.Reload()
+    batch_rates = acc.Scalars("batch_learning_rate")
+    assert [e.step for e in batch_rates] == list(range(1, 17))
+    assert [e.value for e in batch_rates] == pytest.approx(used)
+
+
+def test_a_torch_scheduler_stepped_per_batch_logs_the_rate_it_used(blobs):
+    x, y = blobs
+    model = make_model(optimizer="sgd")
+    scheduler = torch.optim.lr_scheduler.StepLR(model.optimizer, step_size=1, gamma=0.5)
+    used = []
+    probe = LambdaCallback(
+        on_train_batch_begin=lambda b, logs: used.append(model.optimizer.param_groups[0]["lr"])
+    )
+    history = model.fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=60,
+        verbose=0,
+        callbacks=[probe, LearningRateScheduler(scheduler, interval="batch")],
+    )
+    assert used == pytest.approx([0.02, 0.01, 0.005, 0.0025])
+    assert history.history["learning_rate"] == pytest.approx([0.0025])  # not 0.00125
+
+
+class TrackedLoss(torcheras.Model):
+    """Keras's idiom: a Mean tracker on the model, its result returned by train_step."""
+
+    def __init__(self):
+        super().__init__(nn.Linear(2, 1))
+        self.loss_tracker = metrics.Mean(name="loss")
+        self.seen = []
+
+    def train_step(self, batch):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.optimizer.zero_grad()
+        self.backward(loss)
+        self.optimizer.step()
+        self.loss_tracker.update_state(loss.detach(), sample_weight=len(x))
+        self.seen.append((float(loss), len(x)))
+        return {"loss": self.loss_tracker.result(), "lr_x10": torch.tensor(10.0)}
+
+
+def test_a_train_step_returning_tracker_results_logs_the_trackers_result():
+    x, y = torch.randn(50, 2), torch.randn(50, 1)
+    model = TrackedLoss()
+    model.compile(torch.optim.SGD(model.parameters(), lr=0.5), device="cpu")
+    assert model.loss_tracker in model.metrics
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    per_epoch = [model.seen[:7], model.seen[7:]]
+    for logged, batches in zip(history.history["loss"], per_epoch):  # reset each epoch
+        true_mean = sum(v * n for v, n in batches) / sum(n for _, n in batches)
+        assert logged == pytest.approx(true_mean, rel=1e-5)
+    assert history.history["lr_x10"] == pytest.approx([10.0, 10.0])  # others: running mean
+
+
+def test_torchmetrics_assigned_to_the_model_are_tracked_and_reset_each_epoch(blobs):
+    torchmetrics = pytest.importorskip("torchmetrics")
+    x, y = blobs
+
+    class WithAccuracy(torcheras.Model):
+        def __init__(self):
+            super().__init__(make_model().module)
+            self.acc = torchmetrics.classification.MulticlassAccuracy(
+                num_classes=3, average="micro"
+            )
+            self.counts = []
+
+        def train_step(self, batch):
+            logs = super().train_step(batch)
+            outputs = self(batch[0]).detach()
+            self.acc.update(outputs, batch[1])
+            self.counts.append((int((outputs.argmax(1) == batch[1]).sum()), len(batch[1])))
+            return {**logs, "acc": self.acc.compute()}
+
+    model = WithAccuracy()
+    model.compile("adam", "sparse_categorical_crossentropy", device="cpu", learning_rate=0.05)
+    history = model.fit(x, y, epochs=2, batch_size=40, verbose=0)
+    for epoch, logged in enumerate(history.history["acc"]):
+        batches = model.counts[6 * epoch : 6 * epoch + 6]  # this epoch's batches only
+        assert logged == pytest.approx(sum(c for c, _ in batches) / 240, rel=1e-6)
+    assert int(model.acc.update_count) == 6  # reset at the second epoch's start
+
+
+def test_metrics_assigned_before_compile_are_listed_once(blobs):
+    model = TrackedLoss()
+    model.compile("sgd", device="cpu")
+    assert [m.name for m in model.metrics] == ["loss"]
+    np.testing.assert_equal(len(model.metrics), 1)
