@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
+from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from torcheras.cli import demo, main
+from torcheras.cli import main
 
 
-def test_demo_trains_digits_to_95_percent_and_says_where_things_are(tmp_path, capsys):
-    accuracy = demo(str(tmp_path), verbose=0)
+def test_the_demo_command_trains_digits_to_95_percent_and_says_where_things_are(tmp_path, capsys):
+    """`torcheras demo`, run as the user runs it: a process, its output, its exit code."""
+    command = Path(sys.executable).parent / "torcheras"
+    argv = [str(command)] if command.exists() else [sys.executable, "-m", "torcheras.cli"]
+    result = subprocess.run(
+        [*argv, "demo", "--out", str(tmp_path), "--verbose", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    accuracy = float(out.split("Test accuracy: ")[1].split()[0])
     assert accuracy >= 0.95
-    out = capsys.readouterr().out
     assert f"Test accuracy: {accuracy:.4f}" in out
     assert f"tensorboard --logdir {tmp_path}/tensorboard" in out
     with open(tmp_path / "log.csv", newline="") as f:

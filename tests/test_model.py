@@ -416,12 +416,25 @@ def test_device_auto_resolves_to_what_is_available():
     assert next(model.parameters()).device.type == expected
 
 
-def test_jit_compile_trains():
+def test_jit_compile_trains_through_torch_compile(monkeypatch):
+    real_compile, compiled_calls = torch.compile, []
+
+    def spy_compile(fn, *args, **kwargs):
+        compiled = real_compile(fn, *args, **kwargs)
+
+        def counted(*a, **k):
+            compiled_calls.append(1)
+            return compiled(*a, **k)
+
+        return counted
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
     model = torcheras.Model(nn.Linear(3, 1))
     model.compile("sgd", "mse", jit_compile=True, device="cpu")
     x = np.random.rand(32, 3).astype("float32")
     history = model.fit(x, x.sum(1, keepdims=True), epochs=3, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
+    assert len(compiled_calls) == 3  # every training batch ran the compiled forward
 
 
 def test_validation_split_on_a_dataset_takes_its_last_samples(blobs):

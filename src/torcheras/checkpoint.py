@@ -124,6 +124,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             errno.ENOSPC: " The disk is full: free space or save elsewhere.",
             errno.EACCES: " Check the folder's permissions or choose another path.",
             errno.EROFS: " The filesystem is read-only: choose another path.",
+            errno.EFBIG: " A file-size limit was reached (ulimit -f): raise it or save less.",
         }.get(cause.errno or 0, "")
         raise CheckpointError(
             cause.errno or errno.EIO,

@@ -19,7 +19,7 @@ def test_verbose_1_shows_epochs_steps_time_and_metrics(capsys, blobs):
     final = [line for line in lines if line.startswith("5/5")]
     assert final, lines
     assert re.search(
-        r"5/5 \[=+\] \d+s \d+(us|ms)/step - accuracy: \d\.\d{4} - learning_rate: "
+        r"5/5 \[=+\] \d+s \d+(us|ms|s)/step - accuracy: \d\.\d{4} - learning_rate: "
         r"0\.0200 - loss: \d\.\d{4} - val_accuracy: \d\.\d{4} - val_loss: \d\.\d{4}",
         final[-1],
     ), final[-1]
@@ -99,7 +99,7 @@ def test_off_a_terminal_verbose_1_prints_each_epoch_line_once_without_carriage_r
     assert len(lines) == 6 and len(set(lines)) == 6
     for line in lines[1::2]:
         assert re.fullmatch(
-            r"5/5 \[=+\] \d+s \d+(us|ms)/step - accuracy: \d\.\d{4} - learning_rate: "
+            r"5/5 \[=+\] \d+s \d+(us|ms|s)/step - accuracy: \d\.\d{4} - learning_rate: "
             r"0\.0200 - loss: \d\.\d{4} - val_accuracy: \d\.\d{4} - val_loss: \d\.\d{4}",
             line,
         ), line

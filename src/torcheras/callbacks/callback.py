@@ -43,6 +43,13 @@ class Callback:
     def model(self, model: Any) -> None:
         self._model = model
 
+    @property
+    def state_key(self) -> str:
+        """The name this callback's state is saved under in a backup (its class name; a
+        second callback of the same class gets ``Name:2``). Override to tell apart two
+        callbacks of one class whose order may change."""
+        return type(self).__name__
+
     def set_model(self, model: Any) -> None:
         self._model = model
 

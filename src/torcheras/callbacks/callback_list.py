@@ -235,12 +235,21 @@ class CallbackList(Callback):
                     return state
         return None
 
+    def _state_keys(self) -> list[str]:
+        """Each callback's ``state_key`` (its class name), numbered when it repeats: a resumed
+        script may add or drop other callbacks and each state still finds its callback."""
+        keys, seen = [], {}
+        for cb in self.callbacks:
+            key = getattr(cb, "state_key", type(cb).__name__)
+            seen[key] = seen.get(key, 0) + 1
+            keys.append(key if seen[key] == 1 else f"{key}:{seen[key]}")
+        return keys
+
     def state_dict(self) -> dict[str, Any]:
-        """Each callback's state, keyed by its class name and position."""
-        return {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)}
+        """Each callback's state, keyed by :meth:`_state_keys`."""
+        return {key: cb.state_dict() for key, cb in zip(self._state_keys(), self.callbacks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for i, cb in enumerate(self.callbacks):
-            key = f"{i}:{type(cb).__name__}"
+        for key, cb in zip(self._state_keys(), self.callbacks):
             if key in state:
                 cb.load_state_dict(state[key])

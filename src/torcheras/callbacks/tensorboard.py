@@ -122,6 +122,7 @@ class TensorBoard(Callback):
         self._writers: dict[str, Any] = {}
         self._own_files: dict[str, list[str]] = {}  # event files this run wrote, per run
         self._in_fit = False
+        self._state: dict[str, Any] = {}
         self._global_step = 0
         self._epochs_logged = 0
         self._trim: tuple[int, int, int] | None = None
@@ -188,6 +189,7 @@ class TensorBoard(Callback):
         self._in_fit = True
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.state_dict()  # keep the final position for a state_dict() after fit
         self._close()
         self._in_fit = False
 
@@ -403,7 +405,12 @@ class TensorBoard(Callback):
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        loop = getattr(self.model, "loop", None)
+        if not self._in_fit:  # what was captured or loaded last (outside fit, no loop to read)
+            return dict(self._state) if self._state else self._own_state(None)
+        self._state = self._own_state(getattr(self.model, "loop", None))
+        return dict(self._state)
+
+    def _own_state(self, loop: Any) -> dict[str, Any]:
         step = loop.global_step if loop is not None else self._global_step
         # Validation of the current epoch is logged at this step too, but only once the epoch
         # is done; a backup taken before that must not keep it.
@@ -422,6 +429,7 @@ class TensorBoard(Callback):
         self._global_step = state["global_step"]
         self._epochs_logged = state["epochs_logged"]
         self._own_files = {run: list(names) for run, names in state.get("files", {}).items()}
+        self._state = dict(state)
         self._trim = (self._epochs_logged, self._global_step, state["evaluated_step"])
 
 
