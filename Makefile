@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench mutate clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/overhead.py --markdown
+
+# Mutation testing on model.py, logs.py, data.py and callbacks/ (slow: hours; not in CI).
+mutate: $(VENV)/.installed
+	PYTHON=$(abspath $(PY)) tools/mutate.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -145,6 +145,9 @@ def test_preemption_writes_a_backup_at_the_current_batch(tmp_path, reference, ho
     assert (state["epoch"], state["batch"], state["global_step"]) == (2, 3, 23)
     with open(tmp_path / "log.csv", newline="") as f:
         assert len(list(csv.reader(f))) == 3  # header + 2 epochs, flushed and closed
+    # TensorBoard closed its files: the batch scalars since the last epoch's flush are there
+    batch_steps = [step for step, _ in _scalars(tmp_path / "tb" / "train")["batch_loss"]]
+    assert batch_steps == list(range(3, 24, 3))
     assert run(tmp_path, "--save-freq", "epoch").returncode == 0
     assert_same_as_reference(tmp_path, reference, trained_before=23)
 
