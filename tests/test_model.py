@@ -65,7 +65,8 @@ def test_predict_numpy_in_numpy_out_tensor_in_tensor_out(blobs):
     assert isinstance(out, np.ndarray) and out.shape == (240, 3)
     out_t = model.predict(torch.from_numpy(x), verbose=0)
     assert isinstance(out_t, torch.Tensor) and out_t.device.type == "cpu"
-    np.testing.assert_allclose(out, out_t.numpy(), rtol=1e-6)
+    # batches of 7 and of 32: float32 matmuls of other shapes differ in the last bits
+    np.testing.assert_allclose(out, out_t.numpy(), rtol=1e-5, atol=1e-6)
     assert model.training  # predict restores the mode
 
 
@@ -249,6 +250,18 @@ def test_learning_rate_property_keeps_the_ratio_between_groups():
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.01), pytest.approx(0.02)]
 
 
+def test_a_tensor_learning_rate_stays_a_tensor():
+    model = torcheras.Model(nn.Linear(2, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    model.compile(opt, "mse", device="cpu")
+    rate = opt.param_groups[0]["lr"]
+    model.learning_rate = 0.004
+    assert opt.param_groups[0]["lr"] is rate and float(rate) == pytest.approx(0.004)
+    history = model.fit(np.ones((4, 2), "float32"), np.ones((4, 1), "float32"), verbose=0)
+    assert history.history["learning_rate"] == [pytest.approx(0.004)]
+    assert type(history.history["learning_rate"][0]) is float
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -341,7 +354,10 @@ def test_load_weights_accepts_a_plain_torch_state_dict(tmp_path, blobs):
     model = make_model()
     model.load_weights(tmp_path / "plain.pt")
     np.testing.assert_allclose(
-        model.predict(x, verbose=0), net(torch.from_numpy(x)).detach().numpy(), rtol=1e-6
+        model.predict(x, verbose=0),
+        net(torch.from_numpy(x)).detach().numpy(),
+        rtol=1e-5,  # batches of 32 against one batch of 240: float32 reality
+        atol=1e-6,
     )
     with pytest.raises(ValueError, match="do not fit this model"):
         make_model(n_in=5).load_weights(tmp_path / "plain.pt")
