@@ -294,7 +294,7 @@ def test_hand_written_loop_driven_by_callback_list():
     assert batch_end[0] == ("on_train_batch_end", 0, ["loss"])
 
 
-def test_state_dict_roundtrip_of_every_callback():
+def test_state_dict_roundtrip_of_a_callback_list():
     cbs = CallbackList(
         [EarlyStopping(monitor="loss")], add_history=True, model=make_model(), epochs=3
     )
