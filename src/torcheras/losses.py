@@ -234,9 +234,12 @@ _PROBABILITY_LOSSES = {kl_divergence}
 
 
 class _KerasCrossentropy:
-    """Base of the Keras-style cross-entropy objects: ``from_logits`` as in Keras (False)."""
+    """Base of the Keras-style cross-entropy objects: ``from_logits`` as in Keras (False),
+    ``label_smoothing`` spreading that much of each target evenly over the classes."""
 
     target = "binary"
+    _on_logits: Callable[[Tensor, Tensor], Tensor] = staticmethod(binary_crossentropy)
+    _on_probabilities: Callable[[Tensor, Tensor], Tensor] = staticmethod(_binary_crossentropy_probs)
 
     def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0) -> None:
         if not 0.0 <= float(label_smoothing) <= 1.0:
@@ -246,6 +249,18 @@ class _KerasCrossentropy:
             )
         self.from_logits = bool(from_logits)
         self.label_smoothing = float(label_smoothing)
+
+    def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
+        if self.target == "binary":
+            y_true = _match_shape(y_pred, y_true)
+        elif self.target == "categorical":
+            y_true = y_true.to(y_pred.dtype)
+        if self.label_smoothing:
+            classes = 2 if self.target == "binary" else y_pred.shape[-1]
+            smoothing = self.label_smoothing
+            y_true = y_true * (1.0 - smoothing) + smoothing / classes
+        fn = self._on_logits if self.from_logits else self._on_probabilities
+        return fn(y_pred, y_true)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(from_logits={self.from_logits})"
@@ -261,14 +276,6 @@ class BinaryCrossentropy(_KerasCrossentropy):
 
     __name__ = "binary_crossentropy"
 
-    def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
-        y_true = _match_shape(y_pred, y_true)
-        if self.label_smoothing:
-            y_true = y_true * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
-        if self.from_logits:
-            return binary_crossentropy(y_pred, y_true)
-        return _binary_crossentropy_probs(y_pred, y_true)
-
 
 class CategoricalCrossentropy(_KerasCrossentropy):
     """Keras's ``CategoricalCrossentropy`` (one-hot targets); probabilities by default.
@@ -280,15 +287,8 @@ class CategoricalCrossentropy(_KerasCrossentropy):
 
     __name__ = "categorical_crossentropy"
     target = "categorical"
-
-    def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
-        y_true = y_true.to(y_pred.dtype)
-        if self.label_smoothing:
-            classes = y_pred.shape[-1]
-            y_true = y_true * (1.0 - self.label_smoothing) + self.label_smoothing / classes
-        if self.from_logits:
-            return categorical_crossentropy(y_pred, y_true)
-        return _categorical_crossentropy_probs(y_pred, y_true)
+    _on_logits = staticmethod(categorical_crossentropy)
+    _on_probabilities = staticmethod(_categorical_crossentropy_probs)
 
 
 class SparseCategoricalCrossentropy(_KerasCrossentropy):
@@ -301,14 +301,11 @@ class SparseCategoricalCrossentropy(_KerasCrossentropy):
 
     __name__ = "sparse_categorical_crossentropy"
     target = "sparse"
+    _on_logits = staticmethod(sparse_categorical_crossentropy)
+    _on_probabilities = staticmethod(_sparse_categorical_crossentropy_probs)
 
     def __init__(self, from_logits: bool = False) -> None:
         super().__init__(from_logits)
-
-    def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
-        if self.from_logits:
-            return sparse_categorical_crossentropy(y_pred, y_true)
-        return _sparse_categorical_crossentropy_probs(y_pred, y_true)
 
 
 # ---- one compiled loss: reduction, sample weights, first-batch checks -----------------------
