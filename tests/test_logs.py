@@ -4,6 +4,8 @@ used, and a custom train_step's metric results are logged as results."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +206,55 @@ def test_metrics_assigned_before_compile_are_listed_once(blobs):
     model.compile("sgd", device="cpu")
     assert [m.name for m in model.metrics] == ["loss"]
     np.testing.assert_equal(len(model.metrics), 1)
+
+
+class ReturnsOddValues(torcheras.Model):
+    """A train_step returning a Python float and a per-sample vector besides the loss."""
+
+    def __init__(self):
+        super().__init__(nn.Linear(2, 1))
+
+    def train_step(self, batch):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.optimizer.zero_grad()
+        self.backward(loss)
+        self.optimizer.step()
+        return {"size": float(len(x)), "first_feature": x[:, 0]}
+
+
+def test_returned_python_floats_and_vectors_are_averaged_over_samples():
+    x = torch.arange(10, dtype=torch.float32).reshape(5, 2)  # batches of 2, 2 and 1 samples
+    model = ReturnsOddValues()
+    model.compile("sgd", device="cpu")
+    history = model.fit(x, torch.zeros(5, 1), batch_size=2, shuffle=False, verbose=0)
+    # sizes 2, 2, 1 weighted by the batch sizes: (2*2 + 2*2 + 1*1) / 5
+    assert history.history["size"] == [pytest.approx(9 / 5)]
+    # a vector is reduced to its mean first: batch means 1, 5, 8, weighted 2, 2, 1
+    assert history.history["first_feature"] == [pytest.approx((2 * 1 + 2 * 5 + 8) / 5)]
+
+
+def test_tensor_to_python_conversions_do_not_grow_with_the_number_of_batches(blobs, monkeypatch):
+    """Every way torcheras's code turns a tensor into a Python number is counted (torch's
+    own optimizer reads its step counter, as in a raw loop): fit reads the device once per
+    epoch, whatever the number of batches, when no callback reads the batch logs."""
+    x, y = blobs
+    counts = []
+    source = str(Path(torcheras.__file__).parent)
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(source):
+                counts.append(1)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def conversions(batch_size):
+        counts.clear()
+        make_model().fit(x, y, epochs=2, batch_size=batch_size, verbose=0)
+        return len(counts)
+
+    few, many = conversions(120), conversions(10)  # 2 batches per epoch, then 24
+    assert few == many and few <= 6
