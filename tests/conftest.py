@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,8 +18,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
+    """Every test starts from the same RNG states, whatever ran before it."""
     torch.manual_seed(0)
     np.random.seed(0)
+    random.seed(0)
 
 
 @pytest.fixture

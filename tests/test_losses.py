@@ -370,7 +370,8 @@ def test_a_sigmoid_network_with_a_logits_loss_warns_once_with_the_fix():
     model = torcheras.Model(_sigmoid_net())
     model.compile("adam", "binary_crossentropy", metrics=["accuracy"], device="cpu")
     with pytest.warns(
-        UserWarning, match=r"expects logits.*BinaryCrossentropy\(from_logits=False\)"
+        UserWarning,
+        match=r"expects logits.*as a sigmoid's are.*BinaryCrossentropy\(from_logits=False\)",
     ) as rec:
         model.fit(x, y, epochs=2, verbose=0)
     assert sum("expects logits" in str(w.message) for w in rec) == 1

@@ -139,7 +139,10 @@ def _as_tensor(value: Any, name: str) -> torch.Tensor:
                 "them first (class indices, one-hot or embeddings ids) and pass a numeric "
                 "numpy array, a tensor, a Dataset or a DataLoader."
             )
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # e.g. pandas' read-only views: torch wants to own it
+            array = array.copy()
+        tensor = torch.from_numpy(array)
     if tensor.is_floating_point() and tensor.dtype == torch.float64:
         tensor = tensor.to(torch.get_default_dtype())  # numpy's float64 -> float32, as Keras does
     if tensor.dim() == 0:

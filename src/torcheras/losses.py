@@ -506,16 +506,16 @@ def _warn_if_probabilities(name: str, target: str | None, y_pred: Tensor) -> Non
             f"torcheras.losses.{_OBJECT_FOR.get(name, 'CategoricalCrossentropy')}"
             "(from_logits=False)"
         )
-        what = "rows that sum to 1 (a softmax?)"
+        what = "rows that sum to 1, as a softmax's do"
     else:
         fix = (
             "remove the final sigmoid (recommended), or compile with "
             "torcheras.losses.BinaryCrossentropy(from_logits=False)"
         )
-        what = "values in [0, 1] (a sigmoid?)"
+        what = "in [0, 1], as a sigmoid's are"
     warnings.warn(
         f"The loss {name!r} expects logits, but the model's outputs on the first batch are "
-        f"all {what}: training will go badly. To fix it, {fix}.",
+        f"all {what}. If the network ends with one, training will go badly: {fix}.",
         UserWarning,
         stacklevel=4,
     )
