@@ -16,6 +16,13 @@ import torcheras
 torch.set_num_threads(1)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-randomly shuffles the order; it must not reseed numpy and random to the session's
+    seed: each test seeds every RNG itself (below), so its data never depends on the order."""
+    if hasattr(config.option, "randomly_reset_seed"):
+        config.option.randomly_reset_seed = False
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Every test starts from the same RNG states, whatever ran before it."""

@@ -56,9 +56,6 @@ class RunningMeans:
         """The means as Python floats; one device-to-host copy for all tensor values."""
         return dict(zip(self._totals, _as_floats(self.result_tensors())))
 
-    def result_tensor(self, key: str) -> torch.Tensor | float:
-        return self._totals[key] / self._weights[key]
-
     def result_tensors(self) -> list[torch.Tensor | float]:
         return [total / self._weights[key] for key, total in self._totals.items()]
 
