@@ -8,8 +8,10 @@ The two sides do equal work. With the typical callbacks, the raw loop does by ha
 do: a running mean of the training loss, a finiteness check of each batch's loss
 (TerminateOnNaN), a validation pass, plateau and early-stopping bookkeeping, a CSV row per
 epoch, and an atomic save (temp file, fsync, rename) of the same content (weights, optimizer
-state, epoch, logs) each time the validation loss improves. The number of saves is counted on
-both sides and must agree; a callback missing from torcheras fails the benchmark.
+state, epoch, logs) every epoch. (Saving only improvements would make the two sides save a
+different number of times: their shuffles differ, so their validation losses do.) The number
+of saves is counted on both sides and must agree; a callback missing from torcheras fails the
+benchmark.
 
     python benchmarks/overhead.py              # all settings
     python benchmarks/overhead.py --quick      # fewer repeats
@@ -114,18 +116,11 @@ class RawLoop:
         }
         improved = val_loss < self.best
         self.wait = 0 if improved else self.wait + 1  # EarlyStopping / ReduceLROnPlateau
+        self.best = min(self.best, val_loss)
         with open(os.path.join(self.folder, "raw.csv"), "a", newline="") as f:
             csv.writer(f).writerow([self.epoch, *logs.values()])
-        if improved:
-            self.best = val_loss
-            self._save(
-                {
-                    "model": self.net.state_dict(),
-                    "optimizer": self.opt.state_dict(),
-                    "epoch": self.epoch,
-                    "logs": logs,
-                }
-            )
+        state = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict()}
+        self._save({**state, "epoch": self.epoch, "logs": logs})
 
     def _save(self, state: dict[str, Any]) -> None:
         path = os.path.join(self.folder, "raw.pt")
@@ -230,10 +225,10 @@ def typical_callbacks(folder: str) -> list[cb.Callback]:
     """The typical set; every one must exist (a missing callback fails the benchmark).
 
     EarlyStopping's and ReduceLROnPlateau's patience is large so that training runs its
-    epochs, as the raw loop's bookkeeping does."""
+    epochs, as the raw loop's bookkeeping does; ModelCheckpoint saves every epoch."""
     return [
         cb.EarlyStopping(patience=10_000),
-        cb.ModelCheckpoint(os.path.join(folder, "best.pt"), save_best_only=True),
+        cb.ModelCheckpoint(os.path.join(folder, "last.pt")),  # every epoch, as the raw loop
         cb.ReduceLROnPlateau(patience=10_000),
         cb.CSVLogger(os.path.join(folder, "log.csv"), append=True),
         cb.TerminateOnNaN(),
