@@ -258,3 +258,29 @@ def test_tensor_to_python_conversions_do_not_grow_with_the_number_of_batches(blo
 
     few, many = conversions(120), conversions(10)  # 2 batches per epoch, then 24
     assert few == many and few <= 6
+
+
+def test_a_torchmetrics_result_in_batch_logs_is_computed_only_when_read(blobs):
+    """An expensive compute (AUROC...) must not run every batch because a progress bar or
+    another callback takes the batch logs; a kept snapshot still shows its own batch."""
+    torchmetrics = pytest.importorskip("torchmetrics")
+    x, y = blobs
+    computes = []
+
+    class CountingAccuracy(torchmetrics.classification.MulticlassAccuracy):
+        def compute(self):
+            computes.append(1)
+            return super().compute()
+
+    accuracy = CountingAccuracy(num_classes=3, average="micro")
+    model = make_model(metrics=[accuracy])
+    keep, read = KeepLogs(), {}
+    probe = LambdaCallback(
+        on_train_batch_end=lambda b, logs: (
+            read.__setitem__(b, logs["counting_accuracy"]) if b == 2 else None
+        )
+    )
+    model.fit(x, y, epochs=1, batch_size=30, verbose=0, callbacks=[keep, probe])
+    assert len(computes) == 2  # batch 2's read, and the epoch's result; not 8 times
+    assert keep.kept[2]["counting_accuracy"] == read[2]  # read again later: same value
+    assert keep.kept[5]["counting_accuracy"] != pytest.approx(0.0)

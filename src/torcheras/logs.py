@@ -115,6 +115,11 @@ def to_float_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _resolve(value: Any) -> Any:
+    """A snapshot value: a tensor or number, or a deferred metric result (a callable)."""
+    return value() if callable(value) else value
+
+
 class BatchLogs(MutableMapping[str, Any]):
     """The logs of one batch: a snapshot of its values, read from the device on first read.
 
@@ -134,7 +139,8 @@ class BatchLogs(MutableMapping[str, Any]):
 
     def _materialize(self) -> dict[str, Any]:
         if self._values is None:
-            self._values = dict(zip(self._snapshot, _as_floats(list(self._snapshot.values()))))
+            values = [_resolve(v) for v in self._snapshot.values()]
+            self._values = dict(zip(self._snapshot, _as_floats(values)))
         return self._values
 
     def _has(self, key: object) -> bool:
@@ -181,7 +187,7 @@ class BatchLogs(MutableMapping[str, Any]):
             return self._extra[key]
         if not self._has(key):
             raise KeyError(key)
-        return self._snapshot[key]
+        return _resolve(self._snapshot[key])
 
     @property
     def materialized(self) -> bool:
@@ -225,13 +231,21 @@ class LogCollector:
             logs = rest
         self.means.add(logs, weight)
 
-    def values(self) -> dict[str, Any]:
-        """The current values, as device tensors or floats (no synchronisation)."""
+    def values(self, deferred: bool = False) -> dict[str, Any]:
+        """The current values, as device tensors or floats (no synchronisation). ``deferred``:
+        a metric that can snapshot its state (torchmetrics) gives a callable computing its
+        result as of now, so nothing is computed unless somebody reads it."""
+
+        def current(metric: Any) -> Any:
+            if deferred and hasattr(metric, "snapshot"):
+                return metric.snapshot()
+            return metric.result()
+
         out: dict[str, Any] = dict(zip(self.means.keys(), self.means.result_tensors()))
         for metric in self.metrics:
-            out[metric.name] = metric.result()
+            out[metric.name] = current(metric)
         for key in self.returned:
-            out[key] = self.tracked[key].result()
+            out[key] = current(self.tracked[key])
         return out
 
     def result(self) -> dict[str, float]:
@@ -240,7 +254,7 @@ class LogCollector:
         return dict(sorted(zip(values, _as_floats(list(values.values())))))
 
     def snapshot(self) -> BatchLogs:
-        return BatchLogs(self.values())
+        return BatchLogs(self.values(deferred=True))
 
     def state_dict(self) -> dict[str, Any]:
         return {

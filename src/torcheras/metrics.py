@@ -173,6 +173,31 @@ class TorchMetric(Metric):
     def result(self) -> Tensor | float:
         return self.metric.compute()
 
+    def snapshot(self) -> Callable[[], Any]:
+        """The result as of now, computed only if read: the state is copied (device copies,
+        no read), so a per-batch snapshot never runs an expensive ``compute`` (AUROC...)."""
+        metric = self.metric
+        state = {
+            k: v.clone() if isinstance(v, Tensor) else list(v)
+            for k in metric._defaults
+            for v in [getattr(metric, k)]
+        }
+
+        def compute() -> Any:
+            current = {k: getattr(metric, k) for k in state}
+            cached = metric._computed
+            try:
+                for k, v in state.items():
+                    setattr(metric, k, v)
+                metric._computed = None
+                return metric.compute()
+            finally:
+                for k, v in current.items():
+                    setattr(metric, k, v)
+                metric._computed = cached
+
+        return compute
+
     def reset(self) -> None:
         self.metric.reset()
 
