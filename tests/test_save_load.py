@@ -35,6 +35,7 @@ def test_save_and_load_continue_training_identically(tmp_path, blobs, compiled):
         model.scheduler.step()
         model.scheduler.step()
     model.save(tmp_path / "model.pt")
+    moments = {k: v["exp_avg"].clone() for k, v in model.optimizer.state_dict()["state"].items()}
     expected = _continue(model, x, y)
 
     fresh = torcheras.Model(make_model().module)  # same network, other weights
@@ -44,7 +45,10 @@ def test_save_and_load_continue_training_identically(tmp_path, blobs, compiled):
     fresh.load(tmp_path / "model.pt")
     assert fresh.metrics_names == ["loss", "accuracy"]
     assert type(fresh.optimizer) is torch.optim.Adam
-    assert fresh.optimizer.state_dict()["state"]  # Adam's moments came back
+    loaded = fresh.optimizer.state_dict()["state"]  # Adam's moments came back
+    assert loaded.keys() == moments.keys() and len(moments) == 4
+    for key, moment in moments.items():
+        assert torch.equal(loaded[key]["exp_avg"], moment)
     if compiled:
         assert fresh.scheduler.last_epoch == 2
         assert fresh.learning_rate == pytest.approx(0.02 * 0.25)
