@@ -310,3 +310,23 @@ def test_evaluate_from_a_callback_during_fit_is_allowed(blobs):
     model = make_model()
     model.fit(x, y, epochs=2, verbose=0, callbacks=[probe])
     assert len(results) == 2
+
+
+def test_validation_with_validation_steps_restarts_from_the_first_batch_each_time():
+    x = torch.arange(40, dtype=torch.float32).reshape(40, 1).repeat(1, 8)
+    loader = DataLoader(TensorDataset(x, torch.zeros(40, dtype=torch.long)), batch_size=4)
+    seen = []
+    model = make_model()
+    probe = LambdaCallback(on_test_batch_begin=lambda b, logs: seen.append(b))
+    history = model.fit(
+        x[:8],
+        torch.zeros(8, dtype=torch.long),
+        epochs=3,
+        verbose=0,
+        validation_data=loader,
+        validation_steps=2,
+        callbacks=[probe],
+    )
+    first_two = model.evaluate(x[:8], torch.zeros(8, dtype=torch.long), verbose=0, return_dict=True)
+    assert seen == [0, 1] * 3
+    assert history.history["val_loss"][-1] == pytest.approx(first_two["loss"], rel=1e-5)

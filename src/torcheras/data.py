@@ -314,7 +314,7 @@ class IterableSource:
         self.iterable = iterable
         self.is_iterator = iter(iterable) is iterable if hasattr(iterable, "__iter__") else False
         self.name = name
-        self.continues = steps is not None  # steps_per_epoch: epochs continue the pass
+        self.continues = False  # set by fit for training with steps_per_epoch
         known = _safe_len(iterable)
         self.steps = steps if steps is not None else known
         self._iterator: Iterator[Any] | None = None
@@ -611,6 +611,8 @@ def make_fit_sources(
         steps=steps_per_epoch,
         need_y=need_y,
     )
+    if isinstance(train, IterableSource):  # Keras: epochs continue the pass (validation restarts)
+        train.continues = steps_per_epoch is not None
     if class_weight is not None and not isinstance(train, ArraySource):
         raise ValueError(
             "`class_weight` works with array or tensor inputs. With a Dataset, a DataLoader or "
