@@ -141,6 +141,15 @@ def test_a_torch_scheduler_stepped_per_batch_logs_the_rate_it_used(blobs):
     assert history.history["learning_rate"] == pytest.approx([0.0025])  # not 0.00125
 
 
+def _mse_step(model, x, y):
+    """One plain optimisation step of a custom train_step; returns the loss."""
+    loss = nn.functional.mse_loss(model(x), y)
+    model.optimizer.zero_grad()
+    model.backward(loss)
+    model.optimizer.step()
+    return loss
+
+
 class TrackedLoss(torcheras.Model):
     """Keras's idiom: a Mean tracker on the model, its result returned by train_step."""
 
@@ -151,10 +160,7 @@ class TrackedLoss(torcheras.Model):
 
     def train_step(self, batch):
         x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.optimizer.zero_grad()
-        self.backward(loss)
-        self.optimizer.step()
+        loss = _mse_step(self, x, y)
         self.loss_tracker.update_state(loss.detach(), sample_weight=len(x))
         self.seen.append((float(loss), len(x)))
         return {"loss": self.loss_tracker.result(), "lr_x10": torch.tensor(10.0)}
@@ -216,10 +222,7 @@ class ReturnsOddValues(torcheras.Model):
 
     def train_step(self, batch):
         x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.optimizer.zero_grad()
-        self.backward(loss)
-        self.optimizer.step()
+        _mse_step(self, x, y)
         return {"size": float(len(x)), "first_feature": x[:, 0]}
 
 

@@ -453,8 +453,6 @@ class Model(nn.Module):
         initial_epoch = data.as_int(initial_epoch, "initial_epoch")
         if steps_per_epoch is not None:
             steps_per_epoch = data.as_int(steps_per_epoch, "steps_per_epoch", minimum=1)
-        if isinstance(validation_freq, numbers.Integral):
-            validation_freq = data.as_int(validation_freq, "validation_freq", minimum=1)
         train_source, val_source = data.make_fit_sources(
             x,
             y,
@@ -606,7 +604,7 @@ class Model(nn.Module):
 
     @staticmethod
     def _should_validate(epoch: int, validation_freq: int | Sequence[int]) -> bool:
-        if isinstance(validation_freq, int):
+        if isinstance(validation_freq, numbers.Integral):  # checked by make_fit_sources
             return (epoch + 1) % validation_freq == 0
         return epoch + 1 in validation_freq
 
