@@ -5,6 +5,11 @@ flushed and fsynced, then ``os.replace``d over the target and the folder fsynced
 killed at any point leaves either the old file or the new one, never a truncated one.
 Every file is read with ``torch.load(weights_only=True)`` (or safetensors), so a checkpoint
 cannot run code when it is loaded.
+
+Callbacks that save during training (ModelCheckpoint, BackupAndRestore) write in the
+background: :func:`save_in_background` copies the state (training waits for the copy only),
+then one writer thread writes it. A second save waits for the first; ``fit`` returns, or its
+exception leaves, only once the last write has landed or failed (:func:`wait_for_writes`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import pickle
 import random
 import re
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -24,7 +30,7 @@ from typing import IO, Any
 
 import torch
 
-from torcheras.data import to_cpu
+from torcheras.data import map_tensors, to_cpu
 
 __all__ = [
     "CheckpointError",
@@ -33,6 +39,9 @@ __all__ = [
     "FORMAT",
     "atomic_write",
     "save",
+    "save_in_background",
+    "snapshot",
+    "wait_for_writes",
     "load",
     "save_weights",
     "load_weights_into",
@@ -139,6 +148,66 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             if stale.stat().st_mtime < _PROCESS_START:
                 stale.unlink()
     return target
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are new CPU tensors: training may go on changing the
+    originals (weights, optimizer moments) while the copy is written."""
+    return map_tensors(lambda t: t.detach().to("cpu", copy=True), obj)
+
+
+class _Writer:
+    """One background thread that writes files in order, and remembers a failure."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._what = ""
+
+    def submit(self, write: Callable[[], Any], what: str) -> None:
+        self.wait()  # one write at a time, in order; an earlier failure raises here
+        self._what = what
+        self._thread = threading.Thread(
+            target=self._run, args=(write,), name="torcheras-checkpoint-writer"
+        )
+        self._thread.start()
+
+    def _run(self, write: Callable[[], Any]) -> None:
+        try:
+            write()
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+_WRITER = _Writer()
+
+
+def save_in_background(write: Callable[[], Any], what: str = "checkpoint") -> None:
+    """Run ``write`` (which writes files from a snapshot it holds) on the writer thread,
+    after the previous write has finished. Raises the previous write's error, if any."""
+    _WRITER.submit(write, what)
+
+
+def wait_for_writes(during: BaseException | None = None) -> None:
+    """Block until the background write in progress has landed; raise its error. Given the
+    exception already leaving ``fit`` (``during``), a failed write is added to it as a note
+    instead, so the original error is never masked."""
+    if during is None:
+        _WRITER.wait()
+        return
+    try:
+        _WRITER.wait()
+    except BaseException as exc:
+        if hasattr(during, "add_note"):
+            during.add_note(f"(a checkpoint written in the background also failed: {exc!r})")
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:
@@ -273,11 +342,13 @@ def save_model(
     weights_only: bool,
     epoch: int | None = None,
     logs: Mapping[str, Any] | None = None,
+    background: bool = False,
 ) -> Path:
     """Save a model (a torcheras Model or any nn.Module) for ModelCheckpoint and friends.
 
     Weights only: the state_dict (safetensors for ``.safetensors`` names). Otherwise a full
     checkpoint: weights, optimizer state, the epoch (0-based) and that epoch's logs.
+    ``background``: copy the state now, write it on the writer thread.
     """
     weights = model.state_dict()
     meta: dict[str, Any] = {}
@@ -285,21 +356,28 @@ def save_model(
         meta["epoch"] = epoch
     plain_logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float, str))}
     if weights_only:
-        return save_weights(
-            weights, path, {**meta, "logs": plain_logs} if not is_safetensors(path) else meta
-        )
+        meta = {**meta, "logs": plain_logs} if not is_safetensors(path) else meta
+        if background:
+            copy = snapshot(weights)
+            save_in_background(lambda: save_weights(copy, path, meta), str(path))
+            return Path(path)
+        return save_weights(weights, path, meta)
     state: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "kind": "checkpoint",
-        "model": to_cpu(weights),
+        "model": weights,
         **meta,
         "logs": plain_logs,
     }
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None:
-        state["optimizer"] = to_cpu(optimizer.state_dict())
-    return save(state, path)
+        state["optimizer"] = optimizer.state_dict()
+    if background:
+        copy = snapshot(state)
+        save_in_background(lambda: save(copy, path), str(path))
+        return Path(path)
+    return save(to_cpu(state), path)
 
 
 # ---- training state: everything an exact resume needs ------------------------------------------
@@ -412,7 +490,7 @@ def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
         "created": time.time(),
         "epoch": loop.epoch + 1 if done else loop.epoch,
         "batch": 0 if done else loop.batch + 1,
-        "global_step": loop.global_step,
+        **loop.counters(),
         **capture_model_state(model),
         "callbacks": to_cpu(callbacks.state_dict()),
         "rng": rng_state(),
@@ -423,7 +501,7 @@ def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
         state["data"] = source.state_dict()
     if not done:
         state["order"] = loop.order
-        state["collector"] = model.train_logs.state_dict()
+        state["collector"] = loop.collector.state_dict()
         state["batch_lrs"] = list(loop.batch_lrs)
     return state
 

@@ -1,4 +1,4 @@
-"""Where the training loop is: the position callbacks read and backups record."""
+"""Where the training loop is: the one owner of the counters callbacks read and backups record."""
 
 from __future__ import annotations
 
@@ -11,18 +11,31 @@ __all__ = ["LoopState"]
 
 
 class LoopState:
-    """Where the training loop is: read by callbacks (``model.loop``), cheap to update.
+    """Where the training loop is (``model.loop``): read it instead of counting hook calls.
 
-    ``epoch`` and ``batch`` are 0-based; ``global_step`` counts the training batches run in
-    this fit (resumed runs included); ``order`` is the epoch's sample order; ``current_batch``
-    is the batch being trained on (on the device); ``batch_lrs`` the learning rate each batch
-    of the epoch used (first param group), so the epoch logs show a rate really used.
+    Counters (0-based positions, counts since the start of ``fit``, resumed runs included):
+
+    - ``epoch``, ``batch``: the current epoch and training batch (as the hooks receive them).
+    - ``global_step``: the training batches run (each micro-batch counts once).
+    - ``optimizer_steps``: the optimizer updates applied. Equal to ``global_step`` unless
+      ``gradient_accumulation_steps`` > 1.
+    - ``micro_step``: the batch's place in its accumulation group (always 0 without
+      accumulation); ``accumulating`` is True while the group is not complete, so the
+      optimizer does not step after this batch.
+
+    Also: ``order`` (the epoch's sample order), ``current_batch`` (the batch on the device),
+    ``batch_lrs`` (the rate each batch used), ``last_logs`` (the last epoch's logs),
+    ``callbacks`` (the running ``CallbackList``) and ``collector`` (the epoch's running logs).
     """
 
     __slots__ = (
         "epoch",
         "batch",
         "global_step",
+        "optimizer_steps",
+        "micro_step",
+        "accumulating",
+        "group_size",
         "order",
         "current_batch",
         "epoch_done",
@@ -30,12 +43,19 @@ class LoopState:
         "train_source",
         "last_logs",
         "pending",
+        "end_of_batches",
+        "callbacks",
+        "collector",
     )
 
     def __init__(self) -> None:
         self.epoch = 0
         self.batch = -1
         self.global_step = 0
+        self.optimizer_steps = 0
+        self.micro_step = 0
+        self.accumulating = False
+        self.group_size = 1  # micro-batches in the current group (less than N for the last)
         self.order: Tensor | None = None
         self.current_batch: Any = None
         self.epoch_done = False
@@ -43,8 +63,15 @@ class LoopState:
         self.train_source: Any = None
         self.last_logs: dict[str, Any] = {}
         self.pending: list[Callable[[], None]] = []
+        self.end_of_batches: list[Callable[[], None]] = []
+        self.callbacks: Any = None
+        self.collector: Any = None
 
     def run_pending(self) -> None:
         """Run the work callbacks asked for at this batch boundary (backups), in order."""
         while self.pending:
             self.pending.pop(0)()
+
+    def counters(self) -> dict[str, int]:
+        """The counters a backup records."""
+        return {"global_step": self.global_step, "optimizer_steps": self.optimizer_steps}

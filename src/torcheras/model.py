@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torcheras import checkpoint, data, losses, optimizers
+from torcheras import checkpoint, data, loops, losses, optimizers
 from torcheras import metrics as metrics_lib
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.callbacks.history import History
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
+from torcheras.precision import Precision
 
 __all__ = ["Model", "resolve_device"]
 
@@ -34,6 +35,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
+
+
+def _call(fn: Callable[..., Any], x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return fn(**x)
+    if isinstance(x, (tuple, list)):
+        return fn(*x)
+    return fn(x)
 
 
 def _check_verbose(verbose: Any) -> None:
@@ -77,12 +86,15 @@ class Model(nn.Module):
         self.device = torch.device("cpu")
         self._is_compiled = False
         self._compile_config: dict[str, Any] = {}
-        self._callbacks: CallbackList | None = None
         self._fitting = False
         self._check_first_batch = False
         self.loop = LoopState()
         self._initial_epoch: int | None = None
-        self._forward_fn: Callable[..., Any] | None = None
+        self.precision = Precision("32")
+        self.scaler: torch.amp.GradScaler | None = None
+        self.gradient_accumulation_steps = 1
+        self.jit_compile = False
+        self._compiled: _CompiledStep | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         module = self._modules.get("module")
@@ -103,13 +115,19 @@ class Model(nn.Module):
         weighted_metrics: Sequence[Any] | None = None,
         learning_rate: float | None = None,
         device: str | torch.device = "auto",
+        precision: str = "32",
         jit_compile: bool = False,
+        clipnorm: float | None = None,
+        global_clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        gradient_accumulation_steps: int = 1,
     ) -> None:
         """Configure training.
 
         Args:
-            optimizer: a name (``"adam"``, ``"sgd"``, ...; Keras's defaults), a
-                ``torch.optim.Optimizer``, or a callable taking the parameters.
+            optimizer: a name (``"adam"``, ``"sgd"``, ...; Keras's defaults, torch's fused
+                kernels on CUDA), a ``torch.optim.Optimizer``, or a callable taking the
+                parameters.
             loss: a Keras or torch loss name, a Keras loss object
                 (``torcheras.losses.BinaryCrossentropy(from_logits=False)``), a torch loss
                 module (computed exactly as torch does) or ``loss(y_pred, y_true)``.
@@ -118,19 +136,44 @@ class Model(nn.Module):
             weighted_metrics: metrics weighted by ``sample_weight`` / ``class_weight``.
             learning_rate: overrides the optimizer's learning rate.
             device: ``"auto"`` (CUDA, then MPS, then CPU) or any torch device.
-            jit_compile: run the forward pass through ``torch.compile``.
+            precision: ``"32"``, ``"bf16-mixed"`` (autocast to bfloat16) or ``"16-mixed"``
+                (float16 with a GradScaler, kept in ``model.save`` and backups).
+            jit_compile: compile the train step with ``torch.compile``: the forward pass, the
+                loss and their backward as one graph, and the optimizer step.
+            clipnorm: clip each parameter's gradient to this norm (Keras's meaning).
+            global_clipnorm: clip all the gradients together to this global norm.
+            clipvalue: clip each gradient element to ``[-clipvalue, clipvalue]``.
+            gradient_accumulation_steps: step the optimizer every N batches with the mean of
+                their gradients (batch hooks still fire per batch; see ``optimizer_step``).
 
         Example::
 
             model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+            model.compile("adamw", "cross_entropy", precision="bf16-mixed", global_clipnorm=1.0)
         """
         self.device = resolve_device(device)
+        self.precision = Precision(
+            precision,
+            self.device,
+            clipnorm=clipnorm,
+            global_clipnorm=global_clipnorm,
+            clipvalue=clipvalue,
+        )
+        self.gradient_accumulation_steps = data.as_int(
+            gradient_accumulation_steps, "gradient_accumulation_steps", minimum=1
+        )
         self.to(self.device)
         self.optimizer = (
             None
             if optimizer is None
-            else optimizers.get(optimizer, self.parameters(), learning_rate)
+            else optimizers.get(
+                optimizer,
+                self.parameters(),
+                learning_rate,
+                fused=self.device.type == "cuda" and not jit_compile,
+            )
         )
+        self.scaler = self.precision.scaler  # saved with the model and in backups
         self.loss_fn = loss
         self.compiled_loss = None if loss is None else losses.get(loss)
         self.loss_name = None if self.compiled_loss is None else self.compiled_loss.name
@@ -140,7 +183,8 @@ class Model(nn.Module):
         duplicates = {n for n in names if names.count(n) > 1} | ({"loss"} & set(names))
         if duplicates:
             raise ValueError(f"Metric names must be unique and not 'loss'; repeated: {duplicates}.")
-        self._forward_fn = torch.compile(self.forward) if jit_compile else None
+        self.jit_compile = bool(jit_compile)
+        self._compiled = _CompiledStep(self) if jit_compile else None
         self._compile_config = {
             "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
             "loss": loss if isinstance(loss, str) else None,
@@ -312,12 +356,13 @@ class Model(nn.Module):
     # ---- steps (override these) --------------------------------------------------------------
     def call_on(self, x: Any) -> Any:
         """Run the model on ``x``: a tensor, a tuple (``forward(*x)``) or a dict (``**x``)."""
-        fn = self._forward_fn or self
-        if isinstance(x, Mapping):
-            return fn(**x)
-        if isinstance(x, (tuple, list)):
-            return fn(*x)
-        return fn(x)
+        fn = self if self._compiled is None else self._compiled.forward
+        return _call(fn, x)
+
+    def autocast(self) -> AbstractContextManager[None]:
+        """The compiled precision's autocast (nothing under ``"32"``): wrap the forward pass
+        and the loss in it in a custom ``train_step``."""
+        return self.precision.autocast()
 
     def compute_loss(
         self, x: Any, y: Any, y_pred: Any, sample_weight: Tensor | None = None
@@ -345,11 +390,57 @@ class Model(nn.Module):
             metric.update(y_pred, y, sample_weight)
 
     def backward(self, loss: Tensor) -> None:
-        """``loss.backward()``, then the ``on_after_backward`` hook (gradients are ready)."""
-        loss.backward()
-        callbacks = self._callbacks
-        if callbacks is not None and callbacks._active["on_after_backward"]:
+        """Backpropagate ``loss``: divided by ``gradient_accumulation_steps``, scaled under
+        ``"16-mixed"``. When the batch completes its accumulation group (always, without
+        accumulation) the gradients are unscaled and ``on_after_backward`` fires."""
+        loop = self.loop
+        n = self.gradient_accumulation_steps
+        self.precision.backward(loss / n if n > 1 else loss)
+        if not loop.accumulating:
+            if loop.group_size < n:  # a short last group: the mean of its own micro-batches
+                self._scale_gradients(n / loop.group_size)
+            self._gradients_ready()
+
+    def _gradients_ready(self) -> None:
+        if self.optimizer is not None:
+            self.precision.unscale(self.optimizer)
+        callbacks = self.loop.callbacks
+        if callbacks is not None and callbacks.needs("on_after_backward"):
             callbacks.on_after_backward(self.loop.batch)
+
+    def _scale_gradients(self, factor: float) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def optimizer_step(self) -> None:
+        """Clip the gradients (``clipnorm`` / ``global_clipnorm`` / ``clipvalue``) and apply
+        them, once per accumulation group (``train_step`` zeroes them when a group starts, so
+        they stay readable after the step). Override it for a custom update (and
+        call ``super().optimizer_step()`` to keep clipping, loss scaling and accumulation).
+
+        Example::
+
+            class MyModel(torcheras.Model):
+                def optimizer_step(self):
+                    print(self.loop.optimizer_steps)
+                    super().optimizer_step()
+        """
+        optimizer = self.optimizer
+        if optimizer is None or self.loop.accumulating:
+            return
+        self.precision.clip(optimizer)
+        step_fn = None if self._compiled is None else self._compiled.optimizer_step
+        self.precision.step(optimizer, step_fn)
+
+    def _apply_partial_group(self) -> None:
+        """Step with a group the epoch (or a stop) cut short: the mean of its micro-batches."""
+        loop = self.loop
+        loop.accumulating = False
+        loop.group_size = loop.micro_step
+        self._scale_gradients(self.gradient_accumulation_steps / loop.micro_step)
+        self._gradients_ready()
+        self.optimizer_step()
 
     def train_step(self, batch: Any) -> dict[str, Any]:
         """One optimisation step on ``batch``; returns the values to log (tensors are fine).
@@ -357,15 +448,24 @@ class Model(nn.Module):
         The loop keeps a running mean of each returned value over the epoch; a key that names
         a metric object kept on the model (``self.loss_tracker = metrics.Mean(name="loss")``)
         logs that metric's result instead. Override it for custom training (two optimizers,
-        a GAN...); call ``self.backward(loss)`` to keep ``on_after_backward``.
+        a GAN...): use ``with self.autocast():`` for the forward pass and
+        ``self.backward(loss)`` to keep mixed precision, accumulation and
+        ``on_after_backward``.
         """
         x, y, sample_weight = data.unpack(batch)
-        y_pred = self.call_on(x)
-        loss = self.compute_loss(x, y, y_pred, sample_weight)
-        optimizer = self.optimizer
-        optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        if self.loop.micro_step == 0:  # a new accumulation group (every batch without one)
+            self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        if self._compiled is not None and y is not None:
+            y_pred, loss = self._compiled.forward_loss(x, y, sample_weight)
+            if self._check_first_batch:
+                self._check_first_batch = False
+                self.compiled_loss.check(y_pred, y)  # type: ignore[union-attr]
+        else:
+            with self.precision.autocast():
+                y_pred = self.call_on(x)
+                loss = self.compute_loss(x, y, y_pred, sample_weight)
         self.backward(loss)
-        optimizer.step()  # type: ignore[union-attr]
+        self.optimizer_step()
         if self.compiled_metrics or self.weighted_metrics:
             self.update_metrics(y_pred, y, sample_weight)
         return {"loss": loss}
@@ -373,18 +473,28 @@ class Model(nn.Module):
     def test_step(self, batch: Any) -> dict[str, Any]:
         """Loss and metrics of one batch, without gradients."""
         x, y, sample_weight = data.unpack(batch)
-        y_pred = self.call_on(x)
-        if self.compiled_loss is None:
-            self.update_metrics(y_pred, y, sample_weight)
-            return {}
-        loss = self.compute_loss(x, y, y_pred, sample_weight)
+        with self.precision.autocast():
+            y_pred = self.call_on(x)
+            if self.compiled_loss is None:
+                self.update_metrics(y_pred, y, sample_weight)
+                return {}
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
         self.update_metrics(y_pred, y, sample_weight)
         return {"loss": loss}
 
     def predict_step(self, batch: Any) -> Any:
         """The model's outputs for one batch."""
         x, _, _ = data.unpack(batch)
-        return self.call_on(x)
+        with self.precision.autocast():
+            return self.call_on(x)
+
+    def _predict_output(self, out: Any) -> Any:
+        """Mixed-precision outputs come back as float32 (numpy has no bfloat16)."""
+        if not self.precision.mixed:
+            return out
+        return data.map_tensors(
+            lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t, out
+        )
 
     def reset_metrics(self) -> None:
         for metric in self.metrics:
@@ -478,135 +588,20 @@ class Model(nn.Module):
             epochs=epochs,
             steps=train_source.steps,
         )
-        self._callbacks = callback_list
         self._fitting = True
         try:
-            return self._fit_loop(
+            return loops.fit(
+                self,
                 train_source,
                 val_source,
                 callback_list,
-                epochs,
-                initial_epoch,
-                validation_freq,
-                validation_steps,
+                epochs=epochs,
+                initial_epoch=initial_epoch,
+                validation_freq=validation_freq,
+                validation_steps=validation_steps,
             )
-        except BaseException as exc:
-            callback_list.on_exception(exc)
-            raise
         finally:
-            self._callbacks = None
             self._fitting = False
-
-    def _fit_loop(
-        self,
-        train_source: Any,
-        val_source: Any,
-        callbacks: CallbackList,
-        epochs: int,
-        initial_epoch: int,
-        validation_freq: int | Sequence[int],
-        validation_steps: int | None,
-    ) -> History:
-        self.stop_training = False
-        self._initial_epoch = None
-        self._check_first_batch = True
-        self.loop = loop = LoopState()
-        loop.train_source = train_source
-        self.train_logs = collector = self._collector()
-        callbacks.on_train_begin()
-        resume = callbacks.take_resume_state()  # from BackupAndRestore, after every train_begin
-        position = None
-        epoch_logs: dict[str, Any] = {}
-        if resume is not None:
-            position = checkpoint.restore_training_state(
-                self, callbacks, resume, resume.get("path", "backup")
-            )
-            initial_epoch = position["epoch"]
-            loop.global_step = position["global_step"]
-            epoch_logs = dict(position.get("logs") or {})
-            if "data" in position and hasattr(train_source, "load_state_dict"):
-                train_source.load_state_dict(position["data"])
-        elif self._initial_epoch is not None:  # Keras's hook for callbacks that set it
-            initial_epoch = self._initial_epoch
-        device = self.device
-        needs_begin = callbacks.needs("on_train_batch_begin")
-        needs_end = callbacks.needs("on_train_batch_end")
-        train_step = self.train_step
-        pending = loop.pending
-        groups = None if self.optimizer is None else self.optimizer.param_groups
-        batch_lrs = loop.batch_lrs
-        for epoch in range(initial_epoch, epochs):
-            collector.reset()
-            batch_lrs.clear()
-            loop.epoch, loop.batch, loop.epoch_done = epoch, -1, False
-            callbacks.on_epoch_begin(epoch)
-            self.train()
-            start_batch = 0
-            if position is not None and position["epoch"] == epoch:
-                order, start_batch = self._resume_epoch(position, train_source)
-            else:
-                order = train_source.new_order()
-            batches = train_source.batches(order, start_batch)
-            if start_batch:  # mid-epoch: the RNG as it was after the last batch done
-                checkpoint.set_rng_state(position["rng"])  # type: ignore[index]
-            position = None
-            loop.order = order
-            step = start_batch - 1
-            for step, batch in enumerate(batches, start_batch):
-                loop.batch = step
-                if needs_begin:
-                    callbacks.on_train_batch_begin(step)
-                if groups is not None:  # the rate this batch uses (a schedule may have set it)
-                    lr = groups[0]["lr"]
-                    batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
-                batch = data.to_device(batch, device)
-                loop.current_batch = batch
-                logs = train_step(batch)
-                collector.add(logs, data.batch_size_of(batch[0]))
-                loop.global_step += 1
-                if needs_end:
-                    callbacks.on_train_batch_end(step, collector.snapshot())
-                if pending:
-                    loop.run_pending()
-                if self.stop_training:
-                    break
-            if train_source.ran_out:
-                self.stop_training = True
-            elif step < 0 and start_batch == 0:
-                raise ValueError("The training data yielded no batch: `x` is empty.")
-            epoch_logs = collector.result()
-            if val_source is not None and self._should_validate(epoch, validation_freq):
-                val_logs = self._test_loop(val_source, callbacks, validation_steps)
-                epoch_logs.update({f"val_{k}": v for k, v in val_logs.items()})
-            if batch_lrs:
-                epoch_logs["learning_rate"] = float(batch_lrs[-1])
-            elif groups is not None:
-                epoch_logs["learning_rate"] = optimizers.get_learning_rate(self.optimizer)
-            epoch_logs = dict(sorted(epoch_logs.items()))
-            loop.epoch_done, loop.last_logs = True, epoch_logs
-            callbacks.on_epoch_end(epoch, epoch_logs)
-            if pending:
-                loop.run_pending()
-            if self.stop_training:
-                break
-        callbacks.on_train_end(epoch_logs)
-        return self.history  # type: ignore[return-value]
-
-    def _resume_epoch(self, position: dict[str, Any], source: Any) -> tuple[Any, int]:
-        """Put the epoch back where a backup left it: order, running means, metrics, rates."""
-        start = position["batch"]
-        if start == 0:  # an epoch boundary: draw the order from the restored RNG, as before
-            checkpoint.set_rng_state(position["rng"])
-            return source.new_order(), 0
-        self.train_logs.load_state_dict(position["collector"], self.device)
-        self.loop.batch_lrs.extend(position.get("batch_lrs", []))
-        return position["order"], start
-
-    @staticmethod
-    def _should_validate(epoch: int, validation_freq: int | Sequence[int]) -> bool:
-        if isinstance(validation_freq, numbers.Integral):  # checked by make_fit_sources
-            return (epoch + 1) % validation_freq == 0
-        return epoch + 1 in validation_freq
 
     def _single_pass_callbacks(
         self, callbacks: Sequence[Callback] | None, verbose: str | int, steps: int | None
@@ -617,35 +612,6 @@ class Model(nn.Module):
         )
 
     # ---- evaluate ----------------------------------------------------------------------------
-    def _test_loop(
-        self, source: Any, callbacks: CallbackList, steps: int | None
-    ) -> dict[str, float]:
-        was_training = self.training
-        self.eval()
-        self.stop_evaluating = False
-        collector = self._collector()
-        collector.reset()
-        device = self.device
-        needs_begin = callbacks.needs("on_test_batch_begin")
-        needs_end = callbacks.needs("on_test_batch_end")
-        callbacks.on_test_begin()
-        with torch.no_grad():
-            for step, batch in enumerate(source.batches(source.new_order())):
-                if steps is not None and step >= steps:
-                    break
-                if needs_begin:
-                    callbacks.on_test_batch_begin(step)
-                batch = data.to_device(batch, device)
-                collector.add(self.test_step(batch), data.batch_size_of(batch[0]))
-                if needs_end:
-                    callbacks.on_test_batch_end(step, collector.snapshot())
-                if self.stop_evaluating:
-                    break
-        logs = collector.result()
-        callbacks.on_test_end(logs)
-        self.train(was_training)
-        return logs
-
     def evaluate(
         self,
         x: Any = None,
@@ -671,11 +637,7 @@ class Model(nn.Module):
         )
         callback_list = self._single_pass_callbacks(callbacks, verbose, steps or source.steps)
         self._check_first_batch = True
-        try:
-            logs = self._test_loop(source, callback_list, steps)
-        except BaseException as exc:
-            callback_list.on_exception(exc)
-            raise
+        logs = loops.evaluate(self, source, callback_list, steps)
         if return_dict:
             return logs
         ordered = [logs[k] for k in self.metrics_names if k in logs]
@@ -707,30 +669,37 @@ class Model(nn.Module):
             x, None, None, batch_size=batch_size, shuffle=False, steps=steps, need_y=False
         )
         callback_list = self._single_pass_callbacks(callbacks, verbose, steps or source.steps)
-        was_training = self.training
-        self.eval()
-        outputs: list[Any] = []
-        needs_end = callback_list.needs("on_predict_batch_end")
-        self.stop_predicting = False
-        try:
-            callback_list.on_predict_begin()
-            with torch.no_grad():
-                for step, batch in enumerate(source.batches()):
-                    if steps is not None and step >= steps:
-                        break
-                    callback_list.on_predict_batch_begin(step)
-                    out = self.predict_step(data.to_device(batch, self.device))
-                    out = data.to_cpu(out)
-                    outputs.append(out)
-                    if needs_end:
-                        callback_list.on_predict_batch_end(step, {"outputs": data.to_numpy(out)})
-                    if self.stop_predicting:
-                        break
-            callback_list.on_predict_end()
-        except BaseException as exc:
-            callback_list.on_exception(exc)
-            raise
-        finally:
-            self.train(was_training)
-        result = data.concat_batches(outputs)
+        result = loops.predict(self, source, callback_list, steps)
         return data.to_numpy(result) if numpy_in else result
+
+
+class _CompiledStep:
+    """``compile(jit_compile=True)``: the train step through ``torch.compile``. The forward
+    pass and the loss are one graph (AOTAutograd compiles their backward with them); the
+    optimizer step is a second graph, with the learning rates kept as tensors so that a
+    schedule changing them does not recompile it."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.forward = torch.compile(model)
+        self.forward_loss = torch.compile(self._forward_loss)
+        self._step: Callable[[], Any] | None = None
+        self._step_of: torch.optim.Optimizer | None = None
+
+    def _forward_loss(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor]:
+        model = self.model
+        with model.precision.autocast():
+            y_pred = _call(model, x)
+            loss = model.compiled_loss(y_pred, y, sample_weight)  # type: ignore[misc]
+        return y_pred, loss
+
+    def optimizer_step(self) -> None:
+        optimizer = self.model.optimizer
+        if optimizer is None:
+            return
+        if self._step_of is not optimizer:
+            for group in optimizer.param_groups:
+                if type(group["lr"]) is not Tensor:
+                    group["lr"] = torch.tensor(float(group["lr"]))
+            self._step, self._step_of = torch.compile(optimizer.step), optimizer
+        self._step()  # type: ignore[misc]

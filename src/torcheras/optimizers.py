@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,8 +34,13 @@ def get(
     optimizer: str | torch.optim.Optimizer | Callable[[Iterable[Any]], torch.optim.Optimizer],
     parameters: Iterable[torch.nn.Parameter],
     learning_rate: float | None = None,
+    *,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
     """An optimizer from a name, an instance, or a factory called with the parameters.
+
+    ``fused``: a named optimizer uses torch's fused implementation where it has one (one
+    kernel for all parameters; on CUDA).
 
     >>> net = torch.nn.Linear(2, 1)
     >>> type(get("adam", net.parameters())).__name__
@@ -56,6 +62,8 @@ def get(
         kwargs = dict(defaults)
         if learning_rate is not None:
             kwargs["lr"] = learning_rate
+        if fused and "fused" in inspect.signature(cls).parameters:
+            kwargs["fused"] = True
         return cls(parameters, **kwargs)
     if callable(optimizer):
         result = optimizer(parameters)

@@ -59,6 +59,7 @@ class Killer(cb.Callback):
         Killer.batches_run += 1
         if self.model.loop.global_step == args.kill_at:
             if args.kill_how == "batch":
+                checkpoint.wait_for_writes()  # the kill comes after the last backup landed
                 os.kill(os.getpid(), signal.SIGKILL)
             if args.kill_how in ("sigterm", "sigint"):
                 os.kill(
@@ -67,6 +68,7 @@ class Killer(cb.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if args.kill_how == "epoch" and epoch == args.kill_at:
+            checkpoint.wait_for_writes()
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_exception(self, exception):

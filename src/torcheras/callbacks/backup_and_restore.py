@@ -124,13 +124,17 @@ class BackupAndRestore(Callback):
         self.model.loop.pending.append(self._save)
 
     def _save(self) -> None:
-        callbacks = getattr(self.model, "_callbacks", None)
+        callbacks = self.model.loop.callbacks
         if callbacks is None:
             raise RuntimeError("BackupAndRestore works inside Model.fit, which it resumes.")
-        state = checkpoint.capture_training_state(self.model, callbacks)
-        if self.double_checkpoint and self.latest_path.exists():
-            os.replace(self.latest_path, self.previous_path)
-        checkpoint.save(state, self.latest_path)
+        state = checkpoint.snapshot(checkpoint.capture_training_state(self.model, callbacks))
+
+        def write() -> None:
+            if self.double_checkpoint and self.latest_path.exists():
+                os.replace(self.latest_path, self.previous_path)
+            checkpoint.save(state, self.latest_path)
+
+        checkpoint.save_in_background(write, str(self.latest_path))
 
     # --- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -142,6 +146,8 @@ class BackupAndRestore(Callback):
         self._install_signal_handlers()
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.model.loop.accumulating:  # save_freq counts optimizer steps
+            return
         self._batches_since_save += 1
         if self._batches_since_save >= self.save_freq:  # type: ignore[operator]
             self._batches_since_save = 0
@@ -153,6 +159,7 @@ class BackupAndRestore(Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._restore_signal_handlers()
+        checkpoint.wait_for_writes()  # a backup still being written would come back
         if self.delete_checkpoint:
             for path in (self.latest_path, self.previous_path):
                 with contextlib.suppress(FileNotFoundError):
@@ -187,6 +194,7 @@ class BackupAndRestore(Callback):
 
     def _save_and_stop(self) -> None:
         self._save()
+        checkpoint.wait_for_writes()  # exit only once the backup has landed
         if self._signal == signal.SIGTERM:
             raise Preempted(128 + signal.SIGTERM)
         raise KeyboardInterrupt

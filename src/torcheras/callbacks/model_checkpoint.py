@@ -97,6 +97,9 @@ class ModelCheckpoint(Callback):
             self._batches_seen_since_last_saving = 0
             self._save(self._current_epoch, batch, logs or {})
 
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        checkpoint.wait_for_writes()  # the last save has landed (or raises) when fit returns
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.monitor_state.resolve(self.model, logs)  # as Keras: even when saving every epoch
         if self.save_freq == "epoch":
@@ -153,7 +156,12 @@ class ModelCheckpoint(Callback):
         elif self.verbose > 0:
             print(f"\nEpoch {epoch + 1}: saving model to {path}")
         checkpoint.save_model(
-            self.model, path, weights_only=self.save_weights_only, epoch=epoch, logs=dict(logs)
+            self.model,
+            path,
+            weights_only=self.save_weights_only,
+            epoch=epoch,
+            logs=dict(logs),
+            background=True,
         )
         self.last_saved = path
 

@@ -1,0 +1,295 @@
+"""The fit / evaluate / predict loops: Keras's hook order, resume positioning, log plumbing.
+
+``Model`` holds the user's API and the steps a user overrides (``train_step``,
+``optimizer_step``...); the loops here drive them. Nothing in a loop reads a value back from
+the device per batch: logs stay on the device until a callback reads them (see ``logs.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torcheras import checkpoint, data, optimizers
+from torcheras.callbacks.callback_list import CallbackList
+from torcheras.logs import LogCollector
+from torcheras.loop_state import LoopState
+
+__all__ = ["evaluate", "fit", "hooks", "predict"]
+
+# Predictions are moved to the host in chunks of about this many bytes (one sync per chunk).
+PREDICT_CHUNK_BYTES = 256 * 2**20
+
+
+@contextlib.contextmanager
+def hooks(
+    callbacks: CallbackList, phase: str, *, outermost: bool = True
+) -> Iterator[dict[str, Any]]:
+    """Pair ``on_{phase}_begin`` with ``on_{phase}_end`` (given ``result["logs"]``), or with
+    ``on_exception`` when the body raises. The outermost pass also waits for the checkpoints
+    still being written in the background: it returns, or its exception leaves, only once the
+    last write has landed (a failed write raises here)."""
+    result: dict[str, Any] = {}
+    try:
+        getattr(callbacks, f"on_{phase}_begin")()
+        yield result
+        getattr(callbacks, f"on_{phase}_end")(result.get("logs"))
+    except BaseException as exc:
+        if outermost:
+            callbacks.on_exception(exc)
+            checkpoint.wait_for_writes(during=exc)
+        raise
+    if outermost:
+        checkpoint.wait_for_writes()
+
+
+def _should_validate(epoch: int, validation_freq: int | Sequence[int]) -> bool:
+    if isinstance(validation_freq, numbers.Integral):  # checked by make_fit_sources
+        return (epoch + 1) % validation_freq == 0
+    return epoch + 1 in validation_freq
+
+
+class FitLoop:
+    """One ``fit``: epochs of training batches, validation, and resume from a backup."""
+
+    def __init__(
+        self,
+        model: Any,
+        train_source: Any,
+        val_source: Any,
+        callbacks: CallbackList,
+        *,
+        epochs: int,
+        initial_epoch: int,
+        validation_freq: int | Sequence[int],
+        validation_steps: int | None,
+    ) -> None:
+        self.model = model
+        self.train_source = train_source
+        self.val_source = val_source
+        self.callbacks = callbacks
+        self.epochs = epochs
+        self.initial_epoch = initial_epoch
+        self.validation_freq = validation_freq
+        self.validation_steps = validation_steps
+        self.loop = LoopState()
+        self.loop.train_source = train_source
+        self.loop.callbacks = callbacks
+        self.loop.collector = model._collector()
+        self.accumulation = getattr(model, "gradient_accumulation_steps", 1)
+        self.steps_known = getattr(train_source, "steps", None)
+
+    def run(self) -> Any:
+        model, loop, callbacks = self.model, self.loop, self.callbacks
+        model.stop_training = False
+        model._initial_epoch = None
+        model._check_first_batch = True
+        model.loop = loop
+        if model.optimizer is not None:
+            model.optimizer.zero_grad(set_to_none=True)
+        with hooks(callbacks, "train") as result:
+            initial_epoch, position = self._resume_or_start()
+            result["logs"] = dict(loop.last_logs)
+            for epoch in range(initial_epoch, self.epochs):
+                result["logs"] = self._epoch(epoch, position)
+                position = None
+                if loop.pending:
+                    loop.run_pending()
+                if model.stop_training:
+                    break
+        return model.history
+
+    def _resume_or_start(self) -> tuple[int, dict[str, Any] | None]:
+        model, loop = self.model, self.loop
+        resume = self.callbacks.take_resume_state()  # BackupAndRestore's, after train_begin
+        if resume is None:
+            if model._initial_epoch is not None:  # Keras's hook for callbacks that set it
+                return model._initial_epoch, None
+            return self.initial_epoch, None
+        position = checkpoint.restore_training_state(
+            model, self.callbacks, resume, resume.get("path", "backup")
+        )
+        loop.global_step = position["global_step"]
+        loop.optimizer_steps = position.get("optimizer_steps", loop.global_step)
+        loop.last_logs = dict(position.get("logs") or {})
+        if "data" in position and hasattr(self.train_source, "load_state_dict"):
+            self.train_source.load_state_dict(position["data"])
+        return position["epoch"], position
+
+    def _start_epoch(self, epoch: int, position: dict[str, Any] | None) -> tuple[Any, int]:
+        """The epoch's sample order and first batch: fresh, or where a backup left it."""
+        source, loop = self.train_source, self.loop
+        if position is None or position["epoch"] != epoch:
+            return source.new_order(), 0
+        start = position["batch"]
+        checkpoint.set_rng_state(position["rng"])
+        if start == 0:  # an epoch boundary: draw the order from the restored RNG, as before
+            return source.new_order(), 0
+        loop.collector.load_state_dict(position["collector"], self.model.device)
+        loop.batch_lrs.extend(position.get("batch_lrs", []))
+        return position["order"], start
+
+    def _epoch(self, epoch: int, position: dict[str, Any] | None) -> dict[str, Any]:
+        model, loop, callbacks = self.model, self.loop, self.callbacks
+        collector: LogCollector = loop.collector
+        collector.reset()
+        loop.batch_lrs.clear()
+        loop.epoch, loop.batch, loop.epoch_done = epoch, -1, False
+        loop.micro_step, loop.group_size = 0, 1
+        callbacks.on_epoch_begin(epoch)
+        model.train()
+        order, start = self._start_epoch(epoch, position)
+        loop.order = order
+        last = self._train_batches(self.train_source.batches(order, start), start)
+        if last < 0 and start == 0 and not self.train_source.ran_out:
+            raise ValueError("The training data yielded no batch: `x` is empty.")
+        if loop.micro_step and model._uses_default_train_step():
+            model._apply_partial_group()  # the epoch ended inside an accumulation group
+            loop.optimizer_steps += 1
+            loop.micro_step = 0
+        for check in loop.end_of_batches:
+            check()
+        if self.train_source.ran_out:
+            model.stop_training = True
+        logs = collector.result()
+        if self.val_source is not None and _should_validate(epoch, self.validation_freq):
+            val_logs = evaluate(
+                model, self.val_source, callbacks, self.validation_steps, nested=True
+            )
+            logs.update({f"val_{k}": v for k, v in val_logs.items()})
+        if loop.batch_lrs:
+            logs["learning_rate"] = float(loop.batch_lrs[-1])
+        elif model.optimizer is not None:
+            logs["learning_rate"] = optimizers.get_learning_rate(model.optimizer)
+        logs = dict(sorted(logs.items()))
+        loop.epoch_done, loop.last_logs = True, logs
+        callbacks.on_epoch_end(epoch, logs)
+        return logs
+
+    def _train_batches(self, batches: Any, start: int) -> int:
+        """Run the training batches of one epoch; the last batch index (start - 1 if none)."""
+        model, loop, callbacks = self.model, self.loop, self.callbacks
+        device = model.device
+        needs_begin = callbacks.needs("on_train_batch_begin")
+        needs_end = callbacks.needs("on_train_batch_end")
+        train_step = model.train_step
+        collector = loop.collector
+        pending = loop.pending
+        groups = None if model.optimizer is None else model.optimizer.param_groups
+        batch_lrs = loop.batch_lrs
+        accumulation = self.accumulation
+        last_known = None if self.steps_known is None else self.steps_known - 1
+        step = start - 1
+        for step, batch in enumerate(batches, start):
+            loop.batch = step
+            if accumulation > 1:
+                self._place_in_group(step, last_known)
+            if needs_begin:
+                callbacks.on_train_batch_begin(step)
+            if groups is not None:  # the rate this batch uses (a schedule may have set it)
+                lr = groups[0]["lr"]
+                batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
+            batch = data.to_device(batch, device)
+            loop.current_batch = batch
+            logs = train_step(batch)
+            collector.add(logs, data.batch_size_of(batch[0]))
+            loop.global_step += 1
+            if not loop.accumulating:
+                loop.optimizer_steps += 1
+            if needs_end:
+                callbacks.on_train_batch_end(step, collector.snapshot())
+            if accumulation > 1:
+                loop.micro_step = 0 if not loop.accumulating else loop.micro_step + 1
+            if pending and not loop.accumulating:  # backups only between optimizer steps
+                loop.run_pending()
+            if model.stop_training:
+                break
+        return step
+
+    def _place_in_group(self, step: int, last_known: int | None) -> None:
+        """Whether this micro-batch completes its accumulation group (the epoch's last batch
+        completes a short one)."""
+        loop, n = self.loop, self.accumulation
+        closes = loop.micro_step + 1 == n or step == last_known
+        loop.accumulating = not closes
+        loop.group_size = loop.micro_step + 1 if closes else n
+
+
+def evaluate(
+    model: Any, source: Any, callbacks: CallbackList, steps: int | None, *, nested: bool = False
+) -> dict[str, float]:
+    """One pass over ``source`` with ``test_step``: the loss and metrics as floats."""
+    was_training = model.training
+    model.eval()
+    model.stop_evaluating = False
+    collector = model._collector()
+    collector.reset()
+    device = model.device
+    needs_begin = callbacks.needs("on_test_batch_begin")
+    needs_end = callbacks.needs("on_test_batch_end")
+    try:
+        with hooks(callbacks, "test", outermost=not nested) as result, torch.no_grad():
+            for step, batch in enumerate(source.batches(source.new_order())):
+                if steps is not None and step >= steps:
+                    break
+                if needs_begin:
+                    callbacks.on_test_batch_begin(step)
+                batch = data.to_device(batch, device)
+                collector.add(model.test_step(batch), data.batch_size_of(batch[0]))
+                if needs_end:
+                    callbacks.on_test_batch_end(step, collector.snapshot())
+                if model.stop_evaluating:
+                    break
+            result["logs"] = logs = collector.result()
+    finally:
+        model.train(was_training)
+    return logs
+
+
+def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None) -> Any:
+    """The outputs of ``predict_step`` over ``source``, concatenated on the host.
+
+    Outputs stay on the device and move to the host in chunks (one copy per chunk, not one
+    blocking copy per batch), unless a callback reads each batch's outputs.
+    """
+    was_training = model.training
+    model.eval()
+    model.stop_predicting = False
+    needs_begin = callbacks.needs("on_predict_batch_begin")
+    needs_end = callbacks.needs("on_predict_batch_end")
+    on_host: list[Any] = []
+    on_device: list[Any] = []
+    device_bytes = 0
+    try:
+        with hooks(callbacks, "predict"), torch.no_grad():
+            for step, batch in enumerate(source.batches()):
+                if steps is not None and step >= steps:
+                    break
+                if needs_begin:
+                    callbacks.on_predict_batch_begin(step)
+                out = model._predict_output(model.predict_step(data.to_device(batch, model.device)))
+                if needs_end:
+                    out = data.to_cpu(out)
+                    callbacks.on_predict_batch_end(step, {"outputs": data.to_numpy(out)})
+                on_device.append(out)
+                device_bytes += sum(t.numel() * t.element_size() for t in data._leaves(out))
+                if device_bytes >= PREDICT_CHUNK_BYTES:
+                    on_host.append(data.to_cpu(data.concat_batches(on_device)))
+                    on_device, device_bytes = [], 0
+                if model.stop_predicting:
+                    break
+            if on_device:
+                on_host.append(data.to_cpu(data.concat_batches(on_device)))
+    finally:
+        model.train(was_training)
+    return data.concat_batches(on_host)
+
+
+def fit(model: Any, train_source: Any, val_source: Any, callbacks: CallbackList, **kw: Any) -> Any:
+    """Run :class:`FitLoop`; see ``Model.fit`` for the arguments."""
+    return FitLoop(model, train_source, val_source, callbacks, **kw).run()
