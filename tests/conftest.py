@@ -32,6 +32,13 @@ def _seed() -> None:
 
 
 @pytest.fixture
+def device() -> str:
+    """The accelerator where one is present (CUDA), else the CPU: tests that take it run on
+    the GPU when the suite runs on a GPU machine."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
 def blobs() -> tuple[np.ndarray, np.ndarray]:
     """A separable 3-class problem: 240 samples, 8 features (float32 / int64 numpy)."""
     rng = np.random.default_rng(0)

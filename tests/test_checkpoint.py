@@ -159,7 +159,8 @@ def test_inspect_prints_a_training_state(tmp_path, blobs, capsys):
         "val_accuracy",
         "val_loss",
     }
-    assert "History" in info["callbacks"] and "BackupAndRestore" in info["callbacks"]
+    assert "History" in info["callbacks"]
+    assert f"BackupAndRestore(backup_dir={str(backup)!r})" in info["callbacks"]
 
 
 def test_inspect_weights_and_safetensors(tmp_path, capsys):

@@ -250,5 +250,8 @@ def test_state_dict_round_trips_for_every_builtin_callback(tmp_path, blobs):
 
     for key in states:
         assert comparable(reloaded[key]) == comparable(states[key]), key
-    assert states["EarlyStopping"]["best"] == pytest.approx(min(model.history.history["loss"]))
-    assert states["ModelCheckpoint"]["best"] == pytest.approx(min(model.history.history["loss"]))
+    assert states["EarlyStopping(monitor='loss')"]["best"] == pytest.approx(
+        min(model.history.history["loss"])
+    )
+    checkpoint_key = f"ModelCheckpoint(filepath={str(tmp_path / 'best.pt')!r}, monitor='loss')"
+    assert states[checkpoint_key]["best"] == pytest.approx(min(model.history.history["loss"]))

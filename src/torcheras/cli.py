@@ -90,7 +90,7 @@ def describe(path: str) -> dict[str, Any]:
         "tensors": len(weights),
         "parameters": int(sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))),
     }
-    for key in ("epoch", "batch", "global_step"):
+    for key in ("epoch", "batch", "global_step", "optimizer_steps"):
         if key in state:
             info[key] = state[key]
     if "logs" in state:  # a training state holds the logs of the last finished epoch

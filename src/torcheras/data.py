@@ -28,6 +28,7 @@ __all__ = [
     "make_source",
     "to_cpu",
     "to_device",
+    "DeviceStager",
     "to_numpy",
     "unpack",
 ]
@@ -72,15 +73,57 @@ def to_device(obj: Structure, device: torch.device) -> Structure:
     if device.type == "cpu":
         return obj
     non_blocking = device.type == "cuda"
+    return map_tensors(
+        lambda t: t if t.device == device else t.to(device, non_blocking=non_blocking), obj
+    )
 
-    def move(t: torch.Tensor) -> torch.Tensor:
-        if t.device == device:
-            return t
-        if non_blocking and t.device.type == "cpu" and not t.is_pinned():
-            t = t.pin_memory()
-        return t.to(device, non_blocking=non_blocking)
 
-    return map_tensors(move, obj)
+class DeviceStager:
+    """Moves batches to the training device without stalling it.
+
+    On CUDA, CPU tensors are copied into pinned host buffers that are reused from batch to
+    batch (a ring of ``slots``, each reused only once its copy to the GPU has finished), then
+    sent with a non-blocking copy: no pinning per batch, no synchronisation. Tensors already
+    pinned (a ``DataLoader(pin_memory=True)``) or already on the device go as they are. On the
+    CPU a batch is returned unchanged.
+    """
+
+    def __init__(self, device: torch.device, slots: int = 3) -> None:
+        self.device = device
+        self._cuda = device.type == "cuda"
+        self._buffers: list[dict[int, torch.Tensor]] = [{} for _ in range(slots)]
+        self._events: list[Any] = [None] * slots
+        self._next = 0
+
+    def __call__(self, batch: Structure) -> Structure:
+        if self.device.type == "cpu":
+            return batch
+        if not self._cuda:
+            return to_device(batch, self.device)
+        slot = self._next
+        self._next = (slot + 1) % len(self._buffers)
+        event = self._events[slot]
+        if event is not None and not event.query():  # normally long done: no wait
+            event.synchronize()
+        buffers, position = self._buffers[slot], [0]
+        device = self.device
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.device.type != "cpu" or t.is_pinned():
+                return t if t.device == device else t.to(device, non_blocking=True)
+            key = position[0]
+            position[0] += 1
+            buffer = buffers.get(key)
+            if buffer is None or buffer.dtype != t.dtype or buffer.numel() < t.numel():
+                buffer = buffers[key] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+            staged = buffer[: t.numel()].view(t.shape)
+            staged.copy_(t)
+            return staged.to(device, non_blocking=True)
+
+        out = map_tensors(move, batch)
+        self._events[slot] = torch.cuda.Event()
+        self._events[slot].record()
+        return out
 
 
 def batch_size_of(obj: Structure) -> int:
@@ -230,16 +273,24 @@ class ArraySource:
         self._set_parts()
 
     def _set_parts(self) -> None:
+        devices = {t.device for part in (self.x, self.y, self.sample_weight) for t in _leaves(part)}
+        self._device = devices.pop() if len(devices) == 1 else torch.device("cpu")
         available = math.ceil(self.num_samples / self.batch_size)
         self.steps = available if self.max_steps is None else self.max_steps
         self._parts = tuple(p for p in (self.x, self.y, self.sample_weight) if p is not None)
 
     def new_order(self) -> torch.Tensor | None:
-        """The sample order of a new epoch (drawn from torch's global RNG), None when unshuffled."""
-        return torch.randperm(self.num_samples) if self.shuffle else None
+        """The sample order of a new epoch, None when unshuffled. Drawn from torch's global RNG
+        on the device the arrays live on, so arrays already on a GPU are indexed there (no
+        index copied from the host per batch)."""
+        if not self.shuffle:
+            return None
+        return torch.randperm(self.num_samples, device=self._device)
 
     def batches(self, order: torch.Tensor | None = None, start: int = 0) -> Iterator[tuple]:
         parts, bs, n = self._parts, self.batch_size, self.num_samples
+        if order is not None and order.device != self._device:  # an order read from a backup
+            order = order.to(self._device)
         end = n if self.max_steps is None else min(n, self.max_steps * bs)
         if len(parts) == 2 and all(isinstance(p, torch.Tensor) for p in parts):
             x, y = parts  # the common case, kept lean: it runs once per batch

@@ -33,7 +33,10 @@ class RunningMeans:
         self._weights: dict[str, float] = {}
 
     def add(self, values: Mapping[str, Any], weight: float = 1.0) -> None:
-        """Add one step's values (tensors or numbers), each counted ``weight`` times."""
+        """Add one step's values (tensors or numbers), each counted ``weight`` times.
+
+        Totals are replaced, never changed in place, so a snapshot taken earlier keeps its
+        values without a copy."""
         totals, weights = self._totals, self._weights
         for key, value in values.items():
             total = totals.get(key)
@@ -42,7 +45,7 @@ class RunningMeans:
                 if value.ndim:
                     value = value.float().mean()
                 if type(total) is torch.Tensor:
-                    total.add_(value, alpha=weight)
+                    totals[key] = torch.add(total, value, alpha=weight)
                 else:
                     totals[key] = value.float() * weight + (total or 0.0)
             else:
@@ -58,6 +61,10 @@ class RunningMeans:
 
     def result_tensors(self) -> list[torch.Tensor | float]:
         return [total / self._weights[key] for key, total in self._totals.items()]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The current means, each computed only when read (no device work now)."""
+        return {key: _Quotient(total, self._weights[key]) for key, total in self._totals.items()}
 
     def reset(self) -> None:
         self._totals.clear()
@@ -113,6 +120,18 @@ def to_float_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:
         for key, f in zip(scalars, _as_floats([out[k] for k in scalars])):
             out[key] = f
     return out
+
+
+class _Quotient:
+    """``total / weight``, divided when read (the total is never changed in place)."""
+
+    __slots__ = ("total", "weight")
+
+    def __init__(self, total: Any, weight: float) -> None:
+        self.total, self.weight = total, weight
+
+    def __call__(self) -> Any:
+        return self.total / self.weight
 
 
 def _resolve(value: Any) -> Any:
@@ -233,15 +252,18 @@ class LogCollector:
 
     def values(self, deferred: bool = False) -> dict[str, Any]:
         """The current values, as device tensors or floats (no synchronisation). ``deferred``:
-        a metric that can snapshot its state (torchmetrics) gives a callable computing its
-        result as of now, so nothing is computed unless somebody reads it."""
+        nothing is computed now; each value is a callable giving its result as of now (a
+        running mean, or a metric that can snapshot its state), resolved when read."""
 
         def current(metric: Any) -> Any:
             if deferred and hasattr(metric, "snapshot"):
                 return metric.snapshot()
             return metric.result()
 
-        out: dict[str, Any] = dict(zip(self.means.keys(), self.means.result_tensors()))
+        if deferred:
+            out: dict[str, Any] = self.means.snapshot()
+        else:
+            out = dict(zip(self.means.keys(), self.means.result_tensors()))
         for metric in self.metrics:
             out[metric.name] = current(metric)
         for key in self.returned:

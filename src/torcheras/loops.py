@@ -174,7 +174,7 @@ class FitLoop:
     def _train_batches(self, batches: Any, start: int) -> int:
         """Run the training batches of one epoch; the last batch index (start - 1 if none)."""
         model, loop, callbacks = self.model, self.loop, self.callbacks
-        device = model.device
+        stage = data.DeviceStager(model.device)
         needs_begin = callbacks.needs("on_train_batch_begin")
         needs_end = callbacks.needs("on_train_batch_end")
         train_step = model.train_step
@@ -194,7 +194,7 @@ class FitLoop:
             if groups is not None:  # the rate this batch uses (a schedule may have set it)
                 lr = groups[0]["lr"]
                 batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
-            batch = data.to_device(batch, device)
+            batch = stage(batch)
             loop.current_batch = batch
             logs = train_step(batch)
             collector.add(logs, data.batch_size_of(batch[0]))
@@ -229,7 +229,7 @@ def evaluate(
     model.stop_evaluating = False
     collector = model._collector()
     collector.reset()
-    device = model.device
+    stage = data.DeviceStager(model.device)
     needs_begin = callbacks.needs("on_test_batch_begin")
     needs_end = callbacks.needs("on_test_batch_end")
     try:
@@ -239,7 +239,7 @@ def evaluate(
                     break
                 if needs_begin:
                     callbacks.on_test_batch_begin(step)
-                batch = data.to_device(batch, device)
+                batch = stage(batch)
                 collector.add(model.test_step(batch), data.batch_size_of(batch[0]))
                 if needs_end:
                     callbacks.on_test_batch_end(step, collector.snapshot())
@@ -262,6 +262,7 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
     model.stop_predicting = False
     needs_begin = callbacks.needs("on_predict_batch_begin")
     needs_end = callbacks.needs("on_predict_batch_end")
+    stage = data.DeviceStager(model.device)
     on_host: list[Any] = []
     on_device: list[Any] = []
     device_bytes = 0
@@ -272,7 +273,7 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
                     break
                 if needs_begin:
                     callbacks.on_predict_batch_begin(step)
-                out = model._predict_output(model.predict_step(data.to_device(batch, model.device)))
+                out = model._predict_output(model.predict_step(stage(batch)))
                 if needs_end:
                     out = data.to_cpu(out)
                     callbacks.on_predict_batch_end(step, {"outputs": data.to_numpy(out)})

@@ -99,6 +99,19 @@ class MeanMetric(Metric):
         mean = self._total / self._count
         return self.transform(mean) if self.transform is not None else mean
 
+    def snapshot(self) -> Callable[[], Tensor | float]:
+        """The result as of now, computed only when called (the state is never changed in
+        place, so nothing is copied)."""
+        total, count, transform = self._total, self._count, self.transform
+        if total is None:
+            return lambda: 0.0
+
+        def compute() -> Tensor:
+            mean = total / count
+            return transform(mean) if transform is not None else mean
+
+        return compute
+
     def reset(self) -> None:
         self._total = None
         self._count = 0.0

@@ -82,19 +82,39 @@ def test_infinite_loss_is_caught_too():
     assert not model.stop_training
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the non-blocking path needs CUDA")
-def test_cuda_check_reads_the_flag_without_blocking_and_stops_at_most_one_batch_late(capsys):
+def test_the_check_reads_nothing_per_batch_yet_names_the_first_bad_batch(capsys, device):
+    """Without a progress bar nothing reads the logs: the check waits for the epoch's last
+    batch, then names the batch where the loss went bad, and stops in the same epoch."""
     import torcheras
+    from torcheras.callbacks import LambdaCallback
 
     x, y = _poisoned()
     model = torcheras.Model(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)))
-    model.compile("adam", "sparse_categorical_crossentropy", device="cuda")
+    model.compile("adam", "sparse_categorical_crossentropy", device=device)
     batches = []
-    from torcheras.callbacks import LambdaCallback
-
     count = LambdaCallback(on_train_batch_end=lambda batch, logs: batches.append(batch))
     history = model.fit(
         x, y, batch_size=32, epochs=3, shuffle=False, verbose=0, callbacks=[count, TerminateOnNaN()]
     )
-    assert "Invalid loss, terminating training" in capsys.readouterr().out
-    assert history.epoch == [0] and batches[-1] in (3, 4)
+    assert "Batch 3: Invalid loss, terminating training" in capsys.readouterr().out
+    assert history.epoch == [0] and np.isnan(history.history["loss"][0])
+    assert batches == list(range(8))  # the whole epoch ran: the check came at its end
+
+
+def test_logs_read_by_another_callback_are_checked_at_the_next_batch(capsys):
+    from torcheras.callbacks import LambdaCallback
+
+    x, y = _poisoned()
+    batches = []
+    reader = LambdaCallback(on_train_batch_end=lambda batch, logs: batches.append(logs["loss"]))
+    make_model().fit(
+        x,
+        y,
+        batch_size=32,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[TerminateOnNaN(), reader],  # the reader runs after the check, as a progbar
+    )
+    assert "Batch 3: Invalid loss, terminating training" in capsys.readouterr().out
+    assert len(batches) == 5  # batch 3 was read by the reader, so batch 4's check caught it

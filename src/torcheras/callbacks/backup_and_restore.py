@@ -51,6 +51,8 @@ class BackupAndRestore(Callback):
         # killed? run the same script again: it resumes at the last backup
     """
 
+    state_key_attributes = ("backup_dir",)
+
     def __init__(
         self,
         backup_dir: str | os.PathLike[str],

@@ -43,12 +43,18 @@ class Callback:
     def model(self, model: Any) -> None:
         self._model = model
 
+    # The attributes that tell two callbacks of one class apart (a file, a monitored metric).
+    state_key_attributes: tuple[str, ...] = ()
+
     @property
     def state_key(self) -> str:
-        """The name this callback's state is saved under in a backup (its class name; a
-        second callback of the same class gets ``Name:2``). Override to tell apart two
-        callbacks of one class whose order may change."""
-        return type(self).__name__
+        """The name this callback's state is saved under in a backup: the class name plus
+        the arguments that identify it, e.g. ``ModelCheckpoint(filepath='best.pt')``. A
+        resumed script may add, drop or reorder callbacks and each state still finds its
+        own; two callbacks with the same key are numbered (``...:2``) in list order."""
+        name = type(self).__name__
+        parts = [f"{a}={str(getattr(self, a, None))!r}" for a in self.state_key_attributes]
+        return f"{name}({', '.join(parts)})" if parts else name
 
     def set_model(self, model: Any) -> None:
         self._model = model

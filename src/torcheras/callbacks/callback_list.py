@@ -235,21 +235,24 @@ class CallbackList(Callback):
                     return state
         return None
 
-    def _state_keys(self) -> list[str]:
-        """Each callback's ``state_key`` (its class name), numbered when it repeats: a resumed
-        script may add or drop other callbacks and each state still finds its callback."""
+    def _state_keys(self, legacy: bool = False) -> list[str]:
+        """Each callback's ``state_key``, numbered when it repeats. ``legacy``: the class
+        name alone, as backups written before keys named arguments have it."""
         keys, seen = [], {}
         for cb in self.callbacks:
-            key = getattr(cb, "state_key", type(cb).__name__)
+            key = type(cb).__name__ if legacy else getattr(cb, "state_key", type(cb).__name__)
             seen[key] = seen.get(key, 0) + 1
             keys.append(key if seen[key] == 1 else f"{key}:{seen[key]}")
         return keys
 
     def state_dict(self) -> dict[str, Any]:
-        """Each callback's state, keyed by :meth:`_state_keys`."""
+        """Each callback's state, keyed by its ``state_key``."""
         return {key: cb.state_dict() for key, cb in zip(self._state_keys(), self.callbacks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, cb in zip(self._state_keys(), self.callbacks):
+        keys = zip(self._state_keys(), self._state_keys(legacy=True), self.callbacks)
+        for key, legacy, cb in keys:
             if key in state:
                 cb.load_state_dict(state[key])
+            elif legacy in state:
+                cb.load_state_dict(state[legacy])

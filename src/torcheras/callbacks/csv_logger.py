@@ -35,6 +35,8 @@ class CSVLogger(Callback):
         rows = list(csv.DictReader(open("log.csv")))
     """
 
+    state_key_attributes = ("filename",)
+
     def __init__(
         self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False
     ) -> None:

@@ -48,6 +48,8 @@ class EarlyStopping(Callback):
         print(stop.stopped_epoch, stop.best)
     """
 
+    state_key_attributes = ("monitor",)
+
     def __init__(
         self,
         monitor: str = "val_loss",

@@ -27,7 +27,8 @@ class LearningRateScheduler(Callback):
             stepped after each epoch (or batch).
         verbose: 1 prints each new rate.
         interval: ``"epoch"`` (default) or ``"batch"``. With a function and ``"batch"``, the
-            first argument is the global batch index.
+            first argument is the global batch index. With ``gradient_accumulation_steps``,
+            "batch" means an optimizer step: the schedule counts and acts once per group.
 
     With ReduceLROnPlateau: a schedule that scales the ``lr`` it receives (``lr * 0.9``), and
     torch's chainable schedulers (StepLR, ExponentialLR...), keep the plateau reductions; a
@@ -116,10 +117,14 @@ class LearningRateScheduler(Callback):
             self._step_torch(f"Epoch {epoch + 1}")
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if not self.is_torch_scheduler:
+        loop = getattr(self.model, "loop", None)
+        if not self.is_torch_scheduler and (loop is None or loop.micro_step == 0):
             self._apply(self.global_step, f"Batch {self.global_step}")
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        loop = getattr(self.model, "loop", None)
+        if loop is not None and loop.accumulating:  # per batch means per optimizer step
+            return
         if self.is_torch_scheduler:
             self._step_torch(f"Batch {self.global_step}")
         self.global_step += 1

@@ -39,6 +39,8 @@ class ModelCheckpoint(Callback):
         model.load_weights("ckpt/best.pt")
     """
 
+    state_key_attributes = ("filepath", "monitor")
+
     def __init__(
         self,
         filepath: str,

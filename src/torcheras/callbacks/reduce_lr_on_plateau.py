@@ -47,6 +47,8 @@ class ReduceLROnPlateau(Callback):
         model.fit(x, y, epochs=50, validation_split=0.2, callbacks=[reduce])
     """
 
+    state_key_attributes = ("monitor",)
+
     def __init__(
         self,
         monitor: str = "val_loss",

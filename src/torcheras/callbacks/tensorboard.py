@@ -76,6 +76,8 @@ class TensorBoard(Callback):
         # then: tensorboard --logdir runs/tb
     """
 
+    state_key_attributes = ("log_dir",)
+
     def __init__(
         self,
         log_dir: str | os.PathLike[str] = "logs",

@@ -11,18 +11,27 @@ from torcheras.callbacks.callback import Callback
 
 __all__ = ["TerminateOnNaN"]
 
+# Batches kept unread at most: beyond this the callback reads once (one sync per this many).
+MAX_UNREAD = 1024
+
 
 class TerminateOnNaN(Callback):
-    """Stop training when the training loss is NaN or infinite (checked every batch).
+    """Stop training when the training loss is NaN or infinite.
 
     Args:
-        raise_error: raise a RuntimeError at once (``on_train_end`` is then not called)
-            instead of setting ``model.stop_training`` (the epoch then finishes: validation and
+        raise_error: raise a RuntimeError (``on_train_end`` is then not called) instead of
+            setting ``model.stop_training`` (the epoch then finishes: validation and
             ``on_epoch_end`` run). Default False.
 
-    On the CPU the check reads the loss each batch, which costs nothing. On CUDA it does not
-    stall the GPU: the finiteness flag is copied to pinned host memory without blocking and read
-    once that copy has finished, normally at the next batch, so the stop comes one batch late.
+    As in Keras, the loss checked is the one in the batch logs: the running mean of the epoch,
+    which stays NaN (or infinite) from the batch where a bad loss appeared. Unlike Keras, the
+    check never stalls the device: the logs of each batch are kept (references, no copy) and
+    looked at only when somebody read them anyway (the progress bar, at most every 0.1 s),
+    after every 1024 unread batches, and after the epoch's last batch, before validation.
+    The message names the batch where the loss first went bad, the History and the epoch where
+    training stops are Keras's; the batches run between that batch and the check (up to the
+    next progress refresh) are the only difference, and with a NaN loss the weights are NaN
+    either way.
 
     Example::
 
@@ -31,40 +40,38 @@ class TerminateOnNaN(Callback):
 
     def __init__(self, raise_error: bool = False) -> None:
         self.raise_error = raise_error
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, Any]] = []
+        self._unread: list[tuple[int, Any]] = []
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self._pending = []
+        self._unread = []
+        loop = getattr(self.model, "loop", None)
+        if loop is not None and hasattr(loop, "end_of_batches"):
+            loop.end_of_batches.append(self._settle)  # after the last batch, before validation
 
     def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        logs = logs or {}
-        if "loss" not in logs:
+        if not logs or "loss" not in logs:
             return
-        raw = logs.raw("loss") if hasattr(logs, "raw") else logs["loss"]
-        if isinstance(raw, torch.Tensor) and raw.device.type == "cuda":
-            self._check_async(batch, raw)
-        else:
-            self._check(batch, float(raw))
-
-    def _check_async(self, batch: int, loss: torch.Tensor) -> None:
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(torch.isfinite(loss.detach()), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append((batch, flag, loss.detach(), event))
-        while self._pending and self._pending[0][3].query():
-            done_batch, done_flag, done_loss, _ = self._pending.pop(0)
-            if not bool(done_flag):
-                self._check(done_batch, float(done_loss))
-                self._pending.clear()
+        if not hasattr(logs, "raw"):  # plain floats (a hand-written loop): check now
+            self._check(batch, float(logs["loss"]))
+            return
+        if self._unread and self._unread[-1][1].materialized:  # read already: checking is free
+            self._settle()
+        self._unread.append((batch, logs))
+        if len(self._unread) >= MAX_UNREAD:
+            self._settle()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        for done_batch, done_flag, done_loss, event in self._pending:  # settle what is left
-            event.synchronize()
-            if not bool(done_flag):
-                self._check(done_batch, float(done_loss))
-                break
-        self._pending = []
+        self._settle()  # a hand-written loop has no end-of-batches point: check here
+
+    def _settle(self) -> None:
+        """Read the newest unread loss (one value); if it is bad, find the first bad batch."""
+        unread, self._unread = self._unread, []
+        if not unread or math.isfinite(float(unread[-1][1]["loss"])):
+            return
+        values = torch.stack([torch.as_tensor(logs.raw("loss")).float() for _, logs in unread])
+        finite = torch.isfinite(values).tolist()
+        first = finite.index(False)
+        self._check(unread[first][0], float(values[first]))
 
     def _check(self, batch: int, loss: float) -> None:
         if math.isnan(loss) or math.isinf(loss):
