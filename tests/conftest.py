@@ -62,9 +62,8 @@ def make_model(
     model = torcheras.Model(net)
     if isinstance(optimizer, str):
         compile_kwargs.setdefault("learning_rate", 0.02)
-    model.compile(
-        optimizer=optimizer, loss=loss, metrics=list(metrics or []), device="cpu", **compile_kwargs
-    )
+    compile_kwargs.setdefault("device", "cpu")
+    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics or []), **compile_kwargs)
     return model
 
 

@@ -138,7 +138,7 @@ class Precision:
             torch._foreach_clamp_min_(grads, -self.clipvalue)
             torch._foreach_clamp_max_(grads, self.clipvalue)
         elif self.global_clipnorm is not None:
-            torch.nn.utils.clip_grad_norm_(grads, self.global_clipnorm, foreach=None)
+            torch.nn.utils.clip_grad_norm_(params, self.global_clipnorm)
         else:  # Keras's clip_by_norm, each tensor on its own: g * c / max(||g||, c)
             clip = self.clipnorm
             norms = torch._foreach_norm(grads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import torch
 from conftest import drive, make_model
 
 import torcheras
-from torcheras.callbacks import CallbackList, LambdaCallback, ModelCheckpoint
+from torcheras import checkpoint
+from torcheras.callbacks import Callback, CallbackList, LambdaCallback, ModelCheckpoint
 
 
 def test_every_epoch_with_formatted_names(tmp_path, blobs):
@@ -190,3 +192,59 @@ def test_batch_saves_use_batch_logs(tmp_path, blobs):
         callbacks=[probe, ModelCheckpoint(str(tmp_path / "{batch}-{loss:.3f}.pt"), save_freq=1)],
     )
     assert len(os.listdir(tmp_path)) == 2 and seen == [0, 1]
+
+
+# ---- background writes -------------------------------------------------------------------------
+
+
+def test_a_background_save_holds_the_weights_of_its_epoch_not_later_ones(tmp_path, blobs):
+    """The state is copied before training goes on: the file written while the next epoch
+    trains holds the epoch's weights."""
+    x, y = blobs
+    model = make_model()
+    at_epoch_end = {}
+
+    class Remember(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            at_epoch_end[epoch] = model.get_weights()
+
+    path = tmp_path / "ep{epoch}.pt"
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[ModelCheckpoint(str(path)), Remember()])
+    for epoch in range(3):
+        saved = checkpoint.load(tmp_path / f"ep{epoch + 1}.pt")["model"]
+        for key, value in at_epoch_end[epoch].items():
+            assert torch.equal(saved[key], value), (epoch, key)
+
+
+def test_saves_run_one_at_a_time_and_fit_returns_after_the_last(tmp_path, blobs, monkeypatch):
+    x, y = blobs
+    real_write, spans = checkpoint.atomic_write, []
+
+    def slow_write(path, write):
+        start = time.perf_counter()
+        time.sleep(0.05)
+        result = real_write(path, write)
+        spans.append((start, time.perf_counter()))
+        return result
+
+    monkeypatch.setattr(checkpoint, "atomic_write", slow_write)
+    make_model().fit(
+        x, y, epochs=3, verbose=0, callbacks=[ModelCheckpoint(str(tmp_path / "e{epoch}.pt"))]
+    )
+    returned = time.perf_counter()
+    assert len(spans) == 3  # every write landed before fit returned
+    assert all(end <= returned for _, end in spans)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+
+
+def test_a_failed_background_save_fails_fit_loudly(tmp_path, blobs):
+    x, y = blobs
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(checkpoint.CheckpointError, match="file"):
+        make_model().fit(
+            x,
+            y,
+            epochs=2,
+            verbose=0,
+            callbacks=[ModelCheckpoint(str(tmp_path / "file" / "best.pt"))],
+        )

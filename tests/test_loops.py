@@ -1,0 +1,354 @@
+"""The loops: no per-batch reads from the device, accumulation, clipping, precision, jit, hooks."""
+
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import torcheras
+from torcheras import checkpoint, loops
+from torcheras.callbacks import (
+    BackupAndRestore,
+    Callback,
+    CSVLogger,
+    EarlyStopping,
+    LambdaCallback,
+    LearningRateScheduler,
+    ModelCheckpoint,
+    ReduceLROnPlateau,
+    TerminateOnNaN,
+)
+
+SRC = os.path.join(os.path.dirname(torcheras.__file__), "")
+TO_PYTHON = {"__float__", "item", "tolist", "__bool__", "__int__", "__index__", "numpy"}
+
+
+class CountConversions(TorchFunctionMode):
+    """Counts tensor-to-Python conversions made by torcheras's own code (the optimizer's
+    internal ``.item()`` on its CPU step counter is torch's, and a raw loop pays it too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in TO_PYTHON:
+            import sys
+
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(SRC):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def typical(folder) -> list[Callback]:
+    return [
+        EarlyStopping(patience=5),
+        ModelCheckpoint(str(folder / "best.pt"), save_best_only=True),
+        ReduceLROnPlateau(patience=2),
+        CSVLogger(folder / "log.csv"),
+        TerminateOnNaN(),
+    ]
+
+
+def test_typical_callbacks_read_nothing_from_tensors_per_batch(tmp_path, blobs):
+    """The same number of conversions whether an epoch has 6 batches or 45: none per batch."""
+    x, y = blobs
+    counts = []
+    for batch_size in (32, 4):
+        (tmp_path / str(batch_size)).mkdir()
+        model = make_model()
+        with CountConversions() as counter:
+            model.fit(
+                x,
+                y,
+                batch_size=batch_size,
+                epochs=2,
+                verbose=0,
+                validation_split=0.25,
+                callbacks=typical(tmp_path / str(batch_size)),
+            )
+        counts.append(counter.count)
+    assert counts[0] == counts[1], f"conversions grow with the number of batches: {counts}"
+    assert counts[0] <= 10  # a few per epoch: the epoch logs, validation, the first-batch check
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counting CUDA syncs needs CUDA")
+def test_no_sync_per_batch_on_cuda_with_data_on_the_gpu(tmp_path, blobs):
+    x, y = (torch.as_tensor(a, device="cuda") for a in blobs)
+    counts = []
+    for batch_size in (32, 4):
+        (tmp_path / str(batch_size)).mkdir()
+        model = make_model(device="cuda")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model.fit(
+                    x,
+                    y,
+                    batch_size=batch_size,
+                    epochs=2,
+                    verbose=0,
+                    validation_data=(x[:64], y[:64]),
+                    callbacks=typical(tmp_path / str(batch_size)),
+                )
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], f"syncs grow with the number of batches: {counts}"
+
+
+# ---- gradient accumulation -----------------------------------------------------------------
+
+
+def _sgd_model(seed=0):
+    torch.manual_seed(seed)
+    model = torcheras.Model(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)))
+    return model
+
+
+def _raw_sgd(x, y, batch_sizes, lr=0.1):
+    """A raw loop: one SGD step per group of samples, on the mean loss of the group."""
+    net = _sgd_model().module
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    start = 0
+    for size in batch_sizes:
+        xb, yb = torch.as_tensor(x[start : start + size]), torch.as_tensor(y[start : start + size])
+        loss = torch.nn.functional.mse_loss(net(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        start += size
+    return net
+
+
+def test_accumulation_equals_training_on_the_groups_and_averages_a_short_last_group():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4)).astype("float32")
+    y = rng.normal(size=(40, 1)).astype("float32")
+    model = _sgd_model()
+    model.compile(torch.optim.SGD(model.parameters(), lr=0.1), "mse", device="cpu",
+                  gradient_accumulation_steps=4)  # fmt: skip
+    seen = []
+    counter = LambdaCallback(
+        on_train_batch_end=lambda b, logs: seen.append((b, model.loop.optimizer_steps))
+    )
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[counter])
+    # batch hooks per micro-batch; the optimizer steps after batch 3, and after batch 4 (the
+    # epoch's last, which closes a group of one)
+    assert seen == [(0, 0), (1, 0), (2, 0), (3, 1), (4, 2)]
+    expected = _raw_sgd(x, y, [32, 8])
+    for a, b in zip(model.module.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_over_a_generator_steps_with_the_partial_group_at_the_epoch_end():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 4)).astype("float32")
+    y = rng.normal(size=(40, 1)).astype("float32")
+
+    def batches():
+        for i in range(0, 40, 8):
+            yield torch.as_tensor(x[i : i + 8]), torch.as_tensor(y[i : i + 8])
+
+    model = _sgd_model()
+    model.compile(torch.optim.SGD(model.parameters(), lr=0.1), "mse", device="cpu",
+                  gradient_accumulation_steps=3)  # fmt: skip
+    model.fit(batches(), epochs=1, verbose=0)
+    assert (model.loop.global_step, model.loop.optimizer_steps) == (5, 2)
+    expected = _raw_sgd(x, y, [24, 16])
+    for a, b in zip(model.module.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_schedules_and_backups_count_optimizer_steps(tmp_path, blobs):
+    x, y = blobs
+    model = make_model(gradient_accumulation_steps=3)
+    calls = []
+    schedule = LearningRateScheduler(lambda step, lr: calls.append(step) or 0.01, interval="batch")
+    model.fit(
+        x[:96],
+        y[:96],
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            schedule,
+            BackupAndRestore(tmp_path / "b", save_freq=2, delete_checkpoint=False),
+        ],
+    )
+    assert calls == [0, 1, 2, 3]  # 12 batches, 4 optimizer steps
+    state = checkpoint.load(tmp_path / "b" / "latest.pt")
+    assert (state["global_step"], state["optimizer_steps"]) == (12, 4)
+
+
+def test_accumulation_steps_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        make_model(gradient_accumulation_steps=0)
+
+
+# ---- clipping --------------------------------------------------------------------------------
+
+
+def _one_sgd_step(**clip):
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    model = torcheras.Model(net)
+    model.compile(torch.optim.SGD(net.parameters(), lr=1.0), "mse", device="cpu", **clip)
+    before = [p.detach().clone() for p in net.parameters()]
+    x = torch.randn(16, 3) * 10
+    y = torch.randn(16, 2) * 10
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    applied = [b - p.detach() for b, p in zip(before, net.parameters())]  # lr 1: the gradient
+    torch.manual_seed(0)
+    ref = nn.Linear(3, 2)
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    return applied, ref
+
+
+def test_clipnorm_clips_each_gradient_tensor_as_keras():
+    applied, ref = _one_sgd_step(clipnorm=0.5)
+    grads = [p.grad for p in ref.parameters()]
+    for got, g in zip(applied, grads):
+        expected = g * 0.5 / max(float(g.norm()), 0.5)  # Keras's clip_by_norm
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert float(got.norm()) == pytest.approx(min(float(g.norm()), 0.5), rel=1e-5)
+
+
+def test_global_clipnorm_clips_all_gradients_together_as_torch():
+    applied, ref = _one_sgd_step(global_clipnorm=0.5)
+    assert float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)) > 1  # it did clip
+    for got, want in zip(applied, [p.grad for p in ref.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert float(torch.cat([a.flatten() for a in applied]).norm()) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_clipvalue_clamps_each_element():
+    applied, ref = _one_sgd_step(clipvalue=0.1)
+    for got, g in zip(applied, [p.grad for p in ref.parameters()]):
+        torch.testing.assert_close(got, g.clamp(-0.1, 0.1), rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_arguments_are_checked():
+    with pytest.raises(ValueError, match="Set one of clipnorm, global_clipnorm and clipvalue"):
+        make_model(clipnorm=1.0, global_clipnorm=1.0)
+    with pytest.raises(ValueError, match="`clipvalue` must be a positive number"):
+        make_model(clipvalue=-1)
+
+
+# ---- precision --------------------------------------------------------------------------------
+
+
+def test_unknown_precision_names_the_choices():
+    with pytest.raises(ValueError, match="'32', 'bf16-mixed', '16-mixed'"):
+        make_model(precision="fp8")
+
+
+def test_bf16_mixed_trains_close_to_float32_and_predicts_float32(blobs, device):
+    x, y = blobs
+    results = {}
+    for precision in ("32", "bf16-mixed"):
+        torch.manual_seed(0)
+        model = make_model(precision=precision, device=device)
+        history = model.fit(x, y, epochs=3, verbose=0, shuffle=False)
+        results[precision] = (history.history["loss"], model.predict(x))
+    (loss32, pred32), (loss16, pred16) = results["32"], results["bf16-mixed"]
+    assert pred16.dtype == pred32.dtype == np.float32
+    np.testing.assert_allclose(loss16, loss32, rtol=0.05)  # bfloat16 keeps ~3 digits
+    assert (pred16.argmax(1) == y).mean() > 0.9
+
+
+class GradNorms(Callback):
+    def __init__(self):
+        self.norms = []
+
+    def on_after_backward(self, batch):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.cat([g.flatten() for g in grads]).norm()))
+
+
+def test_float16_scales_the_loss_and_hooks_see_unscaled_gradients(blobs):
+    x, y = blobs
+    norms = {}
+    for precision in ("32", "16-mixed"):
+        torch.manual_seed(0)
+        model = make_model(precision=precision)
+        watch = GradNorms()
+        model.fit(x, y, epochs=1, verbose=0, shuffle=False, callbacks=[watch])
+        norms[precision] = watch.norms
+    assert model.scaler is not None and model.scaler.get_scale() > 1  # the loss was scaled
+    np.testing.assert_allclose(norms["16-mixed"][:3], norms["32"][:3], rtol=0.05)
+
+
+def test_the_grad_scaler_state_is_saved_with_the_model_and_in_backups(tmp_path, blobs):
+    x, y = blobs
+    model = make_model(precision="16-mixed")
+    model.fit(
+        x,
+        y,
+        epochs=1,
+        verbose=0,
+        callbacks=[BackupAndRestore(tmp_path / "b", delete_checkpoint=False)],
+    )
+    state = model.scaler.state_dict()
+    assert state["_growth_tracker"] == 8  # 8 steps without an overflow since the last growth
+    model.save(tmp_path / "m.pt")
+    other = make_model(precision="16-mixed")
+    assert other.scaler.state_dict() != state
+    other.load(tmp_path / "m.pt")
+    assert other.scaler.state_dict() == state
+    assert checkpoint.load(tmp_path / "b" / "latest.pt")["scaler"] == state
+
+
+# ---- hooks, predict ------------------------------------------------------------------------
+
+
+def test_an_error_in_validation_reaches_on_exception_once(blobs):
+    x, y = blobs
+    seen = []
+
+    class Boom(Callback):
+        def on_test_batch_end(self, batch, logs=None):
+            raise RuntimeError("boom")
+
+        def on_exception(self, exception):
+            seen.append(type(exception).__name__)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        make_model().fit(x, y, epochs=1, verbose=0, validation_split=0.25, callbacks=[Boom()])
+    assert seen == ["RuntimeError"]
+
+
+def test_predict_moves_outputs_in_chunks_and_gives_the_same_result(monkeypatch, blobs):
+    x, _ = blobs
+    model = make_model()
+    whole = model.predict(x, batch_size=16, verbose=0)
+    monkeypatch.setattr(loops, "PREDICT_CHUNK_BYTES", 16 * 3 * 4 * 2)  # two batches a chunk
+    chunked = model.predict(x, batch_size=16, verbose=0)
+    np.testing.assert_array_equal(whole, chunked)
+    with torch.no_grad():
+        np.testing.assert_allclose(whole, model(torch.as_tensor(x)).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_loop_counters_are_readable_from_callbacks(blobs):
+    x, y = blobs
+    model = make_model()
+    seen = collections.Counter()
+    watch = LambdaCallback(
+        on_train_batch_end=lambda b, logs: seen.update(
+            [(model.loop.epoch, model.loop.batch == b, model.loop.micro_step)]
+        )
+    )
+    model.fit(x, y, batch_size=60, epochs=2, verbose=0, callbacks=[watch])
+    assert seen == {(0, True, 0): 4, (1, True, 0): 4}
+    assert (model.loop.global_step, model.loop.optimizer_steps) == (8, 8)
