@@ -148,19 +148,26 @@ class BatchLogs(MutableMapping[str, Any]):
     synchronisation; the first value read converts every value of the batch at once.
     """
 
-    __slots__ = ("_snapshot", "_values", "_extra", "_deleted")
+    __slots__ = ("_snapshot", "_values", "_extra", "_deleted", "_sorted")
 
-    def __init__(self, snapshot: Mapping[str, Any]) -> None:
-        self._snapshot = dict(sorted(snapshot.items()))  # tensors that nothing changes later
+    def __init__(self, snapshot: dict[str, Any]) -> None:
+        self._snapshot = snapshot  # tensors (or deferred results) that nothing changes later
         self._values: dict[str, Any] | None = None
         self._extra: dict[str, Any] = {}
         self._deleted: set[str] = set()
+        self._sorted = False
 
     def _materialize(self) -> dict[str, Any]:
         if self._values is None:
             values = [_resolve(v) for v in self._snapshot.values()]
             self._values = dict(zip(self._snapshot, _as_floats(values)))
         return self._values
+
+    def _keys(self) -> dict[str, Any]:
+        if not self._sorted:  # sorted when first iterated, not per batch
+            self._snapshot = dict(sorted(self._snapshot.items()))
+            self._sorted = True
+        return self._snapshot
 
     def _has(self, key: object) -> bool:
         return key in self._snapshot and key not in self._deleted
@@ -184,7 +191,7 @@ class BatchLogs(MutableMapping[str, Any]):
             raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
-        yield from (k for k in self._snapshot if k not in self._deleted and k not in self._extra)
+        yield from (k for k in self._keys() if k not in self._deleted and k not in self._extra)
         yield from self._extra
 
     def __len__(self) -> int:

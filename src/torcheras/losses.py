@@ -317,6 +317,15 @@ def _fused_sparse_cce(y_pred: Tensor, y_true: Tensor) -> Tensor:
     return sparse_categorical_crossentropy(y_pred, y_true).mean()
 
 
+def _fused_cross_entropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    if y_pred.dim() == 2 and y_true.dim() == 1 and not y_true.is_floating_point():
+        labels = y_true if y_true.dtype == torch.int64 else y_true.long()
+        # sum / N: the mean over every sample, ignored labels (-100) counting as 0, as the
+        # per-sample form gives
+        return F.cross_entropy(y_pred, labels, reduction="sum") / y_pred.shape[0]
+    return cross_entropy(y_pred, y_true).mean()
+
+
 def _fused(fn: Callable[..., Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     def mean(y_pred: Tensor, y_true: Tensor) -> Tensor:
         if y_pred.shape == y_true.shape:
@@ -329,6 +338,7 @@ def _fused(fn: Callable[..., Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
 # Batch-mean forms of the common losses: one fused kernel when no sample weights are given.
 FUSED: dict[LossFn, LossFn] = {
     sparse_categorical_crossentropy: _fused_sparse_cce,
+    cross_entropy: _fused_cross_entropy,
     mean_squared_error: _fused(F.mse_loss),
     mean_absolute_error: _fused(F.l1_loss),
     binary_crossentropy: _fused(F.binary_cross_entropy_with_logits),

@@ -356,8 +356,17 @@ class Model(nn.Module):
     # ---- steps (override these) --------------------------------------------------------------
     def call_on(self, x: Any) -> Any:
         """Run the model on ``x``: a tensor, a tuple (``forward(*x)``) or a dict (``**x``)."""
-        fn = self if self._compiled is None else self._compiled.forward
-        return _call(fn, x)
+        if self._compiled is not None:
+            return _call(self._compiled.forward, x)
+        module = self._modules.get("module")
+        if (
+            module is None
+            or self._forward_hooks
+            or self._forward_pre_hooks
+            or (type(self).forward is not Model.forward)
+        ):
+            return _call(self, x)
+        return _call(module, x)  # the wrapped module itself: one module call, not two
 
     def autocast(self) -> AbstractContextManager[None]:
         """The compiled precision's autocast (nothing under ``"32"``): wrap the forward pass

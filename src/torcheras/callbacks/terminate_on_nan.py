@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from torcheras.callbacks.callback import Callback
+from torcheras.logs import BatchLogs
 
 __all__ = ["TerminateOnNaN"]
 
@@ -49,15 +50,16 @@ class TerminateOnNaN(Callback):
             loop.end_of_batches.append(self._settle)  # after the last batch, before validation
 
     def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        if not logs or "loss" not in logs:
+        if type(logs) is not BatchLogs:  # plain floats (a hand-written loop): check now
+            if logs and "loss" in logs:
+                self._check(batch, float(logs["loss"]))
             return
-        if not hasattr(logs, "raw"):  # plain floats (a hand-written loop): check now
-            self._check(batch, float(logs["loss"]))
-            return
-        if self._unread and self._unread[-1][1].materialized:  # read already: checking is free
+        unread = self._unread
+        if unread and unread[-1][1].materialized:  # read already: checking it is free
             self._settle()
-        self._unread.append((batch, logs))
-        if len(self._unread) >= MAX_UNREAD:
+            unread = self._unread
+        unread.append((batch, logs))
+        if len(unread) >= MAX_UNREAD:
             self._settle()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -65,7 +67,7 @@ class TerminateOnNaN(Callback):
 
     def _settle(self) -> None:
         """Read the newest unread loss (one value); if it is bad, find the first bad batch."""
-        unread, self._unread = self._unread, []
+        unread, self._unread = [entry for entry in self._unread if "loss" in entry[1]], []
         if not unread or math.isfinite(float(unread[-1][1]["loss"])):
             return
         values = torch.stack([torch.as_tensor(logs.raw("loss")).float() for _, logs in unread])

@@ -1,0 +1,469 @@
+"""torcheras against a raw PyTorch loop and its peers, each run in a fresh process.
+
+Every framework trains the same network on the same data with Adam (lr 1e-3) and a mean
+cross-entropy, batch for batch. "typical" adds the typical callbacks in each framework's own
+form (early stopping, a checkpoint every epoch, reduce-on-plateau, a CSV log, a NaN check)
+and a validation pass per epoch; the raw loop does the same work by hand (see overhead.py).
+Each (framework, workload, callbacks) runs in its own process: one warm-up epoch, then a timed
+``fit`` of several epochs. Rounds alternate the order of the frameworks; the ratio reported is
+the median over rounds of (framework / raw of the same round). Peers not installed are
+skipped (``pip install -e '.[bench]'`` installs them). Results go to
+``benchmarks/results.md``.
+
+    python benchmarks/peers.py                 # everything (about 15 minutes on 2 cores)
+    python benchmarks/peers.py --quick         # one round, fewer frameworks' epochs
+    python benchmarks/peers.py --only raw,torcheras --workloads tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+THREADS = 1
+
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "tiny": {"label": "tiny MLP 32-64-10, batch 64", "samples": 50_000, "batch": 64, "epochs": 3},
+    "wide": {
+        "label": "wide MLP 256-1024-1024-10, batch 256",
+        "samples": 50_000,
+        "batch": 256,
+        "epochs": 2,
+    },
+    "cnn": {"label": "small CNN 3x32x32, batch 256", "samples": 10_000, "batch": 256, "epochs": 2},
+}
+FRAMEWORKS = ["raw", "torcheras", "lightning", "keras", "poutyne", "ignite"]
+MODULES = {"lightning": "lightning", "keras": "keras", "poutyne": "poutyne", "ignite": "ignite"}
+
+
+# ---- the shared problem ------------------------------------------------------------------------
+
+
+def make_net(workload: str) -> Any:
+    from torch import nn
+
+    if workload == "tiny":
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    if workload == "wide":
+        return nn.Sequential(
+            nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 6 * 6, 10),
+    )  # fmt: skip
+
+
+def make_data(workload: str) -> tuple[Any, Any, Any, Any]:
+    """Train and validation arrays (numpy float32 / int64): the last tenth validates."""
+    import numpy as np
+
+    w = WORKLOADS[workload]
+    rng = np.random.default_rng(0)
+    shape = {"tiny": (32,), "wide": (256,), "cnn": (3, 32, 32)}[workload]
+    x = rng.normal(size=(w["samples"], *shape)).astype("float32")
+    y = rng.integers(0, 10, size=w["samples"]).astype("int64")
+    n_val = w["samples"] // 10
+    return x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+
+
+# ---- one framework, one process ------------------------------------------------------------------
+
+
+def run_raw(workload: str, typical: bool, folder: str) -> Any:
+    import torch
+
+    sys.path.insert(0, HERE)
+    from overhead import RawLoop
+
+    x, y, xv, yv = (torch.from_numpy(a) for a in make_data(workload))
+    net = make_net(workload)
+    loop = RawLoop(net, torch.optim.Adam(net.parameters(), lr=1e-3), folder)
+    batch = WORKLOADS[workload]["batch"]
+
+    def fit(epochs: int) -> None:
+        for _ in range(epochs):
+            loop.epoch_(x, y, batch, (xv, yv) if typical else None)
+
+    return fit
+
+
+def run_torcheras(workload: str, typical: bool, folder: str, verbose: int = 0) -> Any:
+    import torch
+
+    sys.path.insert(0, os.path.join(HERE, "..", "src"))
+    import torcheras
+    from torcheras import callbacks as cb
+
+    x, y, xv, yv = make_data(workload)
+    model = torcheras.Model(make_net(workload))
+    model.compile(torch.optim.Adam(model.parameters(), lr=1e-3), "cross_entropy", device="cpu")
+    callbacks = (
+        [
+            cb.EarlyStopping(patience=10_000),
+            cb.ModelCheckpoint(os.path.join(folder, "last.pt")),
+            cb.ReduceLROnPlateau(patience=10_000),
+            cb.CSVLogger(os.path.join(folder, "log.csv"), append=True),
+            cb.TerminateOnNaN(),
+        ]
+        if typical
+        else []
+    )
+    batch = WORKLOADS[workload]["batch"]
+
+    def fit(epochs: int) -> None:
+        model.fit(
+            x,
+            y,
+            batch_size=batch,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=callbacks,
+            validation_data=(xv, yv) if typical else None,
+            validation_batch_size=len(xv),
+        )
+
+    return fit
+
+
+def run_lightning(workload: str, typical: bool, folder: str) -> Any:
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from lightning.pytorch import callbacks as lcb
+    from lightning.pytorch.loggers import CSVLogger
+
+    x, y, xv, yv = (torch.from_numpy(a) for a in make_data(workload))
+    batch = WORKLOADS[workload]["batch"]
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net(workload)
+
+        def training_step(self, b: Any, i: int) -> Any:
+            loss = F.cross_entropy(self.net(b[0]), b[1])
+            if typical:
+                self.log("loss", loss, on_step=False, on_epoch=True)
+            return loss
+
+        def validation_step(self, b: Any, i: int) -> None:
+            self.log("val_loss", F.cross_entropy(self.net(b[0]), b[1]))
+
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.Adam(self.parameters(), lr=1e-3)
+            if not typical:
+                return opt
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=10_000)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
+
+    module = Module()
+    train = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=True
+    )
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=len(xv))
+
+    def fit(epochs: int) -> None:
+        callbacks = (
+            [
+                lcb.EarlyStopping("val_loss", patience=10_000, check_finite=True),
+                lcb.ModelCheckpoint(dirpath=folder, filename="last", enable_version_counter=False),
+            ]
+            if typical
+            else []
+        )
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            logger=CSVLogger(folder) if typical else False,
+            callbacks=callbacks,
+            enable_checkpointing=typical,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(module, train, val if typical else None)
+
+    return fit
+
+
+def run_keras(workload: str, typical: bool, folder: str) -> Any:
+    os.environ["KERAS_BACKEND"] = "torch"
+    import keras
+
+    x, y, xv, yv = make_data(workload)
+    if workload == "cnn":  # Keras's layers are channels-last
+        x, xv = x.transpose(0, 2, 3, 1), xv.transpose(0, 2, 3, 1)
+        model = keras.Sequential([
+            keras.Input((32, 32, 3)), keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.MaxPooling2D(), keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(10),
+        ])  # fmt: skip
+    else:
+        sizes = {"tiny": [32, 64, 10], "wide": [256, 1024, 1024, 10]}[workload]
+        layers = [keras.Input((sizes[0],))]
+        layers += [keras.layers.Dense(n, activation="relu") for n in sizes[1:-1]]
+        model = keras.Sequential([*layers, keras.layers.Dense(sizes[-1])])
+    model.compile(
+        keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    callbacks = (
+        [
+            keras.callbacks.EarlyStopping(patience=10_000),
+            keras.callbacks.ModelCheckpoint(os.path.join(folder, "last.keras")),
+            keras.callbacks.ReduceLROnPlateau(patience=10_000),
+            keras.callbacks.CSVLogger(os.path.join(folder, "log.csv"), append=True),
+            keras.callbacks.TerminateOnNaN(),
+        ]
+        if typical
+        else []
+    )
+    batch = WORKLOADS[workload]["batch"]
+
+    def fit(epochs: int) -> None:
+        model.fit(
+            x,
+            y,
+            batch_size=batch,
+            epochs=epochs,
+            verbose=0,
+            callbacks=callbacks,
+            validation_data=(xv, yv) if typical else None,
+            validation_batch_size=len(xv),
+        )
+
+    return fit
+
+
+def run_poutyne(workload: str, typical: bool, folder: str) -> Any:
+    import poutyne
+    import torch
+
+    x, y, xv, yv = make_data(workload)
+    net = make_net(workload)
+    model = poutyne.Model(net, torch.optim.Adam(net.parameters(), lr=1e-3), "cross_entropy")
+    callbacks = (
+        [
+            poutyne.EarlyStopping(patience=10_000),
+            poutyne.ModelCheckpoint(os.path.join(folder, "last.ckpt")),
+            poutyne.ReduceLROnPlateau(patience=10_000),
+            poutyne.CSVLogger(os.path.join(folder, "log.csv"), append=True),
+            poutyne.TerminateOnNaN(),
+        ]
+        if typical
+        else []
+    )
+    batch = WORKLOADS[workload]["batch"]
+
+    def fit(epochs: int) -> None:
+        model.fit(
+            x,
+            y,
+            validation_data=(xv, yv) if typical else None,
+            epochs=epochs,
+            batch_size=batch,
+            verbose=False,
+            callbacks=callbacks,
+        )
+
+    return fit
+
+
+def run_ignite(workload: str, typical: bool, folder: str) -> Any:
+    import csv
+
+    import torch
+    import torch.nn.functional as F
+    from ignite import handlers
+    from ignite.engine import Events, create_supervised_evaluator, create_supervised_trainer
+    from ignite.metrics import Loss, RunningAverage
+
+    x, y, xv, yv = (torch.from_numpy(a) for a in make_data(workload))
+    net = make_net(workload)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    trainer = create_supervised_trainer(net, opt, F.cross_entropy)
+    batch = WORKLOADS[workload]["batch"]
+    train = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=True
+    )
+    if typical:
+        val = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(xv, yv), batch_size=len(xv)
+        )
+        evaluator = create_supervised_evaluator(net, metrics={"loss": Loss(F.cross_entropy)})
+        RunningAverage(output_transform=lambda out: out).attach(trainer, "loss")
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, handlers.TerminateOnNan())
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run(val))
+        score = lambda e: -e.state.metrics["loss"]  # noqa: E731
+        evaluator.add_event_handler(
+            Events.COMPLETED, handlers.EarlyStopping(10_000, score, trainer)
+        )
+        evaluator.add_event_handler(
+            Events.COMPLETED,
+            handlers.ModelCheckpoint(folder, "last", n_saved=1, require_empty=False),
+            {"net": net, "opt": opt},
+        )
+        evaluator.add_event_handler(
+            Events.COMPLETED,
+            handlers.ReduceLROnPlateauScheduler(opt, "loss", mode="min", patience=10_000),
+        )
+
+        def csv_row(engine: Any) -> None:
+            with open(os.path.join(folder, "log.csv"), "a", newline="") as f:
+                row = [trainer.state.epoch, engine.state.metrics["loss"]]
+                csv.writer(f).writerow([*row, evaluator.state.metrics["loss"]])
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, csv_row)
+
+    def fit(epochs: int) -> None:
+        trainer.run(train, max_epochs=(trainer.state.epoch or 0) + epochs)
+
+    return fit
+
+
+RUNNERS = {
+    "raw": run_raw,
+    "torcheras": run_torcheras,
+    "lightning": run_lightning,
+    "keras": run_keras,
+    "poutyne": run_poutyne,
+    "ignite": run_ignite,
+}
+
+
+def worker(framework: str, workload: str, typical: bool, epochs: int, verbose: int) -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    folder = tempfile.mkdtemp()
+    kwargs = {"verbose": verbose} if framework == "torcheras" else {}
+    fit = RUNNERS[framework](workload, typical, folder, **kwargs)
+    fit(1)  # warm-up: allocator, caches, first-call paths
+    start = time.perf_counter()
+    fit(epochs)
+    seconds = (time.perf_counter() - start) / epochs
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds_per_epoch": seconds, "peak_rss_mib": rss_mib}))
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+
+
+def spawn(args: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{args}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def import_seconds(module: str, repeats: int) -> float:
+    """Median wall time of a fresh ``python -c 'import module'``."""
+    code = f"import {module}"
+    env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..", "src")}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def available() -> list[str]:
+    return [f for f in FRAMEWORKS if f not in MODULES or importlib.util.find_spec(MODULES[f])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=5, metavar=("FW", "WORKLOAD", "TYPICAL", "EPOCHS", "V"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one round")
+    parser.add_argument("--only", default=None, help="comma-separated frameworks")
+    parser.add_argument("--workloads", default="tiny,wide,cnn")
+    parser.add_argument("--output", default=os.path.join(HERE, "results.md"))
+    args = parser.parse_args()
+    if args.worker:
+        fw, workload, typical, epochs, verbose = args.worker
+        worker(fw, workload, typical == "1", int(epochs), int(verbose))
+        return
+    rounds = 1 if args.quick else args.rounds
+    frameworks = [f for f in available() if args.only is None or f in args.only.split(",")]
+    rows = []
+    for workload in args.workloads.split(","):
+        for typical in (False, True):
+            times: dict[str, list[float]] = {f: [] for f in frameworks}
+            rss: dict[str, float] = {}
+            for r in range(rounds):
+                order = frameworks if r % 2 == 0 else frameworks[::-1]
+                for fw in order:
+                    epochs = str(WORKLOADS[workload]["epochs"])
+                    out = spawn([fw, workload, "1" if typical else "0", epochs, "0"])
+                    times[fw].append(out["seconds_per_epoch"])
+                    rss[fw] = max(rss.get(fw, 0.0), out["peak_rss_mib"])
+            ratios = {
+                fw: statistics.median(t / raw for t, raw in zip(times[fw], times["raw"]))
+                for fw in frameworks
+            }
+            label = f"{WORKLOADS[workload]['label']}, {'typical' if typical else 'none'}"
+            medians = {fw: statistics.median(times[fw]) for fw in frameworks}
+            rows.append((label, medians, ratios, rss))
+            print(label, {fw: round(v, 3) for fw, v in ratios.items()}, flush=True)
+    imports = {m: import_seconds(m, 5) for m in ("torch", "torcheras")}
+    write_results(args.output, frameworks, rows, imports, rounds)
+
+
+def write_results(
+    path: str, frameworks: list[str], rows: list[Any], imports: dict[str, float], rounds: int
+) -> None:
+    import torch
+
+    lines = [
+        "# Benchmarks: torcheras against a raw loop and its peers",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{THREADS} torch threads, CPU only; Python {platform.python_version()}, "
+        f"torch {torch.__version__}. Command: `python benchmarks/peers.py` "
+        f"({rounds} rounds, fresh process per run, median of per-round ratios to raw).",
+        "",
+        "| workload, callbacks | raw s/epoch | "
+        + " | ".join(f"{f} / raw" for f in frameworks[1:])
+        + " |",
+        "|---|---|" + "---|" * (len(frameworks) - 1),
+    ]
+    for label, seconds, ratios, _ in rows:
+        cells = " | ".join(f"{ratios[f]:.2f}" for f in frameworks[1:])
+        lines.append(f"| {label} | {seconds['raw']:.3f} | {cells} |")
+    lines += ["", "Peak RSS (MiB, largest over rounds):", ""]
+    lines.append("| workload, callbacks | " + " | ".join(frameworks) + " |")
+    lines.append("|---|" + "---|" * len(frameworks))
+    for label, _, _, rss in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{rss[f]:.0f}" for f in frameworks) + " |")
+    ratio = imports["torcheras"] / imports["torch"]
+    lines += [
+        "",
+        f"Import time (fresh process, median of 5): `import torch` {imports['torch']:.2f} s, "
+        f"`import torcheras` {imports['torcheras']:.2f} s ({ratio:.2f}x).",
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
