@@ -22,8 +22,15 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: $(VENV)/.installed
+# The peers (Lightning, Keras 3, Ignite, Poutyne) come with the `bench` extra, torch pinned.
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,bench]" "$(TORCH_PIN)"
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) benchmarks/overhead.py --markdown
+	$(PY) benchmarks/peers.py
+	$(PY) benchmarks/async_save.py
 
 # Mutation testing on model.py, logs.py, data.py and callbacks/ (slow: hours; not in CI).
 mutate: $(VENV)/.installed

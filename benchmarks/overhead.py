@@ -79,37 +79,60 @@ class RawLoop:
     (unless checking the loss, as TerminateOnNaN does), and, with ``val``, the typical
     callbacks' work written out by hand."""
 
-    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, folder: str) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        opt: torch.optim.Optimizer,
+        folder: str,
+        device: torch.device | None = None,
+        precision: str = "32",
+    ) -> None:
         self.net, self.opt, self.folder = net, opt, folder
+        self.device = device or torch.device("cpu")
+        self.dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "16-mixed" else None
         self.best = math.inf
         self.saves = 0
         self.epoch = 0
         self.wait = 0
 
     def epoch_(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, val: Any) -> None:
-        net, opt = self.net, self.opt
+        net, opt, device, scaler = self.net, self.opt, self.device, self.scaler
         net.train()
-        perm = torch.randperm(x.shape[0])
-        total = torch.zeros(())
+        perm = torch.randperm(x.shape[0], device=x.device)
+        total = torch.zeros((), device=device)
+        cuda = device.type == "cuda"
         for i in range(0, x.shape[0], batch_size):
             idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
+            xb, yb = x[idx], y[idx]
+            if cuda and xb.device.type == "cpu":
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             if val is None:
                 continue
             total += loss.detach() * len(idx)
-            if not math.isfinite(float(loss.detach())):  # TerminateOnNaN's check
+            if not cuda and not math.isfinite(float(loss.detach())):  # TerminateOnNaN's check
                 raise FloatingPointError("loss is not finite")
         if val is not None:
+            if not math.isfinite(float(total)):  # on CUDA, checked once (no sync per batch)
+                raise FloatingPointError("loss is not finite")
             self._end_of_epoch(float(total) / x.shape[0], val)
         self.epoch += 1
 
     def _end_of_epoch(self, train_loss: float, val: Any) -> None:
         self.net.eval()
         with torch.no_grad():
-            val_loss = float(F.cross_entropy(self.net(val[0]), val[1]))
+            xv, yv = val[0].to(self.device), val[1].to(self.device)
+            val_loss = float(F.cross_entropy(self.net(xv), yv))
         logs = {
             "learning_rate": self.opt.param_groups[0]["lr"],
             "loss": train_loss,

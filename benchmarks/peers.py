@@ -81,15 +81,29 @@ def make_data(workload: str) -> tuple[Any, Any, Any, Any]:
 # ---- one framework, one process ------------------------------------------------------------------
 
 
-def run_raw(workload: str, typical: bool, folder: str) -> Any:
+def _tensors(workload: str, opts: dict[str, Any]) -> tuple[Any, ...]:
+    """The data as tensors: on the training device with ``on_device``, else on the host."""
+    import torch
+
+    where = opts["device"] if opts["on_device"] else "cpu"
+    return tuple(torch.from_numpy(a).to(where) for a in make_data(workload))
+
+
+def run_raw(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
     import torch
 
     sys.path.insert(0, HERE)
     from overhead import RawLoop
 
-    x, y, xv, yv = (torch.from_numpy(a) for a in make_data(workload))
-    net = make_net(workload)
-    loop = RawLoop(net, torch.optim.Adam(net.parameters(), lr=1e-3), folder)
+    x, y, xv, yv = _tensors(workload, opts)
+    net = make_net(workload).to(opts["device"])
+    loop = RawLoop(
+        net,
+        torch.optim.Adam(net.parameters(), lr=1e-3),
+        folder,
+        device=torch.device(opts["device"]),
+        precision=opts["precision"],
+    )
     batch = WORKLOADS[workload]["batch"]
 
     def fit(epochs: int) -> None:
@@ -99,16 +113,23 @@ def run_raw(workload: str, typical: bool, folder: str) -> Any:
     return fit
 
 
-def run_torcheras(workload: str, typical: bool, folder: str, verbose: int = 0) -> Any:
+def run_torcheras(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
     import torch
 
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
     import torcheras
     from torcheras import callbacks as cb
 
-    x, y, xv, yv = make_data(workload)
+    x, y, xv, yv = _tensors(workload, opts) if opts["on_device"] else make_data(workload)
+    verbose = opts.get("verbose", 0)
     model = torcheras.Model(make_net(workload))
-    model.compile(torch.optim.Adam(model.parameters(), lr=1e-3), "cross_entropy", device="cpu")
+    model.compile(
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        "cross_entropy",
+        device=opts["device"],
+        precision=opts["precision"],
+        jit_compile=opts["jit"],
+    )
     callbacks = (
         [
             cb.EarlyStopping(patience=10_000),
@@ -137,14 +158,14 @@ def run_torcheras(workload: str, typical: bool, folder: str, verbose: int = 0) -
     return fit
 
 
-def run_lightning(workload: str, typical: bool, folder: str) -> Any:
+def run_lightning(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
     import lightning as L
     import torch
     import torch.nn.functional as F
     from lightning.pytorch import callbacks as lcb
     from lightning.pytorch.loggers import CSVLogger
 
-    x, y, xv, yv = (torch.from_numpy(a) for a in make_data(workload))
+    x, y, xv, yv = _tensors(workload, opts)
     batch = WORKLOADS[workload]["batch"]
 
     class Module(L.LightningModule):
@@ -185,8 +206,9 @@ def run_lightning(workload: str, typical: bool, folder: str) -> Any:
         )
         trainer = L.Trainer(
             max_epochs=epochs,
-            accelerator="cpu",
+            accelerator="gpu" if opts["device"] == "cuda" else "cpu",
             devices=1,
+            precision={"32": "32-true"}.get(opts["precision"], opts["precision"]),
             logger=CSVLogger(folder) if typical else False,
             callbacks=callbacks,
             enable_checkpointing=typical,
@@ -199,7 +221,7 @@ def run_lightning(workload: str, typical: bool, folder: str) -> Any:
     return fit
 
 
-def run_keras(workload: str, typical: bool, folder: str) -> Any:
+def run_keras(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
     os.environ["KERAS_BACKEND"] = "torch"
     import keras
 
@@ -247,7 +269,7 @@ def run_keras(workload: str, typical: bool, folder: str) -> Any:
     return fit
 
 
-def run_poutyne(workload: str, typical: bool, folder: str) -> Any:
+def run_poutyne(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
     import poutyne
     import torch
 
@@ -281,7 +303,7 @@ def run_poutyne(workload: str, typical: bool, folder: str) -> Any:
     return fit
 
 
-def run_ignite(workload: str, typical: bool, folder: str) -> Any:
+def run_ignite(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
     import csv
 
     import torch
@@ -343,32 +365,38 @@ RUNNERS = {
 }
 
 
-def worker(framework: str, workload: str, typical: bool, epochs: int, verbose: int) -> None:
+def worker(framework: str, workload: str, typical: bool, epochs: int, opts: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     folder = tempfile.mkdtemp()
-    kwargs = {"verbose": verbose} if framework == "torcheras" else {}
-    fit = RUNNERS[framework](workload, typical, folder, **kwargs)
-    fit(1)  # warm-up: allocator, caches, first-call paths
+    fit = RUNNERS[framework](workload, typical, folder, opts)
+    fit(1)  # warm-up: allocator, caches, first-call paths, compilation
+    cuda = opts["device"] == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fit(epochs)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / epochs
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds_per_epoch": seconds, "peak_rss_mib": rss_mib}))
 
 
+DEFAULT_OPTS = {"device": "cpu", "on_device": False, "precision": "32", "jit": False}
+
+
 # ---- the driver ----------------------------------------------------------------------------------
 
 
-def spawn(args: list[str]) -> dict[str, Any]:
+def spawn(args: list[str], opts: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env
-    )
+    command = [sys.executable, __file__, "--worker", *args, "--opts", json.dumps(opts)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{args}: {done.stderr[-2000:]}")
+        raise RuntimeError(f"{args} {opts}: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -390,7 +418,12 @@ def available() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=5, metavar=("FW", "WORKLOAD", "TYPICAL", "EPOCHS", "V"))
+    parser.add_argument("--worker", nargs=4, metavar=("FW", "WORKLOAD", "TYPICAL", "EPOCHS"))
+    parser.add_argument("--opts", default="{}", help="worker options (JSON)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (implies --variants)")
+    parser.add_argument(
+        "--variants", action="store_true", help="the precision / placement / jit table"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round")
     parser.add_argument("--only", default=None, help="comma-separated frameworks")
@@ -398,8 +431,11 @@ def main() -> None:
     parser.add_argument("--output", default=os.path.join(HERE, "results.md"))
     args = parser.parse_args()
     if args.worker:
-        fw, workload, typical, epochs, verbose = args.worker
-        worker(fw, workload, typical == "1", int(epochs), int(verbose))
+        fw, workload, typical, epochs = args.worker
+        worker(fw, workload, typical == "1", int(epochs), {**DEFAULT_OPTS, **json.loads(args.opts)})
+        return
+    if args.device == "cuda" or args.variants:
+        variants_table(args)
         return
     rounds = 1 if args.quick else args.rounds
     frameworks = [f for f in available() if args.only is None or f in args.only.split(",")]
@@ -412,7 +448,7 @@ def main() -> None:
                 order = frameworks if r % 2 == 0 else frameworks[::-1]
                 for fw in order:
                     epochs = str(WORKLOADS[workload]["epochs"])
-                    out = spawn([fw, workload, "1" if typical else "0", epochs, "0"])
+                    out = spawn([fw, workload, "1" if typical else "0", epochs], DEFAULT_OPTS)
                     times[fw].append(out["seconds_per_epoch"])
                     rss[fw] = max(rss.get(fw, 0.0), out["peak_rss_mib"])
             ratios = {
@@ -425,6 +461,64 @@ def main() -> None:
             print(label, {fw: round(v, 3) for fw, v in ratios.items()}, flush=True)
     imports = {m: import_seconds(m, 5) for m in ("torch", "torcheras")}
     write_results(args.output, frameworks, rows, imports, rounds)
+
+
+CUDA_VARIANTS = [
+    ("data on CPU", {}),
+    ("data on the GPU", {"on_device": True}),
+    ("data on the GPU, bf16-mixed", {"on_device": True, "precision": "bf16-mixed"}),
+    ("data on the GPU, 16-mixed", {"on_device": True, "precision": "16-mixed"}),
+    ("data on the GPU, jit_compile (raw: eager)", {"on_device": True, "jit": True}),
+]
+
+
+def variants_table(args: Any) -> None:
+    """raw / torcheras / Lightning on ``--device`` (the CUDA table), each variant with no
+    callbacks and with the typical set; appended to ``--output``."""
+    frameworks = [f for f in ("raw", "torcheras", "lightning") if f in available()]
+    rows = []
+    for workload in args.workloads.split(","):
+        for name, variant in CUDA_VARIANTS:
+            for typical in (False, True):
+                opts = {**DEFAULT_OPTS, "device": args.device, **variant}
+                times: dict[str, list[float]] = {f: [] for f in frameworks}
+                for r in range(1 if args.quick else args.rounds):
+                    for fw in frameworks if r % 2 == 0 else frameworks[::-1]:
+                        if fw == "lightning" and variant.get("jit"):
+                            continue
+                        epochs = str(WORKLOADS[workload]["epochs"])
+                        flag = "1" if typical else "0"
+                        out = spawn([fw, workload, flag, epochs], opts)
+                        times[fw].append(out["seconds_per_epoch"])
+                cells = []
+                for fw in frameworks[1:]:
+                    pairs = list(zip(times[fw], times["raw"]))
+                    cells.append(
+                        f"{statistics.median(t / r for t, r in pairs):.2f}" if pairs else "-"
+                    )
+                label = (
+                    f"{WORKLOADS[workload]['label']}, {name}, {'typical' if typical else 'none'}"
+                )
+                rows.append(
+                    f"| {label} | {statistics.median(times['raw']):.4f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+                print(rows[-1], flush=True)
+    import torch
+
+    header = [
+        "",
+        f"## {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'} "
+        f"(torch {torch.__version__}, {1 if args.quick else args.rounds} rounds)",
+        "",
+        "| workload, variant, callbacks | raw s/epoch | "
+        + " | ".join(f"{f} / raw" for f in frameworks[1:])
+        + " |",
+        "|---|---|" + "---|" * (len(frameworks) - 1),
+    ]
+    with open(args.output, "a") as f:
+        f.write("\n".join(header + rows) + "\n")
 
 
 def write_results(

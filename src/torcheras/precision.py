@@ -9,7 +9,6 @@ Clipping has Keras's names and meaning and never reads a value back to the host.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor
 __all__ = ["PRECISIONS", "Precision"]
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+_NO_AUTOCAST = contextlib.nullcontext()
 _ALIASES = {
     32: "32",
     "32-true": "32",
@@ -103,14 +103,11 @@ class Precision:
             or (self.clipvalue is not None)
         )
 
-    @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward pass and the loss run in the mixed dtype (nothing happens for ``"32"``)."""
         if self.dtype is None:
-            yield
-            return
-        with torch.autocast(self.device.type, dtype=self.dtype):
-            yield
+            return _NO_AUTOCAST
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def backward(self, loss: Tensor) -> None:
         """``loss.backward()``, scaled first under ``"16-mixed"``."""
