@@ -54,7 +54,7 @@ class Workload:
 
 WORKLOADS = [
     Workload("tiny MLP 32-64-10, batch 64", (32, 64, 10), 64, 50_000, 1.03),
-    Workload("wide MLP 256-1024-1024-10, batch 256", (256, 1024, 1024, 10), 256, 50_000, 1.01),
+    Workload("wide MLP 256-1024-1024-10, batch 256", (256, 1024, 1024, 10), 256, 12_800, 1.01),
 ]
 
 

@@ -37,7 +37,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "tiny": {"label": "tiny MLP 32-64-10, batch 64", "samples": 50_000, "batch": 64, "epochs": 3},
     "wide": {
         "label": "wide MLP 256-1024-1024-10, batch 256",
-        "samples": 50_000,
+        "samples": 12_800,
         "batch": 256,
         "epochs": 2,
     },
