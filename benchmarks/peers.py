@@ -10,7 +10,7 @@ the median over rounds of (framework / raw of the same round). Peers not install
 skipped (``pip install -e '.[bench]'`` installs them). Results go to
 ``benchmarks/results.md``.
 
-    python benchmarks/peers.py                 # everything (about 15 minutes on 2 cores)
+    python benchmarks/peers.py                 # everything (about 30 minutes on 2 cores)
     python benchmarks/peers.py --quick         # one round, fewer frameworks' epochs
     python benchmarks/peers.py --only raw,torcheras --workloads tiny
 """
@@ -34,14 +34,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 THREADS = 1
 
 WORKLOADS: dict[str, dict[str, Any]] = {
-    "tiny": {"label": "tiny MLP 32-64-10, batch 64", "samples": 50_000, "batch": 64, "epochs": 3},
+    "tiny": {"label": "tiny MLP 32-64-10, batch 64", "samples": 50_000, "batch": 64, "epochs": 2},
     "wide": {
         "label": "wide MLP 256-1024-1024-10, batch 256",
         "samples": 12_800,
         "batch": 256,
         "epochs": 2,
     },
-    "cnn": {"label": "small CNN 3x32x32, batch 256", "samples": 10_000, "batch": 256, "epochs": 2},
+    "cnn": {"label": "small CNN 3x32x32, batch 256", "samples": 5_000, "batch": 256, "epochs": 2},
 }
 FRAMEWORKS = ["raw", "torcheras", "lightning", "keras", "poutyne", "ignite"]
 MODULES = {"lightning": "lightning", "keras": "keras", "poutyne": "poutyne", "ignite": "ignite"}
@@ -424,7 +424,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", action="store_true", help="the precision / placement / jit table"
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="one round")
     parser.add_argument("--only", default=None, help="comma-separated frameworks")
     parser.add_argument("--workloads", default="tiny,wide,cnn")

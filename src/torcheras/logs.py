@@ -195,7 +195,11 @@ class BatchLogs(MutableMapping[str, Any]):
         yield from self._extra
 
     def __len__(self) -> int:
-        return sum(1 for _ in self)
+        deleted, extra = self._deleted, self._extra
+        return sum(1 for k in self._snapshot if k not in deleted and k not in extra) + len(extra)
+
+    def __bool__(self) -> bool:  # ``logs or {}`` per batch: no count, no sort
+        return bool(self._extra) or any(k not in self._deleted for k in self._snapshot)
 
     def __contains__(self, key: object) -> bool:
         return key in self._extra or self._has(key)

@@ -308,3 +308,27 @@ def test_state_dict_roundtrip_of_a_callback_list():
     other.load_state_dict(state)
     assert other.callbacks[0].best == 0.5
     assert other.callbacks[1].history == {"loss": [0.5]}
+
+
+def test_states_follow_their_callback_when_callbacks_are_added_or_reordered():
+    """A backup keys each state by the callback's class and identifying arguments: a script
+    restarted with callbacks reordered, or one added in front, gives each its own state."""
+    first = [EarlyStopping(monitor="loss"), EarlyStopping(monitor="val_loss")]
+    cbs = CallbackList(first, model=make_model(), epochs=3)
+    cbs.on_train_begin()
+    cbs.on_epoch_begin(0)
+    cbs.on_epoch_end(0, {"loss": 0.5, "val_loss": 0.7})
+    state = cbs.state_dict()
+    assert set(state) == {"EarlyStopping(monitor='loss')", "EarlyStopping(monitor='val_loss')"}
+    later = [History(), EarlyStopping(monitor="val_loss"), EarlyStopping(monitor="loss")]
+    CallbackList(later, model=make_model(), epochs=3).load_state_dict(state)
+    assert (later[1].best, later[2].best) == (0.7, 0.5)
+
+
+def test_backups_keyed_by_class_name_alone_still_load():
+    """Backups written before keys named arguments (``EarlyStopping``, ``EarlyStopping:2``)."""
+    stopper = EarlyStopping(monitor="loss")
+    CallbackList([stopper]).load_state_dict(
+        {"EarlyStopping": {**EarlyStopping().state_dict(), "best": 0.25}}
+    )
+    assert stopper.best == 0.25

@@ -90,7 +90,9 @@ class Callback:
         """Alias of ``on_train_batch_end`` (training batches only)."""
 
     def on_after_backward(self, batch: int) -> None:
-        """Called after the backward pass, before the optimizer step: gradients are ready."""
+        """Called when the gradients of an optimizer step are complete (after the last
+        backward of an accumulation group, unscaled under mixed precision), before clipping
+        and the optimizer step."""
 
     def on_exception(self, exception: BaseException) -> None:
         """Called when an exception (KeyboardInterrupt too) is about to leave fit and co."""
