@@ -32,3 +32,23 @@ def test_resume_example_crashes_then_resumes(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "epochs: [0, 1, 2, 3]" in second.stdout
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 5
+
+
+def test_ddp_example_runs_alone_and_under_torchrun(tmp_path):
+    import os
+
+    env = {**os.environ, "EXAMPLE_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    script = str(EXAMPLES / "ddp_train.py")
+    alone = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert alone.returncode == 0, alone.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    both = subprocess.run([*launcher, script], capture_output=True, text=True, timeout=180, env=env)
+    assert both.returncode == 0, both.stderr[-3000:]
+    import re
+
+    ranks = re.findall(r"rank (\d): (trained \d+ epochs, val_accuracy [\d.]+)", both.stdout)
+    assert sorted(r for r, _ in ranks) == ["0", "1"]
+    assert ranks[0][1] == ranks[1][1]  # both ranks end with the same result
+    assert (tmp_path / "log.csv").exists() and (tmp_path / "best.pt").exists()

@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import torch
 
+from torcheras import distributed
 from torcheras.data import map_tensors, to_cpu
 
 __all__ = [
@@ -104,6 +105,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     those older than this process, so a concurrent writer's temp file is never touched.
     """
     target = Path(path)
+    if not distributed.is_main():  # under torchrun, rank 0 alone writes files
+        return target
     if target.is_dir():
         raise CheckpointError(
             errno.EISDIR,
@@ -491,6 +494,7 @@ def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
         "epoch": loop.epoch + 1 if done else loop.epoch,
         "batch": 0 if done else loop.batch + 1,
         **loop.counters(),
+        "world_size": distributed.world_size(),
         **capture_model_state(model),
         "callbacks": to_cpu(callbacks.state_dict()),
         "rng": rng_state(),
@@ -515,6 +519,14 @@ def restore_training_state(
             errno.EINVAL, f"This file is not a training-state backup (kind={state.get('kind')!r})."
         )
     folder = str(Path(path).parent)
+    saved_world = state.get("world_size", 1)
+    if saved_world != distributed.world_size():
+        raise CheckpointError(
+            errno.EINVAL,
+            f"The backup {str(path)!r} was written by a run of {saved_world} process(es); this "
+            f"run has {distributed.world_size()}. Resume with the same number of processes "
+            f"(torchrun --nproc_per_node={saved_world}), or move {folder!r} away to start over.",
+        )
     restore_model_state(
         model,
         state,

@@ -29,6 +29,7 @@ __all__ = [
     "to_cpu",
     "to_device",
     "DeviceStager",
+    "shard",
     "to_numpy",
     "unpack",
 ]
@@ -124,6 +125,19 @@ class DeviceStager:
         self._events[slot] = torch.cuda.Event()
         self._events[slot].record()
         return out
+
+
+def shard(batch: Structure, rank: int, world_size: int) -> Structure:
+    """This rank's part of a global batch: the ``rank``-th of ``world_size`` near-equal
+    contiguous slices along the batch axis (Keras's ``batch_size`` stays the global batch)."""
+    if world_size == 1:
+        return batch
+
+    def part(t: torch.Tensor) -> torch.Tensor:
+        size = t.shape[0]
+        return t[size * rank // world_size : size * (rank + 1) // world_size]
+
+    return map_tensors(part, batch)
 
 
 def batch_size_of(obj: Structure) -> int:

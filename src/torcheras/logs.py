@@ -289,6 +289,19 @@ class LogCollector:
     def snapshot(self) -> BatchLogs:
         return BatchLogs(self.values(deferred=True))
 
+    def all_reduce(self, reduce_sum: Any) -> None:
+        """Replace this rank's sums and counts by their sums over every rank (``reduce_sum``:
+        a list of values -> the list of their sums), so that ``result`` gives global means, not
+        means of means. Metrics with their own sync (torchmetrics) sync in ``compute``."""
+        means = self.means
+        keys = list(means._totals)
+        sums = reduce_sum([means._totals[k] for k in keys] + [means._weights[k] for k in keys])
+        means._totals = dict(zip(keys, sums[: len(keys)]))
+        means._weights = {k: float(w) for k, w in zip(keys, sums[len(keys) :])}
+        for metric in [*self.metrics, *self.tracked.values()]:
+            if hasattr(metric, "all_reduce"):
+                metric.all_reduce(reduce_sum)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "means": self.means.state_dict(),

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torcheras import checkpoint, data, optimizers
+from torcheras import checkpoint, data, distributed, optimizers
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
@@ -46,6 +46,7 @@ def hooks(
         raise
     if outermost:
         checkpoint.wait_for_writes()
+        distributed.barrier()  # no rank reads what rank 0 wrote before it has landed
 
 
 def _should_validate(epoch: int, validation_freq: int | Sequence[int]) -> bool:
@@ -92,6 +93,16 @@ class FitLoop:
         model.loop = loop
         if model.optimizer is not None:
             model.optimizer.zero_grad(set_to_none=True)
+        model._wrap_for_ranks()
+        # A batch hook may stop training: then every rank agrees after each batch. Agreed
+        # once, so that ranks whose callbacks differ still make the same collectives.
+        self.agree_per_batch = distributed.agree(
+            distributed.is_active()
+            and (
+                callbacks.declares("on_train_batch_begin")
+                or callbacks.declares("on_train_batch_end")
+            )
+        )
         with hooks(callbacks, "train") as result:
             initial_epoch, position = self._resume_or_start()
             result["logs"] = dict(loop.last_logs)
@@ -100,6 +111,7 @@ class FitLoop:
                 position = None
                 if loop.pending:
                     loop.run_pending()
+                model.stop_training = distributed.agree(model.stop_training)  # every rank
                 if model.stop_training:
                     break
         return model.history
@@ -125,11 +137,11 @@ class FitLoop:
         """The epoch's sample order and first batch: fresh, or where a backup left it."""
         source, loop = self.train_source, self.loop
         if position is None or position["epoch"] != epoch:
-            return source.new_order(), 0
+            return distributed.broadcast(source.new_order()), 0  # one order for every rank
         start = position["batch"]
         checkpoint.set_rng_state(position["rng"])
         if start == 0:  # an epoch boundary: draw the order from the restored RNG, as before
-            return source.new_order(), 0
+            return distributed.broadcast(source.new_order()), 0
         loop.collector.load_state_dict(position["collector"], self.model.device)
         loop.batch_lrs.extend(position.get("batch_lrs", []))
         return position["order"], start
@@ -156,6 +168,8 @@ class FitLoop:
             check()
         if self.train_source.ran_out:
             model.stop_training = True
+        if distributed.is_active():
+            collector.all_reduce(distributed.all_reduce_sum)  # global sums, not means of means
         logs = collector.result()
         if self.val_source is not None and _should_validate(epoch, self.validation_freq):
             val_logs = evaluate(
@@ -184,9 +198,14 @@ class FitLoop:
         batch_lrs = loop.batch_lrs
         accumulation = self.accumulation
         last_known = None if self.steps_known is None else self.steps_known - 1
+        ranks = distributed.world_size()
+        rank = distributed.rank()
+        agree_per_batch = self.agree_per_batch
         step = start - 1
         for step, batch in enumerate(batches, start):
             loop.batch = step
+            if ranks > 1:
+                batch = data.shard(batch, rank, ranks)  # this rank's part of the global batch
             if accumulation > 1:
                 self._place_in_group(step, last_known)
             if needs_begin:
@@ -207,6 +226,8 @@ class FitLoop:
                 loop.micro_step = 0 if not loop.accumulating else loop.micro_step + 1
             if pending and not loop.accumulating:  # backups only between optimizer steps
                 loop.run_pending()
+            if agree_per_batch:
+                model.stop_training = distributed.agree(model.stop_training)
             if model.stop_training:
                 break
         return step
@@ -232,6 +253,7 @@ def evaluate(
     stage = data.DeviceStager(model.device)
     needs_begin = callbacks.needs("on_test_batch_begin")
     needs_end = callbacks.needs("on_test_batch_end")
+    rank, ranks = distributed.rank(), distributed.world_size()
     try:
         with hooks(callbacks, "test", outermost=not nested) as result, torch.no_grad():
             for step, batch in enumerate(source.batches(source.new_order())):
@@ -239,12 +261,14 @@ def evaluate(
                     break
                 if needs_begin:
                     callbacks.on_test_batch_begin(step)
-                batch = stage(batch)
+                batch = stage(data.shard(batch, rank, ranks))
                 collector.add(model.test_step(batch), data.batch_size_of(batch[0]))
                 if needs_end:
                     callbacks.on_test_batch_end(step, collector.snapshot())
                 if model.stop_evaluating:
                     break
+            if ranks > 1:
+                collector.all_reduce(distributed.all_reduce_sum)
             result["logs"] = logs = collector.result()
     finally:
         model.train(was_training)
@@ -263,6 +287,7 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
     needs_begin = callbacks.needs("on_predict_batch_begin")
     needs_end = callbacks.needs("on_predict_batch_end")
     stage = data.DeviceStager(model.device)
+    rank, ranks = distributed.rank(), distributed.world_size()
     on_host: list[Any] = []
     on_device: list[Any] = []
     device_bytes = 0
@@ -273,13 +298,14 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
                     break
                 if needs_begin:
                     callbacks.on_predict_batch_begin(step)
+                batch = data.shard(batch, rank, ranks)
                 out = model._predict_output(model.predict_step(stage(batch)))
                 if needs_end:
                     out = data.to_cpu(out)
                     callbacks.on_predict_batch_end(step, {"outputs": data.to_numpy(out)})
                 on_device.append(out)
                 device_bytes += sum(t.numel() * t.element_size() for t in data._leaves(out))
-                if device_bytes >= PREDICT_CHUNK_BYTES:
+                if device_bytes >= PREDICT_CHUNK_BYTES or ranks > 1:  # ranks: batch by batch
                     on_host.append(data.to_cpu(data.concat_batches(on_device)))
                     on_device, device_bytes = [], 0
                 if model.stop_predicting:
@@ -288,7 +314,17 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
                 on_host.append(data.to_cpu(data.concat_batches(on_device)))
     finally:
         model.train(was_training)
+    if ranks > 1:  # every rank predicted its part of each batch: put them back in order
+        return _gather_in_order(on_host)
     return data.concat_batches(on_host)
+
+
+def _gather_in_order(per_batch: list[Any]) -> Any:
+    """Every rank's part of every batch, put back in input order (a batch's parts are
+    contiguous slices in rank order); every rank returns the whole result."""
+    by_rank = distributed.gather_objects(per_batch)
+    ordered = [part for i in range(len(per_batch)) for part in (r[i] for r in by_rank)]
+    return data.concat_batches(ordered)
 
 
 def fit(model: Any, train_source: Any, val_source: Any, callbacks: CallbackList, **kw: Any) -> Any:

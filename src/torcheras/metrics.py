@@ -112,6 +112,11 @@ class MeanMetric(Metric):
 
         return compute
 
+    def all_reduce(self, reduce_sum: Callable[[list[Any]], list[Any]]) -> None:
+        """Sum the state over every rank (distributed training): the global mean."""
+        total = self._total if self._total is not None else 0.0
+        self._total, self._count = reduce_sum([total, self._count])
+
     def reset(self) -> None:
         self._total = None
         self._count = 0.0

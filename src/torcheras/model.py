@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torcheras import checkpoint, data, loops, losses, optimizers
+from torcheras import checkpoint, data, distributed, loops, losses, optimizers
 from torcheras import metrics as metrics_lib
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
@@ -95,6 +95,7 @@ class Model(nn.Module):
         self.gradient_accumulation_steps = 1
         self.jit_compile = False
         self._compiled: _CompiledStep | None = None
+        self._ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         module = self._modules.get("module")
@@ -151,7 +152,7 @@ class Model(nn.Module):
             model.compile(optimizer="adam", loss="mse", metrics=["mae"])
             model.compile("adamw", "cross_entropy", precision="bf16-mixed", global_clipnorm=1.0)
         """
-        self.device = resolve_device(device)
+        self.device = distributed.setup(resolve_device(device))  # torchrun: this rank's device
         self.precision = Precision(
             precision,
             self.device,
@@ -356,6 +357,8 @@ class Model(nn.Module):
     # ---- steps (override these) --------------------------------------------------------------
     def call_on(self, x: Any) -> Any:
         """Run the model on ``x``: a tensor, a tuple (``forward(*x)``) or a dict (``**x``)."""
+        if self._ddp is not None and self.training:  # gradients all-reduced across ranks
+            return _call(self._ddp, x)
         if self._compiled is not None:
             return _call(self._compiled.forward, x)
         module = self._modules.get("module")
@@ -496,6 +499,20 @@ class Model(nn.Module):
         x, _, _ = data.unpack(batch)
         with self.precision.autocast():
             return self.call_on(x)
+
+    def _wrap_for_ranks(self) -> None:
+        """Under torchrun, wrap what ``forward`` runs in DistributedDataParallel (once): the
+        wrapped module, or this model when it is a subclass with its own ``forward``. A custom
+        ``train_step`` gets synchronised gradients as long as it calls ``self.call_on(x)`` (or
+        ``self(x)`` on a wrapping Model) rather than submodules directly."""
+        if self._ddp is not None or not distributed.is_active():
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = self._modules.get("module")
+        target = module if module is not None and type(self).forward is Model.forward else self
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.__dict__["_ddp"] = DistributedDataParallel(target, device_ids=ids)  # not a submodule
 
     def _predict_output(self, out: Any) -> Any:
         """Mixed-precision outputs come back as float32 (numpy has no bfloat16)."""

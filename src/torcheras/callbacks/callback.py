@@ -43,6 +43,10 @@ class Callback:
     def model(self, model: Any) -> None:
         self._model = model
 
+    # Under torchrun, a callback that only writes (a log, a progress bar) runs on rank 0 alone;
+    # callbacks that decide (EarlyStopping...) run on every rank, on the same reduced logs.
+    rank_zero_only: bool = False
+
     # The attributes that tell two callbacks of one class apart (a file, a monitored metric).
     state_key_attributes: tuple[str, ...] = ()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from torcheras import distributed
 from torcheras.callbacks.callback import Callback
 from torcheras.logs import to_float_logs
 
@@ -103,9 +104,10 @@ class CallbackList(Callback):
             self.set_params(params)
 
     def _build_dispatch(self) -> None:
-        self._active = {
-            h: [getattr(cb, h) for cb in self.callbacks if _overrides(cb, h)] for h in HOOKS
-        }
+        writer = distributed.is_main()  # under torchrun, rank 0 alone runs the writers
+        running = [cb for cb in self.callbacks if writer or not cb.rank_zero_only]
+        self._active = {h: [getattr(cb, h) for cb in running if _overrides(cb, h)] for h in HOOKS}
+        self._declared = {h: any(_overrides(cb, h) for cb in self.callbacks) for h in HOOKS}
 
     def append(self, callback: Callback) -> None:
         self.callbacks.append(callback)
@@ -118,6 +120,10 @@ class CallbackList(Callback):
     def needs(self, hook: str) -> bool:
         """Whether any callback overrides ``hook`` (the loop skips building unused logs)."""
         return bool(self._active[hook])
+
+    def declares(self, hook: str) -> bool:
+        """Whether any callback overrides ``hook``, whether or not it runs on this rank."""
+        return self._declared[hook]
 
     def set_model(self, model: Any) -> None:
         self._model = model

@@ -37,6 +37,8 @@ class CSVLogger(Callback):
 
     state_key_attributes = ("filename",)
 
+    rank_zero_only = True
+
     def __init__(
         self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False
     ) -> None:

@@ -41,6 +41,8 @@ def _is_interactive() -> bool:
 class _Bar(tqdm):
     """tqdm with one extra field, ``{keras}``: our ``" 3ms/step - loss: 0.1234"`` text."""
 
+    rank_zero_only = True
+
     def __init__(self, *args: Any, keras_text: str = "", **kwargs: Any) -> None:
         self.keras_text = keras_text  # set before tqdm's first draw
         super().__init__(*args, **kwargs)

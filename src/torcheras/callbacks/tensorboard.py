@@ -78,6 +78,8 @@ class TensorBoard(Callback):
 
     state_key_attributes = ("log_dir",)
 
+    rank_zero_only = True
+
     def __init__(
         self,
         log_dir: str | os.PathLike[str] = "logs",

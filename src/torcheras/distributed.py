@@ -1,0 +1,125 @@
+"""torchrun / DistributedDataParallel: rank, world size, reductions, agreement, rank-zero I/O.
+
+Everything here is a no-op in a single process. Under ``torchrun`` (``WORLD_SIZE`` > 1),
+``fit`` joins the process group (gloo on the CPU, NCCL on CUDA) unless the script already
+did, and the loops use these helpers so that every rank sees the same logs and takes the
+same decisions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "agree",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast",
+    "is_active",
+    "is_main",
+    "launched_by_torchrun",
+    "rank",
+    "gather_objects",
+    "setup",
+    "world_size",
+]
+
+# A rank that died leaves the others waiting in a collective: they fail after this long.
+TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("TORCHERAS_DIST_TIMEOUT", "60")))
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by ``torchrun``."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def is_active() -> bool:
+    """Whether a process group of more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, the only rank that writes files (or the single process)."""
+    return rank() == 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join torchrun's process group if the script has not; the device this rank trains on
+    (``cuda:LOCAL_RANK`` on CUDA)."""
+    if not launched_by_torchrun():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=TIMEOUT)
+    return device
+
+
+def _device_of_group() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[torch.Tensor | float]) -> list[torch.Tensor | float]:
+    """Sum each value over the ranks, in one collective (floats and tensors alike)."""
+    if not is_active() or not values:
+        return values
+    device = _device_of_group()
+    flat = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values]
+    )
+    dist.all_reduce(flat)
+    return [
+        r.to(v.device, v.dtype) if isinstance(v, torch.Tensor) else float(r)
+        for r, v in zip(flat, values)
+    ]
+
+
+def agree(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (a stop, a NaN, a signal)."""
+    if not is_active():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=_device_of_group())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Rank 0's tensor on every rank (a sample order drawn once)."""
+    if not is_active() or tensor is None:
+        return tensor
+    device = _device_of_group()
+    moved = tensor.to(device)
+    dist.broadcast(moved, src=0)
+    return moved.to(tensor.device)
+
+
+def barrier() -> None:
+    """Wait for every rank (before anything reads a file rank 0 wrote)."""
+    if is_active():
+        dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (picklable objects: CPU tensors, lists)."""
+    if not is_active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,77 @@
+"""A training script run under torchrun (2 processes, gloo) and alone, by test_distributed.py.
+
+    python ddp_script.py OUT [--case same|early_stop|nan]
+    torchrun --standalone --nproc_per_node=2 ddp_script.py OUT [--case ...]
+
+Each rank saves what it ended with (weights, History) under OUT/rank<r>/ with torch.save, so
+the test can compare ranks; torcheras itself writes files on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+import torcheras  # noqa: E402
+from torcheras import callbacks as cb  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("--case", default="same")
+args = parser.parse_args()
+rank = int(os.environ.get("RANK", "0"))
+torch.manual_seed(0)
+np.random.seed(0)
+torch.set_num_threads(1)
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(256, 6)).astype("float32")
+y = (x[:, 0] + x[:, 1] > 0).astype("int64") + (x[:, 2] > 1).astype("int64")
+xv, yv = x[:64].copy(), y[:64].copy()
+if args.case == "nan" and rank == 1:
+    x[160:] = np.nan  # this rank's data goes bad in the first epoch
+if args.case == "early_stop" and rank == 1:
+    yv = (yv + 1) % 3  # this rank's validation labels are all wrong: its own val_loss climbs
+
+net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+model = torcheras.Model(net)
+model.compile(torch.optim.SGD(net.parameters(), lr=0.1), "sparse_categorical_crossentropy",
+              metrics=["accuracy"], device="cpu")  # fmt: skip
+out = os.path.join(args.out, f"rank{rank}")
+callbacks = [
+    cb.CSVLogger(os.path.join(args.out, "log.csv")),
+    cb.ModelCheckpoint(os.path.join(out, "best.pt"), save_best_only=True),
+]
+if args.case == "early_stop":
+    callbacks.append(cb.EarlyStopping(monitor="val_loss", patience=1, min_delta=0.01))
+if args.case == "nan":
+    callbacks.append(cb.TerminateOnNaN())
+if args.case == "kill" and rank == 1:  # this rank dies in the middle of the second epoch
+    import signal
+
+    def die(batch, logs):
+        if model.loop.epoch == 1 and batch == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks.append(cb.LambdaCallback(on_train_batch_end=die))
+history = model.fit(
+    x, y, batch_size=32, epochs=6, shuffle=True, verbose=0, validation_data=(xv, yv),
+    callbacks=callbacks,
+)  # fmt: skip
+os.makedirs(os.path.join(args.out, f"result{rank}"), exist_ok=True)
+torch.save(
+    {
+        "weights": model.state_dict(),
+        "predict": torch.as_tensor(model.predict(x[:50], batch_size=16)),
+    },
+    os.path.join(args.out, f"result{rank}", "final.pt"),
+)
+with open(os.path.join(args.out, f"result{rank}", "history.json"), "w") as f:
+    json.dump({"history": history.history, "epoch": history.epoch,
+               "evaluate": model.evaluate(xv, yv, verbose=0, return_dict=True)}, f)  # fmt: skip

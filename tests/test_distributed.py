@@ -1,0 +1,95 @@
+"""torchrun with 2 CPU processes over gloo: ranks agree, match one process, rank 0 writes.
+
+Each run is under a timeout, so a hang fails the test instead of the CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "distributed" / "ddp_script.py"
+TIMEOUT = 180
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+
+def run(
+    out: Path, *args: str, ranks: int = 2, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        if ranks > 1
+        else [sys.executable]
+    )
+    done = subprocess.run(
+        [*launcher, str(SCRIPT), str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def result(out: Path, rank: int) -> tuple[dict, dict]:
+    final = torch.load(out / f"result{rank}" / "final.pt", weights_only=True)
+    return final, json.loads((out / f"result{rank}" / "history.json").read_text())
+
+
+def test_two_ranks_end_identical_and_equal_one_process_with_the_same_global_batch(tmp_path):
+    run(tmp_path / "ddp")
+    run(tmp_path / "single", ranks=1)
+    (a, ha), (b, hb) = result(tmp_path / "ddp", 0), result(tmp_path / "ddp", 1)
+    single, hs = result(tmp_path / "single", 0)
+    for key in a["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key
+        torch.testing.assert_close(a["weights"][key], single["weights"][key], rtol=1e-4, atol=1e-5)
+    assert ha == hb  # the logs every callback saw were the same on both ranks
+    for key, values in hs["history"].items():
+        assert ha["history"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
+    assert ha["evaluate"] == pytest.approx(hs["evaluate"], rel=1e-4)
+    torch.testing.assert_close(a["predict"], single["predict"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b["predict"], a["predict"])  # in input order on every rank
+
+
+def test_only_rank_zero_writes_files(tmp_path):
+    run(tmp_path)
+    assert (tmp_path / "rank0" / "best.pt").exists()
+    assert not (tmp_path / "rank1").exists()
+    with open(tmp_path / "log.csv") as f:
+        assert len(f.read().splitlines()) == 7  # header + 6 epochs, written once
+
+
+def test_early_stopping_on_data_that_differs_by_rank_stops_both_at_the_same_epoch(tmp_path):
+    run(tmp_path, "--case", "early_stop")
+    (_, ha), (_, hb) = result(tmp_path, 0), result(tmp_path, 1)
+    assert ha["epoch"] == hb["epoch"]
+    assert ha["history"]["val_loss"] == hb["history"]["val_loss"]  # global, not per rank
+
+
+def test_a_nan_on_one_rank_stops_both(tmp_path):
+    done = run(tmp_path, "--case", "nan")
+    (_, ha), (_, hb) = result(tmp_path, 0), result(tmp_path, 1)
+    assert ha["epoch"] == hb["epoch"] == [0]
+    assert "Invalid loss, terminating training" in done.stdout
+
+
+def test_a_rank_killed_fails_the_job_with_an_error_instead_of_a_hang(tmp_path):
+    start = time.monotonic()
+    done = run(tmp_path, "--case", "kill", check=False)  # run() itself times out on a hang
+    assert done.returncode != 0
+    assert "exitcode" in done.stderr and "-9" in done.stderr  # torchrun names the dead rank
+    assert time.monotonic() - start < TIMEOUT
+    assert not (tmp_path / "result0").exists()  # rank 0 did not finish as if nothing happened
