@@ -93,3 +93,32 @@ def test_a_rank_killed_fails_the_job_with_an_error_instead_of_a_hang(tmp_path):
     assert "exitcode" in done.stderr and "-9" in done.stderr  # torchrun names the dead rank
     assert time.monotonic() - start < TIMEOUT
     assert not (tmp_path / "result0").exists()  # rank 0 did not finish as if nothing happened
+
+
+def test_kill_9_of_the_whole_job_and_a_rerun_resume_exactly(tmp_path):
+    reference = tmp_path / "reference"
+    run(reference, "--case", "backup")
+    killed = run(tmp_path / "job", "--case", "backup", "--kill-at", "10", check=False)
+    assert killed.returncode != 0
+    assert not (tmp_path / "job" / "result0").exists()
+    from torcheras import checkpoint
+
+    backup = checkpoint.load(tmp_path / "job" / "backup" / "latest.pt")
+    assert backup["global_step"] == 9 and backup["world_size"] == 2  # the last one, at step 9
+    assert len(backup["ranks"]) == 2  # every rank's RNG and running sums
+    run(tmp_path / "job", "--case", "backup")  # resumes
+    for rank in (0, 1):
+        got, hist = result(tmp_path / "job", rank)
+        want, expected = result(reference, rank)
+        for key in want["weights"]:
+            assert torch.equal(got["weights"][key], want["weights"][key]), (rank, key)
+        assert hist["history"] == expected["history"] and hist["epoch"] == expected["epoch"]
+        assert (expected["trained"], hist["trained"]) == (48, 48 - 9)  # resumed, not restarted
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
+    run(tmp_path, "--case", "backup", "--kill-at", "4", check=False)
+    alone = run(tmp_path, "--case", "backup", ranks=1, check=False)
+    assert alone.returncode != 0
+    assert "written by a run of 2 process(es); this run has 1" in alone.stderr
+    assert "--nproc_per_node=2" in alone.stderr

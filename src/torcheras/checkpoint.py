@@ -497,16 +497,19 @@ def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
         "world_size": distributed.world_size(),
         **capture_model_state(model),
         "callbacks": to_cpu(callbacks.state_dict()),
-        "rng": rng_state(),
         "logs": dict(loop.last_logs),
     }
+    own: dict[str, Any] = {"rng": rng_state()}  # what differs from rank to rank
     source = loop.train_source
     if source is not None and hasattr(source, "state_dict"):
-        state["data"] = source.state_dict()
+        own["data"] = source.state_dict()
     if not done:
-        state["order"] = loop.order
-        state["collector"] = loop.collector.state_dict()
+        state["order"] = None if loop.order is None else loop.order.cpu()
+        own["collector"] = loop.collector.state_dict()  # this rank's running sums
         state["batch_lrs"] = list(loop.batch_lrs)
+    state.update(own)  # rank 0's (or the only process's) at the top level
+    if distributed.is_active():  # every rank's, gathered into the file rank 0 writes
+        state["ranks"] = distributed.gather_objects(own)
     return state
 
 
@@ -534,4 +537,7 @@ def restore_training_state(
         f"It was written by another run: move or delete the folder {folder!r} to start over.",
     )
     callbacks.load_state_dict(state["callbacks"])
-    return dict(state)
+    position = dict(state)
+    if "ranks" in state:  # this rank's own RNG, running sums and data position
+        position.update(state["ranks"][distributed.rank()])
+    return position

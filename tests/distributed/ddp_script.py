@@ -24,6 +24,7 @@ from torcheras import callbacks as cb  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--case", default="same")
+parser.add_argument("--kill-at", type=int, default=-1, help="kill the whole job at this step")
 args = parser.parse_args()
 rank = int(os.environ.get("RANK", "0"))
 torch.manual_seed(0)
@@ -52,6 +53,31 @@ if args.case == "early_stop":
     callbacks.append(cb.EarlyStopping(monitor="val_loss", patience=1, min_delta=0.01))
 if args.case == "nan":
     callbacks.append(cb.TerminateOnNaN())
+trained = []  # the batches this process really trained (a resumed run: only what was left)
+callbacks.append(cb.LambdaCallback(on_train_batch_end=lambda batch, logs: trained.append(batch)))
+if args.case == "backup":
+    callbacks.append(cb.BackupAndRestore(os.path.join(args.out, "backup"), save_freq=3))
+if args.kill_at >= 0 and rank == 0:  # kill -9 of the whole job: every worker and torchrun
+    import signal
+
+    from torcheras import checkpoint
+
+    def kill_job(batch, logs):
+        if model.loop.global_step == args.kill_at:
+            checkpoint.wait_for_writes()
+            parent = os.getppid()
+            for pid in os.listdir("/proc"):
+                if pid.isdigit() and int(pid) != os.getpid():
+                    try:
+                        with open(f"/proc/{pid}/stat") as f:
+                            if int(f.read().rsplit(")", 1)[1].split()[1]) == parent:
+                                os.kill(int(pid), signal.SIGKILL)
+                    except (OSError, ValueError, IndexError):
+                        pass
+            os.kill(parent, signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks.append(cb.LambdaCallback(on_train_batch_end=kill_job))
 if args.case == "kill" and rank == 1:  # this rank dies in the middle of the second epoch
     import signal
 
@@ -73,5 +99,5 @@ torch.save(
     os.path.join(args.out, f"result{rank}", "final.pt"),
 )
 with open(os.path.join(args.out, f"result{rank}", "history.json"), "w") as f:
-    json.dump({"history": history.history, "epoch": history.epoch,
+    json.dump({"history": history.history, "epoch": history.epoch, "trained": len(trained),
                "evaluate": model.evaluate(xv, yv, verbose=0, return_dict=True)}, f)  # fmt: skip

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from torcheras import checkpoint
+from torcheras import checkpoint, distributed
 from torcheras.callbacks.callback import Callback
 
 __all__ = ["BackupAndRestore", "Preempted"]
@@ -162,7 +162,7 @@ class BackupAndRestore(Callback):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._restore_signal_handlers()
         checkpoint.wait_for_writes()  # a backup still being written would come back
-        if self.delete_checkpoint:
+        if self.delete_checkpoint and distributed.is_main():  # rank 0 wrote them
             for path in (self.latest_path, self.previous_path):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
