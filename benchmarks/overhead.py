@@ -173,6 +173,15 @@ class Result:
     q3: float
 
 
+def summarize(base_times: list[float], times: list[float]) -> Result:
+    """Medians of both sides and of the per-pair ratios, with the ratios' quartiles."""
+    ratios = sorted(t / b for t, b in zip(times, base_times))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return Result(
+        statistics.median(base_times), statistics.median(times), statistics.median(ratios), q1, q3
+    )
+
+
 def run(w: Workload, repeats: int, epochs: int, with_callbacks: bool) -> Result:
     x, y = make_data(w)
     val = None
@@ -233,15 +242,7 @@ def run(w: Workload, repeats: int, epochs: int, with_callbacks: bool) -> Result:
             f"unequal work: the raw loop saved {raw_loop.saves} checkpoints, fit "
             f"{fit_saves[0]}; the comparison would not be fair"
         )
-    ratios = sorted(f / r for f, r in zip(fit_times, raw_times))
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-    return Result(
-        statistics.median(raw_times),
-        statistics.median(fit_times),
-        statistics.median(ratios),
-        q1,
-        q3,
-    )
+    return summarize(raw_times, fit_times)
 
 
 def typical_callbacks(folder: str) -> list[cb.Callback]:
@@ -287,15 +288,7 @@ def run_verbose(w: Workload, repeats: int, epochs: int) -> Result:
         a, b = time_it(first) / epochs, time_it(second) / epochs
         quiet_times.append(a if first is quiet else b)
         bar_times.append(b if first is quiet else a)
-    ratios = sorted(b / q for b, q in zip(bar_times, quiet_times))
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-    return Result(
-        statistics.median(quiet_times),
-        statistics.median(bar_times),
-        statistics.median(ratios),
-        q1,
-        q3,
-    )
+    return summarize(quiet_times, bar_times)
 
 
 def main() -> None:
