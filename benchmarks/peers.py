@@ -400,16 +400,16 @@ def spawn(args: list[str], opts: dict[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def import_seconds(module: str, repeats: int) -> float:
-    """Median wall time of a fresh ``python -c 'import module'``."""
-    code = f"import {module}"
+def import_seconds(modules: tuple[str, ...], repeats: int) -> dict[str, float]:
+    """Median wall time of a fresh ``python -c 'import module'``, the modules alternating."""
     env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..", "src")}
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, env=env)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {m: [] for m in modules}
+    for i in range(repeats):
+        for module in modules if i % 2 == 0 else modules[::-1]:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", f"import {module}"], check=True, env=env)
+            times[module].append(time.perf_counter() - start)
+    return {m: statistics.median(t) for m, t in times.items()}
 
 
 def available() -> list[str]:
@@ -459,7 +459,7 @@ def main() -> None:
             medians = {fw: statistics.median(times[fw]) for fw in frameworks}
             rows.append((label, medians, ratios, rss))
             print(label, {fw: round(v, 3) for fw, v in ratios.items()}, flush=True)
-    imports = {m: import_seconds(m, 5) for m in ("torch", "torcheras")}
+    imports = import_seconds(("torch", "torcheras"), 10)
     write_results(args.output, frameworks, rows, imports, rounds)
 
 
@@ -550,7 +550,8 @@ def write_results(
     ratio = imports["torcheras"] / imports["torch"]
     lines += [
         "",
-        f"Import time (fresh process, median of 5): `import torch` {imports['torch']:.2f} s, "
+        "Import time (fresh process, 10 alternating, medians): "
+        f"`import torch` {imports['torch']:.2f} s, "
         f"`import torcheras` {imports['torcheras']:.2f} s ({ratio:.2f}x).",
         "",
     ]
