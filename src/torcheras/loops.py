@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torcheras import checkpoint, data, distributed, optimizers
+from torcheras import checkpoint, data, distributed, optimizers, state
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
@@ -123,7 +123,7 @@ class FitLoop:
             if model._initial_epoch is not None:  # Keras's hook for callbacks that set it
                 return model._initial_epoch, None
             return self.initial_epoch, None
-        position = checkpoint.restore_training_state(
+        position = state.restore_training_state(
             model, self.callbacks, resume, resume.get("path", "backup")
         )
         loop.global_step = position["global_step"]
@@ -139,7 +139,7 @@ class FitLoop:
         if position is None or position["epoch"] != epoch:
             return distributed.broadcast(source.new_order()), 0  # one order for every rank
         start = position["batch"]
-        checkpoint.set_rng_state(position["rng"])
+        state.set_rng_state(position["rng"])
         if start == 0:  # an epoch boundary: draw the order from the restored RNG, as before
             return distributed.broadcast(source.new_order()), 0
         loop.collector.load_state_dict(position["collector"], self.model.device)

@@ -19,6 +19,7 @@ from torcheras.callbacks.history import History
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
 from torcheras.precision import Precision
+from torcheras.state import capture_model_state, restore_model_state
 
 __all__ = ["Model", "resolve_device"]
 
@@ -284,7 +285,7 @@ class Model(nn.Module):
             "format": checkpoint.FORMAT,
             "version": checkpoint.FORMAT_VERSION,
             "kind": "model",
-            **checkpoint.capture_model_state(self),
+            **capture_model_state(self),
             "compile": dict(self._compile_config),
         }
         checkpoint.save(state, filepath)
@@ -303,7 +304,7 @@ class Model(nn.Module):
             )
         if not self._is_compiled:
             self._compile_from(state.get("compile") or {}, filepath)
-        checkpoint.restore_model_state(
+        restore_model_state(
             self,
             state,
             f"The saved model {str(filepath)!r}",

@@ -12,6 +12,7 @@ from typing import Any
 
 from torcheras import checkpoint, distributed
 from torcheras.callbacks.callback import Callback
+from torcheras.state import capture_training_state
 
 __all__ = ["BackupAndRestore", "Preempted"]
 
@@ -129,7 +130,7 @@ class BackupAndRestore(Callback):
         callbacks = self.model.loop.callbacks
         if callbacks is None:
             raise RuntimeError("BackupAndRestore works inside Model.fit, which it resumes.")
-        state = checkpoint.snapshot(checkpoint.capture_training_state(self.model, callbacks))
+        state = checkpoint.snapshot(capture_training_state(self.model, callbacks))
 
         def write() -> None:
             if self.double_checkpoint and self.latest_path.exists():

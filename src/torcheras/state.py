@@ -1,0 +1,190 @@
+"""What a training state holds, and how it is captured and restored.
+
+A training state is everything an exact resume needs at a batch boundary of ``fit``: the
+weights, every optimizer, LR scheduler and AMP scaler kept on the model, the loop's position
+and counters, the epoch's sample order and running sums, the RNG states (of every rank under
+torchrun) and every callback's state by its ``state_key``. ``checkpoint.py`` turns it into
+bytes on disk; this module decides what goes in and puts it back.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torcheras import distributed
+from torcheras.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError
+from torcheras.data import to_cpu
+
+__all__ = [
+    "capture_model_state",
+    "capture_training_state",
+    "restore_model_state",
+    "restore_training_state",
+    "rng_state",
+    "set_rng_state",
+]
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python RNG states, in weights_only-safe types."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _attributes_of_type(model: Any, kind: type) -> dict[str, Any]:
+    """The model's attributes of a kind, by name: ``model.optimizer`` and any other optimizer
+    (a GAN's two), or the LR schedulers a custom ``train_step`` keeps on the model."""
+    return dict(sorted((k, v) for k, v in vars(model).items() if isinstance(v, kind)))
+
+
+def capture_model_state(model: Any) -> dict[str, Any]:
+    """Everything on the model that training changes: weights, every optimizer, the LR
+    schedulers and the AMP scaler kept on it (CPU copies)."""
+    optimizers = _attributes_of_type(model, torch.optim.Optimizer)
+    state: dict[str, Any] = {
+        "model": to_cpu(model.state_dict()),
+        "optimizers": {k: to_cpu(v.state_dict()) for k, v in optimizers.items()},
+        "optimizer_classes": {k: type(v).__name__ for k, v in optimizers.items()},
+        "schedulers": {
+            k: v.state_dict()
+            for k, v in _attributes_of_type(model, torch.optim.lr_scheduler.LRScheduler).items()
+        },
+    }
+    scaler = getattr(model, "scaler", None)
+    if scaler is not None and hasattr(scaler, "state_dict"):
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: str) -> None:
+    """Load what :func:`capture_model_state` captured; a mismatch names ``source`` and ``fix``."""
+
+    def mismatch(what: str, exc: BaseException | str) -> CheckpointError:
+        detail = " ".join(str(exc).split())  # torch's multi-line message on one line
+        return CheckpointError(
+            errno.EINVAL, f"{source} does not fit this model: {what} ({detail}). {fix}"
+        )
+
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise mismatch("the weights differ (another architecture?)", exc) from exc
+    classes = state.get("optimizer_classes", {})
+    for kind, key in (
+        (torch.optim.Optimizer, "optimizers"),
+        (torch.optim.lr_scheduler.LRScheduler, "schedulers"),
+    ):
+        mine = _attributes_of_type(model, kind)
+        for name, saved in state.get(key, {}).items():
+            if name not in mine:
+                raise mismatch(f"it holds {key[:-1]} {name!r}", "this model has none")
+            saved_class = classes.get(name) if key == "optimizers" else None
+            if saved_class is not None and saved_class != type(mine[name]).__name__:
+                raise mismatch(
+                    f"optimizer {name!r} is a {type(mine[name]).__name__} here",
+                    f"saved from a {saved_class}",
+                )
+            try:
+                mine[name].load_state_dict(saved)
+            except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+                raise mismatch(f"{key[:-1]} {name!r} differs (another optimizer?)", exc) from exc
+    scaler = getattr(model, "scaler", None)
+    if "scaler" in state and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+
+
+def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
+    """The whole training state at a batch boundary of ``fit``: resuming from it continues
+    exactly where the run was (weights, optimizers, data order, RNG, every callback)."""
+    loop = model.loop
+    done = loop.epoch_done
+    state: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": "training_state",
+        "created": time.time(),
+        "epoch": loop.epoch + 1 if done else loop.epoch,
+        "batch": 0 if done else loop.batch + 1,
+        **loop.counters(),
+        "world_size": distributed.world_size(),
+        **capture_model_state(model),
+        "callbacks": to_cpu(callbacks.state_dict()),
+        "logs": dict(loop.last_logs),
+    }
+    own: dict[str, Any] = {"rng": rng_state()}  # what differs from rank to rank
+    source = loop.train_source
+    if source is not None and hasattr(source, "state_dict"):
+        own["data"] = source.state_dict()
+    if not done:
+        state["order"] = None if loop.order is None else loop.order.cpu()
+        own["collector"] = loop.collector.state_dict()  # this rank's running sums
+        state["batch_lrs"] = list(loop.batch_lrs)
+    state.update(own)  # rank 0's (or the only process's) at the top level
+    if distributed.is_active():  # every rank's, gathered into the file rank 0 writes
+        state["ranks"] = distributed.gather_objects(own)
+    return state
+
+
+def restore_training_state(
+    model: Any, callbacks: Any, state: Mapping[str, Any], path: str | os.PathLike[str] = "backup"
+) -> dict[str, Any]:
+    """Load weights, optimizers and callbacks' state; return the position to resume from."""
+    if state.get("kind") != "training_state":
+        raise CheckpointError(
+            errno.EINVAL, f"This file is not a training-state backup (kind={state.get('kind')!r})."
+        )
+    folder = str(Path(path).parent)
+    saved_world = state.get("world_size", 1)
+    if saved_world != distributed.world_size():
+        raise CheckpointError(
+            errno.EINVAL,
+            f"The backup {str(path)!r} was written by a run of {saved_world} process(es); this "
+            f"run has {distributed.world_size()}. Resume with the same number of processes "
+            f"(torchrun --nproc_per_node={saved_world}), or move {folder!r} away to start over.",
+        )
+    restore_model_state(
+        model,
+        state,
+        f"The backup {str(path)!r}",
+        f"It was written by another run: move or delete the folder {folder!r} to start over.",
+    )
+    callbacks.load_state_dict(state["callbacks"])
+    position = dict(state)
+    if "ranks" in state:  # this rank's own RNG, running sums and data position
+        position.update(state["ranks"][distributed.rank()])
+    return position
