@@ -150,10 +150,3 @@ class Precision:
         else:
             (step_fn or optimizer.step)()
         self._unscaled.discard(id(optimizer))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
