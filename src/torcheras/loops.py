@@ -82,6 +82,7 @@ class FitLoop:
         self.loop.train_source = train_source
         self.loop.callbacks = callbacks
         self.loop.collector = model._collector()
+        self.stage = data.DeviceStager(model.device)  # its pinned buffers serve the whole fit
         self.accumulation = getattr(model, "gradient_accumulation_steps", 1)
         self.steps_known = getattr(train_source, "steps", None)
 
@@ -173,7 +174,12 @@ class FitLoop:
         logs = collector.result()
         if self.val_source is not None and _should_validate(epoch, self.validation_freq):
             val_logs = evaluate(
-                model, self.val_source, callbacks, self.validation_steps, nested=True
+                model,
+                self.val_source,
+                callbacks,
+                self.validation_steps,
+                nested=True,
+                stage=self.stage,
             )
             logs.update({f"val_{k}": v for k, v in val_logs.items()})
         if loop.batch_lrs:
@@ -188,7 +194,7 @@ class FitLoop:
     def _train_batches(self, batches: Any, start: int) -> int:
         """Run the training batches of one epoch; the last batch index (start - 1 if none)."""
         model, loop, callbacks = self.model, self.loop, self.callbacks
-        stage = data.DeviceStager(model.device)
+        stage = self.stage
         needs_begin = callbacks.needs("on_train_batch_begin")
         needs_end = callbacks.needs("on_train_batch_end")
         train_step = model.train_step
@@ -242,15 +248,22 @@ class FitLoop:
 
 
 def evaluate(
-    model: Any, source: Any, callbacks: CallbackList, steps: int | None, *, nested: bool = False
+    model: Any,
+    source: Any,
+    callbacks: CallbackList,
+    steps: int | None,
+    *,
+    nested: bool = False,
+    stage: data.DeviceStager | None = None,
 ) -> dict[str, float]:
-    """One pass over ``source`` with ``test_step``: the loss and metrics as floats."""
+    """One pass over ``source`` with ``test_step``: the loss and metrics as floats.
+    ``nested``: validation inside ``fit``, which passes its own ``stage`` (pinned buffers)."""
     was_training = model.training
     model.eval()
     model.stop_evaluating = False
     collector = model._collector()
     collector.reset()
-    stage = data.DeviceStager(model.device)
+    stage = stage or data.DeviceStager(model.device)
     needs_begin = callbacks.needs("on_test_batch_begin")
     needs_end = callbacks.needs("on_test_batch_end")
     rank, ranks = distributed.rank(), distributed.world_size()
