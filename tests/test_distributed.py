@@ -48,20 +48,48 @@ def result(out: Path, rank: int) -> tuple[dict, dict]:
     return final, json.loads((out / f"result{rank}" / "history.json").read_text())
 
 
-def test_two_ranks_end_identical_and_equal_one_process_with_the_same_global_batch(tmp_path):
-    run(tmp_path / "ddp")
-    run(tmp_path / "single", ranks=1)
+SAME_AS_ONE_PROCESS = {
+    "arrays": [],
+    # 256 samples in batches of 85: shards of 42 and 43, and a last batch of 1 sample that
+    # leaves rank 0 an empty part; torchmetrics syncs itself, and is read per batch on rank 0
+    "uneven-shards-torchmetrics": ["--batch-size", "85", "--torchmetrics"],
+    "dataloader": ["--loader", "--no-shuffle"],
+    # 8 batches of unknown number in groups of 3: 3, 3, and 2 cut short by the epoch's end
+    "accumulation": ["--accumulate", "3", "--iterable"],
+}
+
+
+@pytest.mark.parametrize("case", SAME_AS_ONE_PROCESS)
+def test_two_ranks_end_identical_and_equal_one_process_with_the_same_global_batch(tmp_path, case):
+    run(tmp_path / "ddp", *SAME_AS_ONE_PROCESS[case])
+    run(tmp_path / "single", *SAME_AS_ONE_PROCESS[case], ranks=1)
     (a, ha), (b, hb) = result(tmp_path / "ddp", 0), result(tmp_path / "ddp", 1)
     single, hs = result(tmp_path / "single", 0)
     for key in a["weights"]:
         assert torch.equal(a["weights"][key], b["weights"][key]), key
         torch.testing.assert_close(a["weights"][key], single["weights"][key], rtol=1e-4, atol=1e-5)
+    ha.pop("seen"), hb.pop("seen")  # the samples each rank loaded differ (a DistributedSampler)
     assert ha == hb  # the logs every callback saw were the same on both ranks
     for key, values in hs["history"].items():
         assert ha["history"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
     assert ha["evaluate"] == pytest.approx(hs["evaluate"], rel=1e-4)
     torch.testing.assert_close(a["predict"], single["predict"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b["predict"], a["predict"])  # in input order on every rank
+    if case == "accumulation":  # DDP all-reduced once per full group (no_sync before)
+        assert ha["reductions"] == hb["reductions"] == 2 * 6
+
+
+def test_a_dataloader_is_split_by_a_distributed_sampler_reshuffled_each_epoch(tmp_path):
+    run(tmp_path, "--loader")
+    (_, ha), (_, hb) = result(tmp_path, 0), result(tmp_path, 1)
+    orders = []
+    for epoch in map(str, range(6)):
+        mine, theirs = ha["seen"][epoch], hb["seen"][epoch]
+        assert len(mine) == len(theirs) == 128  # each rank loads half, not everything
+        assert sorted(mine + theirs) == list(range(256))  # together: every sample once
+        orders.append(mine)
+    assert len({tuple(order) for order in orders}) == 6  # set_epoch: a new shuffle each epoch
+    assert ha["history"] == hb["history"]
 
 
 def test_only_rank_zero_writes_files(tmp_path):

@@ -16,7 +16,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 
 __all__ = [
     "ArraySource",
@@ -286,6 +295,14 @@ class ArraySource:
         self.ran_out = False
         self._set_parts()
 
+    per_rank = False  # every rank indexes the same batches, then keeps its slice (``shard``)
+
+    def distribute(self, rank: int, world_size: int, *, training: bool, seed: int) -> None:
+        """Nothing to do: the order is drawn once and shared; each rank slices each batch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: :meth:`new_order` draws each epoch's order."""
+
     def _set_parts(self) -> None:
         devices = {t.device for part in (self.x, self.y, self.sample_weight) for t in _leaves(part)}
         self._device = devices.pop() if len(devices) == 1 else torch.device("cpu")
@@ -387,9 +404,74 @@ class IterableSource:
         self._consumed = 0
         self._restore: dict[str, Any] | None = None
         self.ran_out = False
+        self.per_rank = False  # batches are already this rank's part (a DistributedSampler)
+        self.sampler: DistributedSampler | None = None
 
     def new_order(self) -> None:
         return None
+
+    def distribute(self, rank: int, world_size: int, *, training: bool, seed: int) -> None:
+        """Under torchrun, let each rank load only its part of the data, once per source.
+
+        A ``DataLoader`` that already has a ``DistributedSampler`` is used as it is (its
+        ``batch_size`` is then per rank) and gets ``set_epoch`` every epoch. For training, a
+        ``DataLoader`` over a Dataset with the default sampler is rebuilt with a
+        ``DistributedSampler`` (shuffled if the loader was, seeded with ``seed``) and
+        ``batch_size // world_size`` per rank: rank ``r`` takes every ``world_size``-th sample
+        of the epoch's permutation, so each global batch is ``batch_size`` samples of it. For
+        evaluation and prediction, each rank loads its contiguous slice of every batch (exact
+        results: no sample padded or dropped). Any other iterable is read whole by every
+        rank, which keeps its slice of each batch.
+        """
+        loader = self.iterable
+        if self.per_rank or world_size == 1 or not isinstance(loader, DataLoader):
+            return
+        if isinstance(loader.sampler, DistributedSampler):
+            self.per_rank, self.sampler = True, loader.sampler
+            return
+        default = (
+            _is_map_dataset(loader.dataset)
+            and type(loader.batch_sampler) is BatchSampler
+            and type(loader.sampler) in (RandomSampler, SequentialSampler)
+            and not getattr(loader.sampler, "replacement", False)
+            and getattr(loader.sampler, "_num_samples", None) is None
+        )
+        if not default:
+            return
+        batch_size = loader.batch_size
+        assert batch_size is not None  # a default BatchSampler has one
+        if training:
+            if batch_size % world_size:
+                raise ValueError(
+                    f"The training DataLoader's batch_size={batch_size} (the global batch) does "
+                    f"not split evenly across {world_size} processes. Use a multiple of "
+                    f"{world_size}, or give the DataLoader your own DistributedSampler (its "
+                    "batch_size is then per process)."
+                )
+            self.sampler = DistributedSampler(
+                loader.dataset,
+                num_replicas=world_size,
+                rank=rank,
+                shuffle=type(loader.sampler) is RandomSampler,
+                seed=seed,
+            )
+            self.iterable = _rebuild_loader(
+                loader,
+                batch_size=batch_size // world_size,
+                sampler=self.sampler,
+                drop_last=loader.drop_last,
+            )
+        else:
+            batches = _SliceOfEachBatch(loader.batch_sampler, rank, world_size)
+            self.iterable = _rebuild_loader(loader, batch_sampler=batches)
+        self.per_rank = True
+        if self.steps is None or self.steps == _safe_len(loader):
+            self.steps = _safe_len(self.iterable)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A ``DistributedSampler``'s shuffle depends on the epoch: set it before the pass."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
 
     def _new_pass(self) -> Iterator[Any]:
         self._pass_rng = torch.get_rng_state()  # a DataLoader draws its shuffle seed at iter()
@@ -445,11 +527,52 @@ class IterableSource:
             step += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pass_rng": self._pass_rng, "consumed": self._consumed}
+        state: dict[str, Any] = {"pass_rng": self._pass_rng, "consumed": self._consumed}
+        if self.sampler is not None:
+            state["sampler_seed"] = self.sampler.seed
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume: the next :meth:`batches` call replays the pass up to where it was."""
         self._restore = dict(state)
+        if self.sampler is not None and "sampler_seed" in state:
+            self.sampler.seed = state["sampler_seed"]
+
+
+class _SliceOfEachBatch:
+    """A batch sampler yielding this rank's contiguous slice of each batch of ``batches``
+    (the slices :func:`shard` takes from a batch of tensors)."""
+
+    def __init__(self, batches: Iterable[list[int]], rank: int, world_size: int) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rank, world = self.rank, self.world_size
+        for indices in self.batches:
+            size = len(indices)
+            yield list(indices)[size * rank // world : size * (rank + 1) // world]
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+
+def _rebuild_loader(loader: DataLoader, **changes: Any) -> DataLoader:
+    """A DataLoader like ``loader`` (workers, collate, pinning...) with ``changes``."""
+    settings: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+    }
+    if loader.num_workers > 0:
+        settings["prefetch_factor"] = loader.prefetch_factor
+    settings.update(changes)
+    return DataLoader(loader.dataset, **settings)
 
 
 _END = object()

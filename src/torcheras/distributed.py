@@ -18,6 +18,7 @@ import torch.distributed as dist
 __all__ = [
     "agree",
     "all_reduce_sum",
+    "average_",
     "barrier",
     "broadcast",
     "is_active",
@@ -26,6 +27,7 @@ __all__ = [
     "rank",
     "gather_objects",
     "setup",
+    "shared_seed",
     "world_size",
 ]
 
@@ -91,6 +93,24 @@ def all_reduce_sum(values: list[torch.Tensor | float]) -> list[torch.Tensor | fl
     ]
 
 
+def average_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor (gradients) by its mean over the ranks, in place; one collective
+    per dtype."""
+    if not is_active():
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = _flatten_dense_tensors(group)
+        dist.all_reduce(flat)
+        flat /= world_size()
+        for tensor, mean in zip(group, _unflatten_dense_tensors(flat, group)):
+            tensor.copy_(mean)
+
+
 def agree(flag: bool) -> bool:
     """True on every rank if it is True on any rank (a stop, a NaN, a signal)."""
     if not is_active():
@@ -108,6 +128,15 @@ def broadcast(tensor: torch.Tensor | None) -> torch.Tensor | None:
     moved = tensor.to(device)
     dist.broadcast(moved, src=0)
     return moved.to(tensor.device)
+
+
+def shared_seed() -> int:
+    """A seed every rank agrees on (rank 0's ``torch.initial_seed()``), drawing nothing from
+    the RNG: a ``DistributedSampler``'s shuffle seed."""
+    seed = torch.tensor(torch.initial_seed() % 2**62, dtype=torch.int64)
+    agreed = broadcast(seed)
+    assert agreed is not None
+    return int(agreed.item())
 
 
 def barrier() -> None:

@@ -38,6 +38,8 @@ class RunningMeans:
         Totals are replaced, never changed in place, so a snapshot taken earlier keeps its
         values without a copy."""
         totals, weights = self._totals, self._weights
+        if not weight:  # an empty batch (a rank's empty part of a short last batch): its
+            values = dict.fromkeys(values, 0.0)  # mean of nothing is nan, and counts nothing
         for key, value in values.items():
             total = totals.get(key)
             if type(value) is torch.Tensor:

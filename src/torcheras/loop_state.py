@@ -36,6 +36,7 @@ class LoopState:
         "micro_step",
         "accumulating",
         "group_size",
+        "loss_scale",
         "order",
         "current_batch",
         "epoch_done",
@@ -56,6 +57,9 @@ class LoopState:
         self.micro_step = 0
         self.accumulating = False
         self.group_size = 1  # micro-batches in the current group (less than N for the last)
+        # Under torchrun, this rank's share of the global batch times the number of ranks:
+        # DDP averages gradients over ranks, so uneven shards weigh by their sizes.
+        self.loss_scale = 1.0
         self.order: Tensor | None = None
         self.current_batch: Any = None
         self.epoch_done = False

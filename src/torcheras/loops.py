@@ -82,6 +82,12 @@ class FitLoop:
         self.loop.train_source = train_source
         self.loop.callbacks = callbacks
         self.loop.collector = model._collector()
+        rank, ranks = distributed.rank(), distributed.world_size()
+        if ranks > 1:  # DataLoaders: each rank loads its own part
+            seed = distributed.shared_seed()
+            train_source.distribute(rank, ranks, training=True, seed=seed)
+            if val_source is not None:
+                val_source.distribute(rank, ranks, training=False, seed=seed)
         self.stage = data.DeviceStager(model.device)  # its pinned buffers serve the whole fit
         self.accumulation = getattr(model, "gradient_accumulation_steps", 1)
         self.steps_known = getattr(train_source, "steps", None)
@@ -137,6 +143,7 @@ class FitLoop:
     def _start_epoch(self, epoch: int, position: dict[str, Any] | None) -> tuple[Any, int]:
         """The epoch's sample order and first batch: fresh, or where a backup left it."""
         source, loop = self.train_source, self.loop
+        source.set_epoch(epoch)  # a DistributedSampler's shuffle
         if position is None or position["epoch"] != epoch:
             return distributed.broadcast(source.new_order()), 0  # one order for every rank
         start = position["batch"]
@@ -204,14 +211,18 @@ class FitLoop:
         batch_lrs = loop.batch_lrs
         accumulation = self.accumulation
         last_known = None if self.steps_known is None else self.steps_known - 1
-        ranks = distributed.world_size()
+        ranks = 1 if self.train_source.per_rank else distributed.world_size()
         rank = distributed.rank()
         agree_per_batch = self.agree_per_batch
+        no_sync = None if model._ddp is None else model._ddp.no_sync
+        loop.loss_scale = 1.0
         step = start - 1
         for step, batch in enumerate(batches, start):
             loop.batch = step
-            if ranks > 1:
-                batch = data.shard(batch, rank, ranks)  # this rank's part of the global batch
+            if ranks > 1:  # this rank's part of the global batch; its loss counts its share
+                size = data.batch_size_of(batch[0])
+                batch = data.shard(batch, rank, ranks)
+                loop.loss_scale = data.batch_size_of(batch[0]) * ranks / size
             if accumulation > 1:
                 self._place_in_group(step, last_known)
             if needs_begin:
@@ -221,7 +232,11 @@ class FitLoop:
                 batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
             batch = stage(batch)
             loop.current_batch = batch
-            logs = train_step(batch)
+            if no_sync is not None and loop.accumulating:  # all-reduce once per group
+                with no_sync():
+                    logs = train_step(batch)
+            else:
+                logs = train_step(batch)
             collector.add(logs, data.batch_size_of(batch[0]))
             loop.global_step += 1
             if not loop.accumulating:
@@ -267,6 +282,8 @@ def evaluate(
     needs_begin = callbacks.needs("on_test_batch_begin")
     needs_end = callbacks.needs("on_test_batch_end")
     rank, ranks = distributed.rank(), distributed.world_size()
+    source.distribute(rank, ranks, training=False, seed=0)
+    shard_ranks = 1 if source.per_rank else ranks
     try:
         with hooks(callbacks, "test", outermost=not nested) as result, torch.no_grad():
             for step, batch in enumerate(source.batches(source.new_order())):
@@ -274,7 +291,7 @@ def evaluate(
                     break
                 if needs_begin:
                     callbacks.on_test_batch_begin(step)
-                batch = stage(data.shard(batch, rank, ranks))
+                batch = stage(data.shard(batch, rank, shard_ranks))
                 collector.add(model.test_step(batch), data.batch_size_of(batch[0]))
                 if needs_end:
                     callbacks.on_test_batch_end(step, collector.snapshot())
@@ -301,6 +318,8 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
     needs_end = callbacks.needs("on_predict_batch_end")
     stage = data.DeviceStager(model.device)
     rank, ranks = distributed.rank(), distributed.world_size()
+    source.distribute(rank, ranks, training=False, seed=0)
+    shard_ranks = 1 if source.per_rank else ranks
     on_host: list[Any] = []
     on_device: list[Any] = []
     device_bytes = 0
@@ -311,7 +330,7 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
                     break
                 if needs_begin:
                     callbacks.on_predict_batch_begin(step)
-                batch = data.shard(batch, rank, ranks)
+                batch = data.shard(batch, rank, shard_ranks)
                 out = model._predict_output(model.predict_step(stage(batch)))
                 if needs_end:
                     out = data.to_cpu(out)

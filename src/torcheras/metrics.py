@@ -184,6 +184,8 @@ class TorchMetric(Metric):
         self.direction = None if hib is None else ("max" if hib else "min")
 
     def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
+        if y_pred.shape[0] == 0:  # a rank's empty part of a short batch: nothing to count
+            return
         if self.metric.device != y_pred.device:
             self.metric.to(y_pred.device)
         self.metric.update(y_pred.detach(), y_true)
@@ -203,16 +205,19 @@ class TorchMetric(Metric):
 
         def compute() -> Any:
             current = {k: getattr(metric, k) for k in state}
-            cached = metric._computed
+            cached, to_sync = metric._computed, metric._to_sync
             try:
                 for k, v in state.items():
                     setattr(metric, k, v)
                 metric._computed = None
+                # A batch value is this rank's (read by one rank, such as the progress bar's):
+                # torchmetrics' sync is a collective that only the epoch's result may make.
+                metric._to_sync = False
                 return metric.compute()
             finally:
                 for k, v in current.items():
                     setattr(metric, k, v)
-                metric._computed = cached
+                metric._computed, metric._to_sync = cached, to_sync
 
         return compute
 

@@ -408,6 +408,8 @@ class Model(nn.Module):
         accumulation) the gradients are unscaled and ``on_after_backward`` fires."""
         loop = self.loop
         n = self.gradient_accumulation_steps
+        if loop.loss_scale != 1.0:  # torchrun, uneven shards of a global batch
+            loss = loss * loop.loss_scale
         self.precision.backward(loss / n if n > 1 else loss)
         if not loop.accumulating:
             if loop.group_size < n:  # a short last group: the mean of its own micro-batches
@@ -451,7 +453,10 @@ class Model(nn.Module):
         loop = self.loop
         loop.accumulating = False
         loop.group_size = loop.micro_step
-        self._scale_gradients(self.gradient_accumulation_steps / loop.micro_step)
+        factor = self.gradient_accumulation_steps / loop.micro_step
+        if self._ddp is not None:  # its micro-batches ran under no_sync: reduce them now
+            distributed.average_([p.grad for p in self.parameters() if p.grad is not None])
+        self._scale_gradients(factor)
         self._gradients_ready()
         self.optimizer_step()
 

@@ -24,6 +24,13 @@ from torcheras import callbacks as cb  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--case", default="same")
+parser.add_argument("--batch-size", type=int, default=32)
+parser.add_argument("--loader", action="store_true", help="DataLoaders instead of arrays")
+parser.add_argument("--torchmetrics", action="store_true")
+parser.add_argument("--verbose", type=int, default=0)
+parser.add_argument("--iterable", action="store_true", help="batches of unknown number")
+parser.add_argument("--no-shuffle", action="store_true")
+parser.add_argument("--accumulate", type=int, default=1)
 parser.add_argument("--kill-at", type=int, default=-1, help="kill the whole job at this step")
 args = parser.parse_args()
 rank = int(os.environ.get("RANK", "0"))
@@ -42,8 +49,21 @@ if args.case == "early_stop" and rank == 1:
 
 net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 model = torcheras.Model(net)
+metrics: list = ["accuracy"]
+if args.torchmetrics:  # synced by torchmetrics itself at the end of each epoch
+    import torchmetrics
+
+    metrics = [torchmetrics.Accuracy(task="multiclass", num_classes=3)]
+    if rank == 0:  # a batch value read on one rank only (as a progress bar does) must not sync
+        batch_accuracy: list[float] = []
+        read_on_rank_0 = cb.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: batch_accuracy.append(
+                float(logs["multiclass_accuracy"])
+            )
+        )
 model.compile(torch.optim.SGD(net.parameters(), lr=0.1), "sparse_categorical_crossentropy",
-              metrics=["accuracy"], device="cpu")  # fmt: skip
+              metrics=metrics, device="cpu",
+              gradient_accumulation_steps=args.accumulate)  # fmt: skip
 out = os.path.join(args.out, f"rank{rank}")
 callbacks = [
     cb.CSVLogger(os.path.join(args.out, "log.csv")),
@@ -53,6 +73,8 @@ if args.case == "early_stop":
     callbacks.append(cb.EarlyStopping(monitor="val_loss", patience=1, min_delta=0.01))
 if args.case == "nan":
     callbacks.append(cb.TerminateOnNaN())
+if args.torchmetrics and rank == 0:
+    callbacks.append(read_on_rank_0)
 trained = []  # the batches this process really trained (a resumed run: only what was left)
 callbacks.append(cb.LambdaCallback(on_train_batch_end=lambda batch, logs: trained.append(batch)))
 if args.case == "backup":
@@ -86,18 +108,79 @@ if args.case == "kill" and rank == 1:  # this rank dies in the middle of the sec
             os.kill(os.getpid(), signal.SIGKILL)
 
     callbacks.append(cb.LambdaCallback(on_train_batch_end=die))
+reductions = []  # the gradient all-reduces DDP made (one bucket for this small model)
+
+
+def count_reductions(logs):
+    if model._ddp is not None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def hook(state, bucket):
+            reductions.append(model.loop.global_step)
+            return default_hooks.allreduce_hook(state, bucket)
+
+        model._ddp.register_comm_hook(None, hook)
+
+
+callbacks.append(cb.LambdaCallback(on_train_begin=count_reductions))
+seen: dict[int, list[int]] = {}  # epoch -> the training samples this rank loaded
+
+
+class Recorded(torch.utils.data.Dataset):
+    def __init__(self, x, y, record):
+        self.x, self.y, self.record = torch.as_tensor(x), torch.as_tensor(y), record
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if self.record:
+            seen.setdefault(model.loop.epoch, []).append(int(i))
+        return self.x[i], self.y[i]
+
+
+shuffle = not args.no_shuffle
+if args.loader:
+    from torch.utils.data import DataLoader
+
+    train = {"x": DataLoader(Recorded(x, y, True), batch_size=args.batch_size, shuffle=shuffle)}
+    validation = DataLoader(Recorded(xv, yv, False), batch_size=args.batch_size)
+elif args.iterable:  # no len(): the loop learns where the epoch ends when it ends
+
+    class Batches:
+        def __iter__(self):
+            for i in range(0, len(x), args.batch_size):
+                part = slice(i, i + args.batch_size)
+                yield torch.as_tensor(x[part]), torch.as_tensor(y[part])
+
+    train = {"x": Batches()}
+    validation = (xv, yv)
+else:
+    train = {"x": x, "y": y, "batch_size": args.batch_size, "shuffle": shuffle}
+    validation = (xv, yv)
 history = model.fit(
-    x, y, batch_size=32, epochs=6, shuffle=True, verbose=0, validation_data=(xv, yv),
-    callbacks=callbacks,
+    **train, epochs=6, verbose=args.verbose, validation_data=validation, callbacks=callbacks,
 )  # fmt: skip
 os.makedirs(os.path.join(args.out, f"result{rank}"), exist_ok=True)
 torch.save(
     {
         "weights": model.state_dict(),
-        "predict": torch.as_tensor(model.predict(x[:50], batch_size=16)),
+        "predict": torch.as_tensor(
+            model.predict(torch.utils.data.DataLoader(torch.as_tensor(x[:50]), batch_size=16))
+            if args.loader
+            else model.predict(x[:50], batch_size=16)
+        ),
     },
     os.path.join(args.out, f"result{rank}", "final.pt"),
 )
+evaluation = {"x": validation} if args.loader else {"x": xv, "y": yv}
+summary = {
+    "history": history.history,
+    "epoch": history.epoch,
+    "trained": len(trained),
+    "seen": seen,
+    "reductions": len(reductions),
+    "evaluate": model.evaluate(**evaluation, verbose=0, return_dict=True),
+}
 with open(os.path.join(args.out, f"result{rank}", "history.json"), "w") as f:
-    json.dump({"history": history.history, "epoch": history.epoch, "trained": len(trained),
-               "evaluate": model.evaluate(xv, yv, verbose=0, return_dict=True)}, f)  # fmt: skip
+    json.dump(summary, f)
