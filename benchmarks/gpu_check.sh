@@ -8,5 +8,25 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-benchmarks}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 timeout 300 python -m pytest -n 8 -q -p no:randomly -x 2>&1 | tail -25
+# torchrun on NCCL: 2 ranks with a GPU each where there are 2 GPUs, else 1 rank; the ranks
+# must end identical and equal (to float tolerance) to one process with the same global batch.
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+ranks=$(( gpus >= 2 ? 2 : 1 ))
+ddp="$out/ddp_nccl"
+rm -rf "$ddp"
+timeout 120 python -m torch.distributed.run --standalone --nproc_per_node=$ranks \
+    tests/distributed/ddp_script.py "$ddp/job" --device cuda --batch-size 85 2>&1 | tail -5
+timeout 60 python tests/distributed/ddp_script.py "$ddp/single" --device cuda --batch-size 85 \
+    2>&1 | tail -2
+python - "$ddp" "$ranks" <<'EOF' | tee "$out/ddp_nccl.md"
+import sys, torch
+ddp, ranks = sys.argv[1], int(sys.argv[2])
+load = lambda run, r: torch.load(f"{ddp}/{run}/result{r}/final.pt", map_location="cpu")
+single = load("single", 0)["weights"]
+for r in range(ranks):
+    got = load("job", r)["weights"]
+    diff = max((got[k] - single[k]).abs().max().item() for k in got)
+    print(f"NCCL, {ranks} rank(s): rank {r} max |w - one process| = {diff:.2e}")
+EOF
 timeout 260 python benchmarks/peers.py --device cuda --workloads tiny,cnn --quick \
     --output "$out/results_cuda.md" 2>&1 | tail -25

@@ -123,9 +123,16 @@ def test_a_rank_killed_fails_the_job_with_an_error_instead_of_a_hang(tmp_path):
     assert not (tmp_path / "result0").exists()  # rank 0 did not finish as if nothing happened
 
 
-def test_kill_9_of_the_whole_job_and_a_rerun_resume_exactly(tmp_path):
-    reference = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-process run with BackupAndRestore that nothing interrupts: what a resume must match."""
+    reference = tmp_path_factory.mktemp("unbroken")
     run(reference, "--case", "backup")
+    return reference
+
+
+def test_kill_9_of_the_whole_job_and_a_rerun_resume_exactly(tmp_path, unbroken):
+    reference = unbroken
     killed = run(tmp_path / "job", "--case", "backup", "--kill-at", "10", check=False)
     assert killed.returncode != 0
     assert not (tmp_path / "job" / "result0").exists()
@@ -142,6 +149,28 @@ def test_kill_9_of_the_whole_job_and_a_rerun_resume_exactly(tmp_path):
             assert torch.equal(got["weights"][key], want["weights"][key]), (rank, key)
         assert hist["history"] == expected["history"] and hist["epoch"] == expected["epoch"]
         assert (expected["trained"], hist["trained"]) == (48, 48 - 9)  # resumed, not restarted
+
+
+def test_sigterm_on_one_rank_backs_up_and_stops_every_rank_at_the_same_batch(tmp_path, unbroken):
+    reference = unbroken
+    start = time.monotonic()
+    stopped = run(tmp_path / "job", "--case", "sigterm", check=False)
+    assert time.monotonic() - start < 60  # no rank left waiting in a collective
+    assert stopped.returncode != 0
+    assert "exitcode  : 143" in stopped.stderr  # Preempted (torchrun may end the other rank)
+    assert "Timed out" not in stopped.stderr
+    from torcheras import checkpoint
+
+    backup = checkpoint.load(tmp_path / "job" / "backup" / "latest.pt")
+    assert backup["global_step"] == 11  # rank 1's signal at step 10, agreed one batch later
+    run(tmp_path / "job", "--case", "backup")  # the rerun resumes from it, exactly
+    for rank in (0, 1):
+        got, hist = result(tmp_path / "job", rank)
+        want, expected = result(reference, rank)
+        for key in want["weights"]:
+            assert torch.equal(got["weights"][key], want["weights"][key]), (rank, key)
+        assert hist["history"] == expected["history"]
+        assert hist["trained"] == 48 - 11
 
 
 def test_resuming_with_another_number_of_processes_is_refused(tmp_path):

@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 __all__ = [
     "agree",
+    "agree_max",
+    "Vote",
     "all_reduce_sum",
     "average_",
     "barrier",
@@ -69,7 +71,19 @@ def setup(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT)
+    global _HOST_GROUP
+    if _HOST_GROUP is None and dist.get_backend() == "nccl":
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=TIMEOUT)
     return device
+
+
+_HOST_GROUP: Any = None
+
+
+def _host_group() -> Any:
+    """The group for small host-side agreements: the default group on gloo; on NCCL a gloo
+    group created at :func:`setup` (every rank creates it at the same point)."""
+    return _HOST_GROUP if dist.get_backend() == "nccl" else None
 
 
 def _device_of_group() -> torch.device:
@@ -112,12 +126,44 @@ def average_(tensors: list[torch.Tensor]) -> None:
 
 
 def agree(flag: bool) -> bool:
-    """True on every rank if it is True on any rank (a stop, a NaN, a signal)."""
+    """True on every rank if it is True on any rank (a stop, a NaN)."""
+    return bool(agree_max(int(flag)))
+
+
+def agree_max(value: int) -> int:
+    """The largest of every rank's ``value`` (a signal number, 0 for none). Over the host
+    group: no GPU synchronisation."""
     if not is_active():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=_device_of_group())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group())
+    return int(tensor.item())
+
+
+class Vote:
+    """:func:`agree_max` once per step, answered one step late so that no rank waits for it:
+    ``submit(value)`` starts this step's vote and returns the previous one's result (0 for
+    the first). Every rank must call it at the same steps, and :meth:`finish` at the end."""
+
+    def __init__(self) -> None:
+        self._tensor: torch.Tensor | None = None
+        self._work: Any = None
+
+    def submit(self, value: int) -> int:
+        previous = self.finish()
+        self._tensor = torch.tensor([value], dtype=torch.int64)
+        self._work = dist.all_reduce(
+            self._tensor, op=dist.ReduceOp.MAX, group=_host_group(), async_op=True
+        )
+        return previous
+
+    def finish(self) -> int:
+        """The result of the vote still open (0 if none)."""
+        if self._work is None or self._tensor is None:
+            return 0
+        self._work.wait()
+        self._work = None
+        return int(self._tensor.item())
 
 
 def broadcast(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -23,6 +23,8 @@ class LoopState:
       accumulation); ``accumulating`` is True while the group is not complete, so the
       optimizer does not step after this batch.
 
+    ``interrupt``: a signal received (see BackupAndRestore), handled by ``on_interrupt``.
+
     Also: ``order`` (the epoch's sample order), ``current_batch`` (the batch on the device),
     ``batch_lrs`` (the rate each batch used), ``last_logs`` (the last epoch's logs),
     ``callbacks`` (the running ``CallbackList``) and ``collector`` (the epoch's running logs).
@@ -47,6 +49,8 @@ class LoopState:
         "end_of_batches",
         "callbacks",
         "collector",
+        "interrupt",
+        "on_interrupt",
     )
 
     def __init__(self) -> None:
@@ -70,6 +74,11 @@ class LoopState:
         self.end_of_batches: list[Callable[[], None]] = []
         self.callbacks: Any = None
         self.collector: Any = None
+        # A signal this process received (SIGTERM, SIGINT; 0: none) and who handles it
+        # (BackupAndRestore). The loop acts on it between optimizer steps, at the same batch on
+        # every rank (a signal may reach one rank only).
+        self.interrupt = 0
+        self.on_interrupt: Callable[[int], None] | None = None
 
     def run_pending(self) -> None:
         """Run the work callbacks asked for at this batch boundary (backups), in order."""

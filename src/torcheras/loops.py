@@ -110,7 +110,13 @@ class FitLoop:
                 or callbacks.declares("on_train_batch_end")
             )
         )
+        loop.interrupt, loop.on_interrupt = 0, None
         with hooks(callbacks, "train") as result:
+            # A signal on any rank (BackupAndRestore's) is voted on after every batch, one
+            # batch late so that no rank waits. Set up after on_train_begin, which sets the
+            # handler; agreed once, so that every rank votes at the same batches.
+            votes = distributed.agree(distributed.is_active() and loop.on_interrupt is not None)
+            self.vote = distributed.Vote() if votes else None
             initial_epoch, position = self._resume_or_start()
             result["logs"] = dict(loop.last_logs)
             for epoch in range(initial_epoch, self.epochs):
@@ -118,6 +124,11 @@ class FitLoop:
                 position = None
                 if loop.pending:
                     loop.run_pending()
+                if self.vote is not None:
+                    self.vote.finish()  # superseded by the agreement just below
+                interrupt = distributed.agree_max(loop.interrupt)
+                if interrupt and loop.on_interrupt is not None:
+                    loop.on_interrupt(interrupt)
                 model.stop_training = distributed.agree(model.stop_training)  # every rank
                 if model.stop_training:
                     break
@@ -216,6 +227,8 @@ class FitLoop:
         agree_per_batch = self.agree_per_batch
         no_sync = None if model._ddp is None else model._ddp.no_sync
         loop.loss_scale = 1.0
+        vote: distributed.Vote | None = self.vote
+        interrupt = 0
         step = start - 1
         for step, batch in enumerate(batches, start):
             loop.batch = step
@@ -247,6 +260,12 @@ class FitLoop:
                 loop.micro_step = 0 if not loop.accumulating else loop.micro_step + 1
             if pending and not loop.accumulating:  # backups only between optimizer steps
                 loop.run_pending()
+            if vote is not None:
+                interrupt = max(interrupt, vote.submit(loop.interrupt))
+            elif loop.interrupt:
+                interrupt = loop.interrupt
+            if interrupt and not loop.accumulating:  # a signal: back up and stop, all ranks
+                loop.on_interrupt(interrupt)  # type: ignore[misc]
             if agree_per_batch:
                 model.stop_training = distributed.agree(model.stop_training)
             if model.stop_training:

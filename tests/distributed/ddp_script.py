@@ -24,6 +24,7 @@ from torcheras import callbacks as cb  # noqa: E402
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--case", default="same")
+parser.add_argument("--device", default="cpu", help="cuda: NCCL, one GPU per rank")
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--loader", action="store_true", help="DataLoaders instead of arrays")
 parser.add_argument("--torchmetrics", action="store_true")
@@ -62,7 +63,7 @@ if args.torchmetrics:  # synced by torchmetrics itself at the end of each epoch
             )
         )
 model.compile(torch.optim.SGD(net.parameters(), lr=0.1), "sparse_categorical_crossentropy",
-              metrics=metrics, device="cpu",
+              metrics=metrics, device=args.device,
               gradient_accumulation_steps=args.accumulate)  # fmt: skip
 out = os.path.join(args.out, f"rank{rank}")
 callbacks = [
@@ -77,7 +78,7 @@ if args.torchmetrics and rank == 0:
     callbacks.append(read_on_rank_0)
 trained = []  # the batches this process really trained (a resumed run: only what was left)
 callbacks.append(cb.LambdaCallback(on_train_batch_end=lambda batch, logs: trained.append(batch)))
-if args.case == "backup":
+if args.case in ("backup", "sigterm"):
     callbacks.append(cb.BackupAndRestore(os.path.join(args.out, "backup"), save_freq=3))
 if args.kill_at >= 0 and rank == 0:  # kill -9 of the whole job: every worker and torchrun
     import signal
@@ -100,6 +101,14 @@ if args.kill_at >= 0 and rank == 0:  # kill -9 of the whole job: every worker an
             os.kill(os.getpid(), signal.SIGKILL)
 
     callbacks.append(cb.LambdaCallback(on_train_batch_end=kill_job))
+if args.case == "sigterm" and rank == 1:  # a preemption notice reaching this rank only
+    import signal
+
+    def preempt(batch, logs):
+        if model.loop.global_step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    callbacks.append(cb.LambdaCallback(on_train_batch_end=preempt))
 if args.case == "kill" and rank == 1:  # this rank dies in the middle of the second epoch
     import signal
 

@@ -147,6 +147,7 @@ class BackupAndRestore(Callback):
         self.resumed_from = None
         self._resume_state = self._load()
         self._install_signal_handlers()
+        self.model.loop.on_interrupt = self._save_and_stop
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self.model.loop.accumulating:  # save_freq counts optimizer steps
@@ -193,9 +194,12 @@ class BackupAndRestore(Callback):
         if self._signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self._signal = signum
-        self.model.loop.pending.append(self._save_and_stop)
+        loop = self.model.loop  # acted on at the next step boundary, on every rank at once
+        loop.interrupt = max(loop.interrupt, signum)
 
-    def _save_and_stop(self) -> None:
+    def _save_and_stop(self, signum: int) -> None:
+        """Every rank at the same batch (a signal may have reached one rank only)."""
+        self._signal = signum
         self._save()
         checkpoint.wait_for_writes()  # exit only once the backup has landed
         if self._signal == signal.SIGTERM:
