@@ -7,7 +7,15 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["LoopState"]
+__all__ = ["LoopState", "StopFit", "TIME_UP"]
+
+# ``LoopState.interrupt`` for a time budget spent (Timer): below every signal number.
+TIME_UP = 1
+
+
+class StopFit(Exception):
+    """Raised inside ``fit`` to end it at once, cleanly (``fit`` returns): a Timer whose
+    budget is spent, once BackupAndRestore has written where training stood."""
 
 
 class LoopState:

@@ -18,7 +18,7 @@ from torch import Tensor
 from torcheras import checkpoint, data, distributed, optimizers, state
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.logs import LogCollector
-from torcheras.loop_state import LoopState
+from torcheras.loop_state import LoopState, StopFit
 
 __all__ = ["evaluate", "fit", "hooks", "predict"]
 
@@ -91,10 +91,12 @@ class FitLoop:
         self.stage = data.DeviceStager(model.device)  # its pinned buffers serve the whole fit
         self.accumulation = getattr(model, "gradient_accumulation_steps", 1)
         self.steps_known = getattr(train_source, "steps", None)
+        self.stopped_in_epoch = False  # a batch hook stopped training before the epoch's end
 
     def run(self) -> Any:
         model, loop, callbacks = self.model, self.loop, self.callbacks
         model.stop_training = False
+        model.stop_reason = None
         model._initial_epoch = None
         model._check_first_batch = True
         model.loop = loop
@@ -119,20 +121,42 @@ class FitLoop:
             self.vote = distributed.Vote() if votes else None
             initial_epoch, position = self._resume_or_start()
             result["logs"] = dict(loop.last_logs)
-            for epoch in range(initial_epoch, self.epochs):
-                result["logs"] = self._epoch(epoch, position)
-                position = None
-                if loop.pending:
-                    loop.run_pending()
-                if self.vote is not None:
-                    self.vote.finish()  # superseded by the agreement just below
-                interrupt = distributed.agree_max(loop.interrupt)
-                if interrupt and loop.on_interrupt is not None:
-                    loop.on_interrupt(interrupt)
-                model.stop_training = distributed.agree(model.stop_training)  # every rank
-                if model.stop_training:
-                    break
+            try:
+                for epoch in range(initial_epoch, self.epochs):
+                    result["logs"] = self._epoch(epoch, position)
+                    position = None
+                    if loop.pending:
+                        loop.run_pending()
+                    if self.vote is not None:
+                        self.vote.finish()  # superseded by the agreement just below
+                    interrupt = distributed.agree_max(loop.interrupt)
+                    if interrupt and loop.on_interrupt is not None:
+                        loop.on_interrupt(interrupt)
+                    model.stop_training = distributed.agree(model.stop_training)  # every rank
+                    if model.stop_training:
+                        break
+            except StopFit:
+                model.stop_training = True
+            model.history.stop_reason = self._stop_reason()
         return model.history
+
+    def _stop_reason(self) -> str | None:
+        """Why training stopped before its last epoch (None if it did not). Under torchrun,
+        the first rank that gave a reason names it."""
+        model, loop = self.model, self.loop
+        reason = model.stop_reason
+        if distributed.is_active():
+            reasons = distributed.gather_objects(reason)
+            given = [(r, why) for r, why in enumerate(reasons) if why]
+            if reason is None and given:
+                rank, why = given[0]
+                reason = f"{why} (on process {rank})"
+        if reason is None and model.stop_training:
+            where = f"epoch {loop.epoch + 1}"
+            if self.stopped_in_epoch:
+                where += f", batch {loop.batch}"
+            reason = f"stop_training was set at {where}"
+        return reason
 
     def _resume_or_start(self) -> tuple[int, dict[str, Any] | None]:
         model, loop = self.model, self.loop
@@ -187,6 +211,11 @@ class FitLoop:
             check()
         if self.train_source.ran_out:
             model.stop_training = True
+            if model.stop_reason is None:
+                model.stop_reason = (
+                    f"the training data ran out in epoch {epoch + 1}: it holds fewer batches "
+                    "than steps_per_epoch x epochs"
+                )
         if distributed.is_active():
             collector.all_reduce(distributed.all_reduce_sum)  # global sums, not means of means
         logs = collector.result()
@@ -269,6 +298,7 @@ class FitLoop:
             if agree_per_batch:
                 model.stop_training = distributed.agree(model.stop_training)
             if model.stop_training:
+                self.stopped_in_epoch = True
                 break
         return step
 

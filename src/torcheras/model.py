@@ -77,6 +77,7 @@ class Model(nn.Module):
         if module is not None:
             self.module = module
         self.stop_training = False
+        self.stop_reason: str | None = None  # set with Callback.stop_training(reason)
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: History | None = None
         self.loss_fn: Any = None

@@ -13,6 +13,7 @@ from torcheras.callbacks.progbar_logger import ProgbarLogger
 from torcheras.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
 from torcheras.callbacks.tensorboard import TensorBoard
 from torcheras.callbacks.terminate_on_nan import TerminateOnNaN
+from torcheras.callbacks.timer import Timer
 
 __all__ = [
     "BackupAndRestore",
@@ -29,4 +30,5 @@ __all__ = [
     "ReduceLROnPlateau",
     "TensorBoard",
     "TerminateOnNaN",
+    "Timer",
 ]

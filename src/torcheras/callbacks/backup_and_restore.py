@@ -12,6 +12,7 @@ from typing import Any
 
 from torcheras import checkpoint, distributed
 from torcheras.callbacks.callback import Callback
+from torcheras.loop_state import TIME_UP, StopFit
 from torcheras.state import capture_training_state
 
 __all__ = ["BackupAndRestore", "Preempted"]
@@ -81,6 +82,7 @@ class BackupAndRestore(Callback):
         self._batches_since_save = 0
         self._old_handlers: dict[int, Any] = {}
         self._signal: int | None = None
+        self._keep = False
         if save_freq == "epoch":
             self._skip_hooks = ("on_train_batch_end",)
 
@@ -147,6 +149,7 @@ class BackupAndRestore(Callback):
         self.resumed_from = None
         self._resume_state = self._load()
         self._install_signal_handlers()
+        self._keep = False  # a Timer's stop keeps the backup for the next run
         self.model.loop.on_interrupt = self._save_and_stop
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -164,7 +167,7 @@ class BackupAndRestore(Callback):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._restore_signal_handlers()
         checkpoint.wait_for_writes()  # a backup still being written would come back
-        if self.delete_checkpoint and distributed.is_main():  # rank 0 wrote them
+        if self.delete_checkpoint and not self._keep and distributed.is_main():  # rank 0's
             for path in (self.latest_path, self.previous_path):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
@@ -198,10 +201,14 @@ class BackupAndRestore(Callback):
         loop.interrupt = max(loop.interrupt, signum)
 
     def _save_and_stop(self, signum: int) -> None:
-        """Every rank at the same batch (a signal may have reached one rank only)."""
+        """Every rank at the same batch (a signal may have reached one rank only). A spent
+        time budget (Timer) keeps the backup and ends ``fit`` cleanly."""
         self._signal = signum
         self._save()
         checkpoint.wait_for_writes()  # exit only once the backup has landed
+        if signum == TIME_UP:
+            self._keep = True
+            raise StopFit
         if self._signal == signal.SIGTERM:
             raise Preempted(128 + signal.SIGTERM)
         raise KeyboardInterrupt

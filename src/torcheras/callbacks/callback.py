@@ -126,6 +126,24 @@ class Callback:
     def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         """Called after each prediction batch; ``logs["outputs"]`` holds its predictions."""
 
+    # --- stopping -----------------------------------------------------------------------------
+    def stop_training(self, reason: str) -> None:
+        """Stop ``fit`` after this batch or epoch (as ``self.model.stop_training = True``)
+        and say why: ``History.stop_reason`` and a verbose fit's last line read
+        ``"<ClassName>: <reason>"`` (the first reason given wins).
+
+        Example::
+
+            class StopAtAccuracy(Callback):
+                def on_epoch_end(self, epoch, logs=None):
+                    if logs["accuracy"] > 0.99:
+                        self.stop_training(f"accuracy {logs['accuracy']:.3f} > 0.99")
+        """
+        model = self.model
+        model.stop_training = True
+        if getattr(model, "stop_reason", None) is None:
+            model.stop_reason = f"{type(self).__name__}: {reason}"
+
     # --- state for exact resume ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What this callback needs to decide after a resume as it would have without one."""

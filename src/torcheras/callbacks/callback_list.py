@@ -162,6 +162,8 @@ class CallbackList(Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._begin("train")
+        if self._model is not None and hasattr(self._model, "__dict__"):
+            self._model.stop_reason = None  # Callback.stop_training gives one
         self._call("on_train_begin", logs)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:

@@ -110,7 +110,20 @@ class EarlyStopping(Callback):
             return
         if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
-            self.model.stop_training = True
+            self.stop_training(self._reason())
+
+    def _reason(self) -> str:
+        epochs = "epoch" if self.wait == 1 else "epochs"
+        if self.best is None or not self.monitor_state.improves_on_baseline(self.best):
+            why = f"{self.monitor} did not improve on the baseline {self.baseline:g} for "
+            why += f"{self.wait} {epochs}"
+        else:
+            why = f"{self.monitor} did not improve for {self.wait} {epochs}"
+        if self.best is not None:
+            why += f"; best {self.best:.4g} at epoch {self.best_epoch + 1}"
+        if self.restore_best_weights and self.best_weights is not None:
+            why += f"; weights restored from epoch {self.best_epoch + 1}"
+        return why
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self.stopped_epoch > 0 and self.verbose > 0:

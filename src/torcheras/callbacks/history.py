@@ -14,7 +14,10 @@ class History(Callback):
 
     ``history.history`` maps each log key to a list of values (a key seen in some epochs
     only, such as ``val_loss`` with ``validation_freq=2``, has a shorter list);
-    ``history.epoch`` lists the 0-based epochs of the last fit.
+    ``history.epoch`` lists the 0-based epochs of the last fit; ``history.stop_reason``
+    says why that fit stopped before its last epoch, naming the callback, where and why
+    (``"EarlyStopping: val_loss did not improve for 3 epochs; best 0.412 at epoch 7"``), or is
+    None when every epoch ran.
 
     Example::
 
@@ -25,6 +28,7 @@ class History(Callback):
     def __init__(self) -> None:
         self.history: dict[str, list[Any]] = {}
         self.epoch: list[int] = []
+        self.stop_reason: str | None = None
 
     def set_model(self, model: Any) -> None:
         super().set_model(model)
@@ -33,6 +37,7 @@ class History(Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.epoch = []
+        self.stop_reason = None
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch.append(epoch)

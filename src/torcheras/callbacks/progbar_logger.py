@@ -166,6 +166,9 @@ class ProgbarLogger(Callback):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._close()
         self._in_fit = False
+        reason = getattr(getattr(self.model, "history", None), "stop_reason", None)
+        if self.verbose and reason:
+            print(f"Stopped: {reason}", file=sys.stdout, flush=True)
 
     def on_exception(self, exception: BaseException) -> None:
         self._close()

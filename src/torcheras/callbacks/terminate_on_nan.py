@@ -83,4 +83,6 @@ class TerminateOnNaN(Callback):
                     f"{loss}. Terminating training immediately."
                 )
             print(f"Batch {batch}: Invalid loss, terminating training")
-            self.model.stop_training = True
+            epoch = getattr(getattr(self.model, "loop", None), "epoch", None)
+            where = f"batch {batch}" if epoch is None else f"epoch {epoch + 1}, batch {batch}"
+            self.stop_training(f"loss was {loss} at {where}")
