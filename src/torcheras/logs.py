@@ -263,6 +263,15 @@ class LogCollector:
             logs = rest
         self.means.add(logs, weight)
 
+    def log(self, name: str, value: Any, weight: float) -> None:
+        """A value logged from inside a step or a batch hook (``Model.log``)."""
+        if name in self.tracked or any(m.name == name for m in self.metrics):
+            raise ValueError(
+                f"log({name!r}, ...): {name!r} is already a compiled or tracked metric's name; "
+                "log the value under another name."
+            )
+        self.means.add({name: value}, weight)
+
     def values(self, deferred: bool = False) -> dict[str, Any]:
         """The current values, as device tensors or floats (no synchronisation). ``deferred``:
         nothing is computed now; each value is a callable giving its result as of now (a

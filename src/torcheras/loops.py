@@ -94,6 +94,12 @@ class FitLoop:
         self.stopped_in_epoch = False  # a batch hook stopped training before the epoch's end
 
     def run(self) -> Any:
+        try:
+            return self._run()
+        finally:
+            self.model._log_to = None
+
+    def _run(self) -> Any:
         model, loop, callbacks = self.model, self.loop, self.callbacks
         model.stop_training = False
         model.stop_reason = None
@@ -113,6 +119,7 @@ class FitLoop:
             )
         )
         loop.interrupt, loop.on_interrupt = 0, None
+        model._log_to = loop.collector  # Model.log's values join the epoch's logs
         with hooks(callbacks, "train") as result:
             # A signal on any rank (BackupAndRestore's) is voted on after every batch, one
             # batch late so that no rank waits. Set up after on_train_begin, which sets the
@@ -274,12 +281,13 @@ class FitLoop:
                 batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
             batch = stage(batch)
             loop.current_batch = batch
+            model._log_weight = size = data.batch_size_of(batch[0])  # for Model.log
             if no_sync is not None and loop.accumulating:  # all-reduce once per group
                 with no_sync():
                     logs = train_step(batch)
             else:
                 logs = train_step(batch)
-            collector.add(logs, data.batch_size_of(batch[0]))
+            collector.add(logs, size)
             loop.global_step += 1
             if not loop.accumulating:
                 loop.optimizer_steps += 1
@@ -327,6 +335,7 @@ def evaluate(
     model.stop_evaluating = False
     collector = model._collector()
     collector.reset()
+    outer_log_to, model._log_to = model._log_to, collector  # Model.log in test_step
     stage = stage or data.DeviceStager(model.device)
     needs_begin = callbacks.needs("on_test_batch_begin")
     needs_end = callbacks.needs("on_test_batch_end")
@@ -341,7 +350,8 @@ def evaluate(
                 if needs_begin:
                     callbacks.on_test_batch_begin(step)
                 batch = stage(data.shard(batch, rank, shard_ranks))
-                collector.add(model.test_step(batch), data.batch_size_of(batch[0]))
+                model._log_weight = size = data.batch_size_of(batch[0])
+                collector.add(model.test_step(batch), size)
                 if needs_end:
                     callbacks.on_test_batch_end(step, collector.snapshot())
                 if model.stop_evaluating:
@@ -351,6 +361,7 @@ def evaluate(
             result["logs"] = logs = collector.result()
     finally:
         model.train(was_training)
+        model._log_to = outer_log_to
     return logs
 
 

@@ -78,6 +78,8 @@ class Model(nn.Module):
             self.module = module
         self.stop_training = False
         self.stop_reason: str | None = None  # set with Callback.stop_training(reason)
+        self._log_to: Any = None  # the running epoch's LogCollector (Model.log)
+        self._log_weight = 1  # the current batch's size
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: History | None = None
         self.loss_fn: Any = None
@@ -395,6 +397,31 @@ class Model(nn.Module):
             self._check_first_batch = False
             loss.check(y_pred, y)
         return loss(y_pred, y, sample_weight)
+
+    def log(self, name: str, value: Tensor | float, weight: float | None = None) -> None:
+        """Add ``value`` to the logs under ``name``: a running mean over the epoch, weighted by
+        the batch size (or ``weight``), exactly like the values ``train_step`` returns. Call it
+        inside ``train_step`` / ``test_step`` (values logged while validating become
+        ``val_<name>``) or from a callback's batch hook. A tensor stays on the device (no
+        synchronisation) until the logs are read; History, CSVLogger, TensorBoard and the
+        progress bar show it. Under torchrun, log the same names on every rank.
+
+        Example::
+
+            class MyModel(torcheras.Model):
+                def train_step(self, batch):
+                    logs = super().train_step(batch)
+                    self.log("weight_norm", torch.linalg.vector_norm(self.module[0].weight))
+                    return logs
+        """
+        collector = self._log_to
+        if collector is None:
+            raise RuntimeError(
+                f"log({name!r}, ...) was called outside fit and evaluate: it adds to the logs "
+                "of the running epoch. Call it from train_step, test_step or a callback's "
+                "batch hook."
+            )
+        collector.log(name, value, self._log_weight if weight is None else weight)
 
     def update_metrics(self, y_pred: Any, y: Any, sample_weight: Tensor | None = None) -> None:
         """Update the compiled metrics (unweighted) and the weighted metrics, as in Keras."""
