@@ -1,4 +1,4 @@
-"""The ``torcheras`` command: ``demo`` and ``inspect``."""
+"""The ``torcheras`` command: ``demo``, ``inspect``, ``plot`` and ``report``."""
 
 from __future__ import annotations
 
@@ -149,9 +149,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_inspect = sub.add_parser("inspect", help="print what a checkpoint file holds")
     p_inspect.add_argument("path")
     p_inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    p_plot = sub.add_parser("plot", help="draw the curves of a CSVLogger file")
+    p_plot.add_argument("csv", help="the CSV written by CSVLogger")
+    p_plot.add_argument("-o", "--output", help="image to write (default: next to the CSV, .png)")
+    p_plot.add_argument("--monitor", help="the metric whose best epoch is marked")
+    p_report = sub.add_parser("report", help="write an HTML report of a run's folder")
+    p_report.add_argument("run_dir")
+    p_report.add_argument("-o", "--output", help="default: RUN_DIR/report.html")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.out, args.epochs, args.verbose)
+        return 0
+    if args.command == "plot":
+        from torcheras import plots
+
+        output = args.output or os.path.splitext(args.csv)[0] + ".png"
+        try:
+            curves = plots.curves_from_csv(args.csv)
+            plots.plot_curves(curves, monitor=args.monitor, title=args.csv, path=output)
+        except (OSError, ValueError, ImportError) as exc:
+            print(f"torcheras plot: {exc}", file=sys.stderr)
+            return 2
+        print(output)
+        return 0
+    if args.command == "report":
+        from torcheras.report import write_report
+
+        try:
+            print(write_report(args.run_dir, args.output))
+        except (OSError, ValueError, ImportError) as exc:
+            print(f"torcheras report: {exc}", file=sys.stderr)
+            return 2
         return 0
     from torcheras.checkpoint import CheckpointError
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from torcheras.callbacks.callback import Callback
@@ -29,6 +32,7 @@ class History(Callback):
         self.history: dict[str, list[Any]] = {}
         self.epoch: list[int] = []
         self.stop_reason: str | None = None
+        self._hyperparameters: dict[str, Any] = {}
 
     def set_model(self, model: Any) -> None:
         super().set_model(model)
@@ -38,11 +42,45 @@ class History(Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.epoch = []
         self.stop_reason = None
+        self._hyperparameters = hyperparameters(self.model)  # as training starts (the LR too)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.epoch.append(epoch)
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(value)
+
+    def plot(self, path: str | os.PathLike[str] | None = None, monitor: str | None = None) -> Any:
+        """Draw loss and every metric (train against validation), the learning rate on its
+        own axis, the best epoch (by ``monitor``: ``val_loss``, else ``loss``) and where
+        training stopped; save to ``path`` (PNG/SVG/PDF) when given. Returns the matplotlib
+        ``Figure`` (needs the ``plot`` extra).
+
+        Example::
+
+            history = model.fit(x, y, epochs=20, validation_split=0.2)
+            history.plot("curves.png")
+        """
+        from torcheras import plots
+
+        curves = plots.curves_from_history(self.history, self.epoch)
+        return plots.plot_curves(curves, monitor=monitor, stop_reason=self.stop_reason, path=path)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the logs, the stop reason, ``fit``'s parameters and the model's
+        hyper-parameters (compile settings, optimizer settings, parameter count) as JSON:
+        what ``torcheras report`` reads besides the CSV and the checkpoints."""
+        record = {
+            "history": self.history,
+            "epoch": self.epoch,
+            "stop_reason": self.stop_reason,
+            "params": {k: v for k, v in self.params.items() if _is_plain(v)},
+            "hyperparameters": self._hyperparameters
+            or (hyperparameters(self.model) if self._model is not None else {}),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, default=str))
+        return path
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()}, "epoch": list(self.epoch)}
@@ -50,3 +88,49 @@ class History(Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.epoch = list(state["epoch"])
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+# torch optimizer settings that choose an implementation, not the training
+_IMPLEMENTATION_FLAGS = {"params", "foreach", "fused", "capturable", "differentiable", "maximize"}
+
+
+def hyperparameters(model: Any) -> dict[str, Any]:
+    """The settings that describe a training run: compile settings that are names, the
+    optimizer's class and per-group settings (learning rate, betas, weight decay...), and the
+    parameter count."""
+    out: dict[str, Any] = {}
+    config = getattr(model, "_compile_config", None) or {}
+    out.update(
+        {
+            k: v
+            for k, v in config.items()
+            if k != "complete" and (_is_plain(v) or isinstance(v, (list, tuple)))
+        }
+    )
+    if out.get("loss") is None and getattr(model, "compiled_loss", None) is not None:
+        out["loss"] = getattr(model.compiled_loss, "name", type(model.compiled_loss).__name__)
+    precision = getattr(getattr(model, "precision", None), "mode", None)
+    if precision is not None:
+        out["precision"] = precision
+    for attr in ("gradient_accumulation_steps", "jit_compile"):
+        if _is_plain(getattr(model, attr, None)):
+            out[attr] = getattr(model, attr)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        out["optimizer"] = type(optimizer).__name__
+        for i, group in enumerate(optimizer.param_groups):
+            prefix = "" if len(optimizer.param_groups) == 1 else f"group{i}."
+            for key, value in group.items():
+                if key in _IMPLEMENTATION_FLAGS or value is None:
+                    continue
+                if hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1:
+                    value = value.item()
+                if _is_plain(value) or isinstance(value, tuple):
+                    out[f"{prefix}{key}"] = value
+    if hasattr(model, "parameters"):
+        out["parameters"] = sum(p.numel() for p in model.parameters())
+    return out
