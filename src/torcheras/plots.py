@@ -142,11 +142,11 @@ def plot_curves(
                     ax.plot(xs, ys, color=color, label=label, marker="." if len(xs) < 40 else None)
             ax.set_title(name)
         if best is not None:
-            ax.axvline(best[1], color="tab:green", linestyle=":", linewidth=1.4,
-                       label=f"best {best[0]} {best[2]:.4g} (epoch {best[1]})" if first else None)  # fmt: skip
+            label = f"best {best[0]} {best[2]:.4g} (epoch {best[1]})" if first else None
+            ax.axvline(best[1], color="tab:green", linestyle=":", linewidth=1.4, label=label)
         if stop_reason:
-            ax.axvline(last, color="tab:red", linestyle="--", linewidth=1.2,
-                       label=f"stopped (epoch {last})" if first else None)  # fmt: skip
+            label = f"stopped (epoch {last})" if first else None
+            ax.axvline(last, color="tab:red", linestyle="--", linewidth=1.2, label=label)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
