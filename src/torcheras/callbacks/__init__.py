@@ -5,6 +5,7 @@ from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.callbacks.csv_logger import CSVLogger
 from torcheras.callbacks.early_stopping import EarlyStopping
+from torcheras.callbacks.gradient_monitor import GradientMonitor
 from torcheras.callbacks.history import History
 from torcheras.callbacks.lambda_callback import LambdaCallback
 from torcheras.callbacks.learning_rate_scheduler import LearningRateScheduler
@@ -22,6 +23,7 @@ __all__ = [
     "Callback",
     "CallbackList",
     "EarlyStopping",
+    "GradientMonitor",
     "History",
     "LambdaCallback",
     "LearningRateScheduler",
