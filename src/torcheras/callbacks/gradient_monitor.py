@@ -117,29 +117,28 @@ class GradientMonitor(Callback):
     def _check(self, sampled: list[tuple[str, Any]], norms: list[float], batch: int) -> None:
         loop = getattr(self.model, "loop", None)
         where = f"epoch {loop.epoch + 1}, batch {batch}" if loop is not None else f"batch {batch}"
+        clip = "Lower the learning rate or clip gradients (compile(global_clipnorm=1.0))"
         for (name, _), norm in zip(sampled, norms):
             if not math.isfinite(norm):
                 message = f"the gradient of {name} is {norm} at {where}"
                 if self.stop_on_nonfinite:
                     self.stop_training(message)
                     return
-                self._warn(name, "nonfinite", f"GradientMonitor: {message}. Lower the learning "
-                           "rate, clip gradients (compile(global_clipnorm=1.0)) or check the "
-                           "data for NaN.")  # fmt: skip
+                self._warn(name, "nonfinite", f"{message}. {clip}, or look for NaN in the data.")
             elif norm > self.explode_threshold:
-                self._warn(name, "explode", f"GradientMonitor: the gradient of {name} is "
-                           f"exploding: norm {norm:.3g} > {self.explode_threshold:g} at {where}. "
-                           "Lower the learning rate or clip gradients "
-                           "(compile(global_clipnorm=1.0)).")  # fmt: skip
+                limit = f"norm {norm:.3g} > {self.explode_threshold:g}"
+                self._warn(name, "explode", f"the gradient of {name} is exploding: {limit} at "
+                           f"{where}. {clip}.")  # fmt: skip
             elif norm < self.vanish_threshold:
-                self._warn(name, "vanish", f"GradientMonitor: the gradient of {name} is "
-                           f"vanishing: norm {norm:.3g} < {self.vanish_threshold:g} at {where}. "
-                           "A dead activation (ReLU), saturation or a detached branch?")  # fmt: skip
+                limit = f"norm {norm:.3g} < {self.vanish_threshold:g}"
+                hint = "A dead activation (ReLU), saturation or a detached branch?"
+                self._warn(name, "vanish", f"the gradient of {name} is vanishing: {limit} at "
+                           f"{where}. {hint}")  # fmt: skip
 
     def _warn(self, name: str, kind: str, message: str) -> None:
         if (name, kind) not in self._warned:  # once per layer and kind in a fit
             self._warned.add((name, kind))
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(f"GradientMonitor: {message}", RuntimeWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self._steps}
