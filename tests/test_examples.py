@@ -52,3 +52,15 @@ def test_ddp_example_runs_alone_and_under_torchrun(tmp_path):
     assert sorted(r for r, _ in ranks) == ["0", "1"]
     assert ranks[0][1] == ranks[1][1]  # both ranks end with the same result
     assert (tmp_path / "log.csv").exists() and (tmp_path / "best.pt").exists()
+
+
+def test_gan_example_saves_a_grid_every_epoch(tmp_path):
+    from PIL import Image
+
+    result = _run(str(EXAMPLES / "gan.py"), str(tmp_path), "--smoke")
+    assert result.returncode == 0, result.stderr
+    pngs = sorted((tmp_path / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [f"samples_epoch00{i}.png" for i in (1, 2, 3)]
+    for png in pngs:
+        assert Image.open(png).size == (8 * (4 * 8 + 2 * 4) + 2 * 4, 4 * (4 * 8 + 2 * 4) + 2 * 4)
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 4

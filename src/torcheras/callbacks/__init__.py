@@ -7,6 +7,7 @@ from torcheras.callbacks.csv_logger import CSVLogger
 from torcheras.callbacks.early_stopping import EarlyStopping
 from torcheras.callbacks.gradient_monitor import GradientMonitor
 from torcheras.callbacks.history import History
+from torcheras.callbacks.image_logger import ImageLogger
 from torcheras.callbacks.lambda_callback import LambdaCallback
 from torcheras.callbacks.learning_rate_scheduler import LearningRateScheduler
 from torcheras.callbacks.model_checkpoint import ModelCheckpoint
@@ -25,6 +26,7 @@ __all__ = [
     "EarlyStopping",
     "GradientMonitor",
     "History",
+    "ImageLogger",
     "LambdaCallback",
     "LearningRateScheduler",
     "ModelCheckpoint",
