@@ -80,6 +80,7 @@ class Model(nn.Module):
         self.stop_reason: str | None = None  # set with Callback.stop_training(reason)
         self._log_to: Any = None  # the running epoch's LogCollector (Model.log)
         self._log_weight = 1  # the current batch's size
+        self._output_sink: Any = None  # called with (x, y, y_pred) by test_step when set
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: History | None = None
         self.loss_fn: Any = None
@@ -521,6 +522,8 @@ class Model(nn.Module):
         x, y, sample_weight = data.unpack(batch)
         with self.precision.autocast():
             y_pred = self.call_on(x)
+            if self._output_sink is not None:  # PredictionLogger: outputs of this same pass
+                self._output_sink(x, y, y_pred)
             if self.compiled_loss is None:
                 self.update_metrics(y_pred, y, sample_weight)
                 return {}

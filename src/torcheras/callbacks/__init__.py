@@ -11,6 +11,7 @@ from torcheras.callbacks.image_logger import ImageLogger
 from torcheras.callbacks.lambda_callback import LambdaCallback
 from torcheras.callbacks.learning_rate_scheduler import LearningRateScheduler
 from torcheras.callbacks.model_checkpoint import ModelCheckpoint
+from torcheras.callbacks.prediction_logger import PredictionLogger
 from torcheras.callbacks.progbar_logger import ProgbarLogger
 from torcheras.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
 from torcheras.callbacks.tensorboard import TensorBoard
@@ -30,6 +31,7 @@ __all__ = [
     "LambdaCallback",
     "LearningRateScheduler",
     "ModelCheckpoint",
+    "PredictionLogger",
     "ProgbarLogger",
     "ReduceLROnPlateau",
     "TensorBoard",
