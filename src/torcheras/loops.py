@@ -144,6 +144,8 @@ class FitLoop:
                         break
             except StopFit:
                 model.stop_training = True
+            if model.ema is not None and model.ema.updates:  # Keras: fit ends on the average
+                model.ema.finalize()
             model.history.stop_reason = self._stop_reason()
         return model.history
 

@@ -16,6 +16,7 @@ from torcheras import metrics as metrics_lib
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.callbacks.history import History
+from torcheras.ema import ExponentialMovingAverage
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
 from torcheras.precision import Precision
@@ -81,6 +82,7 @@ class Model(nn.Module):
         self._log_to: Any = None  # the running epoch's LogCollector (Model.log)
         self._log_weight = 1  # the current batch's size
         self._output_sink: Any = None  # called with (x, y, y_pred) by test_step when set
+        self.ema: ExponentialMovingAverage | None = None  # compile(ema_momentum=...)
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: History | None = None
         self.loss_fn: Any = None
@@ -127,6 +129,7 @@ class Model(nn.Module):
         global_clipnorm: float | None = None,
         clipvalue: float | None = None,
         gradient_accumulation_steps: int = 1,
+        ema_momentum: float | None = None,
     ) -> None:
         """Configure training.
 
@@ -151,6 +154,10 @@ class Model(nn.Module):
             clipvalue: clip each gradient element to ``[-clipvalue, clipvalue]``.
             gradient_accumulation_steps: step the optimizer every N batches with the mean of
                 their gradients (batch hooks still fire per batch; see ``optimizer_step``).
+            ema_momentum: keep an exponential moving average of the weights (Keras's
+                ``use_ema=True, ema_momentum=...``; 0.99 is Keras's default), updated on the
+                device after each optimizer step; at the end of ``fit`` the weights become
+                the average. ``SwapEMAWeights`` validates and checkpoints on it meanwhile.
 
         Example::
 
@@ -169,6 +176,13 @@ class Model(nn.Module):
             gradient_accumulation_steps, "gradient_accumulation_steps", minimum=1
         )
         self.to(self.device)
+        self.ema = (
+            None
+            if ema_momentum is None
+            else ExponentialMovingAverage(
+                [p for p in self.parameters() if p.requires_grad], ema_momentum
+            )
+        )
         self.optimizer = (
             None
             if optimizer is None
@@ -476,6 +490,8 @@ class Model(nn.Module):
         self.precision.clip(optimizer)
         step_fn = None if self._compiled is None else self._compiled.optimizer_step
         self.precision.step(optimizer, step_fn)
+        if self.ema is not None:
+            self.ema.update()
 
     def _apply_partial_group(self) -> None:
         """Step with a group the epoch (or a stop) cut short: the mean of its micro-batches."""

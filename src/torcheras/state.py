@@ -88,6 +88,9 @@ def capture_model_state(model: Any) -> dict[str, Any]:
     scaler = getattr(model, "scaler", None)
     if scaler is not None and hasattr(scaler, "state_dict"):
         state["scaler"] = scaler.state_dict()
+    ema = getattr(model, "ema", None)
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     return state
 
 
@@ -126,6 +129,12 @@ def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: 
     scaler = getattr(model, "scaler", None)
     if "scaler" in state and scaler is not None:
         scaler.load_state_dict(state["scaler"])
+    ema = getattr(model, "ema", None)
+    if "ema" in state and ema is not None:
+        try:
+            ema.load_state_dict(state["ema"])
+        except ValueError as exc:
+            raise mismatch("the weight average differs", exc) from exc
 
 
 def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from torcheras.callbacks.model_checkpoint import ModelCheckpoint
 from torcheras.callbacks.prediction_logger import PredictionLogger
 from torcheras.callbacks.progbar_logger import ProgbarLogger
 from torcheras.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
+from torcheras.callbacks.swap_ema_weights import SwapEMAWeights
 from torcheras.callbacks.tensorboard import TensorBoard
 from torcheras.callbacks.terminate_on_nan import TerminateOnNaN
 from torcheras.callbacks.timer import Timer
@@ -34,6 +35,7 @@ __all__ = [
     "PredictionLogger",
     "ProgbarLogger",
     "ReduceLROnPlateau",
+    "SwapEMAWeights",
     "TensorBoard",
     "TerminateOnNaN",
     "Timer",
