@@ -413,6 +413,42 @@ class Model(nn.Module):
             loss.check(y_pred, y)
         return loss(y_pred, y, sample_weight)
 
+    def find_learning_rate(
+        self,
+        x: Any,
+        y: Any = None,
+        *,
+        batch_size: int | None = None,
+        min_lr: float = 1e-7,
+        max_lr: float = 10.0,
+        num_steps: int = 200,
+        smoothing: float = 0.98,
+        divergence_factor: float = 4.0,
+    ) -> Any:
+        """The learning-rate range test: train ``num_steps`` batches with the rate rising
+        geometrically from ``min_lr`` to ``max_lr`` (stopping early once the smoothed loss
+        exceeds ``divergence_factor`` times its best), then put everything back: weights,
+        every optimizer's state, the LR schedulers, the scaler, the weight average, the
+        gradients and the RNG states are exactly as before the call.
+
+        Returns a result with ``learning_rates``, ``losses`` (raw and ``smoothed``),
+        ``suggestion`` (a tenth of the rate where the smoothed loss is lowest; None if the
+        loss never fell), the ``rule`` used, and ``plot(path)``.
+
+        Example::
+
+            found = model.find_learning_rate(x, y, batch_size=64)
+            found.plot("lr_range.png")
+            model.learning_rate = found.suggestion
+        """
+        from torcheras.lr_finder import find_learning_rate
+
+        self._check_compiled("find_learning_rate")
+        return find_learning_rate(
+            self, x, y, batch_size=batch_size, min_lr=min_lr, max_lr=max_lr,
+            num_steps=num_steps, smoothing=smoothing, divergence_factor=divergence_factor,
+        )  # fmt: skip
+
     def log(self, name: str, value: Tensor | float, weight: float | None = None) -> None:
         """Add ``value`` to the logs under ``name``: a running mean over the epoch, weighted by
         the batch size (or ``weight``), exactly like the values ``train_step`` returns. Call it
