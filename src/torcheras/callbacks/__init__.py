@@ -10,10 +10,12 @@ from torcheras.callbacks.history import History
 from torcheras.callbacks.image_logger import ImageLogger
 from torcheras.callbacks.lambda_callback import LambdaCallback
 from torcheras.callbacks.learning_rate_scheduler import LearningRateScheduler
+from torcheras.callbacks.mlflow_logger import MLflowLogger
 from torcheras.callbacks.model_checkpoint import ModelCheckpoint
 from torcheras.callbacks.prediction_logger import PredictionLogger
 from torcheras.callbacks.progbar_logger import ProgbarLogger
 from torcheras.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
+from torcheras.callbacks.remote_monitor import RemoteMonitor
 from torcheras.callbacks.swap_ema_weights import SwapEMAWeights
 from torcheras.callbacks.tensorboard import TensorBoard
 from torcheras.callbacks.terminate_on_nan import TerminateOnNaN
@@ -31,10 +33,12 @@ __all__ = [
     "ImageLogger",
     "LambdaCallback",
     "LearningRateScheduler",
+    "MLflowLogger",
     "ModelCheckpoint",
     "PredictionLogger",
     "ProgbarLogger",
     "ReduceLROnPlateau",
+    "RemoteMonitor",
     "SwapEMAWeights",
     "TensorBoard",
     "TerminateOnNaN",

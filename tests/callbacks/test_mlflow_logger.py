@@ -1,0 +1,67 @@
+"""MLflowLogger against a real local MLflow store (sqlite), read back with MLflow's client."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from conftest import make_model
+
+from torcheras import callbacks as cb
+
+mlflow = pytest.importorskip("mlflow")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{folder}/mlflow.db", str(folder / "artifacts")
+
+
+def test_params_metrics_checkpoint_plot_and_stop_reason_reach_mlflow(blobs, tmp_path, store):
+    from mlflow.tracking import MlflowClient
+
+    uri, artifacts = store
+    x, y = blobs
+    logger = cb.MLflowLogger("tests", run_name="blobs", tracking_uri=uri,
+                             artifact_location=artifacts, tags={"team": "torcheras"})  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        history = make_model().fit(
+            x, y, epochs=30, validation_split=0.25, verbose=0,
+            callbacks=[
+                cb.ModelCheckpoint(tmp_path / "best.pt", save_best_only=True),
+                cb.EarlyStopping(patience=1, min_delta=0.05),
+                logger,
+            ],
+        )  # fmt: skip
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(logger.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "blobs"
+    assert run.data.tags["stop_reason"] == history.stop_reason
+    assert run.data.tags["team"] == "torcheras"
+    assert run.data.params["optimizer"] == "Adam" and run.data.params["epochs"] == "30"
+    assert float(run.data.params["lr"]) == pytest.approx(0.02)
+    for key, values in history.history.items():
+        logged = client.get_metric_history(logger.run_id, key)
+        assert [m.step for m in logged] == history.epoch
+        assert [m.value for m in logged] == pytest.approx(values)
+    files = {a.path for folder in ("checkpoints", "plots")
+             for a in client.list_artifacts(logger.run_id, folder)}  # fmt: skip
+    assert files == {"checkpoints/best.pt", "plots/curves.png"}
+
+
+def test_a_failed_fit_closes_its_run_as_failed(blobs, store):
+    from mlflow.tracking import MlflowClient
+
+    uri, artifacts = store
+    x, y = blobs
+    logger = cb.MLflowLogger("tests", tracking_uri=uri, artifact_location=artifacts)
+
+    def boom(batch, logs):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        make_model().fit(x, y, epochs=1, verbose=0,
+                         callbacks=[logger, cb.LambdaCallback(on_train_batch_end=boom)])  # fmt: skip
+    assert MlflowClient(tracking_uri=uri).get_run(logger.run_id).info.status == "FAILED"
