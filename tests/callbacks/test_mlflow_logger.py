@@ -62,6 +62,6 @@ def test_a_failed_fit_closes_its_run_as_failed(blobs, store):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        make_model().fit(x, y, epochs=1, verbose=0,
-                         callbacks=[logger, cb.LambdaCallback(on_train_batch_end=boom)])  # fmt: skip
+        failing = cb.LambdaCallback(on_train_batch_end=boom)
+        make_model().fit(x, y, epochs=1, verbose=0, callbacks=[logger, failing])
     assert MlflowClient(tracking_uri=uri).get_run(logger.run_id).info.status == "FAILED"
