@@ -368,7 +368,7 @@ def test_load_weights_accepts_a_plain_torch_state_dict(tmp_path, blobs):
 def test_summary_lists_layers_and_parameters(capsys):
     make_model().summary()
     out = capsys.readouterr().out
-    assert "module.0" in out and "Linear" in out
+    assert "0 (Linear)" in out
     assert "Total params: 195" in out  # 8*16+16 + 16*3+3
 
 
@@ -473,3 +473,22 @@ def test_validation_split_on_a_dataset_takes_its_last_samples(blobs):
     assert history.params["steps"] == 6  # 180 training samples / 30
     tail = model.evaluate(x[180:], y[180:], verbose=0, return_dict=True)
     assert history.history["val_loss"][0] == pytest.approx(tail["loss"], rel=1e-6)
+
+
+def test_summary_shows_keras_output_shapes_once_known(blobs, capsys):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    model = torcheras.Model(net)
+    model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
+    model.summary()
+    out = capsys.readouterr().out
+    assert "Output Shape" not in out and "unknown until fit runs a batch" in out
+    model.summary(input_shape=(1, 8, 8))
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in "0123"}
+    assert "(None, 4, 6, 6)" in table["0"] and "40" in table["0"]  # 1*4*3*3 + 4
+    assert "(None, 144)" in table["2"] and "(None, 3)" in table["3"]
+    x = np.random.rand(10, 1, 8, 8).astype("float32")
+    model.fit(x, np.arange(10) % 3, epochs=1, verbose=0)
+    model.summary()
+    assert "(None, 144)" in capsys.readouterr().out  # known from the batches fit saw
+    assert model.training is True

@@ -351,19 +351,40 @@ class Model(nn.Module):
         """
         checkpoint.load_weights_into(self, filepath, strict=strict)
 
-    def summary(self, print_fn: Callable[[str], Any] = print) -> None:
-        """Print each layer with its type and number of parameters, then the totals."""
-        rows = [("Layer", "Type", "Params")]
+    def summary(
+        self,
+        print_fn: Callable[[str], Any] = print,
+        *,
+        input_shape: Sequence[int] | None = None,
+        example_input: Any = None,
+    ) -> None:
+        """Print each layer (Keras's ``Layer (type)``, ``Output Shape``, ``Param #``), then the
+        totals. Output shapes are shown once they are known: after ``fit`` has run a batch,
+        or given ``input_shape`` (one sample, without the batch axis, as in Keras) or an
+        ``example_input`` batch; the batch axis is printed as ``None``. Finding them runs one
+        forward pass on two samples, without gradients, in eval mode (nothing changes).
+
+        Example::
+
+            model.summary(input_shape=(1, 28, 28))
+        """
+        shapes = self._output_shapes(input_shape, example_input)
+        rows = [("Layer (type)", "Output Shape", "Param #")]
         for name, module in self.named_modules():
             if name and not list(module.children()):
                 count = sum(p.numel() for p in module.parameters(recurse=False))
-                rows.append((name, type(module).__name__, f"{count:,}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        line = "-" * (sum(widths) + 6)
+                shown = name.removeprefix("module.")
+                rows.append((f"{shown} ({type(module).__name__})", shapes.get(name, "?"),
+                             f"{count:,}"))  # fmt: skip
+        if not shapes:
+            rows = [(layer, count) for layer, _, count in rows]  # type: ignore[misc]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        line = "-" * (sum(widths) + 3 * (len(widths) - 1))
         print_fn(f'Model: "{type(self).__name__}"')
         print_fn(line)
         for i, row in enumerate(rows):
-            print_fn(f"{row[0]:<{widths[0]}}   {row[1]:<{widths[1]}}   {row[2]:>{widths[2]}}")
+            cells = [f"{c:<{w}}" for c, w in zip(row[:-1], widths)] + [f"{row[-1]:>{widths[-1]}}"]
+            print_fn("   ".join(cells))
             if i == 0:
                 print_fn(line)
         total = sum(p.numel() for p in self.parameters())
@@ -372,6 +393,52 @@ class Model(nn.Module):
         print_fn(f"Total params: {total:,}")
         print_fn(f"Trainable params: {trainable:,}")
         print_fn(f"Non-trainable params: {total - trainable:,}")
+        if not shapes:
+            print_fn("Output shapes: unknown until fit runs a batch, or pass input_shape=.")
+
+    def _output_shapes(self, input_shape: Any, example_input: Any) -> dict[str, str]:
+        """Each leaf module's output shape as Keras prints it, from one forward pass on two
+        samples of ``example_input``, of zeros of ``input_shape``, or of the last batch fit
+        saw; empty when none is available."""
+        if example_input is None and input_shape is not None:
+            example_input = torch.zeros(2, *input_shape, device=self.device)
+        elif example_input is None and self.loop.current_batch is not None:
+            example_input = data.unpack(self.loop.current_batch)[0]
+        if example_input is None:
+            return {}
+        example = data.map_tensors(lambda t: t[:2].to(self.device), example_input)
+        shapes: dict[str, str] = {}
+
+        def shape_of(out: Any) -> str:
+            if isinstance(out, Tensor):
+                return str((None, *out.shape[1:])).replace("'", "")
+            if isinstance(out, (tuple, list)):
+                return "[" + ", ".join(shape_of(o) for o in out) + "]"
+            return type(out).__name__
+
+        def record(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, out: Any) -> None:
+                shapes[name] = shape_of(out)
+
+            return hook
+
+        handles = [
+            module.register_forward_hook(record(name))
+            for name, module in self.named_modules()
+            if name and not list(module.children())
+        ]
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                module = self._modules.get("module")
+                plain = module is not None and type(self).forward is Model.forward
+                _call(module if plain else self, example)
+        finally:
+            self.train(was_training)
+            for handle in handles:
+                handle.remove()
+        return shapes
 
     # ---- steps (override these) --------------------------------------------------------------
     def call_on(self, x: Any) -> Any:
