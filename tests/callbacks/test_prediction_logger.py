@@ -102,3 +102,30 @@ def test_bad_arguments_are_named():
         cb.PredictionLogger("x", task="segmentation")
     with pytest.raises(ValueError, match="every_n_epochs"):
         cb.PredictionLogger("x", every_n_epochs=0)
+
+
+def test_a_resumed_fit_keeps_the_rows_before_its_backup_and_no_duplicates(blobs, tmp_path):
+    x, y = blobs
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+
+    def fit(directory, crash_at_epoch=None):
+        torch.manual_seed(0)
+        model = make_model()
+        callbacks = [
+            cb.PredictionLogger(directory, num_samples=2, num_worst=2),
+            cb.BackupAndRestore(tmp_path / f"backup-{directory.name}"),
+        ]
+        if crash_at_epoch is not None:
+
+            def crash(epoch, logs):
+                if epoch == crash_at_epoch:
+                    raise RuntimeError("crash")
+
+            callbacks.append(cb.LambdaCallback(on_epoch_end=crash))
+        model.fit(x, y, epochs=4, validation_split=0.25, verbose=0, callbacks=callbacks)
+
+    fit(reference_dir)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(resumed_dir, crash_at_epoch=2)  # epoch 3's rows are written, its backup is not
+    fit(resumed_dir)
+    assert rows(resumed_dir / "predictions.csv") == rows(reference_dir / "predictions.csv")

@@ -84,6 +84,7 @@ class PredictionLogger(Callback):
         self.csv_path = self.directory / "predictions.csv"
         self._in_fit = False
         self._writer: Any = None
+        self._rows_written, self._resumed, self._file_ready = 0, False, False
         self._reset()
 
     def _reset(self) -> None:
@@ -94,10 +95,27 @@ class PredictionLogger(Callback):
     # --- hooks ---------------------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._in_fit = True
+        self._rows_written, self._resumed, self._file_ready = 0, False, False
+
+    def _prepare_file(self) -> None:
+        """A new fit starts the file anew; a resumed one keeps the rows written before its
+        backup and drops those of the epochs it runs again."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        if not self.csv_path.exists():
-            with open(self.csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(FIELDS)
+        kept: list[list[str]] = []
+        if self._resumed and self.csv_path.exists():
+            with open(self.csv_path, newline="") as f:
+                kept = list(csv.reader(f))[1 : 1 + self._rows_written]
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(FIELDS)
+            writer.writerows(kept)
+        self._file_ready = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self._rows_written}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rows_written, self._resumed = int(state["rows"]), True
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._in_fit = False
@@ -194,8 +212,11 @@ class PredictionLogger(Callback):
                 worst_inputs = torch.cat([w[4] for w in self._worst])[order]
                 labels = [f"{t}→{p}" for t, p in zip(target[order].tolist(),
                                                      prediction[order].tolist())]  # fmt: skip
+        if not self._file_ready:
+            self._prepare_file()
         with open(self.csv_path, "a", newline="") as f:
             csv.writer(f).writerows(rows)
+        self._rows_written += len(rows)
         if worst_inputs is not None:
             self._write_images(epoch, worst_inputs, labels)
         self._reset()
