@@ -40,3 +40,25 @@ def test_recompiling_with_other_metrics_changes_keys(blobs):
         "learning_rate",
         "loss",
     ]
+
+
+def test_history_drives_a_plain_module_in_a_hand_written_loop(tmp_path):
+    import json
+
+    import torch
+
+    from torcheras.callbacks import CallbackList, History
+
+    net = torch.nn.Linear(3, 1)
+    net.optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    history = History()
+    callbacks = CallbackList([history], model=net, epochs=2, steps=1, verbose=0)
+    callbacks.on_train_begin()
+    for epoch in range(2):
+        callbacks.on_epoch_begin(epoch)
+        callbacks.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1)})
+    callbacks.on_train_end()
+    saved = json.loads(history.save(tmp_path / "h.json").read_text())
+    assert saved["history"] == {"loss": [1.0, 0.5]} and saved["stop_reason"] is None
+    assert saved["hyperparameters"]["optimizer"] == "SGD"
+    assert saved["hyperparameters"]["lr"] == 0.5 and saved["hyperparameters"]["parameters"] == 4

@@ -117,8 +117,9 @@ def hyperparameters(model: Any) -> dict[str, Any]:
     if precision is not None:
         out["precision"] = precision
     for attr in ("gradient_accumulation_steps", "jit_compile"):
-        if _is_plain(getattr(model, attr, None)):
-            out[attr] = getattr(model, attr)
+        value = getattr(model, attr, None)
+        if value is not None and _is_plain(value):
+            out[attr] = value
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None:
         out["optimizer"] = type(optimizer).__name__
