@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint bench mutate clean
+.PHONY: demo test lint docs dist bench mutate clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# The documentation site (MkDocs Material + mkdocstrings), strictly: a broken link or a
+# docstring that names a missing parameter fails the build. Output: site/
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The wheel users install (pip install torcheras): dist/torcheras-*.whl
+dist: $(VENV)/.installed
+	rm -rf dist
+	$(PY) -m build --wheel --outdir dist .
+
 # The peers (Lightning, Keras 3, Ignite, Poutyne) come with the `bench` extra, torch pinned.
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[dev,bench]" "$(TORCH_PIN)"
@@ -37,4 +47,4 @@ mutate: $(VENV)/.installed
 	PYTHON=$(abspath $(PY)) tools/mutate.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site dist build

@@ -12,6 +12,7 @@ on every rank, and only rank 0 prints and writes files.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import torch
@@ -33,7 +34,7 @@ history = model.fit(
     x,
     y,
     batch_size=64,
-    epochs=8,
+    epochs=3 if "--smoke" in sys.argv else 8,
     validation_split=0.2,
     verbose=2,
     callbacks=[

@@ -5,6 +5,7 @@ python examples/hand_written_loop.py
 
 from __future__ import annotations
 
+import sys
 import tempfile
 
 import torch
@@ -14,6 +15,7 @@ from torcheras.callbacks import CallbackList, CSVLogger, EarlyStopping, ModelChe
 
 def main() -> None:
     torch.manual_seed(0)
+    epochs = 5 if "--smoke" in sys.argv else 50
     x, y = torch.randn(400, 5), torch.randn(400, 1)
     x_val, y_val = torch.randn(100, 5), torch.randn(100, 1)
     net = torch.nn.Linear(5, 1)
@@ -27,12 +29,12 @@ def main() -> None:
         ],
         add_history=True,
         model=net,
-        epochs=50,
+        epochs=epochs,
         steps=8,
     )
     net.stop_training = False
     callbacks.on_train_begin()
-    for epoch in range(50):
+    for epoch in range(epochs):
         callbacks.on_epoch_begin(epoch)
         for batch in range(8):
             callbacks.on_train_batch_begin(batch)

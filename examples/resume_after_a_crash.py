@@ -52,4 +52,5 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/resume-example")
+    folders = [a for a in sys.argv[1:] if a != "--smoke"]  # --smoke: it is quick already
+    main(folders[0] if folders else "runs/resume-example")

@@ -36,3 +36,14 @@ def test_the_demo_command_trains_digits_to_95_percent_and_says_where_things_are(
     assert len(acc.Scalars("epoch_loss")) == len(rows)
     assert main(["inspect", str(tmp_path / "best.pt")]) == 0
     assert "kind: checkpoint" in capsys.readouterr().out
+
+
+def test_version_prints_the_package_version(capsys):
+    import pytest
+
+    import torcheras
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"torcheras {torcheras.__version__}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +15,59 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
 
 
-def test_custom_callback_example():
-    result = _run(str(EXAMPLES / "custom_callback.py"))
+def test_custom_callbacks_example(tmp_path):
+    result = _run(str(EXAMPLES / "custom_callbacks.py"), str(tmp_path), "--smoke")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("largest gradient norm") == 3
+    assert result.stdout.count("largest gradient norm") == 3  # custom logging, each epoch
+    assert len(list((tmp_path / "predictions").glob("epoch*.pt"))) == 3  # saved predictions
+    with open(tmp_path / "misclassified.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["target"] != r["prediction"] for r in rows)
+    assert "stopped: all epochs ran" in result.stdout
 
 
 def test_hand_written_loop_example():
-    result = _run(str(EXAMPLES / "hand_written_loop.py"))
+    result = _run(str(EXAMPLES / "hand_written_loop.py"), "--smoke")
     assert result.returncode == 0, result.stderr
-    assert "early stopping" in result.stdout and "trained" in result.stdout
+    assert "trained" in result.stdout
+
+
+def test_image_classification_example_keeps_its_promises(tmp_path):
+    result = _run(str(EXAMPLES / "image_classification.py"), str(tmp_path), "--smoke")
+    assert result.returncode == 0, result.stderr
+    accuracy = float(re.search(r"test accuracy: ([\d.]+)", result.stdout).group(1))
+    assert accuracy > 0.8
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "report.html").exists()
+    assert list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    with open(tmp_path / "log.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4  # one row per epoch
+    from PIL import Image
+
+    assert Image.open(tmp_path / "curves.png").format == "PNG"
+
+
+def test_text_classification_example_learns_with_a_per_batch_schedule(tmp_path):
+    result = _run(str(EXAMPLES / "text_classification.py"), str(tmp_path), "--smoke")
+    assert result.returncode == 0, result.stderr
+    accuracy = float(re.search(r"validation accuracy: ([\d.]+)", result.stdout).group(1))
+    assert accuracy > 0.65  # the majority class is about 0.57
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    rates = [float(r["learning_rate"]) for r in rows]
+    assert len(rows) == 3 and rates[0] > rates[1] > rates[2]  # cosine after the warm-up
+    assert list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))
+
+
+def test_functional_and_subclass_example():
+    result = _run(str(EXAMPLES / "functional_and_subclass.py"), "--smoke")
+    assert result.returncode == 0, result.stderr
+    for style in ("functional", "subclassed"):
+        accuracy = float(re.search(rf"{style}: val_accuracy ([\d.]+)", result.stdout).group(1))
+        assert accuracy > 0.6
 
 
 def test_resume_example_crashes_then_resumes(tmp_path):
-    first = _run(str(EXAMPLES / "resume_after_a_crash.py"), str(tmp_path))
+    first = _run(str(EXAMPLES / "resume_after_a_crash.py"), str(tmp_path), "--smoke")
     assert first.returncode == 1 and (tmp_path / "backup" / "latest.pt").exists()
     second = _run(str(EXAMPLES / "resume_after_a_crash.py"), str(tmp_path))
     assert second.returncode == 0, second.stderr
@@ -40,14 +81,14 @@ def test_ddp_example_runs_alone_and_under_torchrun(tmp_path):
     env = {**os.environ, "EXAMPLE_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     script = str(EXAMPLES / "ddp_train.py")
     alone = subprocess.run(
-        [sys.executable, script], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, script, "--smoke"], capture_output=True, text=True, timeout=120, env=env
     )
     assert alone.returncode == 0, alone.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    both = subprocess.run([*launcher, script], capture_output=True, text=True, timeout=180, env=env)
+    both = subprocess.run(
+        [*launcher, script, "--smoke"], capture_output=True, text=True, timeout=180, env=env
+    )
     assert both.returncode == 0, both.stderr[-3000:]
-    import re
-
     ranks = re.findall(r"rank (\d): (trained \d+ epochs, val_accuracy [\d.]+)", both.stdout)
     assert sorted(r for r, _ in ranks) == ["0", "1"]
     assert ranks[0][1] == ranks[1][1]  # both ranks end with the same result

@@ -141,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="torcheras", description="Keras-style training for PyTorch."
     )
+    from torcheras import __version__
+
+    parser.add_argument("--version", action="version", version=f"torcheras {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="train on scikit-learn's digits with callbacks")
     p_demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

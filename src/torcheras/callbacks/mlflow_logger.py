@@ -35,7 +35,8 @@ class MLflowLogger(Callback):
             default: MLflow's own (``MLFLOW_TRACKING_URI``).
         artifact_location: for a new experiment, where its artifacts go.
         tags: extra run tags.
-        log_checkpoints, log_plots: upload those artifacts.
+        log_checkpoints: upload the checkpoints as artifacts.
+        log_plots: upload the curves as an artifact.
         run_id: log into this existing run instead of creating one (left open at the end).
 
     Under torchrun, rank 0 alone logs. ``self.run_id`` names the run.
