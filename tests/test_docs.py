@@ -1,0 +1,47 @@
+"""The guide's hook order is the order fit, evaluate and predict really run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+import torcheras
+from torcheras.callbacks import Callback
+
+GUIDE = Path(__file__).parent.parent / "docs" / "guide" / "hook-order.md"
+
+
+def recorded_order() -> str:
+    seen: list[tuple[str, object]] = []
+
+    class Trace(Callback):
+        pass
+
+    def recorder(name: str):
+        def hook(self, *args, **kwargs):
+            seen.append((name, args[0] if args and isinstance(args[0], int) else ""))
+
+        return hook
+
+    for name in dir(Callback):
+        if name.startswith("on_") and name not in ("on_batch_begin", "on_batch_end"):
+            setattr(Trace, name, recorder(name))
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    model = torcheras.Model(torch.nn.Linear(4, 2))
+    model.compile("sgd", "sparse_categorical_crossentropy", device="cpu")
+    model.fit(x, y, epochs=2, batch_size=32, validation_split=0.25, verbose=0, callbacks=[Trace()])
+    model.evaluate(x, y, verbose=0, callbacks=[Trace()])
+    model.predict(x[:8], verbose=0, callbacks=[Trace()])
+    return "\n".join(f"{name} {arg}" for name, arg in seen)
+
+
+def test_the_documented_hook_order_is_the_real_one():
+    block = re.search(r"```text\n(.*?)```", GUIDE.read_text(), re.S)
+    assert block is not None
+    documented = "\n".join(line.rstrip() for line in block.group(1).strip().splitlines())
+    real = "\n".join(line.rstrip() for line in recorded_order().splitlines())
+    assert documented == real
