@@ -71,6 +71,8 @@ class GradientMonitor(Callback):
         self._warned: set[tuple[str, str]] = set()
         self._before: list[torch.Tensor] | None = None
         self._sampled: list[tuple[str, torch.nn.Parameter]] = []
+        if not (weights and per_layer):  # no update ratios: no batch hook (none to agree on)
+            self._skip_hooks = ("on_train_batch_end",)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._steps, self._warned, self._before = 0, set(), None
