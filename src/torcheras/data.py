@@ -136,17 +136,18 @@ class DeviceStager:
         return out
 
 
+def rank_part(size: int, rank: int, world_size: int) -> slice:
+    """The ``rank``-th of ``world_size`` near-equal contiguous slices of ``size`` items (what
+    ``loops._gather_in_order`` puts back together, in rank order)."""
+    return slice(size * rank // world_size, size * (rank + 1) // world_size)
+
+
 def shard(batch: Structure, rank: int, world_size: int) -> Structure:
-    """This rank's part of a global batch: the ``rank``-th of ``world_size`` near-equal
-    contiguous slices along the batch axis (Keras's ``batch_size`` stays the global batch)."""
+    """This rank's part of a global batch (:func:`rank_part` along the batch axis; Keras's
+    ``batch_size`` stays the global batch)."""
     if world_size == 1:
         return batch
-
-    def part(t: torch.Tensor) -> torch.Tensor:
-        size = t.shape[0]
-        return t[size * rank // world_size : size * (rank + 1) // world_size]
-
-    return map_tensors(part, batch)
+    return map_tensors(lambda t: t[rank_part(t.shape[0], rank, world_size)], batch)
 
 
 def batch_size_of(obj: Structure) -> int:
@@ -547,10 +548,8 @@ class _SliceOfEachBatch:
         self.batches, self.rank, self.world_size = batches, rank, world_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        rank, world = self.rank, self.world_size
         for indices in self.batches:
-            size = len(indices)
-            yield list(indices)[size * rank // world : size * (rank + 1) // world]
+            yield list(indices)[rank_part(len(indices), self.rank, self.world_size)]
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]

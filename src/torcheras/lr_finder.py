@@ -84,6 +84,17 @@ def suggest(learning_rates: list[float], smoothed: list[float]) -> float | None:
     return float(learning_rates[lowest]) / 10
 
 
+def _passes(source: Any) -> Any:
+    """The source's batches, pass after pass (each pass reshuffled), for as long as asked."""
+    while True:
+        yielded = False
+        for batch in source.batches(source.new_order()):
+            yielded = True
+            yield batch
+        if not yielded:
+            return
+
+
 def find_learning_rate(
     model: Any,
     x: Any,
@@ -118,23 +129,17 @@ def find_learning_rate(
         model._check_first_batch = True
         model.train()
         average, best = 0.0, math.inf
-        step = 0
-        while step < num_steps:
-            for batch in source.batches(source.new_order()):
-                if step >= num_steps:
-                    break
-                optimizers.set_learning_rate(model.optimizer, rates[step])
-                logs = model.train_step(stage(batch))
-                loss = float(logs["loss"].detach())  # the sweep reads each loss: a diagnostic
-                losses.append(loss)
-                average = smoothing * average + (1 - smoothing) * loss
-                smoothed.append(average / (1 - smoothing ** (step + 1)))  # bias-corrected
-                step += 1
-                if not math.isfinite(loss) or smoothed[-1] > divergence_factor * best:
-                    stopped = f"the loss diverged at rate {rates[step - 1]:.2e}"
-                    step = num_steps + 1
-                    break
-                best = min(best, smoothed[-1])
+        for step, batch in zip(range(num_steps), _passes(source)):
+            optimizers.set_learning_rate(model.optimizer, rates[step])
+            logs = model.train_step(stage(batch))
+            loss = float(logs["loss"].detach())  # the sweep reads each loss: a diagnostic
+            losses.append(loss)
+            average = smoothing * average + (1 - smoothing) * loss
+            smoothed.append(average / (1 - smoothing ** (step + 1)))  # bias-corrected
+            if not math.isfinite(loss) or smoothed[-1] > divergence_factor * best:
+                stopped = f"the loss diverged at rate {rates[step]:.2e}"
+                break
+            best = min(best, smoothed[-1])
     finally:
         restore_model_state(model, saved_model, "The state before the sweep", "")
         set_rng_state(saved_rng)

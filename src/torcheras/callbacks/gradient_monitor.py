@@ -70,6 +70,7 @@ class GradientMonitor(Callback):
         self._steps = 0
         self._warned: set[tuple[str, str]] = set()
         self._before: list[torch.Tensor] | None = None
+        self._weight_norms: list[torch.Tensor] = []
         self._sampled: list[tuple[str, torch.nn.Parameter]] = []
         if not (weights and per_layer):  # no update ratios: no batch hook (none to agree on)
             self._skip_hooks = ("on_train_batch_end",)
@@ -97,23 +98,21 @@ class GradientMonitor(Callback):
         if self.per_layer:
             for (name, _), norm in zip(sampled, norms.unbind()):
                 log(f"grad_norm/{name}", norm, 1)
-        if self.weights:
+        if self.weights and self.per_layer:  # weight norms now, update ratios after the step
             params = [p.detach() for _, p in sampled]
             self._before = [t.clone() for t in params]
-            if self.per_layer:
-                weight_norms = torch._foreach_norm(params)
-                for (name, _), norm in zip(sampled, weight_norms):
-                    log(f"weight_norm/{name}", norm.float(), 1)
+            self._weight_norms = torch._foreach_norm(params)
+            for (name, _), norm in zip(sampled, self._weight_norms):
+                log(f"weight_norm/{name}", norm.float(), 1)
         self._check(sampled, norms.tolist(), batch)  # the one read per sampled step
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         before, self._before = self._before, None
-        if before is None or not self.per_layer:
+        if before is None:
             return
         after = [p.detach() for _, p in self._sampled]
         changes = torch._foreach_norm(torch._foreach_sub(after, before))
-        sizes = torch._foreach_norm(before)
-        for (name, _), change, size in zip(self._sampled, changes, sizes):
+        for (name, _), change, size in zip(self._sampled, changes, self._weight_norms):
             self.model.log(f"update_ratio/{name}", (change / size.clamp_min(1e-12)).float(), 1)
 
     def _check(self, sampled: list[tuple[str, Any]], norms: list[float], batch: int) -> None:
