@@ -79,6 +79,39 @@ def test_issue_figures_weighted_and_ignored_cross_entropy():
         )
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "sparse_categorical_crossentropy"])
+@pytest.mark.parametrize("shape", ["classes", "sequence"], ids=["(N,C)", "(N,C,T)"])
+def test_padding_labels_count_for_nothing_as_in_torch(name, shape):
+    """Labels of -100 (torch's ignore_index): the loss is F.cross_entropy's mean over the
+    labels kept, weighted or not; weights of 1 change nothing."""
+    gen = torch.Generator().manual_seed(5)
+    if shape == "classes":
+        logits, labels = (
+            torch.randn(16, 4, generator=gen),
+            torch.randint(0, 4, (16,), generator=gen),
+        )
+        labels[[1, 5, 6]] = -100
+    else:  # 8 sequences of 6 tokens, the last ones padded
+        logits, labels = (
+            torch.randn(8, 4, 6, generator=gen),
+            torch.randint(0, 4, (8, 6), generator=gen),
+        )
+        labels[:, 4:] = -100
+        labels[0, 1:] = -100
+    y_pred = logits if name == "cross_entropy" or shape == "classes" else logits.movedim(1, -1)
+    expected = F.cross_entropy(logits, labels)
+    assert _loss(name, y_pred, labels) == pytest.approx(float(expected), rel=RTOL)
+    assert _loss(name, y_pred, labels, torch.ones(labels.shape[0])) == pytest.approx(
+        float(expected), rel=RTOL
+    )
+    weights = torch.linspace(0.5, 2.0, labels.shape[0])
+    per_label = F.cross_entropy(logits, labels, reduction="none")
+    weighted = (per_label * weights.reshape(-1, *[1] * (per_label.dim() - 1))).sum()
+    assert _loss(name, y_pred, labels, weights) == pytest.approx(
+        float(weighted / (labels != -100).sum()), rel=RTOL
+    )
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_sample_weights_multiply_each_term_and_keep_torchs_divisor(reduction, logits_and_labels):
     """Keras's combination: weights scale each sample's loss; the divisor is torch's own."""

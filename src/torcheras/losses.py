@@ -47,6 +47,7 @@ __all__ = [
 
 LossFn = Callable[[Any, Any], Tensor]
 EPSILON = 1e-7  # Keras's backend epsilon: the clip of probabilities and logarithms
+IGNORE_INDEX = -100  # torch's default ignore_index: a label that counts for nothing
 
 # What a loss says about the model's outputs: "logits", "probabilities", "values" (a
 # regression: no threshold question) or None (cannot tell).
@@ -80,14 +81,23 @@ def sparse_categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
     labels = class_labels(y_pred, y_true)
     if y_pred.dim() > 2:  # torch wants (N, C, ...)
         y_pred = y_pred.movedim(-1, 1)
-    return _per_sample(F.cross_entropy(y_pred, labels, reduction="none"))
+    return _mean_over_kept_labels(F.cross_entropy(y_pred, labels, reduction="none"), labels)
+
+
+def _mean_over_kept_labels(values: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample values whose batch mean is the mean over the labels not ignored (-100), as
+    ``F.cross_entropy``'s own mean (and Keras's masked mean). Without ignored labels the scale
+    is exactly 1; no host sync."""
+    return _per_sample(values) * (labels.numel() / (labels != IGNORE_INDEX).sum())
 
 
 def cross_entropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    """torch's ``cross_entropy``: class labels, or class probabilities of ``y_pred``'s shape."""
+    """torch's ``cross_entropy``: class labels, or class probabilities of ``y_pred``'s shape.
+    Labels of -100 (torch's ``ignore_index``, padding) count for nothing, as in torch."""
     if y_true.is_floating_point() and y_true.shape == y_pred.shape:
         return _per_sample(F.cross_entropy(y_pred, y_true, reduction="none"))
-    return _per_sample(F.cross_entropy(y_pred, class_labels(y_pred, y_true), reduction="none"))
+    labels = class_labels(y_pred, y_true)
+    return _mean_over_kept_labels(F.cross_entropy(y_pred, labels, reduction="none"), labels)
 
 
 def categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
@@ -318,12 +328,10 @@ def _fused_sparse_cce(y_pred: Tensor, y_true: Tensor) -> Tensor:
 
 
 def _fused_cross_entropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    if y_pred.dim() == 2 and y_true.dim() == 1 and not y_true.is_floating_point():
-        labels = y_true if y_true.dtype == torch.int64 else y_true.long()
-        # sum / N: the mean over every sample, ignored labels (-100) counting as 0, as the
-        # per-sample form gives
-        return F.cross_entropy(y_pred, labels, reduction="sum") / y_pred.shape[0]
-    return cross_entropy(y_pred, y_true).mean()
+    """``F.cross_entropy`` itself: its mean over the labels kept (one kernel, one grad node)."""
+    if y_true.is_floating_point() and y_true.shape == y_pred.shape:
+        return F.cross_entropy(y_pred, y_true)
+    return F.cross_entropy(y_pred, class_labels(y_pred, y_true))
 
 
 def _fused(fn: Callable[..., Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
