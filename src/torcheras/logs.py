@@ -241,6 +241,7 @@ class LogCollector:
         self.metrics = metrics
         self.tracked = dict(tracked or {})
         self.returned: dict[str, None] = {}  # tracked keys the steps returned, in order
+        self.batch_size = 1  # the running batch's size: Model.log's default weight
 
     def reset(self) -> None:
         self.means.reset()
@@ -263,14 +264,15 @@ class LogCollector:
             logs = rest
         self.means.add(logs, weight)
 
-    def log(self, name: str, value: Any, weight: float) -> None:
-        """A value logged from inside a step or a batch hook (``Model.log``)."""
+    def log(self, name: str, value: Any, weight: float | None = None) -> None:
+        """A value logged from inside a step or a batch hook (``Model.log``), counted
+        ``weight`` times (default: the running batch's size)."""
         if name in self.tracked or any(m.name == name for m in self.metrics):
             raise ValueError(
                 f"log({name!r}, ...): {name!r} is already a compiled or tracked metric's name; "
                 "log the value under another name."
             )
-        self.means.add({name: value}, weight)
+        self.means.add({name: value}, self.batch_size if weight is None else weight)
 
     def values(self, deferred: bool = False) -> dict[str, Any]:
         """The current values, as device tensors or floats (no synchronisation). ``deferred``:

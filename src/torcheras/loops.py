@@ -283,7 +283,7 @@ class FitLoop:
                 batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
             batch = stage(batch)
             loop.current_batch = batch
-            model._log_weight = size = data.batch_size_of(batch[0])  # for Model.log
+            collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
             if no_sync is not None and loop.accumulating:  # all-reduce once per group
                 with no_sync():
                     logs = train_step(batch)
@@ -352,7 +352,7 @@ def evaluate(
                 if needs_begin:
                     callbacks.on_test_batch_begin(step)
                 batch = stage(data.shard(batch, rank, shard_ranks))
-                model._log_weight = size = data.batch_size_of(batch[0])
+                collector.batch_size = size = data.batch_size_of(batch[0])
                 collector.add(model.test_step(batch), size)
                 if needs_end:
                     callbacks.on_test_batch_end(step, collector.snapshot())

@@ -40,6 +40,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def _call(fn: Callable[..., Any], x: Any) -> Any:
+    if type(x) is Tensor:  # the common case first: no ABC check per batch
+        return fn(x)
     if isinstance(x, Mapping):
         return fn(**x)
     if isinstance(x, (tuple, list)):
@@ -80,7 +82,6 @@ class Model(nn.Module):
         self.stop_training = False
         self.stop_reason: str | None = None  # set with Callback.stop_training(reason)
         self._log_to: Any = None  # the running epoch's LogCollector (Model.log)
-        self._log_weight = 1  # the current batch's size
         self._output_sink: Any = None  # called with (x, y, y_pred) by test_step when set
         self.ema: ExponentialMovingAverage | None = None  # compile(ema_momentum=...)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -539,7 +540,7 @@ class Model(nn.Module):
                 "of the running epoch. Call it from train_step, test_step or a callback's "
                 "batch hook."
             )
-        collector.log(name, value, self._log_weight if weight is None else weight)
+        collector.log(name, value, weight)
 
     def update_metrics(self, y_pred: Any, y: Any, sample_weight: Tensor | None = None) -> None:
         """Update the compiled metrics (unweighted) and the weighted metrics, as in Keras."""
