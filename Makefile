@@ -42,6 +42,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/overhead.py --markdown
 	$(PY) benchmarks/peers.py
 	$(PY) benchmarks/async_save.py
+	$(PY) benchmarks/instructions.py
 
 # Mutation testing on model.py, logs.py, data.py and callbacks/ (slow: hours; not in CI).
 mutate: $(VENV)/.installed

@@ -1,8 +1,11 @@
 """Overhead of ``Model.fit`` over a raw PyTorch loop, side by side in one process.
 
 Each setting trains the same model on the same data with the same optimizer, once with a
-hand-written loop and once with ``fit(verbose=0)``, in alternating pairs (ABBA order). The
-ratio reported is the median of the per-pair ratios fit/raw, with its interquartile range.
+hand-written loop and once with ``fit(verbose=0)``, one epoch per run, in the order raw, fit,
+raw, fit, ..., raw. Each fit run is rated against the mean of the raw runs just before and
+after it (which cancels this machine's slow drift in speed); the ratio reported is the median
+of those ratios, with its interquartile range. A control row rates the raw loop against
+itself the same way: how finely this machine can tell two equal loops apart.
 
 The two sides do equal work. With the typical callbacks, the raw loop does by hand what they
 do: a running mean of the training loss, a finiteness check of each batch's loss
@@ -29,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +53,7 @@ class Workload:
     batch_size: int
     samples: int
     target: float
-    pairs: int  # alternating pairs in a full run: many for the noisy, fast tiny MLP
+    runs: int  # fit runs in a full measurement: many for the noisy, fast tiny MLP
 
 
 WORKLOADS = [
@@ -108,8 +111,11 @@ class RawLoop:
             xb, yb = x[idx], y[idx]
             if cuda and xb.device.type == "cpu":
                 xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            if self.dtype is None:
                 loss = F.cross_entropy(net(xb), yb)
+            else:
+                with torch.autocast(device.type, dtype=self.dtype):
+                    loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -168,21 +174,36 @@ def time_it(fn: Callable[[], None]) -> float:
 class Result:
     raw: float  # median seconds per epoch
     fit: float
-    ratio: float  # median of per-pair ratios
+    ratio: float  # median of the per-run ratios
     q1: float
     q3: float
 
 
-def summarize(base_times: list[float], times: list[float]) -> Result:
-    """Medians of both sides and of the per-pair ratios, with the ratios' quartiles."""
-    ratios = sorted(t / b for t, b in zip(times, base_times))
+def interleave(base: Callable[[], None], other: Callable[[], None], runs: int) -> Result:
+    """Time ``base, other, base, other, ..., base`` and rate each ``other`` run against the
+    mean of the two ``base`` runs around it.
+
+    This machine's speed drifts over seconds (the same epoch takes 0.07 or 0.13 s for a few
+    seconds at a time, a neighbour's load); a ratio to the neighbours on both sides cancels a
+    drift that is linear over the three runs, where a ratio within an ABBA pair does not."""
+    base_times = [time_it(base)]
+    times = []
+    for _ in range(runs):
+        times.append(time_it(other))
+        base_times.append(time_it(base))
+    ratios = sorted(t / ((a + b) / 2) for t, a, b in zip(times, base_times, base_times[1:]))
     q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     return Result(
         statistics.median(base_times), statistics.median(times), statistics.median(ratios), q1, q3
     )
 
 
-def run(w: Workload, repeats: int, epochs: int, with_callbacks: bool) -> Result:
+@contextlib.contextmanager
+def side_by_side(
+    w: Workload, with_callbacks: bool
+) -> Iterator[tuple[Callable[[], None], Callable[[], None]]]:
+    """The raw loop's epoch and fit's epoch on the same model, data and optimizer, with (or
+    without) the typical callbacks; on exit, checks that both sides saved every epoch."""
     x, y = make_data(w)
     val = None
     if with_callbacks:
@@ -198,51 +219,52 @@ def run(w: Workload, repeats: int, epochs: int, with_callbacks: bool) -> Result:
     )
     tmp = tempfile.mkdtemp()
     raw_loop = RawLoop(raw_net, raw_opt, tmp)
-    fit_saves = [0]
+    fit_saves = fit_runs = 0
     real_save_model = checkpoint.save_model
 
     def counted_save_model(*args: Any, **kwargs: Any) -> Any:
-        fit_saves[0] += 1
+        nonlocal fit_saves
+        fit_saves += 1
         return real_save_model(*args, **kwargs)
 
-    checkpoint.save_model = counted_save_model  # type: ignore[assignment]
     callbacks = typical_callbacks(tmp) if with_callbacks else []
 
     def raw() -> None:
-        for _ in range(epochs):
-            raw_loop.epoch_(x, y, w.batch_size, val)
+        raw_loop.epoch_(x, y, w.batch_size, val)
 
     def fit() -> None:
+        nonlocal fit_runs
+        fit_runs += 1
         model.fit(
             x,
             y,
             batch_size=w.batch_size,
-            epochs=epochs,
+            epochs=1,
             verbose=0,
             callbacks=callbacks,
             validation_data=val,
             validation_batch_size=val[0].shape[0] if val else None,
         )
 
+    checkpoint.save_model = counted_save_model  # type: ignore[assignment]
     try:
-        raw()  # warm-up
-        fit()
-        raw_times, fit_times = [], []
-        for i in range(repeats):  # ABBA order, so neither side always runs first
-            if i % 2 == 0:
-                raw_times.append(time_it(raw) / epochs)
-                fit_times.append(time_it(fit) / epochs)
-            else:
-                fit_times.append(time_it(fit) / epochs)
-                raw_times.append(time_it(raw) / epochs)
+        yield raw, fit
     finally:
         checkpoint.save_model = real_save_model  # type: ignore[assignment]
-    if with_callbacks and raw_loop.saves != fit_saves[0]:
+    if with_callbacks and (raw_loop.saves, fit_saves) != (raw_loop.epoch, fit_runs):
         raise SystemExit(
-            f"unequal work: the raw loop saved {raw_loop.saves} checkpoints, fit "
-            f"{fit_saves[0]}; the comparison would not be fair"
+            f"unequal work: the raw loop saved {raw_loop.saves} checkpoints in "
+            f"{raw_loop.epoch} epochs, fit {fit_saves} in {fit_runs}; the comparison "
+            "would not be fair"
         )
-    return summarize(raw_times, fit_times)
+
+
+def run(w: Workload, repeats: int, with_callbacks: bool, control: bool = False) -> Result:
+    """fit against raw (``control``: raw against itself), after one warm-up epoch of each."""
+    with side_by_side(w, with_callbacks) as (raw, fit):
+        raw()
+        fit()
+        return interleave(raw, raw if control else fit, repeats)
 
 
 def typical_callbacks(folder: str) -> list[cb.Callback]:
@@ -259,15 +281,15 @@ def typical_callbacks(folder: str) -> list[cb.Callback]:
     ]
 
 
-def run_verbose(w: Workload, repeats: int, epochs: int) -> Result:
-    """``verbose=1`` with a live progress bar (as in a terminal) against ``verbose=0``."""
+def quiet_and_bar(w: Workload) -> tuple[Callable[[], None], Callable[[], None]]:
+    """An epoch of ``fit(verbose=0)`` and one with a live progress bar (as in a terminal)."""
     x, y = make_data(w)
     torch.manual_seed(0)
     model = torcheras.Model(make_net(w.sizes))
     model.compile(torch.optim.Adam(model.parameters(), lr=1e-3), "cross_entropy", device="cpu")
 
     def quiet() -> None:
-        model.fit(x, y, batch_size=w.batch_size, epochs=epochs, verbose=0)
+        model.fit(x, y, batch_size=w.batch_size, epochs=1, verbose=0)
 
     def bar() -> None:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
@@ -275,20 +297,20 @@ def run_verbose(w: Workload, repeats: int, epochs: int) -> Result:
                 x,
                 y,
                 batch_size=w.batch_size,
-                epochs=epochs,
+                epochs=1,
                 verbose=1,
                 callbacks=[cb.ProgbarLogger(interactive=True)],
             )
 
+    return quiet, bar
+
+
+def run_verbose(w: Workload, repeats: int) -> Result:
+    """``verbose=1`` against ``verbose=0``, after one warm-up epoch of each."""
+    quiet, bar = quiet_and_bar(w)
     quiet()
     bar()
-    quiet_times, bar_times = [], []
-    for i in range(repeats):
-        first, second = (quiet, bar) if i % 2 == 0 else (bar, quiet)
-        a, b = time_it(first) / epochs, time_it(second) / epochs
-        quiet_times.append(a if first is quiet else b)
-        bar_times.append(b if first is quiet else a)
-    return summarize(quiet_times, bar_times)
+    return interleave(quiet, bar, repeats)
 
 
 def main() -> None:
@@ -298,21 +320,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    epochs = 1
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; alternating pairs of one "
-        "epoch each (tiny: 30, wide: 12; --quick: 4); ratio = median of per-pair ratios [IQR]"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; one epoch per run, each "
+        "rated against the raw runs before and after it (tiny: 30 runs, wide: 12; --quick: 4); "
+        "ratio = median [IQR]"
     )
-    print(f"{'setting':<58} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13} {'target':>7}")
+    print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13} {'target':>7}")
     table = []
     for w in WORKLOADS:
-        repeats = 4 if args.quick else w.pairs
+        repeats = 4 if args.quick else w.runs
         for with_cb in (False, True):
-            r = run(w, repeats, epochs, with_cb)
+            r = run(w, repeats, with_cb)
             label = w.name + (" + typical callbacks" if with_cb else "")
             table.append((label, r, f"<={w.target:.2f}" if with_cb else ""))
             _print_row(*table[-1])
-    r = run_verbose(WORKLOADS[0], 4 if args.quick else WORKLOADS[0].pairs, epochs)
+        r = run(w, repeats, True, control=True)
+        table.append((w.name + " + typical: raw / raw (the noise floor)", r, ""))
+        _print_row(*table[-1])
+    r = run_verbose(WORKLOADS[0], 4 if args.quick else WORKLOADS[0].runs)
     table.append((WORKLOADS[0].name + ": verbose=1 (live bar) / verbose=0", r, "<=1.02"))
     _print_row(*table[-1])
     if args.markdown:
@@ -328,7 +353,7 @@ def main() -> None:
 def _print_row(label: str, r: Result, target: str) -> None:
     iqr = f"[{r.q1:.3f}, {r.q3:.3f}]"
     print(
-        f"{label:<58} {r.raw:>9.3f} {r.fit:>9.3f} {r.ratio:>7.3f} {iqr:>13} {target:>7}", flush=True
+        f"{label:<62} {r.raw:>9.3f} {r.fit:>9.3f} {r.ratio:>7.3f} {iqr:>13} {target:>7}", flush=True
     )
 
 

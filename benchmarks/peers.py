@@ -5,8 +5,9 @@ cross-entropy, batch for batch. "typical" adds the typical callbacks in each fra
 form (early stopping, a checkpoint every epoch, reduce-on-plateau, a CSV log, a NaN check)
 and a validation pass per epoch; the raw loop does the same work by hand (see overhead.py).
 Each (framework, workload, callbacks) runs in its own process: one warm-up epoch, then a timed
-``fit`` of several epochs. Rounds alternate the order of the frameworks; the ratio reported is
-the median over rounds of (framework / raw of the same round). Peers not installed are
+``fit`` of several epochs. A round runs raw, peer, raw, peer, ..., raw, and each peer is rated
+against the raw runs just before and after it (the order of the peers alternates between
+rounds); the ratio reported is the median over rounds. Peers not installed are
 skipped (``pip install -e '.[bench]'`` installs them). Results go to
 ``benchmarks/results.md``.
 
@@ -412,6 +413,34 @@ def import_seconds(modules: tuple[str, ...], repeats: int) -> dict[str, float]:
     return {m: statistics.median(t) for m, t in times.items()}
 
 
+def round_robin(
+    frameworks: list[str], run: Any, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
+    """Each round runs raw, peer, raw, peer, ..., raw (the peers' order alternating between
+    rounds) and rates each peer against the mean of the raw runs just before and after it: this
+    machine's speed drifts over seconds, and the two neighbours cancel a steady drift. Returns
+    the seconds per epoch, the ratios to raw and the peak RSS of each framework."""
+    peers = [f for f in frameworks if f != "raw"]
+    times: dict[str, list[float]] = {f: [] for f in frameworks}
+    ratios: dict[str, list[float]] = {f: [] for f in peers}
+    rss: dict[str, float] = {}
+
+    def one(fw: str) -> float:
+        out = run(fw)
+        times[fw].append(out["seconds_per_epoch"])
+        rss[fw] = max(rss.get(fw, 0.0), out["peak_rss_mib"])
+        return out["seconds_per_epoch"]
+
+    for r in range(rounds):
+        before = one("raw")
+        for fw in peers if r % 2 == 0 else peers[::-1]:
+            seconds = one(fw)
+            after = one("raw")
+            ratios[fw].append(seconds / ((before + after) / 2))
+            before = after
+    return times, ratios, rss
+
+
 def available() -> list[str]:
     return [f for f in FRAMEWORKS if f not in MODULES or importlib.util.find_spec(MODULES[f])]
 
@@ -424,7 +453,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", action="store_true", help="the precision / placement / jit table"
     )
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round")
     parser.add_argument("--only", default=None, help="comma-separated frameworks")
     parser.add_argument("--workloads", default="tiny,wide,cnn")
@@ -442,19 +471,11 @@ def main() -> None:
     rows = []
     for workload in args.workloads.split(","):
         for typical in (False, True):
-            times: dict[str, list[float]] = {f: [] for f in frameworks}
-            rss: dict[str, float] = {}
-            for r in range(rounds):
-                order = frameworks if r % 2 == 0 else frameworks[::-1]
-                for fw in order:
-                    epochs = str(WORKLOADS[workload]["epochs"])
-                    out = spawn([fw, workload, "1" if typical else "0", epochs], DEFAULT_OPTS)
-                    times[fw].append(out["seconds_per_epoch"])
-                    rss[fw] = max(rss.get(fw, 0.0), out["peak_rss_mib"])
-            ratios = {
-                fw: statistics.median(t / raw for t, raw in zip(times[fw], times["raw"]))
-                for fw in frameworks
-            }
+            args_ = [workload, "1" if typical else "0", str(WORKLOADS[workload]["epochs"])]
+            times, ratio_lists, rss = round_robin(
+                frameworks, lambda fw, a=args_: spawn([fw, *a], DEFAULT_OPTS), rounds
+            )
+            ratios = {fw: statistics.median(r) for fw, r in ratio_lists.items()}
             label = f"{WORKLOADS[workload]['label']}, {'typical' if typical else 'none'}"
             medians = {fw: statistics.median(times[fw]) for fw in frameworks}
             rows.append((label, medians, ratios, rss))
@@ -481,21 +502,17 @@ def variants_table(args: Any) -> None:
         for name, variant in CUDA_VARIANTS:
             for typical in (False, True):
                 opts = {**DEFAULT_OPTS, "device": args.device, **variant}
-                times: dict[str, list[float]] = {f: [] for f in frameworks}
-                for r in range(1 if args.quick else args.rounds):
-                    for fw in frameworks if r % 2 == 0 else frameworks[::-1]:
-                        if fw == "lightning" and variant.get("jit"):
-                            continue
-                        epochs = str(WORKLOADS[workload]["epochs"])
-                        flag = "1" if typical else "0"
-                        out = spawn([fw, workload, flag, epochs], opts)
-                        times[fw].append(out["seconds_per_epoch"])
-                cells = []
-                for fw in frameworks[1:]:
-                    pairs = list(zip(times[fw], times["raw"]))
-                    cells.append(
-                        f"{statistics.median(t / r for t, r in pairs):.2f}" if pairs else "-"
-                    )
+                args_ = [workload, "1" if typical else "0", str(WORKLOADS[workload]["epochs"])]
+                runners = [f for f in frameworks if not (f == "lightning" and variant.get("jit"))]
+                times, ratio_lists, _ = round_robin(
+                    runners,
+                    lambda fw, a=args_, o=opts: spawn([fw, *a], o),
+                    1 if args.quick else args.rounds,
+                )
+                cells = [
+                    f"{statistics.median(ratio_lists[f]):.2f}" if f in ratio_lists else "-"
+                    for f in frameworks[1:]
+                ]
                 label = (
                     f"{WORKLOADS[workload]['label']}, {name}, {'typical' if typical else 'none'}"
                 )
@@ -532,7 +549,8 @@ def write_results(
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{THREADS} torch threads, CPU only; Python {platform.python_version()}, "
         f"torch {torch.__version__}. Command: `python benchmarks/peers.py` "
-        f"({rounds} rounds, fresh process per run, median of per-round ratios to raw).",
+        f"({rounds} rounds, fresh process per run, each rated against the raw runs before and "
+        "after it, median over rounds).",
         "",
         "| workload, callbacks | raw s/epoch | "
         + " | ".join(f"{f} / raw" for f in frameworks[1:])
