@@ -1,11 +1,12 @@
 """torcheras: Keras-style training for PyTorch, built around callbacks.
 
-Example::
-
+Example:
+    ```python
     import torch, torcheras
     model = torcheras.Model(torch.nn.Sequential(torch.nn.Linear(20, 3)))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     history = model.fit(x, y, epochs=5, validation_split=0.2)
+    ```
 """
 
 from torcheras import callbacks, checkpoint, losses, metrics, optimizers, schedules

@@ -279,9 +279,10 @@ class _KerasCrossentropy:
 class BinaryCrossentropy(_KerasCrossentropy):
     """Keras's ``BinaryCrossentropy``: probabilities by default, ``from_logits=True`` for logits.
 
-    Example::
-
+    Example:
+        ```python
         model.compile(loss=torcheras.losses.BinaryCrossentropy(from_logits=False))  # sigmoid net
+        ```
     """
 
     __name__ = "binary_crossentropy"
@@ -290,9 +291,10 @@ class BinaryCrossentropy(_KerasCrossentropy):
 class CategoricalCrossentropy(_KerasCrossentropy):
     """Keras's ``CategoricalCrossentropy`` (one-hot targets); probabilities by default.
 
-    Example::
-
+    Example:
+        ```python
         model.compile(loss=torcheras.losses.CategoricalCrossentropy(from_logits=True))
+        ```
     """
 
     __name__ = "categorical_crossentropy"
@@ -304,9 +306,10 @@ class CategoricalCrossentropy(_KerasCrossentropy):
 class SparseCategoricalCrossentropy(_KerasCrossentropy):
     """Keras's ``SparseCategoricalCrossentropy`` (integer labels); probabilities by default.
 
-    Example::
-
+    Example:
+        ```python
         model.compile(loss=torcheras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        ```
     """
 
     __name__ = "sparse_categorical_crossentropy"

@@ -164,9 +164,10 @@ class Mean(MeanMetric):
 class BinaryAccuracy(MeanMetric):
     """How often ``y_pred > threshold`` matches binary ``y_true``; 0.0 suits logits.
 
-    Example::
-
+    Example:
+        ```python
         model.compile(loss=torch.nn.BCEWithLogitsLoss(), metrics=[BinaryAccuracy(threshold=0.0)])
+        ```
     """
 
     def __init__(self, threshold: float = 0.5, name: str = "binary_accuracy") -> None:

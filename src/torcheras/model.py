@@ -59,8 +59,8 @@ class Model(nn.Module):
 
     Wrap any module, or subclass ``Model`` and define layers in ``__init__`` and a ``forward``.
 
-    Example::
-
+    Example:
+        ```python
         net = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
         model = torcheras.Model(net)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
@@ -68,6 +68,7 @@ class Model(nn.Module):
         history = model.fit(x, y, epochs=5, batch_size=32, validation_split=0.2)
         model.evaluate(x_test, y_test, return_dict=True)
         model.predict(x_test)
+        ```
     """
 
     def __init__(self, module: nn.Module | None = None) -> None:
@@ -160,10 +161,11 @@ class Model(nn.Module):
                 device after each optimizer step; at the end of ``fit`` the weights become
                 the average. ``SwapEMAWeights`` validates and checkpoints on it meanwhile.
 
-        Example::
-
+        Example:
+            ```python
             model.compile(optimizer="adam", loss="mse", metrics=["mae"])
             model.compile("adamw", "cross_entropy", precision="bf16-mixed", global_clipnorm=1.0)
+            ```
         """
         self.device = distributed.setup(resolve_device(device))  # torchrun: this rank's device
         self.precision = Precision(
@@ -295,10 +297,11 @@ class Model(nn.Module):
         compile settings that are names (optimizer class, loss, metrics). Reload with
         :meth:`load`; :meth:`load_weights` reads the weights alone.
 
-        Example::
-
+        Example:
+            ```python
             model.save("run/model.pt")
             model.load("run/model.pt")  # or on a fresh, uncompiled Model of the same network
+            ```
         """
         state: dict[str, Any] = {
             "format": checkpoint.FORMAT,
@@ -365,9 +368,10 @@ class Model(nn.Module):
         ``example_input`` batch; the batch axis is printed as ``None``. Finding them runs one
         forward pass on two samples, without gradients, in eval mode (nothing changes).
 
-        Example::
-
+        Example:
+            ```python
             model.summary(input_shape=(1, 28, 28))
+            ```
         """
         shapes = self._output_shapes(input_shape, example_input)
         rows = [("Layer (type)", "Output Shape", "Param #")]
@@ -503,11 +507,12 @@ class Model(nn.Module):
         ``suggestion`` (a tenth of the rate where the smoothed loss is lowest; None if the
         loss never fell), the ``rule`` used, and ``plot(path)``.
 
-        Example::
-
+        Example:
+            ```python
             found = model.find_learning_rate(x, y, batch_size=64)
             found.plot("lr_range.png")
             model.learning_rate = found.suggestion
+            ```
         """
         from torcheras.lr_finder import find_learning_rate
 
@@ -525,13 +530,14 @@ class Model(nn.Module):
         synchronisation) until the logs are read; History, CSVLogger, TensorBoard and the
         progress bar show it. Under torchrun, log the same names on every rank.
 
-        Example::
-
+        Example:
+            ```python
             class MyModel(torcheras.Model):
                 def train_step(self, batch):
                     logs = super().train_step(batch)
                     self.log("weight_norm", torch.linalg.vector_norm(self.module[0].weight))
                     return logs
+            ```
         """
         collector = self._log_to
         if collector is None:
@@ -581,12 +587,13 @@ class Model(nn.Module):
         they stay readable after the step). Override it for a custom update (and
         call ``super().optimizer_step()`` to keep clipping, loss scaling and accumulation).
 
-        Example::
-
+        Example:
+            ```python
             class MyModel(torcheras.Model):
                 def optimizer_step(self):
                     print(self.loop.optimizer_steps)
                     super().optimizer_step()
+            ```
         """
         optimizer = self.optimizer
         if optimizer is None or self.loop.accumulating:

@@ -105,9 +105,10 @@ def plot_curves(
     ``stop_reason`` is given) marked. Returns the matplotlib ``Figure``; saves it to ``path``
     (PNG, SVG or PDF by its suffix) when given.
 
-    Example::
-
+    Example:
+        ```python
         fig = plot_curves(curves_from_csv("runs/a/log.csv"), path="runs/a/curves.png")
+        ```
     """
     try:
         from matplotlib.figure import Figure

@@ -49,8 +49,8 @@ class Precision:
         global_clipnorm: clip all gradients together to this global L2 norm.
         clipvalue: clip every gradient element to ``[-clipvalue, clipvalue]``.
 
-    Example::
-
+    Example:
+        ```python
         precision = Precision("16-mixed", torch.device("cuda"), global_clipnorm=1.0)
         with precision.autocast():
             loss = loss_fn(net(x), y)
@@ -58,6 +58,7 @@ class Precision:
         precision.unscale(optimizer)
         precision.clip(optimizer)
         precision.step(optimizer)
+        ```
     """
 
     def __init__(

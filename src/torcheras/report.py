@@ -113,12 +113,13 @@ def write_report(
 ) -> Path:
     """Write ``RUN_DIR/report.html`` (or ``output``) and return its path.
 
-    Example::
-
+    Example:
+        ```python
         history = model.fit(..., callbacks=[CSVLogger("runs/a/log.csv"),
                                             ModelCheckpoint("runs/a/best.pt")])
         history.save("runs/a/history.json")  # adds the stop reason and hyper-parameters
         write_report("runs/a")               # or: torcheras report runs/a
+        ```
     """
     run = Path(run_dir)
     if not run.is_dir():

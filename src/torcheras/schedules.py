@@ -3,10 +3,11 @@
 Each returns ``schedule(epoch, lr=None) -> float`` (0-based epoch), so it also works per batch
 with ``interval="batch"`` (then the argument is the global batch index).
 
-Example::
-
+Example:
+    ```python
     from torcheras import schedules
     LearningRateScheduler(schedules.cosine_annealing(1e-3, total=50, warmup=5))
+    ```
 """
 
 from __future__ import annotations

@@ -46,11 +46,12 @@ class BackupAndRestore(Callback):
     Ctrl-C ``KeyboardInterrupt``; a second Ctrl-C interrupts at once. Exactness needs the same
     script, device and thread count; with a ``DataLoader``, ``num_workers`` must not change.
 
-    Example::
-
+    Example:
+        ```python
         backup = BackupAndRestore("runs/backup", save_freq=100)
         model.fit(x, y, epochs=50, callbacks=[backup, CSVLogger("log.csv")])
         # killed? run the same script again: it resumes at the last backup
+        ```
     """
 
     state_key_attributes = ("backup_dir",)

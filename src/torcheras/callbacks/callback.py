@@ -20,13 +20,14 @@ class Callback:
     ``on_exception(exc)`` before an exception leaves ``fit``, and ``state_dict`` /
     ``load_state_dict`` make a resumed run decide exactly as an uninterrupted one.
 
-    Example::
-
+    Example:
+        ```python
         class PrintLoss(Callback):
             def on_epoch_end(self, epoch, logs=None):
                 print(f"epoch {epoch + 1}: loss={logs['loss']:.4f}")
 
         model.fit(x, y, epochs=3, callbacks=[PrintLoss()])
+        ```
     """
 
     _model: Any = None
@@ -132,12 +133,13 @@ class Callback:
         and say why: ``History.stop_reason`` and a verbose fit's last line read
         ``"<ClassName>: <reason>"`` (the first reason given wins).
 
-        Example::
-
+        Example:
+            ```python
             class StopAtAccuracy(Callback):
                 def on_epoch_end(self, epoch, logs=None):
                     if logs["accuracy"] > 0.99:
                         self.stop_training(f"accuracy {logs['accuracy']:.3f} > 0.99")
+            ```
         """
         model = self.model
         model.stop_training = True

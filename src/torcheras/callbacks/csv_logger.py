@@ -29,10 +29,11 @@ class CSVLogger(Callback):
     exception leaves ``fit``. A run resumed by BackupAndRestore cuts the file back to the backup,
     so every epoch has one row.
 
-    Example::
-
+    Example:
+        ```python
         model.fit(x, y, epochs=10, validation_split=0.2, callbacks=[CSVLogger("log.csv")])
         rows = list(csv.DictReader(open("log.csv")))
+        ```
     """
 
     state_key_attributes = ("filename",)

@@ -41,11 +41,12 @@ class EarlyStopping(Callback):
     After training: ``stopped_epoch`` (0-based, 0 if it never stopped), ``best``,
     ``best_epoch`` and ``wait``.
 
-    Example::
-
+    Example:
+        ```python
         stop = EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True)
         model.fit(x, y, epochs=100, validation_split=0.2, callbacks=[stop])
         print(stop.stopped_epoch, stop.best)
+        ```
     """
 
     state_key_attributes = ("monitor",)

@@ -40,9 +40,10 @@ class GradientMonitor(Callback):
         stop_on_nonfinite: stop training (``History.stop_reason`` names the layer) when a
             gradient is NaN or infinite; otherwise warn.
 
-    Example::
-
+    Example:
+        ```python
         model.fit(x, y, epochs=10, callbacks=[GradientMonitor(every_n_steps=20)])
+        ```
     """
 
     state_key_attributes = ("every_n_steps",)

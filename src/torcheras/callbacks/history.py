@@ -22,10 +22,11 @@ class History(Callback):
     (``"EarlyStopping: val_loss did not improve for 3 epochs; best 0.412 at epoch 7"``), or is
     None when every epoch ran.
 
-    Example::
-
+    Example:
+        ```python
         history = model.fit(x, y, epochs=5, validation_split=0.2)
         best = min(history.history["val_loss"])
+        ```
     """
 
     def __init__(self) -> None:
@@ -55,10 +56,11 @@ class History(Callback):
         training stopped; save to ``path`` (PNG/SVG/PDF) when given. Returns the matplotlib
         ``Figure`` (needs the ``plot`` extra).
 
-        Example::
-
+        Example:
+            ```python
             history = model.fit(x, y, epochs=20, validation_split=0.2)
             history.plot("curves.png")
+            ```
         """
         from torcheras import plots
 

@@ -35,11 +35,12 @@ class ImageLogger(Callback):
         scale: enlarge small images in the PNG (nearest neighbour).
         name: the file prefix and TensorBoard tag.
 
-    Example::
-
+    Example:
+        ```python
         noise = torch.randn(16, 32)
         show = ImageLogger(lambda m: m.generator(noise), "runs/gan/images", value_range=(-1, 1))
         gan.fit(x, epochs=20, callbacks=[show])
+        ```
     """
 
     rank_zero_only = True

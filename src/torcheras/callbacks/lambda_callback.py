@@ -17,10 +17,11 @@ class LambdaCallback(Callback):
     hooks as ``fn(batch, logs)``. Any other keyword (``on_test_begin=...``,
     ``on_after_backward=...``) becomes an attribute, so it overrides that hook too.
 
-    Example::
-
+    Example:
+        ```python
         log = LambdaCallback(on_epoch_end=lambda epoch, logs: print(epoch, logs["loss"]))
         model.fit(x, y, epochs=3, callbacks=[log])
+        ```
     """
 
     def __init__(

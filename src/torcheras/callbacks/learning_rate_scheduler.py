@@ -34,11 +34,12 @@ class LearningRateScheduler(Callback):
     torch's chainable schedulers (StepLR, ExponentialLR...), keep the plateau reductions; a
     schedule that returns absolute values overrides them at its next step.
 
-    Example::
-
+    Example:
+        ```python
         LearningRateScheduler(lambda epoch, lr: lr if epoch < 10 else lr * 0.9)
         LearningRateScheduler(torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=1000),
                               interval="batch")
+        ```
     """
 
     def __init__(self, schedule: Any, verbose: int = 0, interval: str = "epoch") -> None:

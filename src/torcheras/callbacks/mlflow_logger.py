@@ -41,11 +41,12 @@ class MLflowLogger(Callback):
 
     Under torchrun, rank 0 alone logs. ``self.run_id`` names the run.
 
-    Example::
-
+    Example:
+        ```python
         model.fit(x, y, epochs=10, callbacks=[
             ModelCheckpoint("best.pt", save_best_only=True),
             MLflowLogger("digits", tracking_uri="sqlite:///mlflow.db")])
+        ```
     """
 
     rank_zero_only = True

@@ -32,11 +32,12 @@ class ModelCheckpoint(Callback):
     Files are written atomically and load with ``torch.load(weights_only=True)`` or
     ``model.load_weights(path)``. ``best`` is kept across fits, as in Keras.
 
-    Example::
-
+    Example:
+        ```python
         ckpt = ModelCheckpoint("ckpt/best.pt", monitor="val_accuracy", save_best_only=True)
         model.fit(x, y, epochs=20, validation_split=0.2, callbacks=[ckpt])
         model.load_weights("ckpt/best.pt")
+        ```
     """
 
     state_key_attributes = ("filepath", "monitor")

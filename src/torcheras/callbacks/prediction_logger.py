@@ -48,10 +48,11 @@ class PredictionLogger(Callback):
 
     Under torchrun, rank 0 logs its part of the validation data.
 
-    Example::
-
+    Example:
+        ```python
         model.fit(x, y, validation_split=0.2, epochs=10,
                   callbacks=[PredictionLogger("runs/a/predictions", every_n_epochs=5)])
+        ```
     """
 
     rank_zero_only = True

@@ -67,9 +67,10 @@ class ProgbarLogger(Callback):
     line of each epoch only, as Keras does: clean lines, no carriage returns. ``interactive``
     forces either way (None: a terminal or a Jupyter kernel draws the live bar).
 
-    Example::
-
+    Example:
+        ```python
         model.fit(x, y, epochs=3, verbose=2)   # one line per epoch
+        ```
     """
 
     def __init__(self, refresh_interval: float = 0.1, interactive: bool | None = None) -> None:

@@ -41,10 +41,11 @@ class ReduceLROnPlateau(Callback):
     keep their ratio to it (:func:`torcheras.optimizers.set_learning_rate`). The epoch logs'
     ``learning_rate`` is the rate used during the epoch, before any reduction.
 
-    Example::
-
+    Example:
+        ```python
         reduce = ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5)
         model.fit(x, y, epochs=50, validation_split=0.2, callbacks=[reduce])
+        ```
     """
 
     state_key_attributes = ("monitor",)

@@ -22,10 +22,11 @@ class RemoteMonitor(Callback):
     warning, never the run; each request waits at most ``timeout`` seconds. Under torchrun,
     rank 0 alone sends.
 
-    Example::
-
+    Example:
+        ```python
         model.fit(x, y, epochs=10, callbacks=[RemoteMonitor("http://localhost:9000",
                                                              send_as_json=True)])
+        ```
     """
 
     rank_zero_only = True

@@ -20,11 +20,12 @@ class SwapEMAWeights(Callback):
     and of backups, and ``fit`` ends with it in the model (Keras's behaviour), whichever
     weights were in the model when training stopped.
 
-    Example::
-
+    Example:
+        ```python
         model.compile("adam", "mse", ema_momentum=0.99)
         model.fit(x, y, epochs=10, validation_split=0.2,
                   callbacks=[SwapEMAWeights(swap_on_epoch=True), ModelCheckpoint("ema.pt")])
+        ```
     """
 
     def __init__(self, swap_on_epoch: bool = False) -> None:

@@ -70,10 +70,11 @@ class TensorBoard(Callback):
     (0-based), validation ones under ``validation`` without the ``val_`` prefix, and
     ``evaluation_<metric>_vs_iterations`` at the global batch step.
 
-    Example::
-
+    Example:
+        ```python
         model.fit(x, y, epochs=10, validation_split=0.2, callbacks=[TensorBoard("runs/tb")])
         # then: tensorboard --logdir runs/tb
+        ```
     """
 
     state_key_attributes = ("log_dir",)

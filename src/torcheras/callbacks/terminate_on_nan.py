@@ -34,9 +34,10 @@ class TerminateOnNaN(Callback):
     next progress refresh) are the only difference, and with a NaN loss the weights are NaN
     either way.
 
-    Example::
-
+    Example:
+        ```python
         model.fit(x, y, epochs=10, callbacks=[TerminateOnNaN()])
+        ```
     """
 
     def __init__(self, raise_error: bool = False) -> None:

@@ -70,9 +70,10 @@ class Timer(Callback):
     training stops as with ``model.stop_training`` (the epoch ends, validation runs).
     ``History.stop_reason`` reads ``"Timer: budget of 1h30m spent at epoch 3, batch 17"``.
 
-    Example::
-
+    Example:
+        ```python
         model.fit(x, y, epochs=1000, callbacks=[Timer("1h30m"), BackupAndRestore("backup")])
+        ```
     """
 
     state_key_attributes = ("interval",)
