@@ -24,9 +24,11 @@ import argparse
 import glob
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -45,13 +47,21 @@ TARGETS = {"tiny-typical": 1.03, "tiny-verbose": 1.02, "wide-typical": 1.01}
 MARK = os.getppid  # the phase boundary callgrind dumps at
 
 
-def child(name: str) -> None:
+def child(name: str, native_seconds: float) -> None:
     """Inside Valgrind: warm up, then one epoch of the base and one of the other side."""
     torch.set_num_threads(1)
     _, index, setting = SETTINGS[name]
     w = overhead.WORKLOADS[index]
     if setting == "verbose":
-        base, other = overhead.quiet_and_bar(w)
+        # Valgrind runs ~50x slower: a bar redrawn every 0.1 s of its clock would redraw 50x
+        # more often per batch than natively. Stretch the interval by the measured slowdown so
+        # that it redraws as often per epoch as it does at native speed.
+        base, _ = overhead.quiet_and_bar(w)
+        base()
+        start = time.perf_counter()
+        base()
+        slowdown = (time.perf_counter() - start) / native_seconds
+        base, other = overhead.quiet_and_bar(w, refresh_interval=0.1 * slowdown)
         base()
         other()
         count_phases(base, other)
@@ -70,7 +80,20 @@ def count_phases(base: object, other: object) -> None:
     MARK()  # dump 3: the other epoch
 
 
-def measure(name: str, folder: str) -> tuple[int, int]:
+def native_epoch_seconds(name: str) -> float:
+    """The median wall time of three ``verbose=0`` epochs of the setting, at native speed."""
+    torch.set_num_threads(1)
+    base, _ = overhead.quiet_and_bar(overhead.WORKLOADS[SETTINGS[name][1]])
+    base()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        base()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, folder: str, native_seconds: float) -> tuple[int, int]:
     """Run one setting under callgrind; its (base, other) instruction counts."""
     out = os.path.join(folder, f"{name}.out")
     command = [
@@ -83,6 +106,7 @@ def measure(name: str, folder: str) -> tuple[int, int]:
         os.path.abspath(__file__),
         "--child",
         name,
+        f"--native-seconds={native_seconds}",
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -101,18 +125,20 @@ def measure(name: str, folder: str) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--native-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--only", default="", help="names containing this (e.g. tiny)")
     args = parser.parse_args()
     if args.child:
-        child(args.child)
+        child(args.child, args.native_seconds)
         return
     if shutil.which("valgrind") is None:
         print("instructions.py: valgrind is not installed (apt install valgrind); skipped")
         return
     names = [n for n in SETTINGS if args.only in n]
     folder = tempfile.mkdtemp()
+    native = {n: native_epoch_seconds(n) if SETTINGS[n][2] == "verbose" else 0.0 for n in names}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        counts = dict(zip(names, pool.map(lambda n: measure(n, folder), names)))
+        counts = dict(zip(names, pool.map(lambda n: measure(n, folder, native[n]), names)))
     print(f"torch {torch.__version__}, 1 thread; instructions of one epoch (callgrind)\n")
     print("| setting | raw (or verbose=0) instructions | fit instructions | ratio | target |")
     print("|---|---|---|---|---|")

@@ -281,8 +281,11 @@ def typical_callbacks(folder: str) -> list[cb.Callback]:
     ]
 
 
-def quiet_and_bar(w: Workload) -> tuple[Callable[[], None], Callable[[], None]]:
-    """An epoch of ``fit(verbose=0)`` and one with a live progress bar (as in a terminal)."""
+def quiet_and_bar(
+    w: Workload, refresh_interval: float = 0.1
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """An epoch of ``fit(verbose=0)`` and one with a live progress bar (as in a terminal),
+    redrawn every ``refresh_interval`` seconds (ProgbarLogger's default)."""
     x, y = make_data(w)
     torch.manual_seed(0)
     model = torcheras.Model(make_net(w.sizes))
@@ -299,7 +302,7 @@ def quiet_and_bar(w: Workload) -> tuple[Callable[[], None], Callable[[], None]]:
                 batch_size=w.batch_size,
                 epochs=1,
                 verbose=1,
-                callbacks=[cb.ProgbarLogger(interactive=True)],
+                callbacks=[cb.ProgbarLogger(refresh_interval, interactive=True)],
             )
 
     return quiet, bar
