@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -72,11 +73,11 @@ def child(name: str, native_seconds: float) -> None:
         count_phases(base, other)
 
 
-def count_phases(base: object, other: object) -> None:
+def count_phases(base: Callable[[], None], other: Callable[[], None]) -> None:
     MARK()  # dump 1: start-up and warm-up
-    base()  # type: ignore[operator]
+    base()
     MARK()  # dump 2: the base epoch
-    other()  # type: ignore[operator]
+    other()
     MARK()  # dump 3: the other epoch
 
 
