@@ -10,7 +10,7 @@ It measures CPU work, not time: memory stalls and the kernel's time in ``fsync``
 counted (both sides write the same files). Each setting runs in its own process under
 Valgrind (about 50 times slower than native; the settings run two at a time):
 
-    python benchmarks/instructions.py               # every setting, ~10 minutes on 2 cores
+    python benchmarks/instructions.py               # every setting, ~15 minutes on 2 cores
     python benchmarks/instructions.py --only tiny   # the tiny MLP's settings only
 
 How: callgrind writes its counters to a file (and zeroes them) each time the program enters
@@ -42,9 +42,10 @@ SETTINGS = {
     "tiny-none": ("tiny MLP 32-64-10, batch 64", 0, "none"),
     "tiny-typical": ("tiny MLP 32-64-10, batch 64 + typical callbacks", 0, "typical"),
     "tiny-verbose": ("tiny MLP 32-64-10, batch 64: verbose=1 / verbose=0", 0, "verbose"),
-    "wide-typical": ("wide MLP 256-1024-1024-10, batch 256 + typical callbacks", 1, "typical"),
 }
-TARGETS = {"tiny-typical": 1.03, "tiny-verbose": 1.02, "wide-typical": 1.01}
+# Not the wide MLP: its matrix products make one epoch take over 20 minutes under callgrind on
+# 2 cores; being compute-bound, its overhead is the smallest, and overhead.py times it.
+TARGETS = {"tiny-typical": 1.03, "tiny-verbose": 1.02}
 MARK = os.getppid  # the phase boundary callgrind dumps at
 
 
