@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared run for a lent GPU machine (torch, pytest-xdist, Lightning preinstalled):
 # the whole suite on CUDA, then the CUDA table (raw / torcheras / Lightning; no callbacks and
-# the typical set; data on the CPU and on the GPU; bf16-mixed, 16-mixed; jit_compile).
+# the typical set; data on the CPU and on the GPU; bf16-mixed, 16-mixed; jit_compile) on the
+# launch-bound tiny MLP (one round: raw between every peer, 5 runs a row, fits in 260 s).
 #   run: bash benchmarks/gpu_check.sh      results: $OUT/results_cuda.md (or benchmarks/)
 set -u
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,5 +29,5 @@ for r in range(ranks):
     diff = max((got[k] - single[k]).abs().max().item() for k in got)
     print(f"NCCL, {ranks} rank(s): rank {r} max |w - one process| = {diff:.2e}")
 EOF
-timeout 260 python benchmarks/peers.py --device cuda --workloads tiny,cnn --quick \
+timeout 260 python benchmarks/peers.py --device cuda --workloads tiny --quick \
     --output "$out/results_cuda.md" 2>&1 | tail -25
