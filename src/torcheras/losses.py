@@ -326,7 +326,7 @@ class SparseCategoricalCrossentropy(_KerasCrossentropy):
 
 def _fused_sparse_cce(y_pred: Tensor, y_true: Tensor) -> Tensor:
     if y_pred.dim() == 2 and y_true.dim() == 1:
-        return F.cross_entropy(y_pred, y_true if y_true.dtype == torch.int64 else y_true.long())
+        return F.cross_entropy(y_pred, class_labels(y_pred, y_true))
     return sparse_categorical_crossentropy(y_pred, y_true).mean()
 
 
