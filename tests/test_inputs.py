@@ -34,7 +34,7 @@ def started():
         ),
         ({"validation_split": 1.0}, ValueError, r"`validation_split` must be a float in \[0, 1\)"),
         ({"validation_split": -0.1}, ValueError, r"`validation_split`"),
-        ({"sample_weight": np.ones(3)}, ValueError, r"`sample_weight` has 3 values but `x` has 10"),
+        ({"sample_weight": np.ones(3)}, ValueError, r"`sample_weight` has 3 rows but `x` has 10"),
         ({"x": "data.csv"}, TypeError, r"`x` must be a numpy array, a tensor"),
         ({"y": None}, ValueError, r"`y` is required"),
         ({"batch_size": 0}, ValueError, r"`batch_size` must be a positive integer"),

@@ -140,6 +140,161 @@ def test_builtin_losses_reduce_weighted_samples_over_the_batch_size():
     assert _loss("mse", y_pred, y_true, [1.0, 0.5]) == pytest.approx((1.0 + 0.5 * 4.0) / 2)
 
 
+# ---- sequence outputs: a weight per time step (Keras's temporal sample weights) -------------
+
+N_SEQ, T_SEQ, C_SEQ = 6, 5, 4
+
+
+def _sequence_batch():
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(N_SEQ, T_SEQ, C_SEQ, generator=gen)  # Keras's layout (N, T, C)
+    labels = torch.randint(0, C_SEQ, (N_SEQ, T_SEQ), generator=gen)
+    weights = torch.rand(N_SEQ, T_SEQ, generator=gen)
+    weights[:, 3:] = 0.0  # a padding mask, the usual reason for weights per step
+    return logits, labels, weights
+
+
+class _Fixed(torcheras.Model):
+    """A "model" whose outputs are fixed: output ``index`` is ``outputs[index]``."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, index):
+        return self.outputs[index]
+
+
+def _per_step_cases():
+    logits, labels, _ = _sequence_batch()
+    targets = torch.randn(N_SEQ, T_SEQ, 3, generator=torch.Generator().manual_seed(2))
+    per_step_ce = F.cross_entropy(logits.movedim(-1, 1), labels, reduction="none")  # (N, T)
+    return {
+        "sparse_categorical_crossentropy": (logits, labels, per_step_ce),
+        "cross_entropy (N, C, T)": (logits.movedim(-1, 1), labels, per_step_ce),
+        "nn.CrossEntropyLoss (N, C, T)": (logits.movedim(-1, 1), labels, per_step_ce),
+        "mse (N, T, D)": (targets + 0.5, targets, (0.5**2) * torch.ones(N_SEQ, T_SEQ)),
+        "binary_crossentropy (N, T, 1)": (
+            logits[..., :1],
+            (labels[..., None] > 1).float(),
+            F.binary_cross_entropy_with_logits(
+                logits[..., :1], (labels[..., None] > 1).float(), reduction="none"
+            ).squeeze(-1),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_per_step_cases()))
+def test_a_weight_per_time_step_weighs_that_step_as_in_keras(case):
+    """sample_weight of shape (N, T) for outputs with one loss value per step: the loss is
+    sum(loss * weight) / (N * T), Keras's ``sum_over_batch_size`` (checked against Keras 3:
+    the same formula); a weight per sequence (N,) counts for each of its steps."""
+    outputs, targets, per_step = _per_step_cases()[case]
+    _, _, weights = _sequence_batch()
+    loss = nn.CrossEntropyLoss() if case.startswith("nn.") else case.split(" ")[0]
+    model = _Fixed(outputs)
+    model.compile(optimizer=None, loss=loss, device="cpu")
+    index = torch.arange(N_SEQ)
+    expected = float((per_step * weights).sum() / per_step.numel())
+    got = model.evaluate(index, targets, sample_weight=weights, batch_size=4, verbose=0)
+    assert got == pytest.approx(expected, rel=RTOL)
+    per_sequence = torch.linspace(0.5, 2.0, N_SEQ)
+    expected = float((per_step * per_sequence[:, None]).sum() / per_step.numel())
+    got = model.evaluate(index, targets, sample_weight=per_sequence, batch_size=N_SEQ, verbose=0)
+    assert got == pytest.approx(expected, rel=RTOL)
+
+
+def test_weighted_accuracy_with_a_weight_per_step_is_keras_weighted_mean():
+    logits, labels, weights = _sequence_batch()
+    model = _Fixed(logits)
+    model.compile(
+        optimizer=None,
+        loss="sparse_categorical_crossentropy",
+        weighted_metrics=["accuracy"],
+        device="cpu",
+    )
+    logs = model.evaluate(
+        torch.arange(N_SEQ), labels, sample_weight=weights, batch_size=4, verbose=0,
+        return_dict=True,
+    )  # fmt: skip
+    correct = (logits.argmax(-1) == labels).float()
+    assert logs["accuracy"] == pytest.approx(float((correct * weights).sum() / weights.sum()))
+
+
+def test_class_weight_on_sequence_labels_weighs_each_step_by_its_class():
+    """class_weight with labels (N, T): each step weighs what its class does (Keras fails on
+    these targets; its argmax rule would weigh by the position of the largest label). Training
+    with it is training with the per-step weights spelled out; -100 padding is allowed."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(32, T_SEQ, 3, generator=gen)
+    labels = torch.randint(0, C_SEQ, (32, T_SEQ), generator=gen)
+    labels[:, -1] = -100
+    class_weight = {0: 0.5, 1: 1.0, 2: 3.0, 3: 1.5}
+    table = torch.tensor([class_weight[c] for c in range(C_SEQ)])
+    spelled_out = torch.where(labels == -100, 1.0, table[labels.clamp_min(0)])
+
+    def train(**weights):
+        torch.manual_seed(0)
+        model = torcheras.Model(nn.Linear(3, C_SEQ))
+        model.compile(optimizer="sgd", learning_rate=0.1, loss="sparse_categorical_crossentropy",
+                      device="cpu")  # fmt: skip
+        history = model.fit(x, labels, batch_size=8, epochs=2, shuffle=False, verbose=0, **weights)
+        return history.history["loss"], model.module.weight.detach().clone()
+
+    losses_cw, weight_cw = train(class_weight=class_weight)
+    losses_sw, weight_sw = train(sample_weight=spelled_out)
+    losses_none, _ = train()
+    assert losses_cw == pytest.approx(losses_sw, rel=RTOL)
+    torch.testing.assert_close(weight_cw, weight_sw)
+    assert losses_cw != pytest.approx(losses_none, rel=1e-3)
+
+
+def test_one_hot_sequence_targets_take_the_class_weight_of_their_argmax():
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(N_SEQ, T_SEQ, C_SEQ, generator=gen)
+    labels = torch.randint(0, C_SEQ, (N_SEQ, T_SEQ), generator=gen)
+    from torcheras.data import _class_weights
+
+    class_weight = {0: 2.0, 3: 0.25}
+    expected = torch.tensor([2.0, 1.0, 1.0, 0.25])[labels]
+    one_hot = F.one_hot(labels, C_SEQ)
+    torch.testing.assert_close(_class_weights(one_hot.float(), class_weight, None), expected)
+    torch.testing.assert_close(
+        _class_weights(one_hot, class_weight, None, one_hot=True), expected
+    )  # integer one-hot rows (F.one_hot) with a categorical loss
+    torch.testing.assert_close(_class_weights(labels, class_weight, None), expected)
+    assert logits.shape[:2] == expected.shape
+
+
+def test_a_weight_per_step_with_a_loss_that_gives_one_value_per_sample_is_a_clear_error():
+    logits, labels, weights = _sequence_batch()
+
+    def per_sequence(y_pred, y_true):  # one value per sequence: steps cannot be weighed
+        return F.cross_entropy(y_pred.movedim(-1, 1), y_true, reduction="none").mean(dim=1)
+
+    model = _Fixed(logits)
+    model.compile(optimizer=None, loss=per_sequence, device="cpu")
+    with pytest.raises(ValueError, match=r"sample_weight of shape \(4, 5\) does not fit"):
+        model.evaluate(torch.arange(N_SEQ), labels, sample_weight=weights, batch_size=4,
+                       verbose=0)  # fmt: skip
+
+
+def test_sparse_top_k_accuracy_on_sequences_counts_each_step():
+    """(N, T, C) outputs and (N, T) labels: a hit or miss per step, as Keras's metric (it was
+    a shape error)."""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(N_SEQ, T_SEQ, 8, generator=gen)
+    labels = torch.randint(0, 8, (N_SEQ, T_SEQ), generator=gen)
+    model = _Fixed(logits)
+    model.compile(optimizer=None, loss="sparse_categorical_crossentropy",
+                  metrics=["sparse_top_k_categorical_accuracy"], device="cpu")  # fmt: skip
+    logs = model.evaluate(torch.arange(N_SEQ), labels, batch_size=4, verbose=0,
+                          return_dict=True)  # fmt: skip
+    hit = (logits.topk(5, dim=-1).indices == labels[..., None]).any(-1).float()  # Keras's k=5
+    assert 0 < float(hit.mean()) < 1
+    assert logs["sparse_top_k_categorical_accuracy"] == pytest.approx(float(hit.mean()))
+
+
 # ---- integer labels of any dtype, and labels of the wrong form -----------------------------
 
 

@@ -27,6 +27,8 @@ from torch.utils.data import (
     Subset,
 )
 
+from torcheras.losses import IGNORE_INDEX
+
 __all__ = [
     "ArraySource",
     "IterableSource",
@@ -364,9 +366,10 @@ class ArraySource:
             part(slice(n_train, None), False, None),
         )
 
-    def apply_class_weight(self, class_weight: Mapping[Any, float]) -> None:
-        """Multiply the sample weights by each sample's class weight (training data only)."""
-        self.sample_weight = _class_weights(self.y, class_weight, self.sample_weight)
+    def apply_class_weight(self, class_weight: Mapping[Any, float], one_hot: bool = False) -> None:
+        """Multiply the sample weights by each sample's (or position's) class weight (training
+        data only); ``one_hot``: the targets are one-hot rows, whatever their dtype."""
+        self.sample_weight = _class_weights(self.y, class_weight, self.sample_weight, one_hot)
         self._set_parts()
 
 
@@ -640,10 +643,12 @@ def make_source(
             )
         weights = None
         if sample_weight is not None:
-            weights = _as_tensor(sample_weight, "sample_weight").float().reshape(-1)
-            if weights.shape[0] != n:
+            weights = _as_tensor(sample_weight, "sample_weight").float()
+            if weights.dim() == 0 or weights.shape[0] != n:
+                size = weights.shape[0] if weights.dim() else "a single value (0-d)"
                 raise ValueError(
-                    f"`sample_weight` has {weights.shape[0]} values but `{name}` has {n} samples."
+                    f"`sample_weight` has {size} rows but `{name}` has {n} samples: give one "
+                    "weight per sample (N,), or one per position (N, T) for sequence outputs."
                 )
         return ArraySource(inputs, targets, weights, batch_size or 32, shuffle, steps, name)
     if isinstance(x, Iterable) and not isinstance(x, (str, bytes)):
@@ -692,21 +697,42 @@ def check_class_weight(class_weight: Any) -> dict[int, float]:
 
 
 def _class_weights(
-    targets: Structure | None, class_weight: Mapping[Any, float], weights: torch.Tensor | None
+    targets: Structure | None,
+    class_weight: Mapping[Any, float],
+    weights: torch.Tensor | None,
+    one_hot: bool = False,
 ) -> torch.Tensor:
+    """The weight of each target's class, times ``weights``: one per sample, or one per
+    position for sequence labels ``(N, T)`` (Keras's temporal sample weights). One-hot or
+    probability targets (floats whose last axis has more than one entry, or any targets when
+    ``one_hot``, the compiled loss being categorical) give their argmax's class; a label of
+    -100 (ignored by the cross-entropies) gets weight 1 and counts for nothing anyway."""
     class_weight = check_class_weight(class_weight)
     if not isinstance(targets, torch.Tensor):
         raise ValueError("`class_weight` needs a single target array `y`.")
     labels = targets
-    if labels.dim() > 1 and labels.shape[-1] > 1:
+    if labels.dim() > 1 and labels.shape[-1] > 1 and (one_hot or labels.is_floating_point()):
         labels = labels.argmax(dim=-1)
-    labels = labels.reshape(labels.shape[0], -1)[:, 0].long()
-    n_classes = int(labels.max()) + 1
-    table = torch.ones(max(n_classes, max(class_weight, default=-1) + 1))
+    elif labels.dim() > 1 and labels.shape[-1] == 1:
+        labels = labels.squeeze(-1)
+    labels = labels.long()
+    kept = labels[labels != IGNORE_INDEX]
+    if kept.numel() and int(kept.min()) < 0:
+        raise ValueError(
+            f"`class_weight` needs class indices in `y`; found the label {int(kept.min())}."
+        )
+    n_classes = int(kept.max()) + 1 if kept.numel() else 0
+    table = torch.ones(max(n_classes, max(class_weight, default=-1) + 1, 1))
     for cls, w in class_weight.items():
         table[int(cls)] = float(w)
-    per_sample = table[labels]
-    return per_sample if weights is None else per_sample * weights
+    per_label = table[labels.clamp_min(0)]
+    if weights is None:
+        return per_label
+    if weights.dim() < per_label.dim():  # a weight per sample, a class weight per position
+        weights = weights.reshape(weights.shape + (1,) * (per_label.dim() - weights.dim()))
+    elif per_label.dim() < weights.dim():  # the converse
+        per_label = per_label.reshape(per_label.shape + (1,) * (weights.dim() - per_label.dim()))
+    return per_label * weights
 
 
 def _split_dataset(dataset: Dataset, fraction: float) -> tuple[Subset, Subset]:
@@ -755,11 +781,13 @@ def make_fit_sources(
     validation_batch_size: int | None,
     validation_freq: Any,
     need_y: bool = True,
+    one_hot_targets: bool = False,
 ) -> tuple[ArraySource | IterableSource, ArraySource | IterableSource | None]:
     """``fit``'s training and validation sources; every data argument is checked here.
 
     ``validation_split`` is taken before ``class_weight`` is applied: validation is never
-    class-weighted (Keras).
+    class-weighted (Keras). ``one_hot_targets``: the compiled loss takes one-hot rows, so
+    ``class_weight`` reads integer rows as one-hot too (floats always are).
     """
     if not (
         isinstance(validation_split, numbers.Real)
@@ -840,7 +868,7 @@ def make_fit_sources(
             val.batch_size = validation_batch_size
             val._set_parts()
     if class_weight is not None:
-        train.apply_class_weight(class_weight)  # type: ignore[union-attr]
+        train.apply_class_weight(class_weight, one_hot_targets)  # type: ignore[union-attr]
     return train, val
 
 

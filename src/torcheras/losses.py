@@ -13,10 +13,12 @@ passed to ``compile(loss=...)`` into a :class:`CompiledLoss`, which computes one
 
 Sample weights (``sample_weight=``, and ``class_weight=`` turned into sample weights) combine
 as in Keras: they multiply each sample's loss in the numerator, and the denominator stays what
-the loss divides by without them — the batch size for the built-ins (Keras's
+the loss divides by without them — the number of loss values for the built-ins (Keras's
 ``sum_over_batch_size``), torch's own divisor for a module (``sum(weight[y])`` over the samples
 not ignored, for ``CrossEntropyLoss(weight=...)``), nothing for ``reduction="sum"``. With all
-weights 1 the result is exactly the unweighted loss.
+weights 1 the result is exactly the unweighted loss. A built-in gives one value per sample, or
+per time step of a sequence (``(N, T, C)`` outputs, as Keras's losses do), so weights of shape
+``(N, T)`` weigh each step (Keras's temporal sample weights).
 
 Integer labels of any integer dtype (``uint8``, ``int16``, ``int32``...) are cast to int64 for
 the cross-entropies.
@@ -61,9 +63,11 @@ def _match_shape(y_pred: Tensor, y_true: Tensor) -> Tensor:
     return y_true.to(y_pred.dtype) if y_pred.is_floating_point() else y_true
 
 
-def _per_sample(values: Tensor) -> Tensor:
-    """Mean over every axis but the batch axis."""
-    return values.reshape(values.shape[0], -1).mean(dim=1) if values.dim() > 1 else values
+def _mean_last_axis(values: Tensor) -> Tensor:
+    """Keras's per-position loss of an elementwise one: the mean over the last (feature) axis,
+    so ``(N, D)`` gives one value per sample and ``(N, T, D)`` one per time step. ``(N,)``
+    values are one per sample already."""
+    return values.mean(dim=-1) if values.dim() > 1 else values
 
 
 def class_labels(y_pred: Tensor, y_true: Tensor) -> Tensor:
@@ -73,7 +77,7 @@ def class_labels(y_pred: Tensor, y_true: Tensor) -> Tensor:
     return y_true if y_true.dtype == torch.int64 else y_true.long()
 
 
-# ---- per-sample built-ins (Keras's formulas) ------------------------------------------------
+# ---- built-ins: one value per sample, or per position of a sequence (Keras's formulas) -----
 
 
 def sparse_categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
@@ -85,86 +89,86 @@ def sparse_categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
 
 
 def _mean_over_kept_labels(values: Tensor, labels: Tensor) -> Tensor:
-    """Per-sample values whose batch mean is the mean over the labels not ignored (-100), as
+    """Values (one per label) whose mean is the mean over the labels not ignored (-100), as
     ``F.cross_entropy``'s own mean (and Keras's masked mean). Without ignored labels the scale
     is exactly 1; no host sync."""
-    return _per_sample(values) * (labels.numel() / (labels != IGNORE_INDEX).sum())
+    return values * (labels.numel() / (labels != IGNORE_INDEX).sum())
 
 
 def cross_entropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
     """torch's ``cross_entropy``: class labels, or class probabilities of ``y_pred``'s shape.
     Labels of -100 (torch's ``ignore_index``, padding) count for nothing, as in torch."""
     if y_true.is_floating_point() and y_true.shape == y_pred.shape:
-        return _per_sample(F.cross_entropy(y_pred, y_true, reduction="none"))
+        return F.cross_entropy(y_pred, y_true, reduction="none")
     labels = class_labels(y_pred, y_true)
     return _mean_over_kept_labels(F.cross_entropy(y_pred, labels, reduction="none"), labels)
 
 
 def categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    return _per_sample(-(y_true.to(y_pred.dtype) * F.log_softmax(y_pred, dim=-1)).sum(dim=-1))
+    return -(y_true.to(y_pred.dtype) * F.log_softmax(y_pred, dim=-1)).sum(dim=-1)
 
 
 def binary_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
-    return _per_sample(F.binary_cross_entropy_with_logits(y_pred, y_true, reduction="none"))
+    return _mean_last_axis(F.binary_cross_entropy_with_logits(y_pred, y_true, reduction="none"))
 
 
 def _binary_crossentropy_probs(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
     p = y_pred.clamp(EPSILON, 1 - EPSILON)
-    return _per_sample(-(y_true * p.log() + (1 - y_true) * (1 - p).log()))
+    return _mean_last_axis(-(y_true * p.log() + (1 - y_true) * (1 - p).log()))
 
 
 def _categorical_crossentropy_probs(y_pred: Tensor, y_true: Tensor) -> Tensor:
     p = (y_pred / y_pred.sum(dim=-1, keepdim=True)).clamp(EPSILON, 1 - EPSILON)
-    return _per_sample(-(y_true.to(y_pred.dtype) * p.log()).sum(dim=-1))
+    return -(y_true.to(y_pred.dtype) * p.log()).sum(dim=-1)
 
 
 def _sparse_categorical_crossentropy_probs(y_pred: Tensor, y_true: Tensor) -> Tensor:
     labels = class_labels(y_pred, y_true)
     p = (y_pred / y_pred.sum(dim=-1, keepdim=True)).clamp(EPSILON, 1 - EPSILON)
-    return _per_sample(-p.log().gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+    return -p.log().gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 def mean_squared_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    return _per_sample((y_pred - _match_shape(y_pred, y_true)).square())
+    return _mean_last_axis((y_pred - _match_shape(y_pred, y_true)).square())
 
 
 def mean_absolute_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    return _per_sample((y_pred - _match_shape(y_pred, y_true)).abs())
+    return _mean_last_axis((y_pred - _match_shape(y_pred, y_true)).abs())
 
 
 def mean_absolute_percentage_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
-    return _per_sample(100.0 * ((y_true - y_pred) / y_true.abs().clamp_min(EPSILON)).abs())
+    return _mean_last_axis(100.0 * ((y_true - y_pred) / y_true.abs().clamp_min(EPSILON)).abs())
 
 
 def mean_squared_logarithmic_error(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
-    return _per_sample(
+    return _mean_last_axis(
         (torch.log1p(y_pred.clamp_min(EPSILON)) - torch.log1p(y_true.clamp_min(EPSILON))).square()
     )
 
 
 def huber(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    return _per_sample(F.huber_loss(y_pred, _match_shape(y_pred, y_true), reduction="none"))
+    return _mean_last_axis(F.huber_loss(y_pred, _match_shape(y_pred, y_true), reduction="none"))
 
 
 def log_cosh(y_pred: Tensor, y_true: Tensor) -> Tensor:
     diff = y_pred - _match_shape(y_pred, y_true)
-    return _per_sample(diff + F.softplus(-2.0 * diff) - math.log(2.0))
+    return _mean_last_axis(diff + F.softplus(-2.0 * diff) - math.log(2.0))
 
 
 def kl_divergence(y_pred: Tensor, y_true: Tensor) -> Tensor:
     """Keras's KL divergence of two probability distributions (both clipped to [1e-7, 1])."""
     y_true = _match_shape(y_pred, y_true).clamp(EPSILON, 1)
     p = y_pred.clamp(EPSILON, 1)
-    return _per_sample((y_true * (y_true / p).log()).sum(dim=-1))
+    return (y_true * (y_true / p).log()).sum(dim=-1)
 
 
 def poisson(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _match_shape(y_pred, y_true)
-    return _per_sample(y_pred - y_true * torch.log(y_pred + EPSILON))
+    return _mean_last_axis(y_pred - y_true * torch.log(y_pred + EPSILON))
 
 
 def _hinge_labels(y_true: Tensor) -> Tensor:
@@ -174,29 +178,29 @@ def _hinge_labels(y_true: Tensor) -> Tensor:
 
 def hinge(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _hinge_labels(_match_shape(y_pred, y_true))
-    return _per_sample(F.relu(1.0 - y_true * y_pred))
+    return _mean_last_axis(F.relu(1.0 - y_true * y_pred))
 
 
 def squared_hinge(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = _hinge_labels(_match_shape(y_pred, y_true))
-    return _per_sample(F.relu(1.0 - y_true * y_pred).square())
+    return _mean_last_axis(F.relu(1.0 - y_true * y_pred).square())
 
 
 def categorical_hinge(y_pred: Tensor, y_true: Tensor) -> Tensor:
     y_true = y_true.to(y_pred.dtype)
     positive = (y_true * y_pred).sum(dim=-1)
     negative = ((1.0 - y_true) * y_pred).amax(dim=-1)
-    return _per_sample(F.relu(negative - positive + 1.0))
+    return F.relu(negative - positive + 1.0)
 
 
 def cosine_similarity(y_pred: Tensor, y_true: Tensor) -> Tensor:
     """Keras's loss: minus the cosine similarity (so -1 is a perfect match)."""
     y_true = _match_shape(y_pred, y_true)
-    return _per_sample(-(F.normalize(y_true, dim=-1) * F.normalize(y_pred, dim=-1)).sum(dim=-1))
+    return -(F.normalize(y_true, dim=-1) * F.normalize(y_pred, dim=-1)).sum(dim=-1)
 
 
 def nll_loss(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    return _per_sample(F.nll_loss(y_pred, class_labels(y_pred, y_true), reduction="none"))
+    return F.nll_loss(y_pred, class_labels(y_pred, y_true), reduction="none")
 
 
 LOSSES: dict[str, LossFn] = {
@@ -435,9 +439,7 @@ class CompiledLoss:
             values = module(y_pred, y_true)
         finally:
             module.reduction = reduction  # type: ignore[union-attr]
-        weights = sample_weight.to(values.dtype).reshape(-1)
-        per_sample = values.reshape(weights.shape[0], -1).sum(dim=1)
-        numerator = (per_sample * weights).sum()
+        numerator = (values * weights_like(values, sample_weight)).sum()
         if reduction == "sum":
             return numerator
         return numerator / _torch_mean_divisor(module, y_pred, y_true, values)
@@ -470,9 +472,12 @@ def _torch_mean_divisor(module: nn.Module, y_pred: Tensor, y_true: Tensor, value
 
 
 def reduce_loss(values: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-    """Reduce per-sample losses to one value: Keras's ``sum_over_batch_size``.
+    """Reduce a loss's values (one per sample, or per position of a sequence) to one value:
+    Keras's ``sum_over_batch_size``.
 
-    With weights the result is ``sum(loss * weight) / batch_size``, as in Keras.
+    With weights the result is ``sum(loss * weight) / values.numel()``, as in Keras: a weight
+    per sample ``(N,)`` counts for each of the sample's positions, a weight per position
+    ``(N, T)`` (Keras's temporal sample weights, a padding mask) for that position.
     """
     if values.dim() == 0:
         if sample_weight is not None:
@@ -484,8 +489,24 @@ def reduce_loss(values: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         return values
     if sample_weight is None:
         return values.mean()
-    weights = sample_weight.to(values.dtype).reshape(-1)
-    return (values.reshape(weights.shape[0], -1).mean(dim=1) * weights).sum() / weights.shape[0]
+    return (values * weights_like(values, sample_weight)).sum() / values.numel()
+
+
+def weights_like(values: Tensor, sample_weight: Tensor) -> Tensor:
+    """``sample_weight`` shaped to multiply ``values``: one weight per sample (``(N,)`` or
+    ``(N, 1)``) spreads over the sample's positions; weights of shape ``(N, T, ...)`` must
+    match the leading axes of ``values``. A ValueError names the two shapes otherwise."""
+    weights = sample_weight.to(values.dtype)
+    if weights.dim() > 1 and weights.numel() == weights.shape[0]:
+        weights = weights.reshape(-1)  # (N, 1): one per sample
+    if weights.shape != values.shape[: weights.dim()]:
+        raise ValueError(
+            f"sample_weight of shape {tuple(sample_weight.shape)} does not fit the loss values "
+            f"of shape {tuple(values.shape)}: give one weight per sample (N,), or one per "
+            "position (N, T) for a loss with one value per time step (the output (N, T, C) of "
+            "a sequence model, with targets (N, T))."
+        )
+    return weights.reshape(weights.shape + (1,) * (values.dim() - weights.dim()))
 
 
 def _check_sparse_labels(name: str, y_pred: Tensor, y_true: Tensor, torch_module: bool) -> None:

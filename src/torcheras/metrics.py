@@ -81,10 +81,10 @@ class MeanMetric(Metric):
                     else 1
                 )
                 total, count = values * n, float(n)
-            elif sample_weight is not None:
-                w = sample_weight.reshape(-1).to(values.dtype)
-                values = values.reshape(w.shape[0], -1).mean(dim=1)
-                total, count = (values * w).sum(), w.sum()
+            elif sample_weight is not None:  # Keras: sum(value * weight) / sum(weight)
+                w = losses.weights_like(values, sample_weight)
+                total = (values * w).sum()
+                count = w.sum() * (values.numel() // w.numel())
             else:
                 total, count = values.sum(), float(values.numel())
             if self._total is None:
@@ -258,7 +258,10 @@ def _binary_accuracy(threshold: float) -> Callable[[Tensor, Tensor], Tensor]:
 
 def _top_k(k: int, sparse: bool) -> Callable[[Tensor, Tensor], Tensor]:
     def top_k(y_pred: Tensor, y_true: Tensor) -> Tensor:
-        target = y_true.reshape(-1) if sparse else y_true.argmax(dim=-1)
+        if sparse:  # one label per position: (N,), (N, 1), or (N, T) for (N, T, C) outputs
+            target = y_true.squeeze(-1) if y_true.dim() == y_pred.dim() else y_true
+        else:
+            target = y_true.argmax(dim=-1)
         top = y_pred.topk(min(k, y_pred.shape[-1]), dim=-1).indices
         return (top == target.unsqueeze(-1).long()).any(dim=-1).float()
 

@@ -768,6 +768,7 @@ class Model(nn.Module):
             validation_batch_size=validation_batch_size,
             validation_freq=validation_freq,
             need_y=default_step,
+            one_hot_targets=getattr(self.compiled_loss, "target", None) == "categorical",
         )
         callback_list = CallbackList(
             callbacks,
