@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ __all__ = [
     "BinaryCrossentropy",
     "CategoricalCrossentropy",
     "CompiledLoss",
+    "MultiOutputLoss",
     "SparseCategoricalCrossentropy",
     "get",
     "output_kind",
@@ -459,6 +460,120 @@ class CompiledLoss:
         return f"CompiledLoss({self.name!r}, output_kind={self.output_kind!r})"
 
 
+class MultiOutputLoss(CompiledLoss):
+    """Keras's loss for a model with several outputs: one loss per output, each computed on
+    that output and its targets, weighted by ``loss_weights`` (1 by default) and summed.
+
+    ``losses`` is a dict keyed by the names of a dict of outputs, or a list in the order of a
+    tuple of outputs (named ``output_0``, ``output_1``, ...); an output without a loss is not
+    trained on. The logs get ``loss`` (the weighted sum) and each output's unweighted loss as
+    ``<output>_loss``, as in Keras.
+
+    Example:
+        ```python
+        model.compile("adam", loss={"label": "sparse_categorical_crossentropy", "box": "mse"},
+                      loss_weights={"box": 0.5}, metrics={"label": ["accuracy"]})
+        model.fit(x, {"label": labels, "box": boxes})
+        ```
+    """
+
+    def __init__(
+        self, losses: Mapping[Any, Any] | list[Any] | tuple[Any, ...], loss_weights: Any = None
+    ) -> None:
+        keyed = dict(losses) if isinstance(losses, Mapping) else dict(enumerate(losses))
+        if not keyed:
+            raise ValueError("`loss` is an empty dict/list: give one loss per output.")
+        self.parts = {key: get(value) for key, value in keyed.items() if value is not None}
+        self.weights = _loss_weights(keyed, loss_weights)
+        self.log_names = {key: f"{output_name(key)}_loss" for key in self.parts}
+        super().__init__(self._total, "multi_output_loss", output_kind=None)
+
+    def _total(self, y_pred: Any, y_true: Any) -> Tensor:
+        return self(y_pred, y_true)
+
+    def __call__(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> Tensor:
+        return self.with_parts(y_pred, y_true, sample_weight)[0]
+
+    def with_parts(
+        self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted sum, and each output's own loss by its log name (``<output>_loss``)."""
+        parts: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for key, loss in self.parts.items():
+            value = loss(output_of(y_pred, key, "outputs"), output_of(y_true, key, "targets"),
+                         sample_weight)  # fmt: skip
+            parts[self.log_names[key]] = value
+            weight = self.weights.get(key, 1.0)
+            term = value if weight == 1.0 else value * weight
+            total = term if total is None else total + term
+        return total, parts  # type: ignore[return-value]
+
+    def check(self, y_pred: Any, y_true: Any) -> None:
+        for key, loss in self.parts.items():
+            loss.check(output_of(y_pred, key, "outputs"), output_of(y_true, key, "targets"))
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{output_name(k)}={v.name!r}" for k, v in self.parts.items())
+        return f"MultiOutputLoss({parts})"
+
+
+def output_name(key: Any) -> str:
+    """The name an output goes by in the logs: its dict key, or ``output_<i>`` in a tuple."""
+    return key if isinstance(key, str) else f"output_{key}"
+
+
+def output_of(structure: Any, key: Any, what: str) -> Any:
+    """One output (or its targets) of a model with several: ``structure[key]``, or a
+    ValueError that names the keys there are."""
+    if isinstance(key, str):
+        if isinstance(structure, Mapping) and key in structure:
+            return structure[key]
+        have = (
+            f"a dict with {sorted(map(str, structure))}"
+            if isinstance(structure, Mapping)
+            else f"a {type(structure).__name__}, not a dict"
+        )
+    else:
+        if isinstance(structure, (list, tuple)) and key < len(structure):
+            return structure[key]
+        have = (
+            f"a {type(structure).__name__} of {len(structure)}"
+            if isinstance(structure, (list, tuple))
+            else f"a {type(structure).__name__}, not a tuple or list"
+        )
+    raise ValueError(
+        f"The loss (or metric) for output {output_name(key)!r} needs the model's {what} to "
+        f"hold it, but they are {have}. Key `loss` and `metrics` by the names of the dict "
+        "the model returns (and y by the same names), or list them in the order of its tuple."
+    )
+
+
+def _loss_weights(keyed: Mapping[Any, Any], loss_weights: Any) -> dict[Any, float]:
+    if loss_weights is None:
+        return {}
+    given = (
+        dict(loss_weights)
+        if isinstance(loss_weights, Mapping)
+        else dict(enumerate(loss_weights))
+        if isinstance(loss_weights, (list, tuple))
+        else None
+    )
+    if given is None or set(given) - set(keyed):
+        raise ValueError(
+            f"`loss_weights` must name outputs that `loss` has ({sorted(map(output_name, keyed))}),"
+            f" as a dict (or a list in the same order); got {loss_weights!r}."
+        )
+    weights = {}
+    for key, weight in given.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(
+                f"`loss_weights[{key!r}]` must be a non-negative number; got {weight!r}."
+            )
+        weights[key] = float(weight)
+    return weights
+
+
 def _torch_mean_divisor(module: nn.Module, y_pred: Tensor, y_true: Tensor, values: Tensor) -> Any:
     """What torch's ``reduction="mean"`` divides by, for these targets."""
     if isinstance(module, _LABEL_MODULES) and not y_true.is_floating_point():
@@ -585,12 +700,20 @@ _OBJECT_FOR = {
 }
 
 
-def get(loss: str | nn.Module | LossFn) -> CompiledLoss:
-    """Resolve ``compile(loss=...)`` to a :class:`CompiledLoss`.
+def get(loss: Any, loss_weights: Any = None) -> CompiledLoss:
+    """Resolve ``compile(loss=...)`` to a :class:`CompiledLoss`: a dict or list of losses (one
+    per output, weighted by ``loss_weights``) to a :class:`MultiOutputLoss`.
 
     >>> get("mse").name
     'mean_squared_error'
     """
+    if isinstance(loss, (Mapping, list, tuple)):
+        return MultiOutputLoss(loss, loss_weights)
+    if loss_weights is not None:
+        raise ValueError(
+            "`loss_weights` weighs the losses of a model with several outputs; give `loss` as "
+            "a dict {output: loss} (or a list in the outputs' order) to use it."
+        )
     if isinstance(loss, CompiledLoss):
         return loss
     if isinstance(loss, str):

@@ -7,7 +7,7 @@ are. ``direction`` is ``"max"`` for accuracy-like metrics and ``"min"`` for erro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +17,17 @@ from torcheras import losses
 from torcheras.data import to_cpu
 from torcheras.registry import lookup
 
-__all__ = ["BinaryAccuracy", "Mean", "MeanMetric", "Metric", "direction_of", "get", "tracked"]
+__all__ = [
+    "BinaryAccuracy",
+    "Mean",
+    "MeanMetric",
+    "Metric",
+    "OutputMetric",
+    "direction_of",
+    "get",
+    "per_output",
+    "tracked",
+]
 
 
 class Metric:
@@ -414,6 +424,67 @@ _MAX_NAMES = {
     "binary_io_u",
     "one_hot_io_u",
 }
+
+
+class OutputMetric(Metric):
+    """A metric of one output of a model with several outputs: it reads that output and its
+    targets, and is logged as ``<output>_<metric>`` (Keras's names)."""
+
+    def __init__(self, metric: Metric, key: Any) -> None:
+        self.inner = metric
+        self.key = key
+        self.name = f"{losses.output_name(key)}_{metric.name}"
+        self.direction = metric.direction
+
+    def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
+        key = self.key
+        self.inner.update(
+            losses.output_of(y_pred, key, "outputs"),
+            losses.output_of(y_true, key, "targets"),
+            sample_weight,
+        )
+
+    def result(self) -> Tensor | float:
+        return self.inner.result()
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def __getattr__(self, name: str) -> Any:  # snapshot / all_reduce, where the metric has them
+        if name in ("snapshot", "all_reduce"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
+
+
+def per_output(
+    metrics: Any, loss: losses.MultiOutputLoss, argument: str = "metrics"
+) -> list[Metric]:
+    """``metrics={"label": ["accuracy"], "box": ["mae"]}`` (or a list of lists in the order of
+    the outputs) for a model with several outputs: each metric reads its output, resolved with
+    that output's loss (``"accuracy"`` follows it), and is named ``<output>_<metric>``."""
+    if isinstance(metrics, Mapping):
+        keyed = dict(metrics)
+    elif isinstance(metrics, (list, tuple)) and all(
+        m is None or isinstance(m, (list, tuple)) for m in metrics
+    ):
+        keyed = dict(enumerate(metrics))
+    else:
+        raise ValueError(
+            f"The model has several outputs ({', '.join(map(losses.output_name, loss.parts))}):"
+            f" give `{argument}` per output, {argument}={{'<output>': ['accuracy'], ...}} (or a "
+            "list of lists in the order of the outputs), as Keras does."
+        )
+    out: list[Metric] = []
+    for key, names in keyed.items():
+        for metric in [names] if isinstance(names, str) else names or []:
+            out.append(OutputMetric(get(metric, loss.parts.get(key)), key))
+    return out
 
 
 def direction_of(name: str) -> str | None:

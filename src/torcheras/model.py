@@ -120,9 +120,10 @@ class Model(nn.Module):
         self,
         optimizer: Any = "rmsprop",
         loss: Any = None,
-        metrics: Sequence[Any] | None = None,
+        metrics: Sequence[Any] | Mapping[Any, Any] | None = None,
         *,
-        weighted_metrics: Sequence[Any] | None = None,
+        loss_weights: Mapping[Any, float] | Sequence[float] | None = None,
+        weighted_metrics: Sequence[Any] | Mapping[Any, Any] | None = None,
         learning_rate: float | None = None,
         device: str | torch.device = "auto",
         precision: str = "32",
@@ -141,9 +142,14 @@ class Model(nn.Module):
                 parameters.
             loss: a Keras or torch loss name, a Keras loss object
                 (``torcheras.losses.BinaryCrossentropy(from_logits=False)``), a torch loss
-                module (computed exactly as torch does) or ``loss(y_pred, y_true)``.
+                module (computed exactly as torch does) or ``loss(y_pred, y_true)``. For a
+                model with several outputs (a dict, or a tuple), a dict of losses keyed by
+                output (or a list in the tuple's order): see ``losses.MultiOutputLoss``.
             metrics: names, ``torchmetrics.Metric`` objects, or ``metric(y_pred, y_true)``;
-                unweighted, as in Keras.
+                unweighted, as in Keras. With several outputs, per output:
+                ``{"label": ["accuracy"]}`` (logged as ``label_accuracy``).
+            loss_weights: with several outputs, each output's weight in the summed loss
+                (a dict keyed like ``loss``, or a list); 1 where not given.
             weighted_metrics: metrics weighted by ``sample_weight`` / ``class_weight``.
             learning_rate: overrides the optimizer's learning rate.
             device: ``"auto"`` (CUDA, then MPS, then CPU) or any torch device.
@@ -198,7 +204,7 @@ class Model(nn.Module):
         )
         self.scaler = self.precision.scaler  # saved with the model and in backups
         self.loss_fn = loss
-        self.compiled_loss = None if loss is None else losses.get(loss)
+        self.compiled_loss = None if loss is None else losses.get(loss, loss_weights)
         self.loss_name = None if self.compiled_loss is None else self.compiled_loss.name
         self.compiled_metrics = self._resolve_metrics(metrics, "metrics")
         self.weighted_metrics = self._resolve_metrics(weighted_metrics, "weighted_metrics")
@@ -219,6 +225,8 @@ class Model(nn.Module):
         self._is_compiled = True
 
     def _resolve_metrics(self, metrics: Any, argument: str) -> list[metrics_lib.Metric]:
+        if isinstance(self.compiled_loss, losses.MultiOutputLoss) and metrics:
+            return metrics_lib.per_output(metrics, self.compiled_loss, argument)
         if metrics is not None and (
             isinstance(metrics, (str, Mapping)) or not isinstance(metrics, Iterable)
         ):
@@ -244,9 +252,13 @@ class Model(nn.Module):
 
     @property
     def metrics_names(self) -> list[str]:
-        return (["loss"] if self.compiled_loss is not None else []) + [
-            m.name for m in self.compiled_metrics + self.weighted_metrics
-        ]
+        """The log keys ``evaluate`` returns, in its list's order: ``loss``, each output's
+        loss (several outputs), then the metrics."""
+        loss = self.compiled_loss
+        names = [] if loss is None else ["loss"]
+        if isinstance(loss, losses.MultiOutputLoss):
+            names += loss.log_names.values()
+        return names + [m.name for m in self.compiled_metrics + self.weighted_metrics]
 
     def metric_direction(self, name: str) -> str | None:
         """``"max"``/``"min"`` for a log key (``val_`` stripped), from the compiled metric."""
@@ -483,7 +495,17 @@ class Model(nn.Module):
         if self._check_first_batch:  # once per fit / evaluate: label form and logits trap
             self._check_first_batch = False
             loss.check(y_pred, y)
+        if type(loss) is losses.MultiOutputLoss:
+            total, parts = loss.with_parts(y_pred, y, sample_weight)
+            self._log_output_losses(parts)
+            return total
         return loss(y_pred, y, sample_weight)
+
+    def _log_output_losses(self, parts: Mapping[str, Tensor]) -> None:
+        """Each output's own loss in the logs (``<output>_loss``), as Keras logs them."""
+        if self._log_to is not None:
+            for name, value in parts.items():
+                self._log_to.log(name, value)
 
     def find_learning_rate(
         self,
@@ -630,7 +652,9 @@ class Model(nn.Module):
         if self.loop.micro_step == 0:  # a new accumulation group (every batch without one)
             self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
         if self._compiled is not None and y is not None:
-            y_pred, loss = self._compiled.forward_loss(x, y, sample_weight)
+            y_pred, loss, parts = self._compiled.forward_loss(x, y, sample_weight)
+            if parts:
+                self._log_output_losses(parts)
             if self._check_first_batch:
                 self._check_first_batch = False
                 self.compiled_loss.check(y_pred, y)  # type: ignore[union-attr]
@@ -877,12 +901,19 @@ class _CompiledStep:
         self._step: Callable[[], Any] | None = None
         self._step_of: torch.optim.Optimizer | None = None
 
-    def _forward_loss(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor]:
+    def _forward_loss(
+        self, x: Any, y: Any, sample_weight: Any
+    ) -> tuple[Any, Tensor, dict[str, Tensor] | None]:
         model = self.model
+        loss_fn = model.compiled_loss
+        parts = None
         with model.precision.autocast():
             y_pred = _call(model, x)
-            loss = model.compiled_loss(y_pred, y, sample_weight)  # type: ignore[misc]
-        return y_pred, loss
+            if type(loss_fn) is losses.MultiOutputLoss:
+                loss, parts = loss_fn.with_parts(y_pred, y, sample_weight)
+            else:
+                loss = loss_fn(y_pred, y, sample_weight)  # type: ignore[misc]
+        return y_pred, loss, parts
 
     def optimizer_step(self) -> None:
         optimizer = self.model.optimizer
