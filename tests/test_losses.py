@@ -594,3 +594,21 @@ def test_logits_given_to_a_probability_loss_warn(blobs):
     model = make_model(loss=losses.SparseCategoricalCrossentropy(from_logits=False), metrics=[])
     with pytest.warns(UserWarning, match="expects probabilities"):
         model.fit(x, y, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize(
+    ("sample_weight", "expected"),
+    [
+        (None, 2.5),
+        (2.0, 2.5),  # one weight for every value
+        ([1.0, 0.0, 2.0], 19 / 6),  # a weight per row, for each value of the row
+        ([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]], 3.5),  # a weight per value
+    ],
+    ids=["unweighted", "scalar", "per row", "per value"],
+)
+def test_mean_tracker_weighs_values_as_keras_mean_does(sample_weight, expected):
+    """keras.metrics.Mean().update_state(values, sample_weight) on values [[0, 1], [2, 3],
+    [4, 5]] gives these results (run with Keras 3): sum(v * w) / sum(w), w broadcast."""
+    tracker = metrics.Mean()
+    tracker.update_state(torch.arange(6.0).reshape(3, 2), sample_weight=sample_weight)
+    assert float(tracker.result()) == pytest.approx(expected, rel=1e-6)

@@ -160,11 +160,14 @@ class Mean(MeanMetric):
     def update_state(self, values: Any, sample_weight: Any = None) -> None:
         if not isinstance(values, Tensor):
             values = torch.as_tensor(values, dtype=torch.float32)
-        values = values.detach().float().reshape(-1)
-        if sample_weight is not None and not isinstance(sample_weight, Tensor):
+        values = values.detach().float()
+        if values.dim() == 0:
+            values = values.reshape(1)
+        if sample_weight is not None:  # Keras: one weight for all, per row, or per value
             sample_weight = torch.as_tensor(sample_weight, dtype=torch.float32)
-        if sample_weight is not None:
-            sample_weight = sample_weight.to(values.device).reshape(-1).expand_as(values)
+            sample_weight = sample_weight.to(values.device)
+            if sample_weight.numel() == 1:
+                sample_weight = sample_weight.reshape(1).expand(values.shape[0])
         self.update(values, None, sample_weight)
 
     def reset_state(self) -> None:
