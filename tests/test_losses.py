@@ -295,6 +295,35 @@ def test_sparse_top_k_accuracy_on_sequences_counts_each_step():
     assert logs["sparse_top_k_categorical_accuracy"] == pytest.approx(float(hit.mean()))
 
 
+@pytest.mark.parametrize("steps", [C_SEQ, C_SEQ + 1], ids=["T == C", "T != C"])
+@pytest.mark.parametrize("loss", ["cross_entropy", nn.CrossEntropyLoss(), "keras layout"])
+def test_accuracy_reads_the_classes_where_the_loss_does_and_skips_padding(loss, steps):
+    """torch's cross-entropies take (N, C, T) outputs: accuracy takes the argmax over axis 1
+    (it took the last axis: a wrong number when T == C, a shape error otherwise). Positions
+    labelled -100 count for nothing in the accuracy, as in the loss; weighted too."""
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(N_SEQ, C_SEQ, steps, generator=gen)  # torch's layout
+    labels = torch.randint(0, C_SEQ, (N_SEQ, steps), generator=gen)
+    labels[0, :2] = labels[3, -1] = -100
+    weights = torch.rand(N_SEQ, generator=gen)
+    outputs = logits
+    if loss == "keras layout":
+        loss, outputs = "sparse_categorical_crossentropy", logits.movedim(1, -1)
+    model = _Fixed(outputs)
+    names = ["accuracy", "sparse_categorical_accuracy", "sparse_top_k_categorical_accuracy"]
+    model.compile(optimizer=None, loss=loss, metrics=names, weighted_metrics=["acc"],
+                  device="cpu")  # fmt: skip
+    logs = model.evaluate(torch.arange(N_SEQ), labels, sample_weight=weights, batch_size=4,
+                          verbose=0, return_dict=True)  # fmt: skip
+    kept = (labels != -100).float()
+    correct = (logits.argmax(dim=1) == labels).float()
+    assert logs["accuracy"] == pytest.approx(float((correct * kept).sum() / kept.sum()))
+    assert logs["sparse_categorical_accuracy"] == pytest.approx(logs["accuracy"])
+    assert logs["sparse_top_k_categorical_accuracy"] == pytest.approx(1.0)  # k=5 > C
+    w = kept * weights[:, None]
+    assert logs["acc"] == pytest.approx(float((correct * w).sum() / w.sum()))
+
+
 # ---- integer labels of any dtype, and labels of the wrong form -----------------------------
 
 

@@ -375,6 +375,7 @@ _MODULE_KINDS: dict[type, str] = {
     nn.PoissonNLLLoss: VALUES,
 }
 _LABEL_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+_TORCH_LAYOUT = (cross_entropy, nll_loss, F.cross_entropy, F.nll_loss)  # classes on axis 1
 _FUNCTION_KINDS: dict[Any, str] = {
     F.binary_cross_entropy_with_logits: LOGITS,
     F.cross_entropy: LOGITS,
@@ -392,8 +393,9 @@ class CompiledLoss:
 
     ``name`` is the loss's name, ``output_kind`` what it says of the model's outputs
     (``"logits"``, ``"probabilities"``, ``"values"`` or None), ``target`` what it expects of
-    ``y_true`` (``"sparse"``, ``"categorical"``, ``"binary"`` or None). :meth:`check` runs
-    the one-time checks of the first batch.
+    ``y_true`` (``"sparse"``, ``"categorical"``, ``"binary"`` or None), ``class_axis`` where
+    the classes lie in the outputs: 1 for torch's cross-entropies (``(N, C, T)``), -1 for
+    Keras's (``(N, T, C)``). :meth:`check` runs the one-time checks of the first batch.
     """
 
     def __init__(
@@ -411,6 +413,8 @@ class CompiledLoss:
         self.target = target
         self.module = module
         self._fused = FUSED.get(fn)
+        torch_layout = fn in _TORCH_LAYOUT or isinstance(fn, _LABEL_MODULES)
+        self.class_axis = 1 if torch_layout else -1
 
     def __call__(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> Tensor:
         if self.module is not None:

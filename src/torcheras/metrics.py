@@ -7,8 +7,9 @@ are. ``direction`` is ``"max"`` for accuracy-like metrics and ``"min"`` for erro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -81,6 +82,9 @@ class MeanMetric(Metric):
     def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
         with torch.no_grad():
             values = self.fn(y_pred, y_true)
+            kept = None
+            if type(values) is _Kept:  # positions labelled -100 (padding) count for nothing
+                values, kept = values
             if not isinstance(values, Tensor):
                 values = torch.as_tensor(values, dtype=torch.float32)
             values = values.detach().float()
@@ -91,6 +95,11 @@ class MeanMetric(Metric):
                     else 1
                 )
                 total, count = values * n, float(n)
+            elif kept is not None:
+                w = kept.to(values.dtype)
+                if sample_weight is not None:
+                    w = w * losses.weights_like(values, sample_weight)
+                total, count = (values * w).sum(), w.sum()
             elif sample_weight is not None:  # Keras: sum(value * weight) / sum(weight)
                 w = losses.weights_like(values, sample_weight)
                 total = (values * w).sum()
@@ -251,14 +260,27 @@ class TorchMetric(Metric):
 # ---- accuracy-like functions (per sample, 1.0 = correct) --------------------------------------
 
 
-def sparse_categorical_accuracy(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    if y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1:
+class _Kept(NamedTuple):
+    """Values of a metric and which of them count: positions labelled -100 (torch's
+    ``ignore_index``, padding) do not, as the loss names leave them out."""
+
+    values: Tensor
+    kept: Tensor
+
+
+def _without_padding(values: Tensor, labels: Tensor) -> _Kept:
+    return _Kept(values, labels != losses.IGNORE_INDEX)
+
+
+def sparse_categorical_accuracy(y_pred: Tensor, y_true: Tensor, axis: int = -1) -> _Kept:
+    """1.0 where the argmax over the class ``axis`` is the label."""
+    if axis == -1 and y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1:
         y_true = y_true.squeeze(-1)
-    return (y_pred.argmax(dim=-1) == y_true).float()
+    return _without_padding((y_pred.argmax(dim=axis) == y_true).float(), y_true)
 
 
-def categorical_accuracy(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    return (y_pred.argmax(dim=-1) == y_true.argmax(dim=-1)).float()
+def categorical_accuracy(y_pred: Tensor, y_true: Tensor, axis: int = -1) -> Tensor:
+    return (y_pred.argmax(dim=axis) == y_true.argmax(dim=axis)).float()
 
 
 def _binary_accuracy(threshold: float) -> Callable[[Tensor, Tensor], Tensor]:
@@ -269,16 +291,25 @@ def _binary_accuracy(threshold: float) -> Callable[[Tensor, Tensor], Tensor]:
     return binary_accuracy
 
 
-def _top_k(k: int, sparse: bool) -> Callable[[Tensor, Tensor], Tensor]:
-    def top_k(y_pred: Tensor, y_true: Tensor) -> Tensor:
-        if sparse:  # one label per position: (N,), (N, 1), or (N, T) for (N, T, C) outputs
-            target = y_true.squeeze(-1) if y_true.dim() == y_pred.dim() else y_true
-        else:
-            target = y_true.argmax(dim=-1)
-        top = y_pred.topk(min(k, y_pred.shape[-1]), dim=-1).indices
-        return (top == target.unsqueeze(-1).long()).any(dim=-1).float()
+def _top_k(k: int, sparse: bool, axis: int = -1) -> Callable[[Tensor, Tensor], Tensor | _Kept]:
+    def top_k(y_pred: Tensor, y_true: Tensor) -> Tensor | _Kept:
+        if not sparse:
+            target = y_true.argmax(dim=axis)
+        elif axis == -1 and y_true.dim() == y_pred.dim():  # (N, 1) labels
+            target = y_true.squeeze(-1)
+        else:  # one label per position: (N,), or (N, T) for (N, T, C) / (N, C, T) outputs
+            target = y_true
+        top = y_pred.topk(min(k, y_pred.shape[axis]), dim=axis).indices
+        hits = (top == target.unsqueeze(axis).long()).any(dim=axis).float()
+        return _without_padding(hits, target) if sparse else hits
 
     return top_k
+
+
+def _class_axis(loss: losses.CompiledLoss | None) -> int:
+    """Where the classes lie in the outputs, as the compiled loss reads them (torch's
+    cross-entropies: axis 1 of ``(N, C, T)``); the last axis otherwise, as in Keras."""
+    return -1 if loss is None else loss.class_axis
 
 
 def threshold_for(loss: losses.CompiledLoss | None) -> float | None:
@@ -306,14 +337,16 @@ def _auto_accuracy(loss: losses.CompiledLoss | None) -> Callable[[Tensor, Tensor
     threshold = threshold_for(loss)
     binary = None if threshold is None else _binary_accuracy(threshold)
 
-    def accuracy(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    axis = _class_axis(loss)
+
+    def accuracy(y_pred: Tensor, y_true: Tensor) -> Tensor | _Kept:
         if target == "categorical":
             return categorical_accuracy(y_pred, y_true)
-        multi = y_pred.dim() >= 2 and y_pred.shape[-1] > 1
+        multi = y_pred.dim() >= 2 and y_pred.shape[axis] > 1
         if multi and target != "binary":
             if y_true.shape == y_pred.shape and y_true.is_floating_point():
-                return categorical_accuracy(y_pred, y_true)
-            return sparse_categorical_accuracy(y_pred, y_true)
+                return categorical_accuracy(y_pred, y_true, axis)
+            return sparse_categorical_accuracy(y_pred, y_true, axis)
         if binary is None:
             name = "no loss" if loss is None else f"the loss {loss.name!r}"
             raise ValueError(
@@ -349,21 +382,26 @@ _BUILTINS: dict[str, tuple[Callable[[str | None], Callable], str, str, Any]] = {
     "accuracy": (_auto_accuracy, "accuracy", _MAX, None),
     "acc": (_auto_accuracy, "acc", _MAX, None),
     "sparse_categorical_accuracy": (
-        lambda _: sparse_categorical_accuracy,
+        lambda loss: functools.partial(sparse_categorical_accuracy, axis=_class_axis(loss)),
         "sparse_categorical_accuracy",
         _MAX,
         None,
     ),
-    "categorical_accuracy": (lambda _: categorical_accuracy, "categorical_accuracy", _MAX, None),
+    "categorical_accuracy": (
+        lambda loss: functools.partial(categorical_accuracy, axis=_class_axis(loss)),
+        "categorical_accuracy",
+        _MAX,
+        None,
+    ),
     "binary_accuracy": (_auto_binary_accuracy, "binary_accuracy", _MAX, None),
     "top_k_categorical_accuracy": (
-        lambda _: _top_k(5, sparse=False),
+        lambda loss: _top_k(5, sparse=False, axis=_class_axis(loss)),
         "top_k_categorical_accuracy",
         _MAX,
         None,
     ),
     "sparse_top_k_categorical_accuracy": (
-        lambda _: _top_k(5, sparse=True),
+        lambda loss: _top_k(5, sparse=True, axis=_class_axis(loss)),
         "sparse_top_k_categorical_accuracy",
         _MAX,
         None,
