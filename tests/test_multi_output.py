@@ -131,6 +131,7 @@ def test_tuple_outputs_take_metrics_per_output_and_callbacks_monitor_an_outputs_
         ),
         ({"loss": ["cross_entropy", "mse"], "loss_weights": [1, -1]}, "non-negative"),
         ({"loss": "mse", "loss_weights": [1.0]}, "give `loss` as a dict"),
+        ({"loss": {"label": None}}, "give a loss for at least one output"),
     ],
 )
 def test_per_output_arguments_that_do_not_fit_are_clear_errors(compile_kwargs, message):

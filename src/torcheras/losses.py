@@ -485,9 +485,12 @@ class MultiOutputLoss(CompiledLoss):
         self, losses: Mapping[Any, Any] | list[Any] | tuple[Any, ...], loss_weights: Any = None
     ) -> None:
         keyed = dict(losses) if isinstance(losses, Mapping) else dict(enumerate(losses))
-        if not keyed:
-            raise ValueError("`loss` is an empty dict/list: give one loss per output.")
         self.parts = {key: get(value) for key, value in keyed.items() if value is not None}
+        if not self.parts:
+            raise ValueError(
+                f"`loss` is {losses!r}: give a loss for at least one output, e.g. "
+                "loss={'label': 'sparse_categorical_crossentropy'}."
+            )
         self.weights = _loss_weights(keyed, loss_weights)
         self.log_names = {key: f"{output_name(key)}_loss" for key in self.parts}
         super().__init__(self._total, "multi_output_loss", output_kind=None)
