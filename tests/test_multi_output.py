@@ -148,3 +148,16 @@ def test_targets_without_the_outputs_names_are_an_error_naming_the_keys(data):
     tuple_model = _model(loss={"label": "cross_entropy"}, as_dict=False)
     with pytest.raises(ValueError, match="outputs to hold it, but they are a tuple, not a dict"):
         tuple_model.fit(x, {"label": labels}, epochs=1, verbose=0)
+
+
+def test_jit_compile_logs_each_outputs_loss_as_the_eager_step_does(data):
+    x, labels, boxes = data
+    kwargs = {"loss": {"label": "cross_entropy", "box": "mse"}, "loss_weights": {"box": 2.0}}
+    compiled = _model(jit_compile=True, **kwargs)
+    eager = _model(**kwargs)
+    fit = {"epochs": 2, "batch_size": 35, "shuffle": False, "verbose": 0}
+    y = {"label": labels, "box": boxes}
+    history = compiled.fit(x, y, **fit).history
+    expected = eager.fit(x, y, **fit).history
+    for key in ("loss", "label_loss", "box_loss"):
+        assert history[key] == pytest.approx(expected[key], rel=1e-5)

@@ -225,7 +225,7 @@ class Model(nn.Module):
         self._is_compiled = True
 
     def _resolve_metrics(self, metrics: Any, argument: str) -> list[metrics_lib.Metric]:
-        if isinstance(self.compiled_loss, losses.MultiOutputLoss) and metrics:
+        if isinstance(self.compiled_loss, losses.MultiOutputLoss) and metrics is not None:
             return metrics_lib.per_output(metrics, self.compiled_loss, argument)
         if metrics is not None and (
             isinstance(metrics, (str, Mapping)) or not isinstance(metrics, Iterable)
