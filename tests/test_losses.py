@@ -641,3 +641,39 @@ def test_mean_tracker_weighs_values_as_keras_mean_does(sample_weight, expected):
     tracker = metrics.Mean()
     tracker.update_state(torch.arange(6.0).reshape(3, 2), sample_weight=sample_weight)
     assert float(tracker.result()) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mse", "log_cosh", "mape", "categorical_crossentropy"])
+def test_builtin_losses_compute_in_float32_under_mixed_precision(name):
+    """Under precision="bf16-mixed" the model's outputs are bfloat16; the built-in losses
+    compute in float32 from them, as Keras's losses and torch's own loss functions (autocast)
+    do: the same number as float32 arithmetic on the same outputs, weighted or not (they were
+    computed in bfloat16: 576.0 for 574.7)."""
+    gen = torch.Generator().manual_seed(1)
+    net = nn.Linear(8, 4)
+    x, weights = torch.randn(256, 8, generator=gen) * 30, torch.rand(256, generator=gen)
+    y = torch.randn(256, 4, generator=gen) * 30
+    if name == "categorical_crossentropy":
+        y = torch.softmax(y, dim=-1)
+    model = torcheras.Model(net)
+    metric = "categorical_crossentropy" if name == "mse" else "mse"  # a loss as a metric
+    model.compile("sgd", name, metrics=[metric], precision="bf16-mixed", device="cpu")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = net(x)
+    assert outputs.dtype == torch.bfloat16
+    p, t = outputs.double(), y.double()
+    per_sample = {
+        "mse": lambda: (p - t).square().mean(-1),
+        "log_cosh": lambda: torch.log(torch.cosh(p - t)).mean(-1),
+        "mape": lambda: (100 * (t - p).abs() / t.abs()).mean(-1),
+        "categorical_crossentropy": lambda: -(t * F.log_softmax(p, -1)).sum(-1),
+    }[name]()
+    logs = model.evaluate(x, y, batch_size=256, verbose=0, return_dict=True)
+    assert logs["loss"] == pytest.approx(float(per_sample.mean()), rel=RTOL)
+    got = model.evaluate(x, y, sample_weight=weights, batch_size=256, verbose=0, return_dict=True)
+    assert got["loss"] == pytest.approx(float((per_sample * weights).mean()), rel=RTOL)
+    if metric == "mse":
+        assert logs["mse"] == pytest.approx(float((p - t).square().mean()), rel=RTOL)
+    else:
+        expected = -(t * F.log_softmax(p, -1)).sum(-1).mean()
+        assert logs[metric] == pytest.approx(float(expected), rel=RTOL)

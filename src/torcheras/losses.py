@@ -375,6 +375,8 @@ _MODULE_KINDS: dict[type, str] = {
     nn.PoissonNLLLoss: VALUES,
 }
 _LABEL_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss)
+_BUILTIN_FUNCTIONS = frozenset(LOSSES.values())
+_HALF = (torch.float16, torch.bfloat16)
 _TORCH_LAYOUT = (cross_entropy, nll_loss, F.cross_entropy, F.nll_loss)  # classes on axis 1
 _FUNCTION_KINDS: dict[Any, str] = {
     F.binary_cross_entropy_with_logits: LOGITS,
@@ -415,10 +417,15 @@ class CompiledLoss:
         self._fused = FUSED.get(fn)
         torch_layout = fn in _TORCH_LAYOUT or isinstance(fn, _LABEL_MODULES)
         self.class_axis = 1 if torch_layout else -1
+        # Ours compute in float32 under mixed precision, as Keras's losses and torch's own
+        # loss functions (autocast) do: float16 / bfloat16 outputs are upcast first.
+        self._in_float32 = fn in _BUILTIN_FUNCTIONS or isinstance(fn, _KerasCrossentropy)
 
     def __call__(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> Tensor:
         if self.module is not None:
             return self._module_loss(y_pred, y_true, sample_weight)
+        if self._in_float32 and y_pred.dtype in _HALF:
+            y_pred = y_pred.float()
         if sample_weight is None and self._fused is not None:
             return self._fused(y_pred, y_true)
         return reduce_loss(self.fn(y_pred, y_true), sample_weight)

@@ -81,6 +81,8 @@ class MeanMetric(Metric):
 
     def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
         with torch.no_grad():
+            if isinstance(y_pred, Tensor) and y_pred.dtype in losses._HALF:
+                y_pred = y_pred.float()  # Keras's metrics compute in float32 too
             values = self.fn(y_pred, y_true)
             kept = None
             if type(values) is _Kept:  # positions labelled -100 (padding) count for nothing
