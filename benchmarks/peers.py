@@ -11,9 +11,10 @@ rounds); the ratio reported is the median over rounds. Peers not installed are
 skipped (``pip install -e '.[bench]'`` installs them). Results go to
 ``benchmarks/results.md``.
 
-    python benchmarks/peers.py                 # everything (about 30 minutes on 2 cores)
+    python benchmarks/peers.py                 # everything (over an hour on 2 cores)
     python benchmarks/peers.py --quick         # one round, fewer frameworks' epochs
     python benchmarks/peers.py --only raw,torcheras --workloads tiny
+    python benchmarks/peers.py --in-process 10 --workloads cnn   # one process, alternating
 """
 
 from __future__ import annotations
@@ -458,10 +459,20 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated frameworks")
     parser.add_argument("--workloads", default="tiny,wide,cnn")
     parser.add_argument("--output", default=os.path.join(HERE, "results.md"))
+    parser.add_argument(
+        "--in-process",
+        type=int,
+        metavar="RUNS",
+        help="instead: every framework in this one process, RUNS epochs each, alternating with "
+        "the raw loop's (printed, not written)",
+    )
     args = parser.parse_args()
     if args.worker:
         fw, workload, typical, epochs = args.worker
         worker(fw, workload, typical == "1", int(epochs), {**DEFAULT_OPTS, **json.loads(args.opts)})
+        return
+    if args.in_process:
+        in_process_table(args)
         return
     if args.device == "cuda" or args.variants:
         variants_table(args)
@@ -482,6 +493,36 @@ def main() -> None:
             print(label, {fw: round(v, 3) for fw, v in ratios.items()}, flush=True)
     imports = import_seconds(("torch", "torcheras"), 10)
     write_results(args.output, frameworks, rows, imports, rounds)
+
+
+def in_process_table(args: Any) -> None:
+    """Each framework against the raw loop in this one process, one epoch at a time in the
+    order raw, fw, raw, ..., raw (``overhead.interleave``): no process start-up or page-cache
+    state in the ratio, which on the compute-bound rows swings by more than the frameworks
+    differ when every run is a fresh process."""
+    import torch
+
+    sys.path.insert(0, HERE)
+    from overhead import interleave
+
+    torch.set_num_threads(THREADS)
+    frameworks = [f for f in available() if f != "raw"]
+    frameworks = [f for f in frameworks if args.only is None or f in args.only.split(",")]
+    print(f"| workload, callbacks | {' | '.join(frameworks)} |")
+    print(f"|---|{'---|' * len(frameworks)}")
+    for workload in args.workloads.split(","):
+        for typical in (False, True):
+            raw = run_raw(workload, typical, tempfile.mkdtemp(), DEFAULT_OPTS)
+            raw(1)
+            cells = []
+            for fw in frameworks:
+                torch.manual_seed(0)
+                fit = RUNNERS[fw](workload, typical, tempfile.mkdtemp(), DEFAULT_OPTS)
+                fit(1)  # warm-up
+                r = interleave(lambda r=raw: r(1), lambda f=fit: f(1), args.in_process)
+                cells.append(f"{r.ratio:.3f} [{r.q1:.2f}, {r.q3:.2f}]")
+            label = f"{WORKLOADS[workload]['label']}, {'typical' if typical else 'none'}"
+            print(f"| {label} | {' | '.join(cells)} |", flush=True)
 
 
 CUDA_VARIANTS = [
