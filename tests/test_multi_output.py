@@ -190,3 +190,36 @@ def test_a_crash_mid_epoch_resumes_each_outputs_running_loss_and_metrics_exactly
         train(tmp_path / "b", crash=True)
     assert train(tmp_path / "b") == reference
     assert {"label_loss", "box_loss", "label_accuracy", "box_mae"} <= set(reference)
+
+
+def test_sample_weights_per_output_weigh_each_outputs_loss_and_metrics(data):
+    """sample_weight={"label": w} (Keras's weights per output): the label loss and its
+    weighted metrics use w, the box loss (absent from the dict) is unweighted; one array
+    weighs every output alike."""
+    x, labels, boxes = data
+    model = _model(
+        loss={"label": "sparse_categorical_crossentropy", "box": "mse"},
+        weighted_metrics={"label": ["accuracy"]},
+    )
+    y = {"label": labels, "box": boxes}
+    w = torch.linspace(0.0, 2.0, 70)
+    outputs = model.predict(x, verbose=0)
+    ce = F.cross_entropy(outputs["label"], labels, reduction="none")
+    se = (outputs["box"] - boxes).square().mean(-1)
+    correct = (outputs["label"].argmax(-1) == labels).float()
+
+    logs = model.evaluate(x, y, sample_weight={"label": w}, batch_size=16, verbose=0,
+                          return_dict=True)  # fmt: skip
+    assert logs["label_loss"] == pytest.approx(float((ce * w).mean()), rel=RTOL)
+    assert logs["box_loss"] == pytest.approx(float(se.mean()), rel=RTOL)
+    assert logs["label_accuracy"] == pytest.approx(float((correct * w).sum() / w.sum()))
+    logs = model.evaluate(x, y, sample_weight=w, batch_size=16, verbose=0, return_dict=True)
+    assert logs["box_loss"] == pytest.approx(float((se * w).mean()), rel=RTOL)
+    history = model.fit(x, y, sample_weight={"label": w}, epochs=1, verbose=0,
+                        validation_split=0.2)  # fmt: skip
+    assert "val_label_accuracy" in history.history
+
+    single = torcheras.Model(nn.Linear(4, 3))
+    single.compile("adam", "cross_entropy", device="cpu")
+    with pytest.raises(ValueError, match="compile a loss per output"):
+        single.evaluate(x, labels, sample_weight={"label": w}, verbose=0)

@@ -355,7 +355,7 @@ class ArraySource:
             return ArraySource(
                 _take(self.x, sl),
                 None if self.y is None else _take(self.y, sl),
-                None if self.sample_weight is None else self.sample_weight[sl],
+                None if self.sample_weight is None else _take(self.sample_weight, sl),
                 self.batch_size,
                 shuffle,
                 max_steps,
@@ -641,15 +641,14 @@ def make_source(
                 "computes the loss against targets. Pass y, or override train_step to train "
                 "on inputs alone."
             )
-        weights = None
-        if sample_weight is not None:
-            weights = _as_tensor(sample_weight, "sample_weight").float()
-            if weights.dim() == 0 or weights.shape[0] != n:
-                size = weights.shape[0] if weights.dim() else "a single value (0-d)"
-                raise ValueError(
-                    f"`sample_weight` has {size} rows but `{name}` has {n} samples: give one "
-                    "weight per sample (N,), or one per position (N, T) for sequence outputs."
-                )
+        weights: Any = None
+        if isinstance(sample_weight, Mapping):  # several outputs: weights per output
+            weights = {
+                key: _sample_weights(value, f"sample_weight[{key!r}]", n, name)
+                for key, value in sample_weight.items()
+            }
+        elif sample_weight is not None:
+            weights = _sample_weights(sample_weight, "sample_weight", n, name)
         return ArraySource(inputs, targets, weights, batch_size or 32, shuffle, steps, name)
     if isinstance(x, Iterable) and not isinstance(x, (str, bytes)):
         _check_no_y(x, y, sample_weight, "an iterable of batches")
@@ -662,6 +661,17 @@ def make_source(
 
 def _is_map_dataset(x: Any) -> bool:
     return isinstance(x, Dataset) and not isinstance(x, IterableDataset)
+
+
+def _sample_weights(value: Any, argument: str, n: int, name: str) -> torch.Tensor:
+    weights = _as_tensor(value, argument).float()
+    if weights.dim() == 0 or weights.shape[0] != n:
+        size = weights.shape[0] if weights.dim() else "a single value (0-d)"
+        raise ValueError(
+            f"`{argument}` has {size} rows but `{name}` has {n} samples: give one weight per "
+            "sample (N,), or one per position (N, T) for sequence outputs."
+        )
+    return weights
 
 
 def _check_no_y(x: Any, y: Any, sample_weight: Any, what: str) -> None:

@@ -516,7 +516,7 @@ class MultiOutputLoss(CompiledLoss):
         total: Tensor | None = None
         for key, loss in self.parts.items():
             value = loss(output_of(y_pred, key, "outputs"), output_of(y_true, key, "targets"),
-                         sample_weight)  # fmt: skip
+                         weights_of(sample_weight, key))  # fmt: skip
             parts[self.log_names[key]] = value
             weight = self.weights.get(key, 1.0)
             term = value if weight == 1.0 else value * weight
@@ -530,6 +530,14 @@ class MultiOutputLoss(CompiledLoss):
     def __repr__(self) -> str:
         parts = ", ".join(f"{output_name(k)}={v.name!r}" for k, v in self.parts.items())
         return f"MultiOutputLoss({parts})"
+
+
+def weights_of(sample_weight: Any, key: Any) -> Tensor | None:
+    """An output's sample weights: the same for every output, or its own from a dict keyed by
+    output (an output missing from the dict is unweighted)."""
+    if isinstance(sample_weight, Mapping):
+        return sample_weight.get(key)
+    return sample_weight
 
 
 def output_name(key: Any) -> str:
@@ -625,6 +633,12 @@ def weights_like(values: Tensor, sample_weight: Tensor) -> Tensor:
     """``sample_weight`` shaped to multiply ``values``: one weight per sample (``(N,)`` or
     ``(N, 1)``) spreads over the sample's positions; weights of shape ``(N, T, ...)`` must
     match the leading axes of ``values``. A ValueError names the two shapes otherwise."""
+    if not isinstance(sample_weight, Tensor):
+        raise ValueError(
+            f"sample_weight is a {type(sample_weight).__name__} (weights per output?), but the "
+            "loss is one loss for the whole output: give one weight array, or compile a loss "
+            "per output (loss={'<output>': ...}) to weigh each output's samples apart."
+        )
     weights = sample_weight.to(values.dtype)
     if weights.dim() > 1 and weights.numel() == weights.shape[0]:
         weights = weights.reshape(-1)  # (N, 1): one per sample

@@ -484,7 +484,7 @@ class OutputMetric(Metric):
         self.inner.update(
             losses.output_of(y_pred, key, "outputs"),
             losses.output_of(y_true, key, "targets"),
-            sample_weight,
+            losses.weights_of(sample_weight, key),
         )
 
     def result(self) -> Tensor | float:
