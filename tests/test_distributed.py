@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def run(
-    out: Path, *args: str, ranks: int = 2, check: bool = True
+    out: Path, *args: str, ranks: int = 2, check: bool = True, script: Path = SCRIPT
 ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
     launcher = (
@@ -32,7 +32,7 @@ def run(
         else [sys.executable]
     )
     done = subprocess.run(
-        [*launcher, str(SCRIPT), str(out), *args],
+        [*launcher, str(script), str(out), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -179,3 +179,28 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     assert alone.returncode != 0
     assert "written by a run of 2 process(es); this run has 1" in alone.stderr
     assert "--nproc_per_node=2" in alone.stderr
+
+
+EXIT_SCRIPT = """
+import atexit, os, sys
+import torch, torch.distributed as dist
+import torcheras
+
+def report():  # registered before torcheras starts the group, so it runs after its handler
+    with open(os.path.join(sys.argv[1], f"exit{os.environ['RANK']}.txt"), "w") as f:
+        f.write(str(dist.is_initialized()))
+
+atexit.register(report)
+model = torcheras.Model(torch.nn.Linear(2, 1))
+model.compile("sgd", "mse", device="cpu")  # joins torchrun's group: torcheras starts it
+model.fit(torch.randn(8, 2), torch.randn(8, 1), epochs=1, verbose=0)
+"""
+
+
+def test_the_process_group_torcheras_started_is_ended_before_the_interpreter_exits(tmp_path):
+    """Left to interpreter finalization, gloo's threads can abort a finished run (SIGABRT, as
+    this suite once saw): the group torcheras started is destroyed by an exit handler."""
+    script = tmp_path / "exit_script.py"
+    script.write_text(EXIT_SCRIPT)
+    run(tmp_path, script=script)
+    assert [(tmp_path / f"exit{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]

@@ -8,6 +8,7 @@ same decisions.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Any
@@ -71,6 +72,7 @@ def setup(device: torch.device) -> torch.device:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT)
+        atexit.register(_destroy_process_group)  # the group is ours: we end it too
     global _HOST_GROUP
     if _HOST_GROUP is None and dist.get_backend() == "nccl":
         _HOST_GROUP = dist.new_group(backend="gloo", timeout=TIMEOUT)
@@ -78,6 +80,17 @@ def setup(device: torch.device) -> torch.device:
 
 
 _HOST_GROUP: Any = None
+
+
+def _destroy_process_group() -> None:
+    """At exit, end the process group :func:`setup` started, while the interpreter is whole:
+    left to finalization, gloo's worker threads can release tensors after Python is gone and
+    abort the process (SIGABRT, a failed exit code for a run that succeeded), and NCCL warns
+    that the group was never destroyed."""
+    global _HOST_GROUP
+    _HOST_GROUP = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _host_group() -> Any:
