@@ -738,11 +738,13 @@ def _class_weights(
     per_label = table[labels.clamp_min(0)]
     if weights is None:
         return per_label
-    if weights.dim() < per_label.dim():  # a weight per sample, a class weight per position
-        weights = weights.reshape(weights.shape + (1,) * (per_label.dim() - weights.dim()))
-    elif per_label.dim() < weights.dim():  # the converse
-        per_label = per_label.reshape(per_label.shape + (1,) * (weights.dim() - per_label.dim()))
-    return per_label * weights
+    # a weight per sample and a class weight per position (or the converse) meet per position
+    dims = max(per_label.dim(), weights.dim())
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape + (1,) * (dims - t.dim()))
+
+    return padded(per_label) * padded(weights)
 
 
 def _split_dataset(dataset: Dataset, fraction: float) -> tuple[Subset, Subset]:

@@ -500,10 +500,7 @@ class MultiOutputLoss(CompiledLoss):
             )
         self.weights = _loss_weights(keyed, loss_weights)
         self.log_names = {key: f"{output_name(key)}_loss" for key in self.parts}
-        super().__init__(self._total, "multi_output_loss", output_kind=None)
-
-    def _total(self, y_pred: Any, y_true: Any) -> Tensor:
-        return self(y_pred, y_true)
+        super().__init__(self.__call__, "multi_output_loss", output_kind=None)
 
     def __call__(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> Tensor:
         return self.with_parts(y_pred, y_true, sample_weight)[0]
