@@ -30,7 +30,7 @@ from typing import IO, Any
 import torch
 
 from torcheras import distributed
-from torcheras.data import map_tensors, to_cpu
+from torcheras.tensors import snapshot, to_cpu
 
 __all__ = [
     "CheckpointError",
@@ -38,7 +38,6 @@ __all__ = [
     "atomic_write",
     "save",
     "save_in_background",
-    "snapshot",
     "wait_for_writes",
     "load",
     "save_weights",
@@ -148,12 +147,6 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             if stale.stat().st_mtime < _PROCESS_START:
                 stale.unlink()
     return target
-
-
-def snapshot(obj: Any) -> Any:
-    """A copy of ``obj`` whose tensors are new CPU tensors: training may go on changing the
-    originals (weights, optimizer moments) while the copy is written."""
-    return map_tensors(lambda t: t.detach().to("cpu", copy=True), obj)
 
 
 class _Writer:

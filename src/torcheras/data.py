@@ -28,6 +28,14 @@ from torch.utils.data import (
 )
 
 from torcheras.losses import IGNORE_INDEX
+from torcheras.tensors import (  # re-exported: data.to_cpu & co. are public names
+    Structure,
+    concat_batches,
+    leaves,
+    map_tensors,
+    to_cpu,
+    to_numpy,
+)
 
 __all__ = [
     "ArraySource",
@@ -45,39 +53,7 @@ __all__ = [
     "unpack",
 ]
 
-Structure = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
-
-
-# ---- structures of tensors ------------------------------------------------------------------
-
-
-def map_tensors(fn: Any, obj: Structure) -> Structure:
-    """Apply ``fn`` to every tensor of a nested dict / list / tuple; other leaves stay."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        return {k: map_tensors(fn, v) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(map_tensors(fn, v) for v in obj) if type(obj) in (tuple, list) else obj
-    return obj
-
-
-def to_cpu(obj: Structure, clone: bool = False) -> Structure:
-    """Detached CPU copies of every tensor in ``obj``; ``clone`` also copies CPU tensors (for
-    state that keeps changing in place after it is captured)."""
-    if clone:
-        return map_tensors(lambda t: t.detach().cpu().clone(), obj)
-    return map_tensors(lambda t: t.detach().cpu(), obj)
-
-
-def _leaves(obj: Structure) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _leaves(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _leaves(v)]
-    return []
+# ---- batches on the device -----------------------------------------------------------------
 
 
 def to_device(obj: Structure, device: torch.device) -> Structure:
@@ -156,8 +132,8 @@ def batch_size_of(obj: Structure) -> int:
     """The number of samples in a batch: the first dimension of its first tensor."""
     if isinstance(obj, torch.Tensor):
         return obj.shape[0] if obj.dim() else 1
-    leaves = _leaves(obj)
-    return leaves[0].shape[0] if leaves and leaves[0].dim() else 1
+    found = leaves(obj)
+    return found[0].shape[0] if found and found[0].dim() else 1
 
 
 def unpack(batch: Any) -> tuple[Any, Any, Any]:
@@ -259,10 +235,10 @@ def _structure_to_tensors(value: Any, name: str) -> Structure:
 
 
 def _length(structure: Structure, name: str) -> int:
-    leaves = _leaves(structure)
-    if not leaves:
+    found = leaves(structure)
+    if not found:
         raise ValueError(f"`{name}` holds no arrays.")
-    lengths = {t.shape[0] for t in leaves}
+    lengths = {t.shape[0] for t in found}
     if len(lengths) > 1:
         raise ValueError(f"The arrays inside `{name}` have different lengths: {sorted(lengths)}.")
     return lengths.pop()
@@ -307,7 +283,7 @@ class ArraySource:
         """Nothing to do: :meth:`new_order` draws each epoch's order."""
 
     def _set_parts(self) -> None:
-        devices = {t.device for part in (self.x, self.y, self.sample_weight) for t in _leaves(part)}
+        devices = {t.device for part in (self.x, self.y, self.sample_weight) for t in leaves(part)}
         self._device = devices.pop() if len(devices) == 1 else torch.device("cpu")
         available = math.ceil(self.num_samples / self.batch_size)
         self.steps = available if self.max_steps is None else self.max_steps
@@ -759,24 +735,6 @@ def _split_dataset(dataset: Dataset, fraction: float) -> tuple[Subset, Subset]:
     return Subset(dataset, range(0, n - n_val)), Subset(dataset, range(n - n_val, n))
 
 
-def concat_batches(outputs: list[Any]) -> Any:
-    """Concatenate per-batch outputs (tensors, tuples or dicts of them) along the batch axis."""
-    if not outputs:
-        return None
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outputs)
-    if isinstance(first, Mapping):
-        return {k: concat_batches([o[k] for o in outputs]) for k in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(concat_batches([o[i] for o in outputs]) for i in range(len(first)))
-    return outputs
-
-
-def to_numpy(obj: Any) -> Any:
-    return map_tensors(lambda t: t.numpy(), obj)
-
-
 def make_fit_sources(
     x: Any,
     y: Any,
@@ -927,7 +885,7 @@ def _validation_source(
 
 
 def _sample_shapes(structure: Structure) -> list[tuple[int, ...]]:
-    return [tuple(t.shape[1:]) for t in _leaves(structure)]
+    return [tuple(t.shape[1:]) for t in leaves(structure)]
 
 
 def _check_same_shapes(train: Any, val: ArraySource) -> None:

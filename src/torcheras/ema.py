@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torcheras.data import to_cpu
+from torcheras.tensors import to_cpu
 
 __all__ = ["ExponentialMovingAverage"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from torcheras.data import map_tensors, to_cpu
+from torcheras.tensors import map_tensors, to_cpu
 
 __all__ = ["BatchLogs", "LogCollector", "RunningMeans", "to_float_logs"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torcheras import checkpoint, data, distributed, optimizers, state
+from torcheras import checkpoint, data, distributed, optimizers, state, tensors
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState, StopFit
@@ -395,22 +395,22 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
                 batch = data.shard(batch, rank, shard_ranks)
                 out = model._predict_output(model.predict_step(stage(batch)))
                 if needs_end:
-                    out = data.to_cpu(out)
-                    callbacks.on_predict_batch_end(step, {"outputs": data.to_numpy(out)})
+                    out = tensors.to_cpu(out)
+                    callbacks.on_predict_batch_end(step, {"outputs": tensors.to_numpy(out)})
                 on_device.append(out)
-                device_bytes += sum(t.numel() * t.element_size() for t in data._leaves(out))
+                device_bytes += sum(t.numel() * t.element_size() for t in tensors.leaves(out))
                 if device_bytes >= PREDICT_CHUNK_BYTES or ranks > 1:  # ranks: batch by batch
-                    on_host.append(data.to_cpu(data.concat_batches(on_device)))
+                    on_host.append(tensors.to_cpu(tensors.concat_batches(on_device)))
                     on_device, device_bytes = [], 0
                 if model.stop_predicting:
                     break
             if on_device:
-                on_host.append(data.to_cpu(data.concat_batches(on_device)))
+                on_host.append(tensors.to_cpu(tensors.concat_batches(on_device)))
     finally:
         model.train(was_training)
     if ranks > 1:  # every rank predicted its part of each batch: put them back in order
         return _gather_in_order(on_host)
-    return data.concat_batches(on_host)
+    return tensors.concat_batches(on_host)
 
 
 def _gather_in_order(per_batch: list[Any]) -> Any:
@@ -418,7 +418,7 @@ def _gather_in_order(per_batch: list[Any]) -> Any:
     contiguous slices in rank order); every rank returns the whole result."""
     by_rank = distributed.gather_objects(per_batch)
     ordered = [part for i in range(len(per_batch)) for part in (r[i] for r in by_rank)]
-    return data.concat_batches(ordered)
+    return tensors.concat_batches(ordered)
 
 
 def fit(model: Any, train_source: Any, val_source: Any, callbacks: CallbackList, **kw: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from torcheras import checkpoint, data, optimizers
+from torcheras import data, optimizers, tensors
 from torcheras.loop_state import LoopState
 from torcheras.state import capture_model_state, restore_model_state, rng_state, set_rng_state
 
@@ -114,7 +114,7 @@ def find_learning_rate(
         raise ValueError(f"Need 0 < min_lr < max_lr; got min_lr={min_lr}, max_lr={max_lr}.")
     num_steps = data.as_int(num_steps, "num_steps", minimum=3)
     source = data.make_source(x, y, batch_size=batch_size, shuffle=True, name="x")
-    saved_model = checkpoint.snapshot(capture_model_state(model))
+    saved_model = tensors.snapshot(capture_model_state(model))
     saved_rng = rng_state()
     saved_loop, saved_training = model.loop, model.training
     saved_flags = (model.stop_training, model._check_first_batch)

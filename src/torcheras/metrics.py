@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from torcheras import losses
-from torcheras.data import to_cpu
 from torcheras.registry import lookup
+from torcheras.tensors import to_cpu
 
 __all__ = [
     "BinaryAccuracy",

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torcheras import checkpoint, data, distributed, loops, losses, optimizers
+from torcheras import checkpoint, data, distributed, loops, losses, optimizers, tensors
 from torcheras import metrics as metrics_lib
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
@@ -423,7 +423,7 @@ class Model(nn.Module):
             example_input = data.unpack(self.loop.current_batch)[0]
         if example_input is None:
             return {}
-        example = data.map_tensors(lambda t: t[:2].to(self.device), example_input)
+        example = tensors.map_tensors(lambda t: t[:2].to(self.device), example_input)
         shapes: dict[str, str] = {}
 
         def shape_of(out: Any) -> str:
@@ -706,7 +706,7 @@ class Model(nn.Module):
         """Mixed-precision outputs come back as float32 (numpy has no bfloat16)."""
         if not self.precision.mixed:
             return out
-        return data.map_tensors(
+        return tensors.map_tensors(
             lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t, out
         )
 
@@ -885,7 +885,7 @@ class Model(nn.Module):
         )
         callback_list = self._single_pass_callbacks(callbacks, verbose, steps or source.steps)
         result = loops.predict(self, source, callback_list, steps)
-        return data.to_numpy(result) if numpy_in else result
+        return tensors.to_numpy(result) if numpy_in else result
 
 
 class _CompiledStep:

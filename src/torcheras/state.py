@@ -21,7 +21,7 @@ import torch
 
 from torcheras import distributed
 from torcheras.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError
-from torcheras.data import to_cpu
+from torcheras.tensors import to_cpu
 
 __all__ = [
     "capture_model_state",

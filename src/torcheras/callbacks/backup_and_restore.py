@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from torcheras import checkpoint, distributed
+from torcheras import checkpoint, distributed, tensors
 from torcheras.callbacks.callback import Callback
 from torcheras.loop_state import TIME_UP, StopFit
 from torcheras.state import capture_training_state
@@ -133,7 +133,7 @@ class BackupAndRestore(Callback):
         callbacks = self.model.loop.callbacks
         if callbacks is None:
             raise RuntimeError("BackupAndRestore works inside Model.fit, which it resumes.")
-        state = checkpoint.snapshot(capture_training_state(self.model, callbacks))
+        state = tensors.snapshot(capture_training_state(self.model, callbacks))
 
         def write() -> None:
             if self.double_checkpoint and self.latest_path.exists():
