@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from torcheras import checkpoint  # noqa: E402
+from torcheras import checkpoint, state  # noqa: E402
 
 
 def make_model() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -58,7 +58,7 @@ def main() -> None:
         between = []
         for _ in range(args.saves):
             start = time.perf_counter()
-            checkpoint.save_model(net, path, weights_only=False, background=mode == "background")
+            state.save_model(net, path, weights_only=False, background=mode == "background")
             stalls.append(time.perf_counter() - start)
             start = time.perf_counter()
             train_steps(net, opt, args.steps_between)

@@ -43,7 +43,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import torcheras  # noqa: E402
 from torcheras import callbacks as cb  # noqa: E402
-from torcheras import checkpoint  # noqa: E402
+from torcheras import state  # noqa: E402
 
 
 @dataclass
@@ -220,7 +220,7 @@ def side_by_side(
     tmp = tempfile.mkdtemp()
     raw_loop = RawLoop(raw_net, raw_opt, tmp)
     fit_saves = fit_runs = 0
-    real_save_model = checkpoint.save_model
+    real_save_model = state.save_model
 
     def counted_save_model(*args: Any, **kwargs: Any) -> Any:
         nonlocal fit_saves
@@ -246,11 +246,11 @@ def side_by_side(
             validation_batch_size=val[0].shape[0] if val else None,
         )
 
-    checkpoint.save_model = counted_save_model  # type: ignore[assignment]
+    state.save_model = counted_save_model  # type: ignore[assignment]
     try:
         yield raw, fit
     finally:
-        checkpoint.save_model = real_save_model  # type: ignore[assignment]
+        state.save_model = real_save_model  # type: ignore[assignment]
     if with_callbacks and (raw_loop.saves, fit_saves) != (raw_loop.epoch, fit_runs):
         raise SystemExit(
             f"unequal work: the raw loop saved {raw_loop.saves} checkpoints in "

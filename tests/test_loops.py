@@ -352,3 +352,73 @@ def test_loop_counters_are_readable_from_callbacks(blobs):
     model.fit(x, y, batch_size=60, epochs=2, verbose=0, callbacks=[watch])
     assert seen == {(0, True, 0): 4, (1, True, 0): 4}
     assert (model.loop.global_step, model.loop.optimizer_steps) == (8, 8)
+
+
+# ---- fit leaves nothing behind -----------------------------------------------------------------
+
+
+def _worker_processes() -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+@pytest.mark.parametrize("steps_per_epoch", [None, 3])
+def test_fit_lets_go_of_data_workers_callbacks_and_the_last_batch(blobs, steps_per_epoch):
+    """Stopped early mid-epoch, over a DataLoader with 2 workers (kept between epochs with
+    steps_per_epoch): when fit returns, the workers are gone, and the model holds neither the
+    callbacks nor the last batch; model.loop still tells where training stopped."""
+    import gc
+    import weakref
+
+    x, y = blobs
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=2)
+    model = make_model()
+    seen = {}
+
+    class StopAtBatch2(torcheras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen["batch"] = weakref.ref(self.model.loop.current_batch[0])
+            if self.model.loop.global_step == 5:
+                self.stop_training("enough")
+
+    stopper = StopAtBatch2()
+    assert not _worker_processes()
+    model.fit(loader, epochs=3, steps_per_epoch=steps_per_epoch, verbose=0, callbacks=[stopper])
+    assert not _worker_processes()
+    assert (model.loop.global_step, model.loop.batch, model.loop.running) == (
+        5,
+        4 - 3 * (steps_per_epoch is not None),
+        False,
+    )
+    assert model.loop.current_batch is None
+    callback = weakref.ref(stopper)
+    del stopper
+    gc.collect()
+    assert callback() is None and seen["batch"]() is None
+    with pytest.raises(RuntimeError, match="inside Model.fit"):
+        model.loop.training_state()
+    model.summary()  # the shapes are still known from two kept samples
+
+
+def test_fit_that_raises_lets_go_too(blobs):
+    x, y = blobs
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=2)
+    model = make_model()
+
+    def boom(batch, logs):
+        if batch == 2:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(
+            loader,
+            epochs=2,
+            steps_per_epoch=4,
+            verbose=0,
+            callbacks=[torcheras.callbacks.LambdaCallback(on_train_batch_end=boom)],
+        )
+    assert not _worker_processes()
+    assert model.stepping.callbacks is None and not model.loop.running

@@ -162,3 +162,152 @@ def test_save_streams_into_the_temp_file(tmp_path, monkeypatch):
     make_model().save(tmp_path / "m.pt")
     assert destinations and all(d is not io.BytesIO for d in destinations)
     assert checkpoint.load(tmp_path / "m.pt")["kind"] == "model"
+
+
+# ---- one family of files: saved models, full ModelCheckpoint files and backups ---------------
+
+FORMAT_V1 = os.path.join(os.path.dirname(__file__), "data", "format_v1")
+
+
+def _fit_with_everything(model, x, y, epochs, callbacks=()):
+    return model.fit(x, y, epochs=epochs, batch_size=48, shuffle=False, verbose=0,
+                     callbacks=list(callbacks))  # fmt: skip
+
+
+def _everything_model(seed=0, **compile_kwargs):
+    """More than weights: the compiled Adam, a second optimizer kept on the model, a
+    scheduler (and the weight average, when asked)."""
+    torch.manual_seed(seed)
+    model = make_model(**compile_kwargs)
+    model.scheduler = torch.optim.lr_scheduler.StepLR(model.optimizer, 1, gamma=0.5)
+    model.extra_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    model.extra_optimizer.param_groups[0]["params"][0].grad = torch.ones(2)
+    model.extra_optimizer.step()
+    model.scheduler.step()
+    return model
+
+
+def test_model_load_continues_training_from_a_full_model_checkpoint_file(tmp_path, blobs):
+    """A full ModelCheckpoint file is a saved model: Model.load gives back the weights, every
+    optimizer and the scheduler, and training continues as if unbroken."""
+    x, y = blobs
+    model = _everything_model()
+    path = tmp_path / "ckpt" / "epoch{epoch}.pt"
+    _fit_with_everything(model, x, y, 2, [torcheras.callbacks.ModelCheckpoint(str(path))])
+    saved = checkpoint.load(tmp_path / "ckpt" / "epoch2.pt")
+    assert saved["kind"] == "model" and saved["epoch"] == 1
+    assert set(saved["optimizers"]) == {"optimizer", "extra_optimizer"}
+    expected = _continue(model, x, y)
+
+    fresh = _everything_model(seed=1)  # other weights and moments
+    fresh.extra_optimizer.step()
+    fresh.load(tmp_path / "ckpt" / "epoch2.pt")
+    assert fresh.extra_optimizer.state_dict() == model.extra_optimizer.state_dict()
+    assert fresh.scheduler.last_epoch == 1 and fresh.learning_rate == pytest.approx(0.01)
+    got = _continue(fresh, x, y)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_a_model_checkpoint_file_brings_back_the_weight_average(tmp_path, blobs):
+    x, y = blobs
+    model = make_model(ema_momentum=0.9)
+    _fit_with_everything(model, x, y, 1, [torcheras.callbacks.ModelCheckpoint(tmp_path / "c.pt")])
+    fresh = make_model(ema_momentum=0.9)
+    fresh.load(tmp_path / "c.pt")
+    assert fresh.ema.updates == model.ema.updates == 5
+    for mine, theirs in zip(fresh.ema.average, model.ema.average):
+        assert torch.equal(mine, theirs)
+
+
+def test_an_uncompiled_model_loads_a_model_checkpoint_file_and_compiles_from_it(tmp_path, blobs):
+    x, y = blobs
+    model = make_model(metrics=["accuracy"])
+    _fit_with_everything(model, x, y, 1, [torcheras.callbacks.ModelCheckpoint(tmp_path / "c.pt")])
+    fresh = torcheras.Model(make_model().module)
+    fresh.load(tmp_path / "c.pt")
+    assert type(fresh.optimizer) is torch.optim.Adam and fresh.metrics_names == ["loss", "accuracy"]
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_weights_only_checkpoints_stay_weights_only(tmp_path, blobs):
+    x, y = blobs
+    model = make_model()
+    callback = torcheras.callbacks.ModelCheckpoint(tmp_path / "w.pt", save_weights_only=True)
+    _fit_with_everything(model, x, y, 1, [callback])
+    saved = checkpoint.load(tmp_path / "w.pt")
+    assert saved["kind"] == "weights" and "optimizers" not in saved
+    with pytest.raises(ValueError, match="load it with load_weights"):
+        make_model().load(tmp_path / "w.pt")
+
+
+def test_model_load_reads_a_backup(tmp_path, blobs):
+    """A backup holds the model's whole state too: Model.load takes the weights and Adam's
+    moments from it (the loop's position stays BackupAndRestore's business)."""
+    x, y = blobs
+    model = make_model()
+    backup = torcheras.callbacks.BackupAndRestore(tmp_path / "b", delete_checkpoint=False)
+    _fit_with_everything(model, x, y, 1, [backup])
+    fresh = make_model()
+    fresh.load(tmp_path / "b" / "latest.pt")
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+    moments = fresh.optimizer.state_dict()["state"]
+    assert moments.keys() == model.optimizer.state_dict()["state"].keys()
+
+
+def _v1_model():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    model = torcheras.Model(net)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"], device="cpu",
+                  ema_momentum=0.9)  # fmt: skip
+    return model
+
+
+@pytest.mark.parametrize("name", ["model.pt", "checkpoint.pt", "backup.pt"])
+def test_files_of_format_1_still_load(name):
+    """Files written by the release before this format (tests/data/format_v1/make_files.py):
+    a saved model, a full ModelCheckpoint file ('checkpoint', one 'optimizer'), a backup."""
+    path = os.path.join(FORMAT_V1, name)
+    raw = torch.load(path, weights_only=True)
+    assert raw["version"] == 1
+    model = _v1_model()
+    model.load(path)
+    for key, value in raw["model"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    opt = raw["optimizers"]["optimizer"] if "optimizers" in raw else raw["optimizer"]
+    state = model.optimizer.state_dict()["state"]
+    for index, moments in opt["state"].items():
+        assert torch.equal(state[index]["exp_avg"], moments["exp_avg"])
+    if name != "checkpoint.pt":  # format 1's ModelCheckpoint kept no weight average
+        assert model.ema.updates == raw["ema"]["updates"]
+    other = _v1_model()
+    other.load_weights(os.path.join(FORMAT_V1, "weights.pt"))
+    assert other.state_dict().keys() == raw["model"].keys()
+
+
+def test_a_format_1_checkpoint_needs_a_compiled_model_and_says_so():
+    with pytest.raises(ValueError, match="compile this model first"):
+        torcheras.Model(torch.nn.Sequential(torch.nn.Linear(4, 3))).load(
+            os.path.join(FORMAT_V1, "checkpoint.pt")
+        )
+
+
+@pytest.mark.parametrize("name", ["model.pt", "checkpoint.pt", "backup.pt"])
+def test_inspect_shows_every_optimizer_of_every_kind_of_file(name, tmp_path, blobs):
+    info = checkpoint.describe(os.path.join(FORMAT_V1, name))
+    assert info["optimizers"]["optimizer"]["lr"] == [pytest.approx(0.001)]
+    assert info["optimizers"]["optimizer"]["steps"] >= 3
+    x, y = blobs
+    model = _everything_model(ema_momentum=0.9)
+    model.fit(x, y, epochs=1, batch_size=48, verbose=0, callbacks=[
+        torcheras.callbacks.ModelCheckpoint(tmp_path / "c.pt"),
+        torcheras.callbacks.BackupAndRestore(tmp_path / "b", delete_checkpoint=False),
+    ])  # fmt: skip
+    model.save(tmp_path / "m.pt")
+    for path in (tmp_path / "c.pt", tmp_path / "b" / "latest.pt", tmp_path / "m.pt"):
+        info = checkpoint.describe(path)
+        assert set(info["optimizers"]) == {"optimizer", "extra_optimizer"}, path
+        assert info["optimizers"]["optimizer"]["class"] == "Adam"
+        assert info["optimizers"]["optimizer"]["steps"] == 5
+        assert info["optimizers"]["extra_optimizer"]["lr"] == [0.1]
+        assert "ema" in info

@@ -30,7 +30,7 @@ from typing import IO, Any
 import torch
 
 from torcheras import distributed
-from torcheras.tensors import snapshot, to_cpu
+from torcheras.tensors import to_cpu
 
 __all__ = [
     "CheckpointError",
@@ -43,10 +43,13 @@ __all__ = [
     "save_weights",
     "load_weights_into",
     "state_dict_of",
+    "describe",
 ]
 
 FORMAT = "torcheras.checkpoint"
-FORMAT_VERSION = 1
+# 2: ModelCheckpoint's full files are saved models (kind "model", every optimizer), as
+# model.save writes them; 1 wrote them as kind "checkpoint" with one "optimizer". Both load.
+FORMAT_VERSION = 2
 TEMP_PREFIX = ".torcheras-tmp-"
 
 
@@ -328,46 +331,76 @@ def load_weights_into(
     return checkpoint
 
 
-def save_model(
-    model: Any,
-    path: str | os.PathLike[str],
-    *,
-    weights_only: bool,
-    epoch: int | None = None,
-    logs: Mapping[str, Any] | None = None,
-    background: bool = False,
-) -> Path:
-    """Save a model (a torcheras Model or any nn.Module) for ModelCheckpoint and friends.
-
-    Weights only: the state_dict (safetensors for ``.safetensors`` names). Otherwise a full
-    checkpoint: weights, optimizer state, the epoch (0-based) and that epoch's logs.
-    ``background``: copy the state now, write it on the writer thread.
-    """
-    weights = model.state_dict()
-    meta: dict[str, Any] = {}
-    if epoch is not None:
-        meta["epoch"] = epoch
-    plain_logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float, str))}
-    if weights_only:
-        meta = {**meta, "logs": plain_logs} if not is_safetensors(path) else meta
-        if background:
-            copy = snapshot(weights)
-            save_in_background(lambda: save_weights(copy, path, meta), str(path))
-            return Path(path)
-        return save_weights(weights, path, meta)
-    state: dict[str, Any] = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "kind": "checkpoint",
-        "model": weights,
-        **meta,
-        "logs": plain_logs,
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a file holds, as plain data (``torcheras inspect`` and the HTML report): its
+    format and kind, the weights' size, the epoch and logs, every optimizer (of a saved
+    model, a full ModelCheckpoint file or a backup) and each callback's state in a backup."""
+    state = load(path)
+    weights = state_dict_of(state)
+    info: dict[str, Any] = {
+        "path": str(path),
+        "format": "safetensors"
+        if is_safetensors(path)
+        else state.get("format", "torch state_dict"),
+        "kind": state.get("kind", "weights"),
+        "size_bytes": os.path.getsize(path),
+        "tensors": len(weights),
+        "parameters": int(sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))),
     }
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    if background:
-        copy = snapshot(state)
-        save_in_background(lambda: save(copy, path), str(path))
-        return Path(path)
-    return save(to_cpu(state), path)
+    for key in ("version", "epoch", "batch", "global_step", "optimizer_steps"):
+        if key in state:
+            info[key] = state[key]
+    if "logs" in state:  # a training state holds the logs of the last finished epoch
+        info["last_epoch_logs" if info["kind"] == "training_state" else "logs"] = state["logs"]
+    if "created" in state:
+        import datetime
+
+        info["created"] = datetime.datetime.fromtimestamp(state["created"]).isoformat(
+            " ", "seconds"
+        )
+    optimizers = dict(state.get("optimizers") or {})
+    if "optimizer" in state:  # format 1's full ModelCheckpoint file: one optimizer
+        optimizers.setdefault("optimizer", state["optimizer"])
+    classes = state.get("optimizer_classes") or {}
+    if optimizers:
+        info["optimizers"] = {
+            name: {
+                **({"class": classes[name]} if name in classes else {}),
+                "param_groups": len(opt.get("param_groups", [])),
+                "lr": [_plain(g.get("lr")) for g in opt.get("param_groups", [])],
+                "steps": _steps_of(opt),
+            }
+            for name, opt in optimizers.items()
+        }
+    for key in ("scaler", "ema"):
+        if key in state:
+            info[key] = _summarize(state[key])
+    if "callbacks" in state:
+        info["callbacks"] = {k: _summarize(v) for k, v in state["callbacks"].items()}
+    if "history" in state:
+        info["history"] = state["history"]
+    return info
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+def _steps_of(optimizer_state: Mapping[str, Any]) -> int | None:
+    """The updates an optimizer has applied, from its per-parameter ``step`` (Adam & co.)."""
+    for param_state in (optimizer_state.get("state") or {}).values():
+        if isinstance(param_state, Mapping) and "step" in param_state:
+            return int(_plain(param_state["step"]))
+    return None
+
+
+def _summarize(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, dict):
+        if value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            return f"<{len(value)} tensors>"
+        return {k: _summarize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return f"<list of {len(value)}>"
+    return value

@@ -70,64 +70,6 @@ def demo(
     return float(results["accuracy"])
 
 
-def describe(path: str) -> dict[str, Any]:
-    """What a checkpoint file holds, as plain data."""
-    import torch
-
-    from torcheras import checkpoint
-
-    state = checkpoint.load(path)
-    weights = checkpoint.state_dict_of(state)
-    info: dict[str, Any] = {
-        "path": path,
-        "format": (
-            "safetensors"
-            if checkpoint.is_safetensors(path)
-            else state.get("format", "torch state_dict")
-        ),
-        "kind": state.get("kind", "weights"),
-        "size_bytes": os.path.getsize(path),
-        "tensors": len(weights),
-        "parameters": int(sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))),
-    }
-    for key in ("epoch", "batch", "global_step", "optimizer_steps"):
-        if key in state:
-            info[key] = state[key]
-    if "logs" in state:  # a training state holds the logs of the last finished epoch
-        info["last_epoch_logs" if info["kind"] == "training_state" else "logs"] = state["logs"]
-    if "created" in state:
-        import datetime
-
-        info["created"] = datetime.datetime.fromtimestamp(state["created"]).isoformat(
-            " ", "seconds"
-        )
-    if "optimizer" in state:
-        opt = state["optimizer"]
-        info["optimizer"] = {
-            "param_groups": len(opt.get("param_groups", [])),
-            "lr": [g.get("lr") for g in opt.get("param_groups", [])],
-        }
-    if "callbacks" in state:
-        info["callbacks"] = {k: _summarize(v) for k, v in state["callbacks"].items()}
-    if "history" in state:
-        info["history"] = state["history"]
-    return info
-
-
-def _summarize(value: Any) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return f"tensor{list(value.shape)}"
-    if isinstance(value, dict):
-        if value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            return f"<{len(value)} tensors>"
-        return {k: _summarize(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and len(value) > 8:
-        return f"<list of {len(value)}>"
-    return value
-
-
 def _print_info(info: dict[str, Any], prefix: str = "") -> None:
     for key, value in info.items():
         if isinstance(value, dict) and value:
@@ -184,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"torcheras report: {exc}", file=sys.stderr)
             return 2
         return 0
-    from torcheras.checkpoint import CheckpointError
+    from torcheras.checkpoint import CheckpointError, describe
 
     try:
         info = describe(args.path)

@@ -317,6 +317,9 @@ class ArraySource:
             self.ran_out = True
             _warn_ran_out(self.name, math.ceil(n / bs), self.max_steps)
 
+    def close(self) -> None:
+        """Nothing to let go of: the arrays are the user's."""
+
     def split(self, fraction: float) -> tuple[ArraySource, ArraySource]:
         """Keras's ``validation_split``: the last ``fraction`` of the samples, before shuffling."""
         n_val = int(self.num_samples * fraction)
@@ -505,6 +508,15 @@ class IterableSource:
             self._consumed += 1
             yield tuple(batch) if isinstance(batch, (list, tuple)) else (batch,)
             step += 1
+
+    def close(self) -> None:
+        """Let go of the pass kept between epochs (``steps_per_epoch``): a DataLoader's worker
+        processes stop now, not whenever the garbage collector gets to them. A generator of
+        the user's is left open."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"pass_rng": self._pass_rng, "consumed": self._consumed}

@@ -1,11 +1,9 @@
-"""Where the training loop is: the one owner of the counters callbacks read and backups record."""
+"""Where the training loop is: the counters and position callbacks read and backups record."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-
-from torch import Tensor
 
 __all__ = ["LoopState", "StopFit", "TIME_UP"]
 
@@ -30,12 +28,23 @@ class LoopState:
     - ``micro_step``: the batch's place in its accumulation group (always 0 without
       accumulation); ``accumulating`` is True while the group is not complete, so the
       optimizer does not step after this batch.
+    - ``epoch_done``: the epoch's batches and validation are over (from ``on_epoch_end``).
+    - ``last_logs``: the logs of the last finished epoch.
+    - ``interrupt``: a signal received (0: none); see :meth:`request_interrupt`.
 
-    ``interrupt``: a signal received (see BackupAndRestore), handled by ``on_interrupt``.
+    While ``fit`` runs (``running`` is True) a callback can also ask the loop for work at the
+    right moment: :meth:`at_step_boundary`, :meth:`request_interrupt` with an
+    ``interrupt_handler``, and :meth:`training_state`. When ``fit`` returns or raises, the loop
+    lets go of everything it held (data, callbacks, the last batch); the counters stay.
 
-    Also: ``order`` (the epoch's sample order), ``current_batch`` (the batch on the device),
-    ``batch_lrs`` (the rate each batch used), ``last_logs`` (the last epoch's logs),
-    ``callbacks`` (the running ``CallbackList``) and ``collector`` (the epoch's running logs).
+    Example:
+        ```python
+        class EveryHundredSteps(Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                loop = self.model.loop
+                if not loop.accumulating and loop.optimizer_steps % 100 == 0:
+                    loop.at_step_boundary(lambda: print(loop.training_state()["epoch"]))
+        ```
     """
 
     __slots__ = (
@@ -45,20 +54,10 @@ class LoopState:
         "optimizer_steps",
         "micro_step",
         "accumulating",
-        "group_size",
-        "loss_scale",
-        "order",
-        "current_batch",
         "epoch_done",
-        "batch_lrs",
-        "train_source",
         "last_logs",
-        "pending",
-        "end_of_batches",
-        "callbacks",
-        "collector",
         "interrupt",
-        "on_interrupt",
+        "_fit",
     )
 
     def __init__(self) -> None:
@@ -68,30 +67,67 @@ class LoopState:
         self.optimizer_steps = 0
         self.micro_step = 0
         self.accumulating = False
-        self.group_size = 1  # micro-batches in the current group (less than N for the last)
-        # Under torchrun, this rank's share of the global batch times the number of ranks:
-        # DDP averages gradients over ranks, so uneven shards weigh by their sizes.
-        self.loss_scale = 1.0
-        self.order: Tensor | None = None
-        self.current_batch: Any = None
         self.epoch_done = False
-        self.batch_lrs: list[Any] = []
-        self.train_source: Any = None
         self.last_logs: dict[str, Any] = {}
-        self.pending: list[Callable[[], None]] = []
-        self.end_of_batches: list[Callable[[], None]] = []
-        self.callbacks: Any = None
-        self.collector: Any = None
-        # A signal this process received (SIGTERM, SIGINT; 0: none) and who handles it
-        # (BackupAndRestore). The loop acts on it between optimizer steps, at the same batch on
-        # every rank (a signal may reach one rank only).
+        # A signal this process received (SIGTERM, SIGINT; 0: none). The loop acts on it
+        # between optimizer steps, at the same batch on every rank (a signal may reach one
+        # rank only), by calling the interrupt handler.
         self.interrupt = 0
-        self.on_interrupt: Callable[[int], None] | None = None
+        self._fit: Any = None  # the running fit (loops.FitLoop); None outside fit
 
-    def run_pending(self) -> None:
-        """Run the work callbacks asked for at this batch boundary (backups), in order."""
-        while self.pending:
-            self.pending.pop(0)()
+    @property
+    def running(self) -> bool:
+        """True while ``fit`` runs."""
+        return self._fit is not None
+
+    def _running_fit(self, what: str) -> Any:
+        if self._fit is None:
+            raise RuntimeError(f"model.loop.{what} works inside Model.fit only.")
+        return self._fit
+
+    def at_step_boundary(self, work: Callable[[], None]) -> None:
+        """Run ``work()`` at the next point between two optimizer steps: after this training
+        batch (after the last batch of its accumulation group), or after ``on_epoch_end``
+        when asked from an epoch hook. Every callback has run its hook by then, so a state
+        captured there is consistent (BackupAndRestore saves this way)."""
+        self._running_fit("at_step_boundary").boundary_work.append(work)
+
+    def request_interrupt(self, code: int) -> None:
+        """Ask the loop to call ``interrupt_handler(code)`` at the next step boundary (every
+        rank at the same batch under torchrun: the highest code asked on any rank wins).
+        Signal numbers are the codes BackupAndRestore uses; ``TIME_UP`` is the Timer's."""
+        self.interrupt = max(self.interrupt, code)
+
+    @property
+    def interrupt_handler(self) -> Callable[[int], None] | None:
+        """Who handles :meth:`request_interrupt` in this fit (None: nobody; a request then
+        does nothing). Set it in ``on_train_begin``."""
+        return None if self._fit is None else self._fit.interrupt_handler
+
+    @interrupt_handler.setter
+    def interrupt_handler(self, handler: Callable[[int], None] | None) -> None:
+        self._running_fit("interrupt_handler").interrupt_handler = handler
+
+    @property
+    def current_batch(self) -> Any:
+        """The training batch on the device right now (None outside fit)."""
+        return None if self._fit is None else self._fit.current_batch
+
+    @property
+    def callbacks(self) -> Any:
+        """The running fit's ``CallbackList`` (None outside fit): the other callbacks."""
+        return None if self._fit is None else self._fit.callbacks
+
+    @property
+    def batch_learning_rates(self) -> list[Any]:
+        """The learning rate each training batch of this epoch used so far (inside fit;
+        a schedule may change it per batch)."""
+        return [] if self._fit is None else self._fit.batch_lrs
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything an exact resume needs, captured now (see ``state.py``); inside fit,
+        at a step boundary (:meth:`at_step_boundary`)."""
+        return self._running_fit("training_state()").training_state()
 
     def counters(self) -> dict[str, int]:
         """The counters a backup records."""

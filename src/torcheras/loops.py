@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from torcheras import checkpoint, data, distributed, optimizers, state, tensors
+from torcheras import checkpoint, data, distributed, optimizers, state, stepping, tensors
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState, StopFit
@@ -56,7 +56,11 @@ def _should_validate(epoch: int, validation_freq: int | Sequence[int]) -> bool:
 
 
 class FitLoop:
-    """One ``fit``: epochs of training batches, validation, and resume from a backup."""
+    """One ``fit``: epochs of training batches, validation, and resume from a backup.
+
+    It holds what lives only while ``fit`` runs (the data, the callbacks, the epoch's order
+    and running logs, the batch on the device, the work callbacks asked for) and lets go of
+    all of it when ``fit`` returns or raises; ``model.loop`` keeps the counters."""
 
     def __init__(
         self,
@@ -79,9 +83,12 @@ class FitLoop:
         self.validation_freq = validation_freq
         self.validation_steps = validation_steps
         self.loop = LoopState()
-        self.loop.train_source = train_source
-        self.loop.callbacks = callbacks
-        self.loop.collector = model._collector()
+        self.collector = model._collector()
+        self.current_batch: Any = None
+        self.order: Tensor | None = None  # the epoch's sample order
+        self.batch_lrs: list[Any] = []  # the rate each batch of the epoch used
+        self.boundary_work: list[Callable[[], None]] = []  # LoopState.at_step_boundary
+        self.interrupt_handler: Callable[[int], None] | None = None
         rank, ranks = distributed.rank(), distributed.world_size()
         if ranks > 1:  # DataLoaders: each rank loads its own part
             seed = distributed.shared_seed()
@@ -89,7 +96,6 @@ class FitLoop:
             if val_source is not None:
                 val_source.distribute(rank, ranks, training=False, seed=seed)
         self.stage = data.DeviceStager(model.device)  # its pinned buffers serve the whole fit
-        self.accumulation = getattr(model, "gradient_accumulation_steps", 1)
         self.steps_known = getattr(train_source, "steps", None)
         self.stopped_in_epoch = False  # a batch hook stopped training before the epoch's end
 
@@ -97,7 +103,45 @@ class FitLoop:
         try:
             return self._run()
         finally:
-            self.model._log_to = None
+            self._release()
+
+    def _release(self) -> None:
+        """Let go of everything but the counters: data (a DataLoader's workers stop), the
+        callbacks, the last batch. Two samples of it stay for ``summary()``'s shapes."""
+        model = self.model
+        model._log_to = None
+        self.loop._fit = None
+        if self.current_batch is not None:
+            x = data.unpack(self.current_batch)[0]
+            model._example_input = tensors.map_tensors(lambda t: t[:2].detach().cpu(), x)
+        self.train_source.close()
+        if self.val_source is not None:
+            self.val_source.close()
+        model.stepping.callbacks = None
+        self.train_source = self.val_source = self.callbacks = None
+        self.current_batch = self.order = self.collector = None
+        self.batch_lrs, self.boundary_work, self.interrupt_handler = [], [], None
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything an exact resume needs, as it stands now (``LoopState.training_state``)."""
+        loop = self.loop
+        return state.capture_training_state(
+            self.model,
+            self.callbacks,
+            data_position=getattr(self.train_source, "state_dict", dict)(),
+            epoch_position=None
+            if loop.epoch_done
+            else {
+                "order": self.order,
+                "collector": self.collector.state_dict(),
+                "batch_lrs": list(self.batch_lrs),
+            },
+        )
+
+    def _run_boundary_work(self) -> None:
+        work = self.boundary_work
+        while work:
+            work.pop(0)()
 
     def _run(self) -> Any:
         model, loop, callbacks = self.model, self.loop, self.callbacks
@@ -105,10 +149,12 @@ class FitLoop:
         model.stop_reason = None
         model._initial_epoch = None
         model._check_first_batch = True
+        loop._fit = self
         model.loop = loop
         if model.optimizer is not None:
             model.optimizer.zero_grad(set_to_none=True)
-        model._wrap_for_ranks()
+        stepping.wrap_for_ranks(model)
+        self.stepping = model.stepping = stepping.Stepping(model, loop, callbacks)
         # A batch hook may stop training: then every rank agrees after each batch. Agreed
         # once, so that ranks whose callbacks differ still make the same collectives.
         self.agree_per_batch = distributed.agree(
@@ -118,13 +164,15 @@ class FitLoop:
                 or callbacks.declares("on_train_batch_end")
             )
         )
-        loop.interrupt, loop.on_interrupt = 0, None
-        model._log_to = loop.collector  # Model.log's values join the epoch's logs
+        loop.interrupt = 0
+        model._log_to = self.collector  # Model.log's values join the epoch's logs
         with hooks(callbacks, "train") as result:
             # A signal on any rank (BackupAndRestore's) is voted on after every batch, one
             # batch late so that no rank waits. Set up after on_train_begin, which sets the
             # handler; agreed once, so that every rank votes at the same batches.
-            votes = distributed.agree(distributed.is_active() and loop.on_interrupt is not None)
+            votes = distributed.agree(
+                distributed.is_active() and self.interrupt_handler is not None
+            )
             self.vote = distributed.Vote() if votes else None
             initial_epoch, position = self._resume_or_start()
             result["logs"] = dict(loop.last_logs)
@@ -132,13 +180,13 @@ class FitLoop:
                 for epoch in range(initial_epoch, self.epochs):
                     result["logs"] = self._epoch(epoch, position)
                     position = None
-                    if loop.pending:
-                        loop.run_pending()
+                    self._run_boundary_work()
                     if self.vote is not None:
                         self.vote.finish()  # superseded by the agreement just below
                     interrupt = distributed.agree_max(loop.interrupt)
-                    if interrupt and loop.on_interrupt is not None:
-                        loop.on_interrupt(interrupt)
+                    if interrupt and self.interrupt_handler is not None:
+                        self.interrupt_handler(interrupt)
+                        loop.interrupt = 0
                     model.stop_training = distributed.agree(model.stop_training)  # every rank
                     if model.stop_training:
                         break
@@ -186,7 +234,7 @@ class FitLoop:
 
     def _start_epoch(self, epoch: int, position: dict[str, Any] | None) -> tuple[Any, int]:
         """The epoch's sample order and first batch: fresh, or where a backup left it."""
-        source, loop = self.train_source, self.loop
+        source = self.train_source
         source.set_epoch(epoch)  # a DistributedSampler's shuffle
         if position is None or position["epoch"] != epoch:
             return distributed.broadcast(source.new_order()), 0  # one order for every rank
@@ -194,30 +242,27 @@ class FitLoop:
         state.set_rng_state(position["rng"])
         if start == 0:  # an epoch boundary: draw the order from the restored RNG, as before
             return distributed.broadcast(source.new_order()), 0
-        loop.collector.load_state_dict(position["collector"], self.model.device)
-        loop.batch_lrs.extend(position.get("batch_lrs", []))
+        self.collector.load_state_dict(position["collector"], self.model.device)
+        self.batch_lrs.extend(position.get("batch_lrs", []))
         return position["order"], start
 
     def _epoch(self, epoch: int, position: dict[str, Any] | None) -> dict[str, Any]:
         model, loop, callbacks = self.model, self.loop, self.callbacks
-        collector: LogCollector = loop.collector
+        collector: LogCollector = self.collector
         collector.reset()
-        loop.batch_lrs.clear()
+        self.batch_lrs.clear()
         loop.epoch, loop.batch, loop.epoch_done = epoch, -1, False
-        loop.micro_step, loop.group_size = 0, 1
+        self.stepping.start_epoch()
         callbacks.on_epoch_begin(epoch)
         model.train()
         order, start = self._start_epoch(epoch, position)
-        loop.order = order
+        self.order = order
         last = self._train_batches(self.train_source.batches(order, start), start)
         if last < 0 and start == 0 and not self.train_source.ran_out:
             raise ValueError("The training data yielded no batch: `x` is empty.")
-        if loop.micro_step and model._uses_default_train_step():
-            model._apply_partial_group()  # the epoch ended inside an accumulation group
-            loop.optimizer_steps += 1
-            loop.micro_step = 0
-        for check in loop.end_of_batches:
-            check()
+        self.stepping.end_epoch()  # a group the epoch (or a stop) cut short
+        if callbacks.needs("on_train_batches_end"):
+            callbacks.on_train_batches_end(epoch)
         if self.train_source.ran_out:
             model.stop_training = True
             if model.stop_reason is None:
@@ -238,8 +283,8 @@ class FitLoop:
                 stage=self.stage,
             )
             logs.update({f"val_{k}": v for k, v in val_logs.items()})
-        if loop.batch_lrs:
-            logs["learning_rate"] = float(loop.batch_lrs[-1])
+        if self.batch_lrs:
+            logs["learning_rate"] = float(self.batch_lrs[-1])
         elif model.optimizer is not None:
             logs["learning_rate"] = optimizers.get_learning_rate(model.optimizer)
         logs = dict(sorted(logs.items()))
@@ -249,22 +294,28 @@ class FitLoop:
 
     def _train_batches(self, batches: Any, start: int) -> int:
         """Run the training batches of one epoch; the last batch index (start - 1 if none)."""
+        try:
+            return self._run_batches(batches, start)
+        finally:
+            batches.close()  # a stop mid-epoch: the pass's iterator is let go of now
+
+    def _run_batches(self, batches: Any, start: int) -> int:
         model, loop, callbacks = self.model, self.loop, self.callbacks
+        stepper = self.stepping
         stage = self.stage
         needs_begin = callbacks.needs("on_train_batch_begin")
         needs_end = callbacks.needs("on_train_batch_end")
         train_step = model.train_step
-        collector = loop.collector
-        pending = loop.pending
+        collector = self.collector
+        boundary_work = self.boundary_work
         groups = None if model.optimizer is None else model.optimizer.param_groups
-        batch_lrs = loop.batch_lrs
-        accumulation = self.accumulation
+        batch_lrs = self.batch_lrs
+        accumulating = stepper.accumulation > 1
         last_known = None if self.steps_known is None else self.steps_known - 1
         ranks = 1 if self.train_source.per_rank else distributed.world_size()
         rank = distributed.rank()
         agree_per_batch = self.agree_per_batch
-        no_sync = None if model._ddp is None else model._ddp.no_sync
-        loop.loss_scale = 1.0
+        stepper.rank_share = 1.0
         vote: distributed.Vote | None = self.vote
         interrupt = 0
         step = start - 1
@@ -273,52 +324,36 @@ class FitLoop:
             if ranks > 1:  # this rank's part of the global batch; its loss counts its share
                 size = data.batch_size_of(batch[0])
                 batch = data.shard(batch, rank, ranks)
-                loop.loss_scale = data.batch_size_of(batch[0]) * ranks / size
-            if accumulation > 1:
-                self._place_in_group(step, last_known)
+                stepper.rank_share = data.batch_size_of(batch[0]) * ranks / size
+            if accumulating:
+                stepper.place(step, last_known)
             if needs_begin:
                 callbacks.on_train_batch_begin(step)
             if groups is not None:  # the rate this batch uses (a schedule may have set it)
                 lr = groups[0]["lr"]
                 batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
             batch = stage(batch)
-            loop.current_batch = batch
+            self.current_batch = batch
             collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
-            if no_sync is not None and loop.accumulating:  # all-reduce once per group
-                with no_sync():
-                    logs = train_step(batch)
-            else:
-                logs = train_step(batch)
-            collector.add(logs, size)
-            loop.global_step += 1
-            if not loop.accumulating:
-                loop.optimizer_steps += 1
+            collector.add(stepper.run(train_step, batch), size)
+            stepper.end_batch()
             if needs_end:
                 callbacks.on_train_batch_end(step, collector.snapshot())
-            if accumulation > 1:
-                loop.micro_step = 0 if not loop.accumulating else loop.micro_step + 1
-            if pending and not loop.accumulating:  # backups only between optimizer steps
-                loop.run_pending()
+            if boundary_work and not loop.accumulating:  # backups only between steps
+                self._run_boundary_work()
             if vote is not None:
                 interrupt = max(interrupt, vote.submit(loop.interrupt))
             elif loop.interrupt:
                 interrupt = loop.interrupt
-            if interrupt and not loop.accumulating:  # a signal: back up and stop, all ranks
-                loop.on_interrupt(interrupt)  # type: ignore[misc]
+            if interrupt and not loop.accumulating and self.interrupt_handler is not None:
+                self.interrupt_handler(interrupt)  # a signal: back up and stop, all ranks
+                interrupt = loop.interrupt = 0  # handled (a handler that returns)
             if agree_per_batch:
                 model.stop_training = distributed.agree(model.stop_training)
             if model.stop_training:
                 self.stopped_in_epoch = True
                 break
         return step
-
-    def _place_in_group(self, step: int, last_known: int | None) -> None:
-        """Whether this micro-batch completes its accumulation group (the epoch's last batch
-        completes a short one)."""
-        loop, n = self.loop, self.accumulation
-        closes = loop.micro_step + 1 == n or step == last_known
-        loop.accumulating = not closes
-        loop.group_size = loop.micro_step + 1 if closes else n
 
 
 def evaluate(
@@ -341,6 +376,12 @@ def evaluate(
     stage = stage or data.DeviceStager(model.device)
     needs_begin = callbacks.needs("on_test_batch_begin")
     needs_end = callbacks.needs("on_test_batch_end")
+    outputs: list[Any] = []  # the model's outputs in test_step, for on_test_batch_outputs
+    capture = (
+        model.register_forward_hook(lambda module, args, out: outputs.append(out))
+        if callbacks.needs("on_test_batch_outputs")
+        else None
+    )
     rank, ranks = distributed.rank(), distributed.world_size()
     source.distribute(rank, ranks, training=False, seed=0)
     shard_ranks = 1 if source.per_rank else ranks
@@ -354,6 +395,10 @@ def evaluate(
                 batch = stage(data.shard(batch, rank, shard_ranks))
                 collector.batch_size = size = data.batch_size_of(batch[0])
                 collector.add(model.test_step(batch), size)
+                if outputs:
+                    x, y, _ = data.unpack(batch)
+                    callbacks.on_test_batch_outputs(step, x, y, outputs[-1])
+                    outputs.clear()
                 if needs_end:
                     callbacks.on_test_batch_end(step, collector.snapshot())
                 if model.stop_evaluating:
@@ -364,6 +409,8 @@ def evaluate(
     finally:
         model.train(was_training)
         model._log_to = outer_log_to
+        if capture is not None:
+            capture.remove()
     return logs
 
 

@@ -20,7 +20,8 @@ from torcheras.ema import ExponentialMovingAverage
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
 from torcheras.precision import Precision
-from torcheras.state import capture_model_state, restore_model_state
+from torcheras.state import model_file_state, read_model_file, restore_model_state
+from torcheras.stepping import CompiledStep, Stepping
 
 __all__ = ["Model", "resolve_device"]
 
@@ -83,7 +84,7 @@ class Model(nn.Module):
         self.stop_training = False
         self.stop_reason: str | None = None  # set with Callback.stop_training(reason)
         self._log_to: Any = None  # the running epoch's LogCollector (Model.log)
-        self._output_sink: Any = None  # called with (x, y, y_pred) by test_step when set
+        self._example_input: Any = None  # two samples of fit's last batch, for summary()
         self.ema: ExponentialMovingAverage | None = None  # compile(ema_momentum=...)
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: History | None = None
@@ -103,8 +104,11 @@ class Model(nn.Module):
         self.scaler: torch.amp.GradScaler | None = None
         self.gradient_accumulation_steps = 1
         self.jit_compile = False
-        self._compiled: _CompiledStep | None = None
+        self._compiled: CompiledStep | None = None
         self._ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
+        # How losses become optimizer steps (stepping.py): fit makes its own; this one serves
+        # train_step run outside fit.
+        self.stepping = Stepping(self, self.loop)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         module = self._modules.get("module")
@@ -213,7 +217,8 @@ class Model(nn.Module):
         if duplicates:
             raise ValueError(f"Metric names must be unique and not 'loss'; repeated: {duplicates}.")
         self.jit_compile = bool(jit_compile)
-        self._compiled = _CompiledStep(self) if jit_compile else None
+        self._compiled = CompiledStep(self) if jit_compile else None
+        self.stepping = Stepping(self, self.loop)
         self._compile_config = {
             "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
             "loss": loss if isinstance(loss, str) else None,
@@ -315,29 +320,19 @@ class Model(nn.Module):
             model.load("run/model.pt")  # or on a fresh, uncompiled Model of the same network
             ```
         """
-        state: dict[str, Any] = {
-            "format": checkpoint.FORMAT,
-            "version": checkpoint.FORMAT_VERSION,
-            "kind": "model",
-            **capture_model_state(self),
-            "compile": dict(self._compile_config),
-        }
-        checkpoint.save(state, filepath)
+        checkpoint.save(model_file_state(self), filepath)
 
     def load(self, filepath: str | os.PathLike[str]) -> None:
-        """Load a file written by :meth:`save`: weights, optimizers, schedulers, scaler.
+        """Load a file that holds a model, to continue training: a file written by
+        :meth:`save`, a full ``ModelCheckpoint`` file, or a ``BackupAndRestore`` backup —
+        weights, every optimizer, the schedulers, the scaler and the weight average.
 
         An uncompiled model is compiled first from the saved names (optimizer class, loss,
         metrics); a model compiled with objects must be compiled the same way before loading.
         """
-        state = checkpoint.load(filepath)
-        if state.get("kind") != "model":
-            raise ValueError(
-                f"{str(filepath)!r} holds {state.get('kind') or 'weights'} only, not a saved "
-                "model: load it with load_weights(), or save with model.save()."
-            )
+        state = read_model_file(filepath)
         if not self._is_compiled:
-            self._compile_from(state.get("compile") or {}, filepath)
+            self._compile_from(state.get("compile"), filepath)
         restore_model_state(
             self,
             state,
@@ -345,7 +340,12 @@ class Model(nn.Module):
             "Build the same network (and compile the same optimizer) before loading.",
         )
 
-    def _compile_from(self, config: Mapping[str, Any], filepath: Any) -> None:
+    def _compile_from(self, config: Mapping[str, Any] | None, filepath: Any) -> None:
+        if config is None:
+            raise ValueError(
+                f"{str(filepath)!r} does not record how its model was compiled (an older "
+                "ModelCheckpoint file, or a backup): compile this model first, then load."
+            )
         if not config.get("complete", False):
             raise ValueError(
                 f"{str(filepath)!r} was saved from a model compiled with a loss or metric "
@@ -419,8 +419,9 @@ class Model(nn.Module):
         saw; empty when none is available."""
         if example_input is None and input_shape is not None:
             example_input = torch.zeros(2, *input_shape, device=self.device)
-        elif example_input is None and self.loop.current_batch is not None:
-            example_input = data.unpack(self.loop.current_batch)[0]
+        elif example_input is None:  # fit's batch on the device, or two samples kept after
+            batch = self.loop.current_batch
+            example_input = self._example_input if batch is None else data.unpack(batch)[0]
         if example_input is None:
             return {}
         example = tensors.map_tensors(lambda t: t[:2].to(self.device), example_input)
@@ -449,7 +450,7 @@ class Model(nn.Module):
         try:
             with torch.no_grad():
                 module = self._modules.get("module")
-                plain = module is not None and type(self).forward is Model.forward
+                plain = module is not None and not self._has_own_forward()
                 _call(module if plain else self, example)
         finally:
             self.train(was_training)
@@ -462,14 +463,14 @@ class Model(nn.Module):
         """Run the model on ``x``: a tensor, a tuple (``forward(*x)``) or a dict (``**x``)."""
         if self._ddp is not None and self.training:  # gradients all-reduced across ranks
             return _call(self._ddp, x)
-        if self._compiled is not None:
-            return _call(self._compiled.forward, x)
+        if self._compiled is not None and not torch.compiler.is_compiling():
+            return _call(self._compiled.forward, x)  # not inside the compiled train step
         module = self._modules.get("module")
         if (
             module is None
             or self._forward_hooks
             or self._forward_pre_hooks
-            or (type(self).forward is not Model.forward)
+            or self._has_own_forward()
         ):
             return _call(self, x)
         return _call(module, x)  # the wrapped module itself: one module call, not two
@@ -578,65 +579,31 @@ class Model(nn.Module):
             metric.update(y_pred, y, sample_weight)
 
     def backward(self, loss: Tensor) -> None:
-        """Backpropagate ``loss``: divided by ``gradient_accumulation_steps``, scaled under
-        ``"16-mixed"``. When the batch completes its accumulation group (always, without
-        accumulation) the gradients are unscaled and ``on_after_backward`` fires."""
-        loop = self.loop
-        n = self.gradient_accumulation_steps
-        if loop.loss_scale != 1.0:  # torchrun, uneven shards of a global batch
-            loss = loss * loop.loss_scale
-        self.precision.backward(loss / n if n > 1 else loss)
-        if not loop.accumulating:
-            if loop.group_size < n:  # a short last group: the mean of its own micro-batches
-                self._scale_gradients(n / loop.group_size)
-            self._gradients_ready()
-
-    def _gradients_ready(self) -> None:
-        if self.optimizer is not None:
-            self.precision.unscale(self.optimizer)
-        callbacks = self.loop.callbacks
-        if callbacks is not None and callbacks.needs("on_after_backward"):
-            callbacks.on_after_backward(self.loop.batch)
-
-    def _scale_gradients(self, factor: float) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, factor)
+        """Backpropagate ``loss``: weighed by this rank's share of the global batch under
+        torchrun, divided by ``gradient_accumulation_steps``, scaled under ``"16-mixed"``.
+        When the batch completes its accumulation group (always, without accumulation) the
+        gradients are unscaled and ``on_after_backward`` fires. See ``stepping.py``."""
+        self.stepping.backward(loss)
 
     def optimizer_step(self) -> None:
-        """Clip the gradients (``clipnorm`` / ``global_clipnorm`` / ``clipvalue``) and apply
-        them, once per accumulation group (``train_step`` zeroes them when a group starts, so
-        they stay readable after the step). Override it for a custom update (and
-        call ``super().optimizer_step()`` to keep clipping, loss scaling and accumulation).
+        """One optimizer update: clip the gradients (``clipnorm`` / ``global_clipnorm`` /
+        ``clipvalue``), apply them (the compiled step under ``jit_compile``; the scaler's step
+        under ``"16-mixed"``), then update the weight average (``ema_momentum``).
+
+        The default ``train_step`` calls it exactly once per real optimizer step: once per
+        accumulation group, including the short group an epoch ends with. Override it for a
+        custom update and call ``super().optimizer_step()`` to keep clipping, loss scaling
+        and the average. Called inside a group (``self.loop.accumulating``), it does nothing.
 
         Example:
             ```python
             class MyModel(torcheras.Model):
                 def optimizer_step(self):
-                    print(self.loop.optimizer_steps)
                     super().optimizer_step()
+                    print("update", self.loop.optimizer_steps + 1)
             ```
         """
-        optimizer = self.optimizer
-        if optimizer is None or self.loop.accumulating:
-            return
-        self.precision.clip(optimizer)
-        step_fn = None if self._compiled is None else self._compiled.optimizer_step
-        self.precision.step(optimizer, step_fn)
-        if self.ema is not None:
-            self.ema.update()
-
-    def _apply_partial_group(self) -> None:
-        """Step with a group the epoch (or a stop) cut short: the mean of its micro-batches."""
-        loop = self.loop
-        loop.accumulating = False
-        loop.group_size = loop.micro_step
-        factor = self.gradient_accumulation_steps / loop.micro_step
-        if self._ddp is not None:  # its micro-batches ran under no_sync: reduce them now
-            distributed.average_([p.grad for p in self.parameters() if p.grad is not None])
-        self._scale_gradients(factor)
-        self._gradients_ready()
-        self.optimizer_step()
+        self.stepping.apply()
 
     def train_step(self, batch: Any) -> dict[str, Any]:
         """One optimisation step on ``batch``; returns the values to log (tensors are fine).
@@ -649,21 +616,16 @@ class Model(nn.Module):
         ``on_after_backward``.
         """
         x, y, sample_weight = data.unpack(batch)
-        if self.loop.micro_step == 0:  # a new accumulation group (every batch without one)
-            self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        self.stepping.zero_grad()  # at a group's start (every batch without accumulation)
         if self._compiled is not None and y is not None:
-            y_pred, loss, parts = self._compiled.forward_loss(x, y, sample_weight)
-            if parts:
-                self._log_output_losses(parts)
-            if self._check_first_batch:
-                self._check_first_batch = False
-                self.compiled_loss.check(y_pred, y)  # type: ignore[union-attr]
+            y_pred, loss = self._compiled.forward_loss(x, y, sample_weight)
         else:
             with self.precision.autocast():
                 y_pred = self.call_on(x)
                 loss = self.compute_loss(x, y, y_pred, sample_weight)
         self.backward(loss)
-        self.optimizer_step()
+        if not self.loop.accumulating:  # the group is complete: one optimizer step
+            self.optimizer_step()
         if self.compiled_metrics or self.weighted_metrics:
             self.update_metrics(y_pred, y, sample_weight)
         return {"loss": loss}
@@ -673,8 +635,6 @@ class Model(nn.Module):
         x, y, sample_weight = data.unpack(batch)
         with self.precision.autocast():
             y_pred = self.call_on(x)
-            if self._output_sink is not None:  # PredictionLogger: outputs of this same pass
-                self._output_sink(x, y, y_pred)
             if self.compiled_loss is None:
                 self.update_metrics(y_pred, y, sample_weight)
                 return {}
@@ -688,19 +648,9 @@ class Model(nn.Module):
         with self.precision.autocast():
             return self.call_on(x)
 
-    def _wrap_for_ranks(self) -> None:
-        """Under torchrun, wrap what ``forward`` runs in DistributedDataParallel (once): the
-        wrapped module, or this model when it is a subclass with its own ``forward``. A custom
-        ``train_step`` gets synchronised gradients as long as it calls ``self.call_on(x)`` (or
-        ``self(x)`` on a wrapping Model) rather than submodules directly."""
-        if self._ddp is not None or not distributed.is_active():
-            return
-        from torch.nn.parallel import DistributedDataParallel
-
-        module = self._modules.get("module")
-        target = module if module is not None and type(self).forward is Model.forward else self
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        self.__dict__["_ddp"] = DistributedDataParallel(target, device_ids=ids)  # not a submodule
+    def _has_own_forward(self) -> bool:
+        """A subclass with its own ``forward`` (rather than a wrapped module's)."""
+        return type(self).forward is not Model.forward
 
     def _predict_output(self, out: Any) -> Any:
         """Mixed-precision outputs come back as float32 (numpy has no bfloat16)."""
@@ -886,42 +836,3 @@ class Model(nn.Module):
         callback_list = self._single_pass_callbacks(callbacks, verbose, steps or source.steps)
         result = loops.predict(self, source, callback_list, steps)
         return tensors.to_numpy(result) if numpy_in else result
-
-
-class _CompiledStep:
-    """``compile(jit_compile=True)``: the train step through ``torch.compile``. The forward
-    pass and the loss are one graph (AOTAutograd compiles their backward with them); the
-    optimizer step is a second graph, with the learning rates kept as tensors so that a
-    schedule changing them does not recompile it."""
-
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        self.forward = torch.compile(model)
-        self.forward_loss = torch.compile(self._forward_loss)
-        self._step: Callable[[], Any] | None = None
-        self._step_of: torch.optim.Optimizer | None = None
-
-    def _forward_loss(
-        self, x: Any, y: Any, sample_weight: Any
-    ) -> tuple[Any, Tensor, dict[str, Tensor] | None]:
-        model = self.model
-        loss_fn = model.compiled_loss
-        parts = None
-        with model.precision.autocast():
-            y_pred = _call(model, x)
-            if type(loss_fn) is losses.MultiOutputLoss:
-                loss, parts = loss_fn.with_parts(y_pred, y, sample_weight)
-            else:
-                loss = loss_fn(y_pred, y, sample_weight)  # type: ignore[misc]
-        return y_pred, loss, parts
-
-    def optimizer_step(self) -> None:
-        optimizer = self.model.optimizer
-        if optimizer is None:
-            return
-        if self._step_of is not optimizer:
-            for group in optimizer.param_groups:
-                if type(group["lr"]) is not Tensor:
-                    group["lr"] = torch.tensor(float(group["lr"]))
-            self._step, self._step_of = torch.compile(optimizer.step), optimizer
-        self._step()  # type: ignore[misc]

@@ -52,7 +52,7 @@ def _load_run(run_dir: Path) -> tuple[plots.Curves, dict[str, Any], str]:
 
 
 def _checkpoints(run_dir: Path) -> list[dict[str, Any]]:
-    from torcheras.cli import describe
+    from torcheras.checkpoint import describe
 
     found = []
     for path in sorted(p for p in run_dir.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES):

@@ -1,10 +1,19 @@
-"""What a training state holds, and how it is captured and restored.
+"""What each file torcheras writes holds, and how it is captured and restored.
 
-A training state is everything an exact resume needs at a batch boundary of ``fit``: the
-weights, every optimizer, LR scheduler and AMP scaler kept on the model, the loop's position
-and counters, the epoch's sample order and running sums, the RNG states (of every rank under
-torchrun) and every callback's state by its ``state_key``. ``checkpoint.py`` turns it into
-bytes on disk; this module decides what goes in and puts it back.
+One family of files, one place that decides their content (``checkpoint.py`` turns them into
+bytes and back):
+
+- ``"weights"``: the state_dict alone (``save_weights``, ``ModelCheckpoint(save_weights_only=
+  True)``; safetensors for ``.safetensors`` names).
+- ``"model"``: everything training changes on the model — weights, every optimizer, the LR
+  schedulers, the AMP scaler and the weight average kept on it — and the compile settings
+  that are names (``model.save``, a full ``ModelCheckpoint`` file, with its epoch and logs).
+- ``"training_state"``: a model's state plus everything an exact resume needs at a batch
+  boundary of ``fit`` — the loop's position and counters, the epoch's sample order and running
+  sums, the RNG states (of every rank under torchrun) and every callback's state by its
+  ``state_key`` (BackupAndRestore's backups).
+
+``Model.load`` reads all three kinds that hold a model (and format 1's ``"checkpoint"``).
 """
 
 from __future__ import annotations
@@ -19,12 +28,16 @@ from typing import Any
 
 import torch
 
-from torcheras import distributed
+from torcheras import checkpoint, distributed
 from torcheras.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError
-from torcheras.tensors import to_cpu
+from torcheras.tensors import snapshot, to_cpu
 
 __all__ = [
+    "MODEL_KINDS",
     "capture_model_state",
+    "model_file_state",
+    "read_model_file",
+    "save_model",
     "capture_training_state",
     "restore_model_state",
     "restore_training_state",
@@ -137,15 +150,98 @@ def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: 
             raise mismatch("the weight average differs", exc) from exc
 
 
-def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
+def _header(kind: str) -> dict[str, Any]:
+    return {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind}
+
+
+def _plain_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float, str))}
+
+
+def model_file_state(
+    model: Any, *, epoch: int | None = None, logs: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A saved model: what ``model.save`` and a full ``ModelCheckpoint`` file hold. The
+    epoch (0-based) and its logs when a callback saves it during ``fit``."""
+    state = {
+        **_header("model"),
+        **capture_model_state(model),
+        "compile": dict(getattr(model, "_compile_config", None) or {}),
+    }
+    if epoch is not None:
+        state["epoch"] = epoch
+    if logs is not None:
+        state["logs"] = _plain_logs(logs)
+    return state
+
+
+def save_model(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    weights_only: bool,
+    epoch: int | None = None,
+    logs: Mapping[str, Any] | None = None,
+    background: bool = False,
+) -> Path:
+    """Save ``model`` (a torcheras Model or any nn.Module) for ModelCheckpoint and friends:
+    the weights alone (safetensors for ``.safetensors`` names), or a saved model that
+    ``Model.load`` continues training from. ``background``: copy the state now, write it on
+    the writer thread."""
+    if weights_only:
+        meta: dict[str, Any] = {} if epoch is None else {"epoch": epoch}
+        if not checkpoint.is_safetensors(path):
+            meta["logs"] = _plain_logs(logs)
+        weights = model.state_dict()
+        if background:
+            copy = snapshot(weights)
+            checkpoint.save_in_background(
+                lambda: checkpoint.save_weights(copy, path, meta), str(path)
+            )
+            return Path(path)
+        return checkpoint.save_weights(weights, path, meta)
+    state = model_file_state(model, epoch=epoch, logs=logs)
+    if background:
+        copy = snapshot(state)
+        checkpoint.save_in_background(lambda: checkpoint.save(copy, path), str(path))
+        return Path(path)
+    return checkpoint.save(state, path)
+
+
+MODEL_KINDS = ("model", "training_state", "checkpoint")
+
+
+def read_model_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a file that holds a model to continue training (``Model.load``): a saved model,
+    a full ModelCheckpoint file (format 1's ``"checkpoint"`` too) or a backup."""
+    state = checkpoint.load(path)
+    kind = state.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ValueError(
+            f"{str(path)!r} holds {kind or 'weights'} only, not a saved model: load it with "
+            "load_weights(), or save with model.save() or ModelCheckpoint(save_weights_only="
+            "False)."
+        )
+    if kind == "checkpoint" and "optimizer" in state:  # format 1: one optimizer, by this name
+        state = {**state, "optimizers": {"optimizer": state["optimizer"]}}
+    return state
+
+
+def capture_training_state(
+    model: Any,
+    callbacks: Any,
+    *,
+    data_position: Mapping[str, Any] | None = None,
+    epoch_position: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The whole training state at a batch boundary of ``fit``: resuming from it continues
-    exactly where the run was (weights, optimizers, data order, RNG, every callback)."""
+    exactly where the run was (weights, optimizers, data order, RNG, every callback).
+    ``data_position``: the data source's own (a loader's pass); ``epoch_position``: inside an
+    epoch, its sample ``order``, running sums (``collector``) and ``batch_lrs``."""
     loop = model.loop
     done = loop.epoch_done
     state: dict[str, Any] = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "kind": "training_state",
+        **_header("training_state"),
         "created": time.time(),
         "epoch": loop.epoch + 1 if done else loop.epoch,
         "batch": 0 if done else loop.batch + 1,
@@ -156,13 +252,13 @@ def capture_training_state(model: Any, callbacks: Any) -> dict[str, Any]:
         "logs": dict(loop.last_logs),
     }
     own: dict[str, Any] = {"rng": rng_state()}  # what differs from rank to rank
-    source = loop.train_source
-    if source is not None and hasattr(source, "state_dict"):
-        own["data"] = source.state_dict()
-    if not done:
-        state["order"] = None if loop.order is None else loop.order.cpu()
-        own["collector"] = loop.collector.state_dict()  # this rank's running sums
-        state["batch_lrs"] = list(loop.batch_lrs)
+    if data_position:
+        own["data"] = dict(data_position)
+    if not done and epoch_position is not None:
+        order = epoch_position["order"]
+        state["order"] = None if order is None else order.cpu()
+        own["collector"] = epoch_position["collector"]  # this rank's running sums
+        state["batch_lrs"] = list(epoch_position["batch_lrs"])
     state.update(own)  # rank 0's (or the only process's) at the top level
     if distributed.is_active():  # every rank's, gathered into the file rank 0 writes
         state["ranks"] = distributed.gather_objects(own)

@@ -11,6 +11,8 @@ from torcheras.callbacks import Callback, CallbackList, EarlyStopping, History, 
 from torcheras.callbacks.callback_list import HOOKS
 from torcheras.logs import BatchLogs, LogCollector
 
+NOT_KERAS = ("on_train_batches_end", "on_test_batch_outputs")  # ours, with other signatures
+
 
 class Recorder(Callback):
     """Records every Keras hook with its index and sorted log keys."""
@@ -18,7 +20,7 @@ class Recorder(Callback):
     def __init__(self):
         self.events = []
         for hook in HOOKS:
-            if hook not in ("on_after_backward", "on_exception"):
+            if hook not in ("on_after_backward", "on_exception", *NOT_KERAS):
                 setattr(self, hook, self._recorder(hook))
 
     def _recorder(self, name):

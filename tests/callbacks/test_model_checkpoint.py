@@ -23,7 +23,8 @@ def test_every_epoch_with_formatted_names(tmp_path, blobs):
     names = sorted(os.listdir(tmp_path / "ckpt"))
     assert [n[:3] for n in names] == ["01-", "02-", "03-"]
     state = torch.load(tmp_path / "ckpt" / names[-1], weights_only=True)
-    assert state["epoch"] == 2 and set(state) >= {"model", "optimizer", "logs"}
+    assert state["epoch"] == 2 and set(state) >= {"model", "optimizers", "logs"}
+    assert state["kind"] == "model"  # a saved model: Model.load continues training from it
     assert state["logs"]["val_loss"] == pytest.approx(model.history.history["val_loss"][-1])
     fresh = make_model()
     fresh.load_weights(tmp_path / "ckpt" / names[-1])
@@ -34,13 +35,13 @@ def test_save_best_only_keeps_the_best_epoch(tmp_path, monkeypatch):
     path = tmp_path / "best.pt"
     ckpt = ModelCheckpoint(str(path), save_best_only=True)
     saved_at = []
-    original = torcheras.checkpoint.save_model
+    original = torcheras.state.save_model
 
     def spy(model, filepath, **kwargs):
         saved_at.append(kwargs["epoch"])
         return original(model, filepath, **kwargs)
 
-    monkeypatch.setattr(torcheras.checkpoint, "save_model", spy)
+    monkeypatch.setattr(torcheras.state, "save_model", spy)
     drive(ckpt, [0.5, 0.6, 0.4, 0.4, 0.45])
     assert saved_at == [0, 2] and ckpt.best == 0.4
     assert torch.load(path, weights_only=True)["epoch"] == 2
@@ -176,7 +177,7 @@ def test_hand_written_loop_with_early_stopping_and_checkpoint(tmp_path):
     assert net.weight[0, 0].item() == 2.0  # restored to the best epoch
     saved = torch.load(tmp_path / "best.pt", weights_only=True)
     assert saved["epoch"] == 2 and float(saved["model"]["weight"][0, 0]) == 2.0
-    assert "optimizer" in saved
+    assert "optimizer" in saved["optimizers"]
 
 
 def test_batch_saves_use_batch_logs(tmp_path, blobs):

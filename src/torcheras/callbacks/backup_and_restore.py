@@ -13,7 +13,6 @@ from typing import Any
 from torcheras import checkpoint, distributed, tensors
 from torcheras.callbacks.callback import Callback
 from torcheras.loop_state import TIME_UP, StopFit
-from torcheras.state import capture_training_state
 
 __all__ = ["BackupAndRestore", "Preempted"]
 
@@ -85,7 +84,7 @@ class BackupAndRestore(Callback):
         self._signal: int | None = None
         self._keep = False
         if save_freq == "epoch":
-            self._skip_hooks = ("on_train_batch_end",)
+            self.unused_hooks = ("on_train_batch_end",)
 
     # --- loading --------------------------------------------------------------------------------
     def _load(self) -> dict[str, Any] | None:
@@ -127,13 +126,10 @@ class BackupAndRestore(Callback):
 
     # --- saving ---------------------------------------------------------------------------------
     def _request_save(self) -> None:
-        self.model.loop.pending.append(self._save)
+        self.model.loop.at_step_boundary(self._save)
 
     def _save(self) -> None:
-        callbacks = self.model.loop.callbacks
-        if callbacks is None:
-            raise RuntimeError("BackupAndRestore works inside Model.fit, which it resumes.")
-        state = tensors.snapshot(capture_training_state(self.model, callbacks))
+        state = tensors.snapshot(self.model.loop.training_state())
 
         def write() -> None:
             if self.double_checkpoint and self.latest_path.exists():
@@ -151,7 +147,7 @@ class BackupAndRestore(Callback):
         self._resume_state = self._load()
         self._install_signal_handlers()
         self._keep = False  # a Timer's stop keeps the backup for the next run
-        self.model.loop.on_interrupt = self._save_and_stop
+        self.model.loop.interrupt_handler = self._save_and_stop
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self.model.loop.accumulating:  # save_freq counts optimizer steps
@@ -198,8 +194,8 @@ class BackupAndRestore(Callback):
         if self._signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self._signal = signum
-        loop = self.model.loop  # acted on at the next step boundary, on every rank at once
-        loop.interrupt = max(loop.interrupt, signum)
+        # acted on at the next step boundary, on every rank at once
+        self.model.loop.request_interrupt(signum)
 
     def _save_and_stop(self, signum: int) -> None:
         """Every rank at the same batch (a signal may have reached one rank only). A spent

@@ -17,8 +17,12 @@ class Callback:
     ``{"verbose", "epochs", "steps"}``.
 
     Beyond Keras: ``on_after_backward(batch)`` fires when the gradients are ready,
+    ``on_train_batches_end(epoch)`` after an epoch's last training batch,
+    ``on_test_batch_outputs(batch, x, y, y_pred)`` with each evaluation batch's outputs,
     ``on_exception(exc)`` before an exception leaves ``fit``, and ``state_dict`` /
     ``load_state_dict`` make a resumed run decide exactly as an uninterrupted one.
+    ``unused_hooks`` names the hooks an instance's settings leave idle, so that the loop
+    does not call them (a batch hook costs a call per batch).
 
     Example:
         ```python
@@ -50,6 +54,10 @@ class Callback:
 
     # The attributes that tell two callbacks of one class apart (a file, a monitored metric).
     state_key_attributes: tuple[str, ...] = ()
+
+    # Hooks this instance overrides but its settings leave idle (a per-epoch ModelCheckpoint
+    # has nothing to do per batch): the dispatcher never calls them. Set it in ``__init__``.
+    unused_hooks: tuple[str, ...] = ()
 
     @property
     def state_key(self) -> str:
@@ -99,6 +107,11 @@ class Callback:
         backward of an accumulation group, unscaled under mixed precision), before clipping
         and the optimizer step."""
 
+    def on_train_batches_end(self, epoch: int) -> None:
+        """Called after the epoch's last training batch (and the optimizer step of a short
+        last accumulation group), before validation and ``on_epoch_end``: the point to settle
+        what batch hooks deferred, in time to stop training in this epoch."""
+
     def on_exception(self, exception: BaseException) -> None:
         """Called when an exception (KeyboardInterrupt too) is about to leave fit and co."""
 
@@ -114,6 +127,12 @@ class Callback:
 
     def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         """Called after each evaluation batch with running means."""
+
+    def on_test_batch_outputs(self, batch: int, x: Any, y: Any, y_pred: Any) -> None:
+        """Called after each evaluation batch (validation too) with its inputs, targets and
+        the model's outputs from that same pass (the last forward call of ``test_step``,
+        whatever overrides it), still on the device: no second pass, no synchronisation.
+        Only a callback that overrides it makes the loop capture outputs."""
 
     def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
         """Called at the start of ``predict``."""

@@ -27,13 +27,15 @@ HOOKS = (
     "on_predict_batch_begin",
     "on_predict_batch_end",
     "on_after_backward",
+    "on_train_batches_end",
+    "on_test_batch_outputs",
     "on_exception",
 )
 _ALIASES = {"on_train_batch_begin": "on_batch_begin", "on_train_batch_end": "on_batch_end"}
 
 
 def _overrides(callback: Callback, hook: str) -> bool:
-    if hook in getattr(callback, "_skip_hooks", ()):  # hooks a callback's settings leave unused
+    if hook in callback.unused_hooks:  # hooks a callback's settings leave idle
         return False
     if hook in vars(callback):  # LambdaCallback and friends set hooks on the instance
         return True
@@ -221,6 +223,14 @@ class CallbackList(Callback):
     def on_after_backward(self, batch: int) -> None:
         for fn in self._active["on_after_backward"]:
             fn(batch)
+
+    def on_train_batches_end(self, epoch: int) -> None:
+        for fn in self._active["on_train_batches_end"]:
+            fn(epoch)
+
+    def on_test_batch_outputs(self, batch: int, x: Any, y: Any, y_pred: Any) -> None:
+        for fn in self._active["on_test_batch_outputs"]:
+            fn(batch, x, y, y_pred)
 
     def on_exception(self, exception: BaseException) -> None:
         """Tell every callback, even if one of them fails; the original exception wins."""

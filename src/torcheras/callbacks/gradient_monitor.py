@@ -74,7 +74,7 @@ class GradientMonitor(Callback):
         self._weight_norms: list[torch.Tensor] = []
         self._sampled: list[tuple[str, torch.nn.Parameter]] = []
         if not (weights and per_layer):  # no update ratios: no batch hook (none to agree on)
-            self._skip_hooks = ("on_train_batch_end",)
+            self.unused_hooks = ("on_train_batch_end",)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._steps, self._warned, self._before = 0, set(), None

@@ -64,7 +64,7 @@ class LearningRateScheduler(Callback):
         self.interval = interval
         self.global_step = 0
         self.applied_epoch: int | None = None
-        self._skip_hooks = (
+        self.unused_hooks = (
             ("on_train_batch_begin", "on_train_batch_end")
             if interval == "epoch"
             else ("on_epoch_begin", "on_epoch_end")

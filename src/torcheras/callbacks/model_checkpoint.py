@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from torcheras import checkpoint
+from torcheras import checkpoint, state
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.monitor import Monitor
 
@@ -83,7 +83,7 @@ class ModelCheckpoint(Callback):
         self._last_batch_seen = 0
         self._current_epoch = 0
         if save_freq == "epoch":
-            self._skip_hooks = ("on_train_batch_end",)
+            self.unused_hooks = ("on_train_batch_end",)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._current_epoch = epoch
@@ -158,7 +158,7 @@ class ModelCheckpoint(Callback):
                 self.best = current
         elif self.verbose > 0:
             print(f"\nEpoch {epoch + 1}: saving model to {path}")
-        checkpoint.save_model(
+        state.save_model(
             self.model,
             path,
             weights_only=self.save_weights_only,

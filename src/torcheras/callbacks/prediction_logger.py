@@ -84,6 +84,7 @@ class PredictionLogger(Callback):
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.csv_path = self.directory / "predictions.csv"
         self._in_fit = False
+        self._collecting = False  # this validation pass is one to log
         self._writer: Any = None
         self._rows_written, self._resumed, self._file_ready = 0, False, False
         self._reset()
@@ -123,8 +124,7 @@ class PredictionLogger(Callback):
         self._close()
 
     def on_exception(self, exception: BaseException) -> None:
-        self._in_fit = False
-        self.model._output_sink = None
+        self._in_fit = self._collecting = False
         self._close()
 
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -133,12 +133,16 @@ class PredictionLogger(Callback):
             return
         self._reset()
         self._classify = self._is_classification()
-        self.model._output_sink = self._collect
+        self._collecting = True
+
+    def on_test_batch_outputs(self, batch: int, x: Any, y: Any, y_pred: Any) -> None:
+        if self._collecting:
+            self._collect(x, y, y_pred)
 
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self.model._output_sink != self._collect:
+        if not self._collecting:
             return
-        self.model._output_sink = None
+        self._collecting = False
         self._write(self.model.loop.epoch)
 
     # --- collecting, on the device -------------------------------------------------------------

@@ -136,7 +136,7 @@ class TensorBoard(Callback):
         skip = []
         if update_freq == "epoch" and self.profile_range is None:
             skip += ["on_train_batch_end", "on_train_batch_begin"]
-        self._skip_hooks = tuple(skip)
+        self.unused_hooks = tuple(skip)
 
     # --- writers --------------------------------------------------------------------------------
     def _writer(self, run: str) -> Any:
@@ -296,7 +296,7 @@ class TensorBoard(Callback):
     def _write_batch_learning_rates(self, writer: Any) -> None:
         """A per-batch schedule changes the rate inside the epoch: write each batch's rate."""
         loop = getattr(self.model, "loop", None)
-        rates = [float(r) for r in getattr(loop, "batch_lrs", [])]
+        rates = [float(r) for r in getattr(loop, "batch_learning_rates", [])]
         if len(set(rates)) > 1:
             first = loop.global_step - len(rates)  # type: ignore[union-attr]
             for i, rate in enumerate(rates, first + 1):

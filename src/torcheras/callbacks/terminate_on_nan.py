@@ -46,9 +46,9 @@ class TerminateOnNaN(Callback):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._unread = []
-        loop = getattr(self.model, "loop", None)
-        if loop is not None and hasattr(loop, "end_of_batches"):
-            loop.end_of_batches.append(self._settle)  # after the last batch, before validation
+
+    def on_train_batches_end(self, epoch: int) -> None:
+        self._settle()  # after the epoch's last batch, before validation
 
     def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if type(logs) is not BatchLogs:  # plain floats (a hand-written loop): check now

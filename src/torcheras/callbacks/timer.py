@@ -94,7 +94,7 @@ class Timer(Callback):
         self._start: float | None = None
         self._fired = False
         if interval == "epoch":
-            self._skip_hooks = ("on_train_batch_end",)
+            self.unused_hooks = ("on_train_batch_end",)
 
     def time_elapsed(self) -> float:
         """Seconds of training spent so far, earlier runs of a resumed training included."""
@@ -123,7 +123,7 @@ class Timer(Callback):
     def _time_up(self, where: str) -> None:
         self._fired = True
         loop = getattr(self.model, "loop", None)
-        backup = loop is not None and loop.on_interrupt is not None
+        backup = loop is not None and loop.interrupt_handler is not None
         reason = f"budget of {self.budget} spent at {where}"
         if self.verbose:
             print(f"Timer: {reason}; stopping.")
@@ -134,7 +134,7 @@ class Timer(Callback):
         # torchrun, whose clocks differ), then fit returns.
         if self.model.stop_reason is None:
             self.model.stop_reason = f"Timer: {reason}; backup written"
-        loop.interrupt = max(loop.interrupt, TIME_UP)
+        loop.request_interrupt(TIME_UP)
 
     def state_dict(self) -> dict[str, Any]:
         return {"elapsed": self.time_elapsed()}
