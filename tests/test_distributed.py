@@ -204,3 +204,40 @@ def test_the_process_group_torcheras_started_is_ended_before_the_interpreter_exi
     script.write_text(EXIT_SCRIPT)
     run(tmp_path, script=script)
     assert [(tmp_path / f"exit{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
+
+
+INTERRUPT_SCRIPT = """
+import json, os, sys
+import torch
+import torcheras
+from torcheras.callbacks import Callback
+
+calls = []
+
+class Handler(Callback):
+    def on_train_begin(self, logs=None):
+        self.model.loop.interrupt_handler = lambda code: calls.append([code, self.model.loop.batch])
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 2 and os.environ["RANK"] == "1":  # one rank asks
+            self.model.loop.request_interrupt(7)
+
+torch.manual_seed(0)
+model = torcheras.Model(torch.nn.Linear(5, 1))
+model.compile("sgd", "mse", device="cpu")
+model.fit(torch.randn(80, 5), torch.randn(80, 1), batch_size=8, verbose=0, callbacks=[Handler()])
+with open(os.path.join(sys.argv[1], f"calls{os.environ['RANK']}.json"), "w") as f:
+    json.dump(calls, f)
+"""
+
+
+def test_an_interrupt_asked_on_one_rank_is_handled_once_on_every_rank(tmp_path):
+    """The vote is answered one batch late: the handler runs at the same batch everywhere,
+    and only once (a handler that returns used to be called again a batch later)."""
+    script = tmp_path / "interrupt_script.py"
+    script.write_text(INTERRUPT_SCRIPT)
+    run(tmp_path, script=script)
+    calls = [json.loads((tmp_path / f"calls{r}.json").read_text()) for r in (0, 1)]
+    assert calls[0] == calls[1] and len(calls[0]) == 1
+    code, batch = calls[0][0]
+    assert code == 7 and batch in (3, 4)  # after the vote on batch 2's request came back

@@ -403,6 +403,9 @@ def test_fit_lets_go_of_data_workers_callbacks_and_the_last_batch(blobs, steps_p
 
 
 def test_fit_that_raises_lets_go_too(blobs):
+    import gc
+    import weakref
+
     x, y = blobs
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=2)
@@ -412,13 +415,66 @@ def test_fit_that_raises_lets_go_too(blobs):
         if batch == 2:
             raise RuntimeError("boom")
 
+    raiser = torcheras.callbacks.LambdaCallback(on_train_batch_end=boom)
     with pytest.raises(RuntimeError, match="boom"):
-        model.fit(
-            loader,
-            epochs=2,
-            steps_per_epoch=4,
-            verbose=0,
-            callbacks=[torcheras.callbacks.LambdaCallback(on_train_batch_end=boom)],
-        )
-    assert not _worker_processes()
-    assert model.stepping.callbacks is None and not model.loop.running
+        model.fit(loader, epochs=2, steps_per_epoch=4, verbose=0, callbacks=[raiser])
+    assert not _worker_processes() and not model.loop.running
+    callback = weakref.ref(raiser)
+    del raiser
+    gc.collect()
+    assert callback() is None
+
+
+def test_fit_leaves_the_users_own_loader_and_iterator_usable(blobs):
+    """A DataLoader with persistent workers, and an iterator of a loader the user made, are
+    the user's: fit lets go of them without shutting their workers down."""
+    x, y = blobs
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    persistent = torch.utils.data.DataLoader(
+        dataset, batch_size=40, num_workers=2, persistent_workers=True
+    )
+    model = make_model()
+    model.fit(persistent, epochs=1, steps_per_epoch=3, validation_data=persistent, verbose=0)
+    assert len(list(persistent)) == 6  # still usable
+    model.evaluate(persistent, verbose=0)
+    stream = iter(torch.utils.data.DataLoader(dataset, batch_size=40, num_workers=2))
+    for _ in range(3):  # one stream, 2 batches per fit
+        history = model.fit(stream, steps_per_epoch=2, verbose=0)
+        assert history.stop_reason is None
+    assert model.loop.global_step == 2
+    del persistent, stream
+
+
+def test_micro_step_is_the_batchs_place_in_its_group_in_every_batch_hook(blobs):
+    x, y = blobs
+    seen = []
+    record = torcheras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda b, logs: seen.append(("begin", model.loop.micro_step)),
+        on_train_batch_end=lambda b, logs: seen.append(
+            ("end", model.loop.micro_step, model.loop.accumulating)
+        ),
+    )
+    model = make_model(gradient_accumulation_steps=3)
+    model.fit(x, y, batch_size=60, epochs=1, verbose=0, callbacks=[record])  # 4 batches
+    assert seen == [
+        ("begin", 0), ("end", 0, True), ("begin", 1), ("end", 1, True),
+        ("begin", 2), ("end", 2, False), ("begin", 0), ("end", 0, False),
+    ]  # fmt: skip
+
+
+def test_a_batch_with_a_0_d_tensor_trains_and_fit_returns():
+    class Scaled(torcheras.Model):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(5, 3)
+
+        def forward(self, x, temperature):
+            return self.layer(x) / temperature
+
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    batches = [({"x": x[i : i + 8], "temperature": torch.tensor(2.0)}, y[i : i + 8])
+               for i in range(0, 32, 8)]  # fmt: skip
+    model = Scaled()
+    model.compile("sgd", "sparse_categorical_crossentropy", device="cpu")
+    history = model.fit(batches, epochs=1, verbose=0)
+    assert len(history.history["loss"]) == 1

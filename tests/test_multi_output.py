@@ -223,3 +223,19 @@ def test_sample_weights_per_output_weigh_each_outputs_loss_and_metrics(data):
     single.compile("adam", "cross_entropy", device="cpu")
     with pytest.raises(ValueError, match="compile a loss per output"):
         single.evaluate(x, labels, sample_weight={"label": w}, verbose=0)
+
+
+def test_jit_compile_with_several_outputs_compiles_once_not_per_batch(data):
+    """Each output's loss is logged from inside the compiled step: the graph must not guard
+    on the running sums (it recompiled every batch, then fell back to eager)."""
+    from torch._dynamo.utils import counters
+
+    model = _model(jit_compile=True, loss={"label": "sparse_categorical_crossentropy",
+                                           "box": "mse"})  # fmt: skip
+    x, labels, boxes = data
+    y = {"label": labels, "box": boxes}
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    graphs = counters["stats"]["unique_graphs"]
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
+    assert {"label_loss", "box_loss"} <= set(history.history)

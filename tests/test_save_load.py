@@ -166,7 +166,8 @@ def test_save_streams_into_the_temp_file(tmp_path, monkeypatch):
 
 # ---- one family of files: saved models, full ModelCheckpoint files and backups ---------------
 
-FORMAT_V1 = os.path.join(os.path.dirname(__file__), "data", "format_v1")
+DATA = os.path.join(os.path.dirname(__file__), "data")
+FORMAT_V1 = os.path.join(DATA, "format_v1")
 
 
 def _fit_with_everything(model, x, y, epochs, callbacks=()):
@@ -263,14 +264,18 @@ def _v1_model():
     return model
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("name", ["model.pt", "checkpoint.pt", "backup.pt"])
-def test_files_of_format_1_still_load(name):
-    """Files written by the release before this format (tests/data/format_v1/make_files.py):
-    a saved model, a full ModelCheckpoint file ('checkpoint', one 'optimizer'), a backup."""
-    path = os.path.join(FORMAT_V1, name)
+def test_files_of_every_format_still_load(name, version):
+    """Files written by earlier releases (tests/data/format_v*/make_files.py): a saved model,
+    a full ModelCheckpoint file (format 1: 'checkpoint', one 'optimizer'), a backup."""
+    folder = os.path.join(DATA, f"format_v{version}")
+    path = os.path.join(folder, name)
     raw = torch.load(path, weights_only=True)
-    assert raw["version"] == 1
-    model = _v1_model()
+    assert raw["version"] == version
+    model = _v1_model() if version == 1 or name != "checkpoint.pt" else None
+    if model is None:  # format 2 records the compile settings: a bare model loads it
+        model = torcheras.Model(torch.nn.Sequential(torch.nn.Linear(4, 3)))
     model.load(path)
     for key, value in raw["model"].items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -278,10 +283,10 @@ def test_files_of_format_1_still_load(name):
     state = model.optimizer.state_dict()["state"]
     for index, moments in opt["state"].items():
         assert torch.equal(state[index]["exp_avg"], moments["exp_avg"])
-    if name != "checkpoint.pt":  # format 1's ModelCheckpoint kept no weight average
+    if "ema" in raw:  # format 1's ModelCheckpoint kept no weight average
         assert model.ema.updates == raw["ema"]["updates"]
     other = _v1_model()
-    other.load_weights(os.path.join(FORMAT_V1, "weights.pt"))
+    other.load_weights(os.path.join(folder, "weights.pt"))
     assert other.state_dict().keys() == raw["model"].keys()
 
 
@@ -311,3 +316,20 @@ def test_inspect_shows_every_optimizer_of_every_kind_of_file(name, tmp_path, blo
         assert info["optimizers"]["optimizer"]["steps"] == 5
         assert info["optimizers"]["extra_optimizer"]["lr"] == [0.1]
         assert "ema" in info
+
+
+def test_a_file_saved_on_the_weight_average_continues_training_on_the_weights(tmp_path, blobs):
+    """SwapEMAWeights(swap_on_epoch=True) saves the average in the model: Model.load then
+    fit trains on the weights again (it raised: EMA swapped during a training step)."""
+    x, y = blobs
+    model = make_model(ema_momentum=0.9)
+    model.fit(x, y, epochs=1, batch_size=48, verbose=0, callbacks=[
+        torcheras.callbacks.SwapEMAWeights(swap_on_epoch=True),
+        torcheras.callbacks.ModelCheckpoint(tmp_path / "c.pt"),
+    ])  # fmt: skip
+    saved = checkpoint.load(tmp_path / "c.pt")
+    assert saved["ema"]["swapped"]
+    fresh = make_model(ema_momentum=0.9)
+    fresh.load(tmp_path / "c.pt")
+    fresh.fit(x, y, epochs=1, batch_size=48, verbose=0)
+    assert fresh.ema.updates == 10 and not fresh.ema.swapped

@@ -510,10 +510,15 @@ class IterableSource:
             step += 1
 
     def close(self) -> None:
-        """Let go of the pass kept between epochs (``steps_per_epoch``): a DataLoader's worker
-        processes stop now, not whenever the garbage collector gets to them. A generator of
-        the user's is left open."""
+        """Let go of the pass kept between epochs (``steps_per_epoch``). The workers of a
+        DataLoader pass that fit started stop now, not whenever the garbage collector gets to
+        them; what is the user's is only let go of: an iterator or generator they passed,
+        and the pass a DataLoader with ``persistent_workers`` keeps for its next epoch."""
         iterator, self._iterator = self._iterator, None
+        if iterator is None or self.is_iterator:
+            return
+        if getattr(self.iterable, "persistent_workers", False):
+            return
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()

@@ -107,20 +107,25 @@ class FitLoop:
 
     def _release(self) -> None:
         """Let go of everything but the counters: data (a DataLoader's workers stop), the
-        callbacks, the last batch. Two samples of it stay for ``summary()``'s shapes."""
+        callbacks, the last batch (two samples of it stay for ``summary()``'s shapes). Runs
+        when fit returns or raises: nothing here may hide the error leaving fit."""
         model = self.model
         model._log_to = None
+        model._stepping.callbacks = None
         self.loop._fit = None
-        if self.current_batch is not None:
-            x = data.unpack(self.current_batch)[0]
-            model._example_input = tensors.map_tensors(lambda t: t[:2].detach().cpu(), x)
-        self.train_source.close()
-        if self.val_source is not None:
-            self.val_source.close()
-        model.stepping.callbacks = None
-        self.train_source = self.val_source = self.callbacks = None
-        self.current_batch = self.order = self.collector = None
+        batch, sources = self.current_batch, (self.train_source, self.val_source)
+        self.train_source = self.val_source = self.callbacks = self.collector = None
+        self.current_batch = self.order = self.stage = self.vote = None
         self.batch_lrs, self.boundary_work, self.interrupt_handler = [], [], None
+        for source in sources:
+            if source is not None:
+                with contextlib.suppress(Exception):  # cleanup: the fit's outcome stands
+                    source.close()
+        if batch is not None:
+            x = data.unpack(batch)[0]
+            model._example_input = tensors.map_tensors(
+                lambda t: t.detach().cpu(), tensors.head(x, 2)
+            )
 
     def training_state(self) -> dict[str, Any]:
         """Everything an exact resume needs, as it stands now (``LoopState.training_state``)."""
@@ -154,7 +159,7 @@ class FitLoop:
         if model.optimizer is not None:
             model.optimizer.zero_grad(set_to_none=True)
         stepping.wrap_for_ranks(model)
-        self.stepping = model.stepping = stepping.Stepping(model, loop, callbacks)
+        self.stepping = model._stepping = stepping.Stepping(model, loop, callbacks)
         # A batch hook may stop training: then every rank agrees after each batch. Agreed
         # once, so that ranks whose callbacks differ still make the same collectives.
         self.agree_per_batch = distributed.agree(
@@ -175,6 +180,8 @@ class FitLoop:
             )
             self.vote = distributed.Vote() if votes else None
             initial_epoch, position = self._resume_or_start()
+            if model.ema is not None and model.ema.swapped:  # a file saved on the average
+                model.ema.swap()  # (SwapEMAWeights): train on the weights
             result["logs"] = dict(loop.last_logs)
             try:
                 for epoch in range(initial_epoch, self.epochs):
@@ -348,6 +355,8 @@ class FitLoop:
             if interrupt and not loop.accumulating and self.interrupt_handler is not None:
                 self.interrupt_handler(interrupt)  # a signal: back up and stop, all ranks
                 interrupt = loop.interrupt = 0  # handled (a handler that returns)
+                if vote is not None:
+                    vote.finish()  # the round still open carries the code just handled
             if agree_per_batch:
                 model.stop_training = distributed.agree(model.stop_training)
             if model.stop_training:
@@ -377,15 +386,13 @@ def evaluate(
     needs_begin = callbacks.needs("on_test_batch_begin")
     needs_end = callbacks.needs("on_test_batch_end")
     outputs: list[Any] = []  # the model's outputs in test_step, for on_test_batch_outputs
-    capture = (
-        model.register_forward_hook(lambda module, args, out: outputs.append(out))
-        if callbacks.needs("on_test_batch_outputs")
-        else None
-    )
+    capture = None
     rank, ranks = distributed.rank(), distributed.world_size()
-    source.distribute(rank, ranks, training=False, seed=0)
-    shard_ranks = 1 if source.per_rank else ranks
     try:
+        source.distribute(rank, ranks, training=False, seed=0)
+        shard_ranks = 1 if source.per_rank else ranks
+        if callbacks.needs("on_test_batch_outputs"):
+            capture = model.register_forward_hook(lambda module, args, out: outputs.append(out))
         with hooks(callbacks, "test", outermost=not nested) as result, torch.no_grad():
             for step, batch in enumerate(source.batches(source.new_order())):
                 if steps is not None and step >= steps:

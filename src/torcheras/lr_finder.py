@@ -117,7 +117,7 @@ def find_learning_rate(
     source = data.make_source(x, y, batch_size=batch_size, shuffle=True, name="x")
     saved_model = tensors.snapshot(capture_model_state(model))
     saved_rng = rng_state()
-    saved_loop, saved_stepping, saved_training = model.loop, model.stepping, model.training
+    saved_loop, saved_stepping, saved_training = model.loop, model._stepping, model.training
     saved_flags = (model.stop_training, model._check_first_batch)
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
     rates = np.geomspace(min_lr, max_lr, num_steps).tolist()
@@ -127,7 +127,7 @@ def find_learning_rate(
     stage = data.DeviceStager(model.device)
     try:
         model.loop = LoopState()
-        model.stepping = Stepping(model, model.loop)
+        model._stepping = Stepping(model, model.loop)
         model._check_first_batch = True
         model.train()
         average, best = 0.0, math.inf
@@ -145,7 +145,7 @@ def find_learning_rate(
     finally:
         restore_model_state(model, saved_model, "The state before the sweep", "")
         set_rng_state(saved_rng)
-        model.loop, model.stepping = saved_loop, saved_stepping
+        model.loop, model._stepping = saved_loop, saved_stepping
         model.train(saved_training)
         model.stop_training, model._check_first_batch = saved_flags
         for param, grad in zip(model.parameters(), saved_grads):

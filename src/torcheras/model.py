@@ -108,7 +108,7 @@ class Model(nn.Module):
         self._ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
         # How losses become optimizer steps (stepping.py): fit makes its own; this one serves
         # train_step run outside fit.
-        self.stepping = Stepping(self, self.loop)
+        self._stepping = Stepping(self, self.loop)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         module = self._modules.get("module")
@@ -218,7 +218,7 @@ class Model(nn.Module):
             raise ValueError(f"Metric names must be unique and not 'loss'; repeated: {duplicates}.")
         self.jit_compile = bool(jit_compile)
         self._compiled = CompiledStep(self) if jit_compile else None
-        self.stepping = Stepping(self, self.loop)
+        self._stepping = Stepping(self, self.loop)
         self._compile_config = {
             "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
             "loss": loss if isinstance(loss, str) else None,
@@ -226,6 +226,15 @@ class Model(nn.Module):
             "weighted_metrics": [m for m in weighted_metrics or [] if isinstance(m, str)],
             "complete": isinstance(loss, (str, type(None)))
             and all(isinstance(m, str) for m in [*(metrics or []), *(weighted_metrics or [])]),
+            "settings": {  # plain values: a file records them, a bare model compiles with them
+                "precision": self.precision.mode,
+                "jit_compile": self.jit_compile,
+                "clipnorm": clipnorm,
+                "global_clipnorm": global_clipnorm,
+                "clipvalue": clipvalue,
+                "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                "ema_momentum": ema_momentum,
+            },
         }
         self._is_compiled = True
 
@@ -327,8 +336,9 @@ class Model(nn.Module):
         :meth:`save`, a full ``ModelCheckpoint`` file, or a ``BackupAndRestore`` backup —
         weights, every optimizer, the schedulers, the scaler and the weight average.
 
-        An uncompiled model is compiled first from the saved names (optimizer class, loss,
-        metrics); a model compiled with objects must be compiled the same way before loading.
+        An uncompiled model is compiled first from what the file records (optimizer class,
+        loss and metric names, precision, clipping, accumulation, ema_momentum); a model
+        compiled with objects must be compiled the same way before loading.
         """
         state = read_model_file(filepath)
         if not self._is_compiled:
@@ -341,10 +351,11 @@ class Model(nn.Module):
         )
 
     def _compile_from(self, config: Mapping[str, Any] | None, filepath: Any) -> None:
-        if config is None:
+        if not config:
             raise ValueError(
-                f"{str(filepath)!r} does not record how its model was compiled (an older "
-                "ModelCheckpoint file, or a backup): compile this model first, then load."
+                f"{str(filepath)!r} does not record how its model was compiled (a file of an "
+                "older release, or saved from a plain nn.Module): compile this model first, "
+                "then load."
             )
         if not config.get("complete", False):
             raise ValueError(
@@ -358,6 +369,7 @@ class Model(nn.Module):
             loss=config.get("loss"),
             metrics=config.get("metrics") or None,
             weighted_metrics=config.get("weighted_metrics") or None,
+            **config.get("settings", {}),
         )
 
     def load_weights(self, filepath: str | os.PathLike[str], strict: bool = True) -> None:
@@ -424,7 +436,7 @@ class Model(nn.Module):
             example_input = self._example_input if batch is None else data.unpack(batch)[0]
         if example_input is None:
             return {}
-        example = tensors.map_tensors(lambda t: t[:2].to(self.device), example_input)
+        example = tensors.map_tensors(lambda t: t.to(self.device), tensors.head(example_input, 2))
         shapes: dict[str, str] = {}
 
         def shape_of(out: Any) -> str:
@@ -583,7 +595,7 @@ class Model(nn.Module):
         torchrun, divided by ``gradient_accumulation_steps``, scaled under ``"16-mixed"``.
         When the batch completes its accumulation group (always, without accumulation) the
         gradients are unscaled and ``on_after_backward`` fires. See ``stepping.py``."""
-        self.stepping.backward(loss)
+        self._stepping.backward(loss)
 
     def optimizer_step(self) -> None:
         """One optimizer update: clip the gradients (``clipnorm`` / ``global_clipnorm`` /
@@ -603,7 +615,7 @@ class Model(nn.Module):
                     print("update", self.loop.optimizer_steps + 1)
             ```
         """
-        self.stepping.apply()
+        self._stepping.apply()
 
     def train_step(self, batch: Any) -> dict[str, Any]:
         """One optimisation step on ``batch``; returns the values to log (tensors are fine).
@@ -616,7 +628,7 @@ class Model(nn.Module):
         ``on_after_backward``.
         """
         x, y, sample_weight = data.unpack(batch)
-        self.stepping.zero_grad()  # at a group's start (every batch without accumulation)
+        self._stepping.zero_grad()  # at a group's start (every batch without accumulation)
         if self._compiled is not None and y is not None:
             y_pred, loss = self._compiled.forward_loss(x, y, sample_weight)
         else:
@@ -647,6 +659,9 @@ class Model(nn.Module):
         x, _, _ = data.unpack(batch)
         with self.precision.autocast():
             return self.call_on(x)
+
+    def _overrides_compute_loss(self) -> bool:
+        return type(self).compute_loss is not Model.compute_loss
 
     def _has_own_forward(self) -> bool:
         """A subclass with its own ``forward`` (rather than a wrapped module's)."""

@@ -13,7 +13,7 @@ bytes and back):
   sums, the RNG states (of every rank under torchrun) and every callback's state by its
   ``state_key`` (BackupAndRestore's backups).
 
-``Model.load`` reads all three kinds that hold a model (and format 1's ``"checkpoint"``).
+``Model.load`` reads the two kinds that hold a model (and format 1's ``"checkpoint"``).
 """
 
 from __future__ import annotations
@@ -85,13 +85,16 @@ def _attributes_of_type(model: Any, kind: type) -> dict[str, Any]:
     return dict(sorted((k, v) for k, v in vars(model).items() if isinstance(v, kind)))
 
 
-def capture_model_state(model: Any) -> dict[str, Any]:
+def capture_model_state(model: Any, copy: bool = False) -> dict[str, Any]:
     """Everything on the model that training changes: weights, every optimizer, the LR
-    schedulers and the AMP scaler kept on it (CPU copies)."""
+    schedulers, the AMP scaler and the weight average kept on it, and the compile settings
+    that are names. On the CPU; ``copy``: tensors that share nothing with the model (to be
+    written while training goes on)."""
+    cpu = snapshot if copy else to_cpu
     optimizers = _attributes_of_type(model, torch.optim.Optimizer)
     state: dict[str, Any] = {
-        "model": to_cpu(model.state_dict()),
-        "optimizers": {k: to_cpu(v.state_dict()) for k, v in optimizers.items()},
+        "model": cpu(model.state_dict()),
+        "optimizers": {k: cpu(v.state_dict()) for k, v in optimizers.items()},
         "optimizer_classes": {k: type(v).__name__ for k, v in optimizers.items()},
         "schedulers": {
             k: v.state_dict()
@@ -104,6 +107,8 @@ def capture_model_state(model: Any) -> dict[str, Any]:
     ema = getattr(model, "ema", None)
     if ema is not None:
         state["ema"] = ema.state_dict()
+    if getattr(model, "_compile_config", None):
+        state["compile"] = dict(model._compile_config)
     return state
 
 
@@ -159,15 +164,16 @@ def _plain_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def model_file_state(
-    model: Any, *, epoch: int | None = None, logs: Mapping[str, Any] | None = None
+    model: Any,
+    *,
+    epoch: int | None = None,
+    logs: Mapping[str, Any] | None = None,
+    copy: bool = False,
 ) -> dict[str, Any]:
     """A saved model: what ``model.save`` and a full ``ModelCheckpoint`` file hold. The
-    epoch (0-based) and its logs when a callback saves it during ``fit``."""
-    state = {
-        **_header("model"),
-        **capture_model_state(model),
-        "compile": dict(getattr(model, "_compile_config", None) or {}),
-    }
+    epoch (0-based) and its logs when a callback saves it during ``fit``; ``copy``: see
+    :func:`capture_model_state`."""
+    state = {**_header("model"), **capture_model_state(model, copy=copy)}
     if epoch is not None:
         state["epoch"] = epoch
     if logs is not None:
@@ -200,10 +206,9 @@ def save_model(
             )
             return Path(path)
         return checkpoint.save_weights(weights, path, meta)
-    state = model_file_state(model, epoch=epoch, logs=logs)
-    if background:
-        copy = snapshot(state)
-        checkpoint.save_in_background(lambda: checkpoint.save(copy, path), str(path))
+    state = model_file_state(model, epoch=epoch, logs=logs, copy=background)
+    if background:  # copied once, now; written while training goes on
+        checkpoint.save_in_background(lambda: checkpoint.save(state, path), str(path))
         return Path(path)
     return checkpoint.save(state, path)
 

@@ -44,6 +44,19 @@ def wrap_for_ranks(model: Any) -> nn.Module | None:
     return model._ddp
 
 
+class _LogBuffer:
+    """Stands in for the epoch's log collector while the compiled step runs: what
+    ``compute_loss`` logs (each output's loss, ``Model.log``) is kept here and handed to the
+    collector after the call, so the graph never reads the collector's running sums (a guard
+    on them would recompile it every batch)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, Any, Any]] = []
+
+    def log(self, name: str, value: Any, weight: Any = None) -> None:
+        self.entries.append((name, value, weight))
+
+
 class CompiledStep:
     """``compile(jit_compile=True)``: the train step through ``torch.compile``. The forward
     pass and the loss (``call_on`` and ``compute_loss``, whatever overrides them) are one
@@ -55,6 +68,7 @@ class CompiledStep:
         self.model = model
         self.forward = torch.compile(model)
         self._compiled_forward_loss = torch.compile(self._forward_loss)
+        self._logged = _LogBuffer()
         self._step: Callable[[], Any] | None = None
         self._step_of: torch.optim.Optimizer | None = None
 
@@ -67,11 +81,19 @@ class CompiledStep:
 
     def forward_loss(self, x: Any, y: Any, sample_weight: Any) -> tuple[Any, Tensor]:
         """The outputs and the loss of one batch, compiled. The first batch's check of the
-        labels and outputs (``compute_loss``'s) runs here, outside the graph."""
+        labels and outputs (the built-in ``compute_loss``'s) runs here, outside the graph."""
         model = self.model
         check, model._check_first_batch = model._check_first_batch, False
-        y_pred, loss = self._compiled_forward_loss(x, y, sample_weight)
-        if check and model.compiled_loss is not None:
+        collector, model._log_to = model._log_to, self._logged
+        try:
+            y_pred, loss = self._compiled_forward_loss(x, y, sample_weight)
+        finally:
+            model._log_to = collector
+        entries, self._logged.entries = self._logged.entries, []
+        if collector is not None:
+            for name, value, weight in entries:
+                collector.log(name, value, weight)
+        if check and model.compiled_loss is not None and not model._overrides_compute_loss():
             model.compiled_loss.check(y_pred, y)
         return y_pred, loss
 
@@ -90,10 +112,11 @@ class CompiledStep:
 class Stepping:
     """How one ``fit`` turns losses into optimizer steps (see the module's docstring).
 
-    The loop calls :meth:`place` before each training batch, :meth:`run` for the batch and
-    :meth:`end_batch` after it, and :meth:`end_epoch` after the epoch's last batch; the model's
-    seams call :meth:`backward` and :meth:`apply`. Counters and position live on ``loop``
-    (``model.loop``), which callbacks read.
+    The loop calls :meth:`start_epoch`, then per training batch :meth:`place` before it,
+    :meth:`run` for it and :meth:`end_batch` after it, and :meth:`end_epoch` after the
+    epoch's last batch. The model's seams call :meth:`zero_grad` (``train_step``),
+    :meth:`backward` and :meth:`apply` (``optimizer_step``). Counters and position live on
+    ``loop`` (``model.loop``), which callbacks read.
     """
 
     def __init__(self, model: Any, loop: Any, callbacks: Any = None) -> None:
@@ -115,9 +138,11 @@ class Stepping:
         self.group_size, self.open_group = 1, False
 
     def place(self, step: int, last_step: int | None) -> None:
-        """Before a batch: does it complete its accumulation group? The epoch's last batch
-        (``last_step``, when the number of batches is known) completes a short one."""
+        """Before a batch (with accumulation): its place in its group (``micro_step``), and
+        whether it completes the group. The epoch's last batch (``last_step``, when the
+        number of batches is known) completes a short one."""
         loop, n = self.loop, self.accumulation
+        loop.micro_step = loop.micro_step + 1 if loop.accumulating else 0
         closes = loop.micro_step + 1 == n or step == last_step
         loop.accumulating = not closes
         self.group_size = loop.micro_step + 1 if closes else n
@@ -134,22 +159,18 @@ class Stepping:
         loop.global_step += 1
         if not loop.accumulating:
             loop.optimizer_steps += 1
-        if self.accumulation > 1:
-            loop.micro_step = loop.micro_step + 1 if loop.accumulating else 0
 
     def end_epoch(self) -> None:
         """Apply the group the epoch (or a stop) cut short: the mean of its micro-batches."""
         loop = self.loop
-        if not loop.micro_step:
+        if not loop.accumulating:
             return
         if self.open_group:
             loop.accumulating = False
-            self.group_size = loop.micro_step
-            grads = self._grads()
+            self.group_size = loop.micro_step + 1
             if self.ddp is not None:  # its micro-batches ran under no_sync: reduce them now
-                distributed.average_(grads)
-            if grads:
-                torch._foreach_mul_(grads, self.accumulation / loop.micro_step)
+                distributed.average_(self._grads())
+            self._scale_grads(self.accumulation / self.group_size)
             self._gradients_ready()
             self.model.optimizer_step()
             loop.optimizer_steps += 1
@@ -171,9 +192,7 @@ class Stepping:
         self.open_group = True
         if not loop.accumulating:
             if self.group_size < n:  # a short last group: the mean of its own micro-batches
-                grads = self._grads()
-                if grads:
-                    torch._foreach_mul_(grads, n / self.group_size)
+                self._scale_grads(n / self.group_size)
             self._gradients_ready()
 
     def apply(self) -> None:
@@ -199,3 +218,8 @@ class Stepping:
 
     def _grads(self) -> list[Tensor]:
         return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def _scale_grads(self, factor: float) -> None:
+        grads = self._grads()
+        if grads and factor != 1.0:
+            torch._foreach_mul_(grads, factor)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["concat_batches", "leaves", "map_tensors", "snapshot", "to_cpu", "to_numpy"]
+__all__ = ["concat_batches", "head", "leaves", "map_tensors", "snapshot", "to_cpu", "to_numpy"]
 
 Structure = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
 
@@ -45,6 +45,11 @@ def snapshot(obj: Structure) -> Structure:
     """A copy of ``obj`` whose tensors are new CPU tensors: training may go on changing the
     originals (weights, optimizer moments) while the copy is written."""
     return map_tensors(lambda t: t.detach().to("cpu", copy=True), obj)
+
+
+def head(obj: Structure, n: int) -> Structure:
+    """The first ``n`` rows of every tensor that has a batch axis (0-d tensors stay)."""
+    return map_tensors(lambda t: t[:n] if t.dim() else t, obj)
 
 
 def to_numpy(obj: Structure) -> Structure:

@@ -130,9 +130,11 @@ class Callback:
 
     def on_test_batch_outputs(self, batch: int, x: Any, y: Any, y_pred: Any) -> None:
         """Called after each evaluation batch (validation too) with its inputs, targets and
-        the model's outputs from that same pass (the last forward call of ``test_step``,
-        whatever overrides it), still on the device: no second pass, no synchronisation.
-        Only a callback that overrides it makes the loop capture outputs."""
+        the model's outputs from that same pass, still on the device: no second pass, no
+        synchronisation. The outputs are those of the last call of the model itself in
+        ``test_step`` (``self.call_on(x)`` or ``self(x)``, an overridden ``test_step`` too;
+        not a call of a submodule alone). Only a callback that overrides it makes the loop
+        capture outputs."""
 
     def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
         """Called at the start of ``predict``."""

@@ -23,14 +23,16 @@ class ModelCheckpoint(Callback):
         verbose: 1 prints each save.
         save_best_only: save only when ``monitor`` improves; if it is missing from the logs,
             warn and do **not** save (Keras saves anyway, which can overwrite a good model).
-        save_weights_only: the state_dict alone; otherwise weights, optimizer state, the epoch
-            and its logs.
+        save_weights_only: the state_dict alone; otherwise a saved model, as ``model.save``
+            writes it (weights, every optimizer, the schedulers, the scaler, the weight
+            average, the compile names) with the epoch and its logs.
         mode: ``"auto"``, ``"min"`` or ``"max"``.
         save_freq: ``"epoch"`` or a number of batches (counted across epochs).
         initial_value_threshold: a value the first saved model must beat.
 
-    Files are written atomically and load with ``torch.load(weights_only=True)`` or
-    ``model.load_weights(path)``. ``best`` is kept across fits, as in Keras.
+    Files are written atomically and load with ``torch.load(weights_only=True)``,
+    ``model.load_weights(path)``, or (full files) ``model.load(path)``, which continues
+    training from them. ``best`` is kept across fits, as in Keras.
 
     Example:
         ```python
