@@ -19,6 +19,11 @@ benchmark.
     python benchmarks/overhead.py              # all settings
     python benchmarks/overhead.py --quick      # fewer repeats
     python benchmarks/overhead.py --markdown   # also print the README's table
+    python benchmarks/overhead.py --jit        # the tiny MLP, eager and jit_compile rows only
+
+``--jit`` rates ``fit(jit_compile=True)`` against a raw loop compiled the same way (the
+forward pass and the loss through ``torch.compile``, and the optimizer step with its learning
+rate as a tensor), beside the eager pair, without callbacks.
 """
 
 from __future__ import annotations
@@ -267,6 +272,52 @@ def run(w: Workload, repeats: int, with_callbacks: bool, control: bool = False) 
         return interleave(raw, raw if control else fit, repeats)
 
 
+def _pair(
+    w: Workload, x: torch.Tensor, y: torch.Tensor, jit: bool
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A raw epoch and a fit epoch, both eager or both compiled (no callbacks)."""
+    torch.manual_seed(0)
+    net = make_net(w.sizes)
+    opt = torch.optim.Adam(net.parameters(), lr=torch.tensor(1e-3) if jit else 1e-3)
+
+    def loss_of(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(net(xb), yb)
+
+    loss_fn = torch.compile(loss_of) if jit else loss_of
+    step = torch.compile(opt.step) if jit else opt.step
+
+    def raw() -> None:
+        perm = torch.randperm(x.shape[0])
+        for i in range(0, x.shape[0], w.batch_size):
+            idx = perm[i : i + w.batch_size]
+            loss = loss_fn(x[idx], y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            step()
+
+    torch.manual_seed(0)
+    model = torcheras.Model(make_net(w.sizes))
+    model.compile("adam", "cross_entropy", learning_rate=1e-3, jit_compile=jit, device="cpu")
+
+    def fit() -> None:
+        model.fit(x, y, batch_size=w.batch_size, epochs=1, verbose=0)
+
+    return raw, fit
+
+
+def eager_and_jit(w: Workload, repeats: int) -> list[tuple[str, Result]]:
+    """fit against the raw loop, eager and both compiled (no callbacks)."""
+    x, y = make_data(w)
+    rows = []
+    for jit in (False, True):
+        raw, fit = _pair(w, x, y, jit)
+        raw()
+        fit()  # warm-up: the compiled graphs are built here
+        label = f"{w.name}, {'jit_compile=True (raw compiled too)' if jit else 'eager'}"
+        rows.append((label, interleave(raw, fit, repeats)))
+    return rows
+
+
 def typical_callbacks(folder: str) -> list[cb.Callback]:
     """The typical set; every one must exist (a missing callback fails the benchmark).
 
@@ -321,8 +372,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--jit", action="store_true", help="eager and jit_compile rows only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.jit:
+        print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
+        for label, r in eager_and_jit(WORKLOADS[0], 4 if args.quick else 12):
+            _print_row(label, r, "")
+        return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; one epoch per run, each "
         "rated against the raw runs before and after it (tiny: 30 runs, wide: 12; --quick: 4); "
