@@ -677,3 +677,34 @@ def test_builtin_losses_compute_in_float32_under_mixed_precision(name):
     else:
         expected = -(t * F.log_softmax(p, -1)).sum(-1).mean()
         assert logs[metric] == pytest.approx(float(expected), rel=RTOL)
+
+
+@pytest.mark.parametrize("source", ["arrays", "loader"])
+def test_accuracy_masks_padding_only_where_the_data_has_it_and_is_exact_either_way(source):
+    """Arrays are looked at once for -100 labels: a pass over arrays without any counts its
+    labels without a mask per batch. Training arrays without padding, validation data with
+    some, then a pass outside fit: each number is torch's count."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 5, generator=gen)
+    labels = torch.randint(0, 5, (40,), generator=gen)
+    padded = labels.clone()
+    padded[[2, 9, 33]] = -100
+    model = _Fixed(logits)
+    model.compile(optimizer=None, loss="cross_entropy", metrics=["accuracy"], device="cpu")
+    index = torch.arange(40)
+    val = {"x": index, "y": padded}
+    if source == "loader":
+        val = {"x": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(index, padded), 8)}
+    correct = (logits.argmax(1) == labels).float()
+    kept = (padded != -100).float()
+    for _ in range(2):  # train, validate, train again: each pass knows its own data
+        logs = model.evaluate(index, labels, batch_size=8, verbose=0, return_dict=True)
+        assert logs["accuracy"] == pytest.approx(float(correct.mean()))
+        logs = model.evaluate(**val, batch_size=None if source == "loader" else 8, verbose=0,
+                              return_dict=True)  # fmt: skip
+        assert logs["accuracy"] == pytest.approx(float((correct * kept).sum() / kept.sum()))
+    model.reset_metrics()
+    model.update_metrics(logits, padded)  # outside any pass: padding is always looked for
+    assert float(model.compiled_metrics[0].result()) == pytest.approx(
+        float((correct * kept).sum() / kept.sum())
+    )

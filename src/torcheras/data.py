@@ -8,6 +8,7 @@ is a tensor, a tuple of tensors (``forward(*x)``) or a dict (``forward(**x)``).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -276,6 +277,15 @@ class ArraySource:
 
     per_rank = False  # every rank indexes the same batches, then keeps its slice (``shard``)
 
+    @functools.cached_property
+    def labels_may_pad(self) -> bool:
+        """Whether any integer label is -100 (torch's ``ignore_index``, padding): looked at
+        once, so that accuracies mask padding per batch only where the data has some."""
+        return any(
+            not (t.is_floating_point() or t.dtype == torch.bool) and bool((t == IGNORE_INDEX).any())
+            for t in leaves(self.y)
+        )
+
     def distribute(self, rank: int, world_size: int, *, training: bool, seed: int) -> None:
         """Nothing to do: the order is drawn once and shared; each rank slices each batch."""
 
@@ -374,6 +384,7 @@ class IterableSource:
     """
 
     shuffle = False
+    labels_may_pad = True  # batches not seen yet: accuracies mask padding labels per batch
 
     def __init__(self, iterable: Iterable[Any], steps: int | None, name: str) -> None:
         self.iterable = iterable

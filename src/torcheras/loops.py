@@ -112,6 +112,7 @@ class FitLoop:
         model = self.model
         model._log_to = None
         model._stepping.callbacks = None
+        model._expect_padded_labels(True)  # steps run outside fit see any labels
         self.loop._fit = None
         batch, sources = self.current_batch, (self.train_source, self.val_source)
         self.train_source = self.val_source = self.callbacks = self.collector = None
@@ -264,6 +265,7 @@ class FitLoop:
         model.train()
         order, start = self._start_epoch(epoch, position)
         self.order = order
+        model._expect_padded_labels(self.train_source.labels_may_pad)
         last = self._train_batches(self.train_source.batches(order, start), start)
         if last < 0 and start == 0 and not self.train_source.ran_out:
             raise ValueError("The training data yielded no batch: `x` is empty.")
@@ -391,6 +393,7 @@ def evaluate(
     try:
         source.distribute(rank, ranks, training=False, seed=0)
         shard_ranks = 1 if source.per_rank else ranks
+        model._expect_padded_labels(source.labels_may_pad)
         if callbacks.needs("on_test_batch_outputs"):
             capture = model.register_forward_hook(lambda module, args, out: outputs.append(out))
         with hooks(callbacks, "test", outermost=not nested) as result, torch.no_grad():
@@ -416,6 +419,7 @@ def evaluate(
     finally:
         model.train(was_training)
         model._log_to = outer_log_to
+        model._expect_padded_labels(True)
         if capture is not None:
             capture.remove()
     return logs

@@ -76,20 +76,43 @@ class MeanMetric(Metric):
         self.name = name
         self.direction = direction
         self.transform = transform
+        # Whether labels may hold -100 (padding): the loops clear it for a pass over arrays
+        # that hold none, so that an accuracy counts its labels without a mask per batch.
+        self.padded_labels = True
         self._total: Tensor | None = None
         self._count: Tensor | float = 0.0
 
     def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
-        with torch.no_grad():
-            if isinstance(y_pred, Tensor) and y_pred.dtype in losses._HALF:
+        if type(y_pred) is Tensor:  # the common case: detached, no grad-mode switch per batch
+            y_pred = y_pred.detach()
+            if y_pred.dtype in losses._HALF:
                 y_pred = y_pred.float()  # Keras's metrics compute in float32 too
-            values = self.fn(y_pred, y_true)
-            kept = None
-            if type(values) is _Kept:  # positions labelled -100 (padding) count for nothing
-                values, kept = values
+            self._add(self.fn(y_pred, y_true), y_pred, sample_weight)
+        else:
+            with torch.no_grad():
+                self._add(self.fn(y_pred, y_true), y_pred, sample_weight)
+
+    def _add(self, values: Any, y_pred: Any, sample_weight: Tensor | None) -> None:
+        if type(values) is _Kept:  # hits and their labels: -100 (padding) counts for nothing
+            hits, labels = values
+            if sample_weight is None:  # counts, exact: no cast, no mask on the hits (a
+                total = hits.sum()  # label of -100 is never a hit)
+                if self.padded_labels:
+                    count = (labels != losses.IGNORE_INDEX).sum()
+                else:
+                    count = float(labels.numel())
+            else:
+                w = (labels != losses.IGNORE_INDEX) * losses.weights_like(
+                    hits.float(), sample_weight
+                )
+                total, count = (hits * w).sum(), w.sum()
+        else:
             if not isinstance(values, Tensor):
                 values = torch.as_tensor(values, dtype=torch.float32)
-            values = values.detach().float()
+            if values.requires_grad:  # a metric of the parameters too: keep no graph
+                values = values.detach()
+            if values.dtype is not torch.float32 and values.dtype is not torch.bool:
+                values = values.float()  # a bool (a hit) is summed as a count, exactly
             if values.dim() == 0:
                 n = (
                     len(y_pred)
@@ -97,22 +120,14 @@ class MeanMetric(Metric):
                     else 1
                 )
                 total, count = values * n, float(n)
-            elif kept is not None:
-                w = kept.to(values.dtype)
-                if sample_weight is not None:
-                    w = w * losses.weights_like(values, sample_weight)
-                total, count = (values * w).sum(), w.sum()
             elif sample_weight is not None:  # Keras: sum(value * weight) / sum(weight)
-                w = losses.weights_like(values, sample_weight)
+                w = losses.weights_like(values.float(), sample_weight)
                 total = (values * w).sum()
                 count = w.sum() * (values.numel() // w.numel())
             else:
                 total, count = values.sum(), float(values.numel())
-            if self._total is None:
-                self._total = total
-            else:
-                self._total = self._total + total
-            self._count = self._count + count
+        self._total = total if self._total is None else self._total + total
+        self._count = self._count + count
 
     def result(self) -> Tensor | float:
         if self._total is None:
@@ -263,32 +278,29 @@ class TorchMetric(Metric):
 
 
 class _Kept(NamedTuple):
-    """Values of a metric and which of them count: positions labelled -100 (torch's
-    ``ignore_index``, padding) do not, as the loss names leave them out."""
+    """The hits of an accuracy (booleans) and the labels they were scored against: positions
+    labelled -100 (torch's ``ignore_index``, padding) count for nothing, as the loss names
+    leave them out."""
 
-    values: Tensor
-    kept: Tensor
-
-
-def _without_padding(values: Tensor, labels: Tensor) -> _Kept:
-    return _Kept(values, labels != losses.IGNORE_INDEX)
+    hits: Tensor
+    labels: Tensor
 
 
 def sparse_categorical_accuracy(y_pred: Tensor, y_true: Tensor, axis: int = -1) -> _Kept:
-    """1.0 where the argmax over the class ``axis`` is the label."""
+    """True where the argmax over the class ``axis`` is the label."""
     if axis == -1 and y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1:
         y_true = y_true.squeeze(-1)
-    return _without_padding((y_pred.argmax(dim=axis) == y_true).float(), y_true)
+    return _Kept(y_pred.argmax(dim=axis) == y_true, y_true)
 
 
 def categorical_accuracy(y_pred: Tensor, y_true: Tensor, axis: int = -1) -> Tensor:
-    return (y_pred.argmax(dim=axis) == y_true.argmax(dim=axis)).float()
+    return y_pred.argmax(dim=axis) == y_true.argmax(dim=axis)
 
 
 def _binary_accuracy(threshold: float) -> Callable[[Tensor, Tensor], Tensor]:
     def binary_accuracy(y_pred: Tensor, y_true: Tensor) -> Tensor:
         y_true = losses._match_shape(y_pred, y_true)
-        return ((y_pred > threshold).to(y_true.dtype) == y_true).float()
+        return (y_pred > threshold).to(y_true.dtype) == y_true
 
     return binary_accuracy
 
@@ -302,8 +314,8 @@ def _top_k(k: int, sparse: bool, axis: int = -1) -> Callable[[Tensor, Tensor], T
         else:  # one label per position: (N,), or (N, T) for (N, T, C) / (N, C, T) outputs
             target = y_true
         top = y_pred.topk(min(k, y_pred.shape[axis]), dim=axis).indices
-        hits = (top == target.unsqueeze(axis).long()).any(dim=axis).float()
-        return _without_padding(hits, target) if sparse else hits
+        hits = (top == target.unsqueeze(axis).long()).any(dim=axis)
+        return _Kept(hits, target) if sparse else hits
 
     return top_k
 

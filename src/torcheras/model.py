@@ -675,6 +675,13 @@ class Model(nn.Module):
             lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t, out
         )
 
+    def _expect_padded_labels(self, may_pad: bool) -> None:
+        """Tell the built-in metrics whether this pass's labels may hold -100 (padding)."""
+        for metric in self.compiled_metrics + self.weighted_metrics:
+            inner = getattr(metric, "metric", metric)  # an output's metric (several outputs)
+            if isinstance(inner, metrics_lib.MeanMetric):
+                inner.padded_labels = may_pad
+
     def reset_metrics(self) -> None:
         for metric in self.metrics:
             metric.reset()
