@@ -20,6 +20,7 @@ benchmark.
     python benchmarks/overhead.py --quick      # fewer repeats
     python benchmarks/overhead.py --markdown   # also print the README's table
     python benchmarks/overhead.py --jit        # the tiny MLP, eager and jit_compile rows only
+    python benchmarks/overhead.py --common     # metrics=["accuracy"] + validation every epoch
 
 ``--jit`` rates ``fit(jit_compile=True)`` against a raw loop compiled the same way (the
 forward pass and the loss through ``torch.compile``, and the optimizer step with its learning
@@ -305,6 +306,55 @@ def _pair(
     return raw, fit
 
 
+def common_path(w: Workload) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The path almost every user takes: ``metrics=["accuracy"]`` and a validation pass every
+    epoch (in batches of the training batch size, Keras's default), against a raw loop that
+    computes the same numbers the cheapest correct way: the loss summed on the device, the
+    accuracy as ``(out.argmax(1) == y).sum()`` into a device counter (the labels hold no
+    -100, so the count needs no mask), one read of each at the epoch's end."""
+    x, y = make_data(w)
+    n_val = w.samples // 10
+    xv, yv, x, y = x[-n_val:], y[-n_val:], x[:-n_val], y[:-n_val]
+    torch.manual_seed(0)
+    net = make_net(w.sizes)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    b = w.batch_size
+
+    def raw() -> None:
+        net.train()
+        perm = torch.randperm(x.shape[0])
+        loss_sum, hits = torch.zeros(()), torch.zeros((), dtype=torch.long)
+        for i in range(0, x.shape[0], b):
+            idx = perm[i : i + b]
+            xb, yb = x[idx], y[idx]
+            out = net(xb)
+            loss = F.cross_entropy(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(idx)
+            hits += (out.argmax(1) == yb).sum()
+        net.eval()
+        val_sum, val_hits = torch.zeros(()), torch.zeros((), dtype=torch.long)
+        with torch.no_grad():
+            for i in range(0, n_val, b):
+                out = net(xv[i : i + b])
+                val_sum += F.cross_entropy(out, yv[i : i + b], reduction="sum")
+                val_hits += (out.argmax(1) == yv[i : i + b]).sum()
+        logs = [float(loss_sum), float(hits), float(val_sum), float(val_hits)]
+        assert all(math.isfinite(v) for v in logs)
+
+    torch.manual_seed(0)
+    model = torcheras.Model(make_net(w.sizes))
+    model.compile(torch.optim.Adam(model.parameters(), lr=1e-3), "cross_entropy",
+                  metrics=["accuracy"], device="cpu")  # fmt: skip
+
+    def fit() -> None:
+        model.fit(x, y, batch_size=b, epochs=1, verbose=0, validation_data=(xv, yv))
+
+    return raw, fit
+
+
 def eager_and_jit(w: Workload, repeats: int) -> list[tuple[str, Result]]:
     """fit against the raw loop, eager and both compiled (no callbacks)."""
     x, y = make_data(w)
@@ -373,8 +423,18 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--jit", action="store_true", help="eager and jit_compile rows only")
+    parser.add_argument("--common", action="store_true", help="the accuracy + validation rows only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.common:
+        print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
+        for w in WORKLOADS[:1] if args.quick else WORKLOADS:
+            raw, fit = common_path(w)
+            raw()
+            fit()
+            result = interleave(raw, fit, 4 if args.quick else w.runs)
+            _print_row(w.name + ", accuracy + validation", result, "<=1.05")
+        return
     if args.jit:
         print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
         for label, r in eager_and_jit(WORKLOADS[0], 4 if args.quick else 12):

@@ -315,6 +315,7 @@ class FitLoop:
         needs_begin = callbacks.needs("on_train_batch_begin")
         needs_end = callbacks.needs("on_train_batch_end")
         train_step = model.train_step
+        run_step = stepper.run if stepper.ddp is not None else None  # no_sync inside groups
         collector = self.collector
         boundary_work = self.boundary_work
         groups = None if model.optimizer is None else model.optimizer.param_groups
@@ -344,7 +345,8 @@ class FitLoop:
             batch = stage(batch)
             self.current_batch = batch
             collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
-            collector.add(stepper.run(train_step, batch), size)
+            logs = train_step(batch) if run_step is None else run_step(train_step, batch)
+            collector.add(logs, size)
             stepper.end_batch()
             if needs_end:
                 callbacks.on_train_batch_end(step, collector.snapshot())
