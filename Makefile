@@ -16,10 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/torcheras demo
 
-# In parallel over the machine's cores (pytest-xdist); a module marked xdist_group (its runs
-# share one fixture) stays on one worker.
+# In parallel over the machine's cores (pytest-xdist): about 7 minutes on 2 cores.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

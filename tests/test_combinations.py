@@ -19,6 +19,7 @@ torchrun launch for the 2-rank rows, and meanwhile the kill / resume chain.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import itertools
 import json
@@ -53,9 +54,6 @@ from combo_script import (  # noqa: E402
     Net,
     make_data,
 )
-
-# One worker runs the whole module (make test: --dist loadgroup): its runs are one fixture.
-pytestmark = pytest.mark.xdist_group("combinations")
 
 SCRIPT = Path(__file__).parent / "combinations" / "combo_script.py"
 TIMEOUT = 300  # seconds for every group of runs; a hang fails instead of stalling the suite
@@ -288,11 +286,9 @@ class Resumed(NamedTuple):
     resumed: Group
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def _run_everything(root: Path) -> dict[str, Any]:
     """The one-process group and the torchrun group at once, then the kill / resume chain (in
     turn, once the one-process group has left the jit row's graphs in the disk cache)."""
-    root = tmp_path_factory.mktemp("combinations")
     deadline = time.monotonic() + TIMEOUT
     single = [r.config(backup=True) for r in RESUME_ROWS]  # the uninterrupted runs
     single += [r.config() for r in ROWS if not r.ranks2 and r not in RESUMED]
@@ -311,6 +307,46 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         resumed[row] = Resumed(killed, step, again)
     groups[2] = _wait(two_ranks, ranks, deadline)
     return {"groups": groups, "resumed": resumed}
+
+
+def _to_json(runs: dict[str, Any]) -> str:
+    def group(g: Group) -> list[Any]:
+        return [str(g.out), g.returncode, g.stderr]
+
+    return json.dumps({
+        "groups": {k: group(g) for k, g in runs["groups"].items()},
+        "resumed": [[list(row), group(r.killed), r.backup_step, group(r.resumed)]
+                    for row, r in runs["resumed"].items()],
+    })  # fmt: skip
+
+
+def _from_json(text: str) -> dict[str, Any]:
+    def group(g: list[Any]) -> Group:
+        return Group(Path(g[0]), g[1], g[2])
+
+    saved = json.loads(text)
+    return {
+        "groups": {int(k): group(g) for k, g in saved["groups"].items()},
+        "resumed": {Row(*row): Resumed(group(k), step, group(r))
+                    for row, k, step, r in saved["resumed"]},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run once per test session, whichever pytest-xdist worker asks first: the others wait
+    for it and read its results (the runs take minutes of both cores)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: nobody to share with
+        return _run_everything(tmp_path_factory.mktemp("combinations"))
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, every worker's
+    results = shared / "combinations.json"
+    with open(shared / "combinations.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if results.exists():
+            return _from_json(results.read_text())
+        runs = _run_everything(tmp_path_factory.mktemp("combinations"))
+        results.write_text(_to_json(runs))
+        return runs
 
 
 def load(group: Group, row: Row, rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
