@@ -1,9 +1,10 @@
-"""How the files in this folder were made: by the release of format 2.
+"""How the files in format_v1/ and format_v2/ were made: ``python make_files.py FOLDER``, run
+with the release that wrote that format (format 1: before ModelCheckpoint wrote saved models).
 
-Kept as they are, so that later loaders are tested against what users have: ``model.pt``
-(model.save), ``checkpoint.pt`` (a full ModelCheckpoint file, kind "model"), ``weights.pt``
-(weights only), ``backup.pt`` (a mid-epoch BackupAndRestore backup).
-``python make_files.py FOLDER``.
+Kept as they are, so that today's loaders are tested against what users already have:
+``model.pt`` (model.save), ``checkpoint.pt`` (a full ModelCheckpoint file: kind "checkpoint"
+in format 1, "model" in format 2), ``weights.pt`` (weights only), ``backup.pt`` (a mid-epoch
+BackupAndRestore backup). A new format adds a folder made the same way.
 """
 
 import contextlib
