@@ -267,7 +267,7 @@ def _v1_model():
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("name", ["model.pt", "checkpoint.pt", "backup.pt"])
 def test_files_of_every_format_still_load(name, version):
-    """Files written by earlier releases (tests/data/format_v*/make_files.py): a saved model,
+    """Files written by earlier releases (tests/data/make_files.py): a saved model,
     a full ModelCheckpoint file (format 1: 'checkpoint', one 'optimizer'), a backup."""
     folder = os.path.join(DATA, f"format_v{version}")
     path = os.path.join(folder, name)
