@@ -401,6 +401,12 @@ def _summarize(value: Any) -> Any:
         if value and all(isinstance(v, torch.Tensor) for v in value.values()):
             return f"<{len(value)} tensors>"
         return {k: _summarize(v) for k, v in value.items()}
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, torch.Tensor) for v in value)
+    ):
+        return f"<{len(value)} tensors>"
     if isinstance(value, (list, tuple)) and len(value) > 8:
         return f"<list of {len(value)}>"
     return value
