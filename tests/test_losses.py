@@ -708,3 +708,27 @@ def test_accuracy_masks_padding_only_where_the_data_has_it_and_is_exact_either_w
     assert float(model.compiled_metrics[0].result()) == pytest.approx(
         float((correct * kept).sum() / kept.sum())
     )
+
+
+def test_a_custom_step_that_masks_labels_itself_gets_the_padding_rule():
+    """Arrays without -100, but a train_step that masks labels on the fly (masked language
+    modelling does): its accuracy still counts only the labels kept."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(32, 5, generator=gen)
+    labels = torch.randint(0, 5, (32,), generator=gen)
+    masked = labels.clone()
+    masked[::4] = -100  # what the step hides
+
+    class Masking(_Fixed):
+        def train_step(self, batch):
+            index, y = batch
+            y = torch.where(index % 4 == 0, -100, y)
+            self.update_metrics(self(index), y)
+            return {}
+
+    model = Masking(logits)
+    model.compile(optimizer=None, loss="cross_entropy", metrics=["accuracy"], device="cpu")
+    history = model.fit(torch.arange(32), labels, batch_size=8, shuffle=False, verbose=0)
+    kept = (masked != -100).float()
+    correct = (logits.argmax(1) == labels).float()
+    assert history.history["accuracy"][0] == pytest.approx(float((correct * kept).sum() / 24))

@@ -265,7 +265,9 @@ class FitLoop:
         model.train()
         order, start = self._start_epoch(epoch, position)
         self.order = order
-        model._expect_padded_labels(self.train_source.labels_may_pad)
+        model._expect_padded_labels(  # a custom train_step may make labels of -100 itself
+            self.train_source.labels_may_pad or not model._uses_default_train_step()
+        )
         last = self._train_batches(self.train_source.batches(order, start), start)
         if last < 0 and start == 0 and not self.train_source.ran_out:
             raise ValueError("The training data yielded no batch: `x` is empty.")
@@ -395,7 +397,7 @@ def evaluate(
     try:
         source.distribute(rank, ranks, training=False, seed=0)
         shard_ranks = 1 if source.per_rank else ranks
-        model._expect_padded_labels(source.labels_may_pad)
+        model._expect_padded_labels(source.labels_may_pad or not model._uses_default_test_step())
         if callbacks.needs("on_test_batch_outputs"):
             capture = model.register_forward_hook(lambda module, args, out: outputs.append(out))
         with hooks(callbacks, "test", outermost=not nested) as result, torch.no_grad():

@@ -676,7 +676,8 @@ class Model(nn.Module):
         )
 
     def _expect_padded_labels(self, may_pad: bool) -> None:
-        """Tell the built-in metrics whether this pass's labels may hold -100 (padding)."""
+        """Tell the built-in metrics whether this pass's labels may hold -100 (padding): not
+        when the default steps score labels of arrays that hold none (looked at once)."""
         for metric in self.compiled_metrics + self.weighted_metrics:
             inner = getattr(metric, "metric", metric)  # an output's metric (several outputs)
             if isinstance(inner, metrics_lib.MeanMetric):
@@ -707,6 +708,9 @@ class Model(nn.Module):
 
     def _uses_default_train_step(self) -> bool:
         return type(self).train_step is Model.train_step
+
+    def _uses_default_test_step(self) -> bool:
+        return type(self).test_step is Model.test_step
 
     def fit(
         self,
