@@ -732,3 +732,28 @@ def test_a_custom_step_that_masks_labels_itself_gets_the_padding_rule():
     kept = (masked != -100).float()
     correct = (logits.argmax(1) == labels).float()
     assert history.history["accuracy"][0] == pytest.approx(float((correct * kept).sum() / 24))
+
+
+@pytest.mark.parametrize(
+    "shape", [(12,), (12, 1), (12, 3), (12, 4, 3)], ids=["N", "N1", "NC", "NTC"]
+)
+def test_error_metrics_equal_torchs_means_weighted_or_not(shape):
+    """mae / mse / rmse as metrics (summed element by element, one op less per batch) give
+    torch's means; weighted, Keras's sum(mean_c(v) * w) / sum(w), a weight per sample or per
+    time step."""
+    gen = torch.Generator().manual_seed(5)
+    outputs, targets = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    weights = torch.rand(shape[:2] if len(shape) == 3 else shape[:1], generator=gen)
+    model = _Fixed(outputs)
+    model.compile(optimizer=None, loss="mse", metrics=["mae", "mse", "rmse"],
+                  weighted_metrics=["mean_absolute_error"], device="cpu")  # fmt: skip
+    logs = model.evaluate(torch.arange(12), targets, sample_weight=weights, batch_size=5,
+                          verbose=0, return_dict=True)  # fmt: skip
+    assert logs["mae"] == pytest.approx(float(F.l1_loss(outputs, targets)), rel=1e-6)
+    assert logs["mse"] == pytest.approx(float(F.mse_loss(outputs, targets)), rel=1e-6)
+    assert logs["rmse"] == pytest.approx(float(F.mse_loss(outputs, targets).sqrt()), rel=1e-6)
+    per_position = (outputs - targets).abs()
+    if per_position.dim() > weights.dim():
+        per_position = per_position.mean(-1)  # Keras: the mean over the last axis first
+    expected = (per_position * weights).sum() / weights.sum()
+    assert logs["mean_absolute_error"] == pytest.approx(float(expected), rel=1e-6)

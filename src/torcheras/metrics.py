@@ -380,13 +380,30 @@ def _auto_binary_accuracy(loss: losses.CompiledLoss | None) -> Callable[[Tensor,
     return _binary_accuracy(0.5 if threshold is None else threshold)
 
 
+def _absolute_errors(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    return (y_pred - losses._match_shape(y_pred, y_true)).abs()
+
+
+def _squared_errors(y_pred: Tensor, y_true: Tensor) -> Tensor:
+    return (y_pred - losses._match_shape(y_pred, y_true)).square()
+
+
+# Keras's MAE / MSE take the mean over the last axis, then over the samples: the same number
+# as the mean over every element, which a metric gets with one op less per batch. Weighted,
+# a sample's weight spreads over its last axis (losses.weights_like): Keras's number too.
+_ELEMENTWISE: dict[Callable[..., Tensor], Callable[[Tensor, Tensor], Tensor]] = {
+    losses.mean_absolute_error: _absolute_errors,
+    losses.mean_squared_error: _squared_errors,
+}
+
+
 def _loss_metric(name: str, loss: losses.CompiledLoss | None) -> Callable[[Tensor, Tensor], Tensor]:
     """A loss used as a metric; the compiled loss of the same name when there is one, so that
     ``BinaryCrossentropy(from_logits=False)`` and its metric agree on the outputs."""
     fn = losses.LOSSES[name]
     if loss is not None and loss.module is None and loss.name == fn.__name__:
-        return loss.fn
-    return fn
+        fn = loss.fn
+    return _ELEMENTWISE.get(fn, fn)
 
 
 # name -> (factory(compiled loss) -> fn, canonical name, direction, transform)
@@ -421,12 +438,12 @@ _BUILTINS: dict[str, tuple[Callable[[str | None], Callable], str, str, Any]] = {
         None,
     ),
     "root_mean_squared_error": (
-        lambda _: losses.mean_squared_error,
+        lambda _: _squared_errors,
         "root_mean_squared_error",
         _MIN,
         torch.sqrt,
     ),
-    "rmse": (lambda _: losses.mean_squared_error, "rmse", _MIN, torch.sqrt),
+    "rmse": (lambda _: _squared_errors, "rmse", _MIN, torch.sqrt),
 }
 for _name in [
     "mean_squared_error",
