@@ -3,6 +3,7 @@ used, and a custom train_step's metric results are logged as results."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -177,6 +178,59 @@ def test_a_train_step_returning_tracker_results_logs_the_trackers_result():
         true_mean = sum(v * n for v, n in batches) / sum(n for _, n in batches)
         assert logged == pytest.approx(true_mean, rel=1e-5)
     assert history.history["lr_x10"] == pytest.approx([10.0, 10.0])  # others: running mean
+
+
+class CountingTracker(torcheras.Model):
+    """Keras's VAE pattern: trackers named otherwise than the keys their results go under."""
+
+    def __init__(self, keep_on_model=True):
+        super().__init__(nn.Linear(1, 1))
+        total, part = metrics.Mean(name="total_loss"), metrics.Mean(name="part_loss")
+        if keep_on_model:
+            self.total_loss_tracker, self.part_tracker = total, part
+        else:  # metric objects the model does not hold: Keras logs their results all the same
+            self.trackers = (total, part)
+        self.fed = 0.0
+
+    def train_step(self, batch):
+        total, part = getattr(self, "trackers", (None, None))
+        total = getattr(self, "total_loss_tracker", total)
+        part = getattr(self, "part_tracker", part)
+        total.update_state(torch.tensor(self.fed))
+        part.update_state(torch.tensor(self.fed / 2))
+        self.fed += 1
+        return {"loss": total.result(), "half": part.result()}
+
+    test_step = train_step
+
+
+@pytest.mark.parametrize("keep_on_model", [True, False])
+def test_a_metrics_result_logs_as_keras_logs_it_whatever_the_key(keep_on_model):
+    """A tracker fed 0, 1, 2, ... and returned as {"loss": tracker.result()}: Keras 3 logs
+    [1.5, 5.5] (the tracker's result at each epoch's end), not the mean of running means."""
+    model = CountingTracker(keep_on_model)
+    model.compile(optimizer="sgd", loss="mse")
+    history = model.fit(torch.zeros(8, 1), torch.zeros(8, 1), batch_size=2, epochs=2, verbose=0)
+    if keep_on_model:  # reset at each epoch's start, as Keras resets model.metrics
+        assert history.history["loss"] == pytest.approx([1.5, 5.5])
+        assert history.history["half"] == pytest.approx([0.75, 2.75])
+    else:  # never reset by the loop: the result over everything fed
+        assert history.history["loss"] == pytest.approx([1.5, 3.5])
+    assert "total_loss" not in history.history  # only what the step returned is logged
+    logs = model.evaluate(torch.zeros(4, 1), torch.zeros(4, 1), batch_size=2, return_dict=True)
+    assert logs["loss"] == pytest.approx(8.5 if keep_on_model else 4.5)  # fed 8 and 9 (or 0..9)
+
+
+def test_a_metrics_result_stays_a_plain_tensor():
+    """The result is recognised without marking the tensor: it pickles as any tensor."""
+    tracker = metrics.Mean(name="total_loss")
+    tracker.update_state(torch.tensor([1.0, 2.0]))
+    value = tracker.result()
+    assert metrics.result_of(value) is tracker
+    assert metrics.result_of(value.clone()) is None
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    assert float(torch.load(io.BytesIO(buffer.getvalue()))) == 1.5
 
 
 def test_torchmetrics_assigned_to_the_model_are_tracked_and_reset_each_epoch(blobs):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from torcheras.metrics import result_of
 from torcheras.tensors import map_tensors, to_cpu
 
 __all__ = ["BatchLogs", "LogCollector", "RunningMeans", "to_float_logs"]
@@ -232,15 +233,17 @@ class LogCollector:
     steps return, and the results of the metrics.
 
     ``metrics`` are the compiled metrics (their results are logged under their names);
-    ``tracked`` are metric objects kept on the model (Keras's tracked metrics): a step that
-    returns a key naming one logs that metric's result, not a running mean of what it returned.
+    ``tracked`` are metric objects kept on the model (Keras's tracked metrics). A step that
+    returns a metric's result (``{"loss": self.total_loss_tracker.result()}``, whatever the
+    key), or a key naming a tracked metric, logs that metric's result as Keras does, not a
+    running mean of the running results it returned.
     """
 
     def __init__(self, metrics: list[Any], tracked: Mapping[str, Any] | None = None) -> None:
         self.means = RunningMeans()
         self.metrics = metrics
         self.tracked = dict(tracked or {})
-        self.returned: dict[str, None] = {}  # tracked keys the steps returned, in order
+        self.returned: dict[str, Any] = {}  # keys the steps returned a metric's result for
         self.batch_size = 1  # the running batch's size: Model.log's default weight
 
     def reset(self) -> None:
@@ -253,16 +256,15 @@ class LogCollector:
 
     def add(self, logs: Mapping[str, Any], weight: float) -> None:
         """Add one step's returned values, counted ``weight`` times (the batch size)."""
-        tracked = self.tracked
-        if tracked:
-            rest = {}
-            for key, value in logs.items():
-                if key in tracked:
-                    self.returned[key] = None
-                else:
-                    rest[key] = value
-            logs = rest
-        self.means.add(logs, weight)
+        rest = None
+        for key, value in logs.items():
+            metric = self.tracked.get(key) or result_of(value)
+            if metric is not None:
+                self.returned[key] = metric
+                if rest is None:
+                    rest = dict(logs)
+                del rest[key]
+        self.means.add(logs if rest is None else rest, weight)
 
     def log(self, name: str, value: Any, weight: float | None = None) -> None:
         """A value logged from inside a step or a batch hook (``Model.log``), counted
@@ -290,8 +292,8 @@ class LogCollector:
             out = dict(zip(self.means.keys(), self.means.result_tensors()))
         for metric in self.metrics:
             out[metric.name] = current(metric)
-        for key in self.returned:
-            out[key] = current(self.tracked[key])
+        for key, metric in self.returned.items():
+            out[key] = current(metric)
         return out
 
     def result(self) -> dict[str, float]:
@@ -320,7 +322,13 @@ class LogCollector:
             "means": self.means.state_dict(),
             "metrics": [m.state_dict() for m in self.metrics],
             "tracked": {k: m.state_dict() for k, m in self.tracked.items()},
-            "returned": list(self.returned),
+            # key -> the tracked metric's name (a metric not kept on the model is not saved)
+            "returned": {
+                key: name
+                for key, metric in self.returned.items()
+                for name, kept in self.tracked.items()
+                if kept is metric
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> None:
@@ -333,4 +341,9 @@ class LogCollector:
         for key, saved in state.get("tracked", {}).items():
             if key in self.tracked:
                 self.tracked[key].load_state_dict(to_device(saved))
-        self.returned = dict.fromkeys(state.get("returned", []))
+        returned = state.get("returned", {})
+        if isinstance(returned, list):  # format 1: the keys named tracked metrics
+            returned = {key: key for key in returned}
+        self.returned = {
+            key: self.tracked[name] for key, name in returned.items() if name in self.tracked
+        }

@@ -8,6 +8,7 @@ are. ``direction`` is ``"max"`` for accuracy-like metrics and ``"min"`` for erro
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -40,6 +41,11 @@ class Metric:
     name: str = "metric"
     direction: str | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "result" in cls.__dict__:
+            cls.result = _marking_its_result(cls.__dict__["result"])  # type: ignore[method-assign]
+
     def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
         raise NotImplementedError
 
@@ -54,6 +60,34 @@ class Metric:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+# The tensor each metric's ``result`` last returned, by id (checked by identity when read):
+# a step that returns it under any key (``{"loss": self.total_loss_tracker.result()}``) logs
+# the metric's result, as Keras does, not a running mean of running results. The tensor itself
+# is left unmarked, so it pickles and copies as any other.
+_LAST_RESULTS: weakref.WeakValueDictionary[int, Metric] = weakref.WeakValueDictionary()
+
+
+def result_of(value: Any) -> Metric | None:
+    """The metric whose ``result()`` returned ``value`` last, if any."""
+    metric = _LAST_RESULTS.get(id(value))
+    return metric if metric is not None and metric._last_result is value else None
+
+
+def _marking_its_result(result: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    @functools.wraps(result)
+    def marked(self: Metric) -> Any:
+        value = result(self)
+        if isinstance(value, Tensor):
+            last = self.__dict__.get("_last_result")
+            if last is not None:
+                _LAST_RESULTS.pop(id(last), None)
+            self._last_result = value
+            _LAST_RESULTS[id(value)] = self
+        return value
+
+    return marked
 
 
 class MeanMetric(Metric):

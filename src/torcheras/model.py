@@ -620,9 +620,9 @@ class Model(nn.Module):
     def train_step(self, batch: Any) -> dict[str, Any]:
         """One optimisation step on ``batch``; returns the values to log (tensors are fine).
 
-        The loop keeps a running mean of each returned value over the epoch; a key that names
-        a metric object kept on the model (``self.loss_tracker = metrics.Mean(name="loss")``)
-        logs that metric's result instead. Override it for custom training (two optimizers,
+        The loop keeps a running mean of each returned value over the epoch; a metric's
+        result (``{"loss": self.total_loss_tracker.result()}``, whatever the key) logs that
+        metric's result instead, as in Keras. Override it for custom training (two optimizers,
         a GAN...): use ``with self.autocast():`` for the forward pass and
         ``self.backward(loss)`` to keep mixed precision, accumulation and
         ``on_after_backward``.
