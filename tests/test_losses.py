@@ -618,6 +618,48 @@ def test_a_softmax_network_with_a_logits_loss_warns(blobs):
         model.fit(x, y, epochs=1, verbose=0)
 
 
+class _UnitLogits(nn.Module):
+    """Correct logits that happen to lie in [0, 1] on the first batch (a small net near 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.constant_(self.linear.bias, 0.5)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        losses.BinaryCrossentropy(from_logits=True),
+        nn.BCEWithLogitsLoss(),
+        "bce_with_logits",
+        F.binary_cross_entropy_with_logits,
+    ],
+    ids=["BinaryCrossentropy(from_logits=True)", "nn.BCEWithLogitsLoss", "name", "function"],
+)
+def test_a_loss_that_says_logits_never_warns_of_probabilities(loss):
+    x, y = _moons()
+    model = torcheras.Model(_UnitLogits())
+    model.compile("sgd", loss, metrics=["accuracy"], device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+
+
+def test_the_warning_names_a_torch_loss_module_as_torch_spells_it(blobs):
+    x, y = blobs
+    model = torcheras.Model(nn.Sequential(nn.Linear(8, 3), nn.Softmax(dim=-1)))
+    model.compile("adam", nn.CrossEntropyLoss(), device="cpu")
+    with pytest.warns(UserWarning, match=r"The loss 'cross_entropy_loss' expects logits"):
+        model.fit(x, y, epochs=1, verbose=0)
+    assert losses.get(nn.BCEWithLogitsLoss()).name == "bce_with_logits_loss"
+    assert losses.get(nn.NLLLoss()).name == "nll_loss"
+
+
 def test_logits_given_to_a_probability_loss_warn(blobs):
     x, y = blobs
     model = make_model(loss=losses.SparseCategoricalCrossentropy(from_logits=False), metrics=[])

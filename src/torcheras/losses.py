@@ -27,6 +27,7 @@ the cross-entropies.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -397,7 +398,10 @@ class CompiledLoss:
     (``"logits"``, ``"probabilities"``, ``"values"`` or None), ``target`` what it expects of
     ``y_true`` (``"sparse"``, ``"categorical"``, ``"binary"`` or None), ``class_axis`` where
     the classes lie in the outputs: 1 for torch's cross-entropies (``(N, C, T)``), -1 for
-    Keras's (``(N, T, C)``). :meth:`check` runs the one-time checks of the first batch.
+    Keras's (``(N, T, C)``). ``said_logits``: the user named logits explicitly
+    (``from_logits=True``, ``nn.BCEWithLogitsLoss``, ``"bce_with_logits"``), so outputs that
+    look like probabilities are not warned of. :meth:`check` runs the one-time checks of the
+    first batch.
     """
 
     def __init__(
@@ -408,8 +412,10 @@ class CompiledLoss:
         output_kind: str | None,
         target: str | None = None,
         module: nn.Module | None = None,
+        said_logits: bool = False,
     ) -> None:
         self.fn = fn
+        self.said_logits = said_logits
         self.name = name
         self.output_kind = output_kind
         self.target = target
@@ -462,7 +468,7 @@ class CompiledLoss:
             return
         if self.target == "sparse":
             _check_sparse_labels(self.name, y_pred, y_true, self.module is not None)
-        if self.output_kind == LOGITS:
+        if self.output_kind == LOGITS and not self.said_logits:
             _warn_if_probabilities(self.name, self.target, y_pred)
         elif self.output_kind == PROBABILITIES and self.target is not None:
             _warn_if_logits(self.name, y_pred)
@@ -743,10 +749,18 @@ def get(loss: Any, loss_weights: Any = None) -> CompiledLoss:
         return loss
     if isinstance(loss, str):
         fn = lookup(LOSSES, loss, "loss", "an nn.Module or a callable loss(y_pred, y_true)")
-        return CompiledLoss(fn, fn.__name__, output_kind=_builtin_kind(fn), target=_target(fn))
+        return CompiledLoss(
+            fn,
+            fn.__name__,
+            output_kind=_builtin_kind(fn),
+            target=_target(fn),
+            said_logits="logits" in loss.lower(),
+        )
     if isinstance(loss, _KerasCrossentropy):
         kind = LOGITS if loss.from_logits else PROBABILITIES
-        return CompiledLoss(loss, loss.__name__, output_kind=kind, target=loss.target)
+        return CompiledLoss(
+            loss, loss.__name__, output_kind=kind, target=loss.target, said_logits=loss.from_logits
+        )
     if isinstance(loss, nn.Module):
         kind = _MODULE_KINDS.get(type(loss))
         target = (
@@ -763,13 +777,16 @@ def get(loss: Any, loss_weights: Any = None) -> CompiledLoss:
             output_kind=kind,
             target=target,
             module=loss if reduces else None,
+            said_logits=isinstance(loss, nn.BCEWithLogitsLoss),
         )
     if callable(loss):
+        name = getattr(loss, "__name__", type(loss).__name__)
         return CompiledLoss(
             loss,
-            getattr(loss, "__name__", type(loss).__name__),
+            name,
             output_kind=output_kind(loss),
             target=_target(loss),
+            said_logits="logits" in name or getattr(loss, "from_logits", None) is True,
         )
     raise TypeError(
         f"`loss` must be a loss name, an nn.Module or a callable loss(y_pred, y_true); "
@@ -816,9 +833,6 @@ def output_kind(loss: Any) -> str | None:
 
 
 def _snake(name: str) -> str:
-    out = []
-    for i, ch in enumerate(name):
-        if ch.isupper() and i and not name[i - 1].isupper():
-            out.append("_")
-        out.append(ch.lower())
-    return "".join(out)
+    """A class name in snake case, acronyms kept whole: ``BCEWithLogitsLoss`` ->
+    ``bce_with_logits_loss``, ``NLLLoss`` -> ``nll_loss``, ``F1Score`` -> ``f1_score``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
