@@ -97,7 +97,7 @@ def test_a_write_that_runs_out_of_room_raises_and_keeps_what_was_saved(tmp_path)
     assert (
         "File too large" in result.stdout and "Files saved earlier are unchanged" in result.stdout
     )
-    weights = checkpoint.load(target)["model"]  # the earlier, small save: intact
+    weights = checkpoint.load(target)  # the earlier, small save (a bare state_dict): intact
     assert weights["weight"].shape == (2, 2)
     assert os.listdir(tmp_path) == ["best.pt"]
 

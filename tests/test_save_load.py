@@ -59,6 +59,48 @@ def test_save_and_load_continue_training_identically(tmp_path, blobs, compiled):
         torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["w.pt", "w.safetensors"])
+def test_save_weights_writes_a_plain_state_dict_that_pytorch_reads(tmp_path, blobs, name):
+    """PyTorch's own `net.load_state_dict(torch.load(path))` reads save_weights' file: the
+    wrapped network's keys, no `module.` prefix, no wrapper dict."""
+    x, y = blobs
+    model = make_model()
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save_weights(tmp_path / name)
+    if name.endswith(".pt"):
+        from collections import OrderedDict
+
+        saved = torch.load(tmp_path / name, weights_only=True)
+        assert list(saved) == list(model.module.state_dict())  # torch's order too
+        assert isinstance(saved, (dict, OrderedDict))
+    else:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(tmp_path / name))
+    net = make_model().module
+    net.load_state_dict(saved)
+    for mine, theirs in zip(net.parameters(), model.module.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    other = make_model()
+    other.load_weights(tmp_path / name)  # and torcheras reads it back
+    np.testing.assert_allclose(other.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_load_weights_reads_both_key_forms(tmp_path, blobs):
+    """Files of either form load: the network's own keys, and the Model's (`module.` first)
+    that earlier releases wrote, into a Model or into a Model subclass without `module`."""
+    x, _ = blobs
+    model = make_model()
+    torch.save(model.state_dict(), tmp_path / "prefixed.pt")  # module.0.weight, ...
+    torch.save(model.module.state_dict(), tmp_path / "plain.pt")  # 0.weight, ...
+    for name in ("prefixed.pt", "plain.pt"):
+        other = make_model()
+        other.load_weights(tmp_path / name)
+        np.testing.assert_allclose(
+            other.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+        )
+
+
 def test_load_weights_stays_weights_only_and_load_refuses_weights_files(tmp_path, blobs):
     x, y = blobs
     model = make_model()

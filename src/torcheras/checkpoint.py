@@ -232,7 +232,9 @@ def save_weights(
     path: str | os.PathLike[str],
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save weights: safetensors for ``.safetensors`` names, otherwise our torch format."""
+    """Save weights: safetensors for ``.safetensors`` names; otherwise the bare state_dict
+    (``torch.save(net.state_dict())``'s format, what ``torch.load`` users expect), or, given
+    ``metadata`` (the epoch and logs of a ModelCheckpoint file), our format around it."""
     if is_safetensors(path):
         try:
             from safetensors.torch import save as st_save
@@ -245,6 +247,8 @@ def save_weights(
         meta = {k: str(v) for k, v in (metadata or {}).items()}
         data = st_save(tensors, metadata=meta or None)
         return atomic_write(path, lambda f: f.write(data))
+    if metadata is None:
+        return save(to_cpu(dict(state_dict)), path)
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,

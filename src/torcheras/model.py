@@ -20,7 +20,7 @@ from torcheras.ema import ExponentialMovingAverage
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
 from torcheras.precision import Precision
-from torcheras.state import model_file_state, read_model_file, restore_model_state
+from torcheras.state import model_file_state, own_weights, read_model_file, restore_model_state
 from torcheras.stepping import CompiledStep, Stepping
 
 __all__ = ["Model", "resolve_device"]
@@ -314,8 +314,17 @@ class Model(nn.Module):
         self.load_state_dict(weights)
 
     def save_weights(self, filepath: str | os.PathLike[str]) -> None:
-        """Save the weights atomically (``.safetensors`` names use safetensors)."""
-        checkpoint.save_weights(self.state_dict(), filepath)
+        """Save the weights atomically as the wrapped network names them: a plain state_dict
+        (``.safetensors`` names use safetensors) that PyTorch reads without torcheras.
+
+        Example:
+            ```python
+            model.save_weights("w.pt")
+            net.load_state_dict(torch.load("w.pt"))  # the wrapped nn.Module, plain PyTorch
+            model.load_weights("w.pt")
+            ```
+        """
+        checkpoint.save_weights(own_weights(self), filepath)
 
     def save(self, filepath: str | os.PathLike[str]) -> None:
         """Save everything needed to continue training identically, atomically: weights,

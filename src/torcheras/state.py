@@ -198,7 +198,7 @@ def save_model(
         meta: dict[str, Any] = {} if epoch is None else {"epoch": epoch}
         if not checkpoint.is_safetensors(path):
             meta["logs"] = _plain_logs(logs)
-        weights = model.state_dict()
+        weights = own_weights(model)
         if background:
             copy = snapshot(weights)
             checkpoint.save_in_background(
@@ -211,6 +211,17 @@ def save_model(
         checkpoint.save_in_background(lambda: checkpoint.save(state, path), str(path))
         return Path(path)
     return checkpoint.save(state, path)
+
+
+def own_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as the network names them: a Model that wraps a module saves that
+    module's own keys (``0.weight``, not ``module.0.weight``), so that PyTorch's
+    ``net.load_state_dict(torch.load(path))`` reads the file; ``load_weights`` reads both."""
+    weights = model.state_dict()
+    prefix = "module."
+    if "module" in model._modules and all(k.startswith(prefix) for k in weights):
+        return {k[len(prefix) :]: v for k, v in weights.items()}
+    return weights
 
 
 MODEL_KINDS = ("model", "training_state", "checkpoint")
