@@ -10,6 +10,7 @@ Example:
 """
 
 from torcheras import callbacks, checkpoint, losses, metrics, optimizers, schedules
+from torcheras.freezing import freeze, is_frozen, unfreeze
 from torcheras.model import Model
 
 __version__ = "0.1.0"
@@ -17,9 +18,12 @@ __all__ = [
     "Model",
     "callbacks",
     "checkpoint",
+    "freeze",
+    "is_frozen",
     "losses",
     "metrics",
     "optimizers",
     "schedules",
+    "unfreeze",
     "__version__",
 ]

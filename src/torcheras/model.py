@@ -17,6 +17,7 @@ from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
 from torcheras.callbacks.history import History
 from torcheras.ema import ExponentialMovingAverage
+from torcheras.freezing import keep_frozen_in_eval
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
 from torcheras.precision import Precision
@@ -381,6 +382,14 @@ class Model(nn.Module):
             **config.get("settings", {}),
         )
 
+    def train(self, mode: bool = True) -> Model:
+        """``nn.Module.train``; a module frozen with :func:`torcheras.freeze` stays in eval
+        mode (Keras's ``trainable = False``: BatchNorm keeps its statistics)."""
+        super().train(mode)
+        if mode:
+            keep_frozen_in_eval(self)
+        return self
+
     def load_weights(self, filepath: str | os.PathLike[str], strict: bool = True) -> None:
         """Load weights saved by torcheras, safetensors or ``torch.save(state_dict)``.
 
@@ -394,10 +403,12 @@ class Model(nn.Module):
         *,
         input_shape: Sequence[int] | None = None,
         example_input: Any = None,
+        show_trainable: bool = False,
     ) -> None:
         """Print each layer (Keras's ``Layer (type)``, ``Output Shape``, ``Param #``), then the
-        totals. Output shapes are shown once they are known: after ``fit`` has run a batch,
-        or given ``input_shape`` (one sample, without the batch axis, as in Keras) or an
+        totals; ``show_trainable`` adds Keras's ``Trainable`` column (``N``: frozen). Output
+        shapes are shown once they are known: after ``fit`` has run a batch, or given
+        ``input_shape`` (one sample, without the batch axis, as in Keras) or an
         ``example_input`` batch; the batch axis is printed as ``None``. Finding them runs one
         forward pass on two samples, without gradients, in eval mode (nothing changes).
 
@@ -416,6 +427,14 @@ class Model(nn.Module):
                              f"{count:,}"))  # fmt: skip
         if not shapes:
             rows = [(layer, count) for layer, _, count in rows]  # type: ignore[misc]
+        if show_trainable:
+            flags = ["Trainable"] + [
+                "-" if not params else "Y" if any(p.requires_grad for p in params) else "N"
+                for name, module in self.named_modules()
+                if name and not list(module.children())
+                for params in [list(module.parameters(recurse=False))]
+            ]
+            rows = [(*row, flag) for row, flag in zip(rows, flags)]  # type: ignore[misc]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         line = "-" * (sum(widths) + 3 * (len(widths) - 1))
         print_fn(f'Model: "{type(self).__name__}"')
