@@ -57,7 +57,7 @@ def test_permission_denied_names_path_and_cause(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(checkpoint, "_create_temp", denied)
     with pytest.raises(
         checkpoint.CheckpointError,
         match=r"state\.pt.*Permission denied.*"

@@ -8,8 +8,10 @@ cannot run code when it is loaded.
 
 Callbacks that save during training (ModelCheckpoint, BackupAndRestore) write in the
 background: :func:`save_in_background` copies the state (training waits for the copy only),
-then one writer thread writes it. A second save waits for the first; ``fit`` returns, or its
+then a writer thread writes it. A second save waits for the first; ``fit`` returns, or its
 exception leaves, only once the last write has landed or failed (:func:`wait_for_writes`).
+Each thread that trains has its own writer: fits in several threads (Optuna's ``n_jobs``, a
+thread pool) neither wait for nor raise each other's writes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import errno
 import os
 import pickle
 import re
-import tempfile
 import threading
 import time
 import warnings
@@ -66,15 +67,6 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 _PROCESS_START = time.time()
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
 def _check_parents(target: Path) -> None:
     """A clear error when a folder on the way to ``target`` is a file."""
     for parent in reversed(target.parents):
@@ -99,9 +91,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     """Write a file so that readers only ever see the old or the complete new content.
 
     ``write`` receives a binary file object. The parent folder is created if missing; the file
-    gets the usual permissions (``0o666`` less the umask). Temp files that earlier, interrupted
-    writes to the same target left behind are removed once the new file is in place — only
-    those older than this process, so a concurrent writer's temp file is never touched.
+    is created as ``open()`` creates one (``0o666`` less the umask in force). Temp files that
+    earlier, interrupted writes to the same target left behind are removed once the new file
+    is in place — only those older than this process, so a concurrent writer's temp file is
+    never touched.
     """
     target = Path(path)
     if not distributed.is_main():  # under torchrun, rank 0 alone writes files
@@ -117,8 +110,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     tmp_name = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{target.name}.", dir=folder)
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        fd, tmp_name = _create_temp(folder, target.name)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -152,21 +144,36 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     return target
 
 
+def _create_temp(folder: Path, name: str) -> tuple[int, str]:
+    """A new temp file next to the target, created as ``open()`` creates files: the mode is
+    ``0o666`` less the umask in force now (``tempfile.mkstemp`` would give 0600, and reading
+    the umask means changing it, which races with other threads)."""
+    for _ in range(100):
+        path = os.path.join(folder, f"{TEMP_PREFIX}{name}.{os.urandom(6).hex()}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"No free temp name in {str(folder)!r}")
+
+
 class _Writer:
-    """One background thread that writes files in order, and remembers a failure."""
+    """A background thread that writes files in order, and remembers a failure. One per
+    training thread (:func:`_writer`); a lock keeps it whole if another thread waits on it."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._what = ""
+        self._lock = threading.Lock()
 
     def submit(self, write: Callable[[], Any], what: str) -> None:
-        self.wait()  # one write at a time, in order; an earlier failure raises here
-        self._what = what
-        self._thread = threading.Thread(
-            target=self._run, args=(write,), name="torcheras-checkpoint-writer"
-        )
-        self._thread.start()
+        with self._lock:
+            self._wait()  # one write at a time, in order; an earlier failure raises here
+            thread = threading.Thread(
+                target=self._run, args=(write,), name=f"torcheras-writer ({what})", daemon=False
+            )
+            thread.start()
+            self._thread = thread
 
     def _run(self, write: Callable[[], Any]) -> None:
         try:
@@ -175,6 +182,10 @@ class _Writer:
             self._error = exc
 
     def wait(self) -> None:
+        with self._lock:
+            self._wait()
+
+    def _wait(self) -> None:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
@@ -183,13 +194,21 @@ class _Writer:
             raise error
 
 
-_WRITER = _Writer()
+_WRITERS = threading.local()
+
+
+def _writer() -> _Writer:
+    """This thread's writer: a fit's saves queue behind its own earlier saves only."""
+    writer = getattr(_WRITERS, "writer", None)
+    if writer is None:
+        writer = _WRITERS.writer = _Writer()
+    return writer
 
 
 def save_in_background(write: Callable[[], Any], what: str = "checkpoint") -> None:
-    """Run ``write`` (which writes files from a snapshot it holds) on the writer thread,
-    after the previous write has finished. Raises the previous write's error, if any."""
-    _WRITER.submit(write, what)
+    """Run ``write`` (which writes files from a snapshot it holds) on this thread's writer,
+    after its previous write has finished. Raises that previous write's error, if any."""
+    _writer().submit(write, what)
 
 
 def wait_for_writes(during: BaseException | None = None) -> None:
@@ -197,10 +216,10 @@ def wait_for_writes(during: BaseException | None = None) -> None:
     exception already leaving ``fit`` (``during``), a failed write is added to it as a note
     instead, so the original error is never masked."""
     if during is None:
-        _WRITER.wait()
+        _writer().wait()
         return
     try:
-        _WRITER.wait()
+        _writer().wait()
     except BaseException as exc:
         if hasattr(during, "add_note"):
             during.add_note(f"(a checkpoint written in the background also failed: {exc!r})")

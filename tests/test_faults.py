@@ -1,0 +1,99 @@
+"""Faults without surprises: fits in threads, the umask, what a failed file names."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import torcheras
+from torcheras import checkpoint
+from torcheras.callbacks import BackupAndRestore, ModelCheckpoint
+
+
+def _fit_in_thread(i, folder, results, barrier, broken=False):
+    torch.manual_seed(i)
+    model = torcheras.Model(nn.Linear(8, 2))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    gen = torch.Generator().manual_seed(100 + i)
+    x, y = torch.randn(256, 8, generator=gen), torch.randint(0, 2, (256,), generator=gen)
+    target = folder / (f"file-in-the-way{i}" if broken else f"t{i}") / "best.pt"
+    if broken:
+        (folder / f"file-in-the-way{i}").write_text("a file, not a folder")
+    barrier.wait()  # the fits start, save and end together
+    try:
+        model.fit(
+            x,
+            y,
+            epochs=3,
+            batch_size=16,
+            verbose=0,
+            callbacks=[ModelCheckpoint(target), BackupAndRestore(folder / f"backup{i}")],
+        )
+        results[i] = ("ok", model.module.state_dict())
+    except BaseException as exc:  # noqa: BLE001 - the thread's own outcome, checked below
+        results[i] = ("error", exc)
+
+
+def test_four_fits_in_four_threads_keep_their_own_files_and_errors(tmp_path):
+    """Optuna's n_jobs and thread pools train this way: each fit's background writes, its
+    files and its failures are its own."""
+    results: dict[int, tuple] = {}
+    barrier = threading.Barrier(4)
+    threads = [
+        threading.Thread(
+            target=_fit_in_thread, args=(i, tmp_path, results, barrier, i == 3), daemon=True
+        )
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1, 2, 3]
+    for i in range(3):
+        outcome, weights = results[i]
+        assert outcome == "ok", weights
+        saved = checkpoint.load(tmp_path / f"t{i}" / "best.pt")
+        for key, value in weights.items():  # the last epoch's file holds this fit's weights
+            torch.testing.assert_close(saved["model"][f"module.{key}"], value, rtol=0, atol=0)
+        assert not (tmp_path / f"backup{i}").exists() or not os.listdir(tmp_path / f"backup{i}")
+    outcome, error = results[3]
+    assert outcome == "error" and isinstance(error, checkpoint.CheckpointError)
+    assert "file-in-the-way3" in str(error) and "is a file, not a folder" in str(error)
+
+
+@pytest.fixture
+def private_umask():
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_files_follow_the_umask_in_force_when_they_are_written(tmp_path, private_umask):
+    """After os.umask(0o077) a checkpoint is 0600, as open() and torch.save make files:
+    weights are not readable by others on a shared machine."""
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    model = torcheras.Model(nn.Linear(8, 2))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(
+        x,
+        y,
+        epochs=1,
+        verbose=0,
+        callbacks=[ModelCheckpoint(tmp_path / "ckpt.pt"), BackupAndRestore(tmp_path / "bk")],
+    )
+    model.save(tmp_path / "m.pt")
+    model.save_weights(tmp_path / "w.safetensors")
+    with open(tmp_path / "reference", "w"):
+        pass
+    expected = stat.S_IMODE((tmp_path / "reference").stat().st_mode)
+    assert expected == 0o600
+    for name in ("ckpt.pt", "m.pt", "w.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
