@@ -97,3 +97,65 @@ def test_files_follow_the_umask_in_force_when_they_are_written(tmp_path, private
     assert expected == 0o600
     for name in ("ckpt.pt", "m.pt", "w.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+def test_a_malformed_checkpoint_template_is_refused_before_training(tmp_path):
+    """Not an IndexError after a whole epoch: the path, the cause and the fix, at once."""
+    for template in ("ckpt/{val_loss:{}}.pt", "run {}/best.pt", "x/{0}.pt", "a{b.pt"):
+        with pytest.raises(ValueError, match=r"ModelCheckpoint: the filepath .*Name a log key"):
+            ModelCheckpoint(str(tmp_path / template))
+    ModelCheckpoint(str(tmp_path / "ok" / "{epoch:02d}-{val_loss:.2f}-{{literal}}.pt"))
+
+
+def test_a_file_of_a_newer_format_is_refused_naming_the_versions(tmp_path):
+    model = torcheras.Model(nn.Linear(8, 2))
+    model.compile("adam", "mse")
+    model.save(tmp_path / "m.pt")
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    state["version"] = checkpoint.FORMAT_VERSION + 1
+    torch.save(state, tmp_path / "future.pt")
+    for read in (model.load, model.load_weights, checkpoint.describe):
+        with pytest.raises(checkpoint.CheckpointError, match=r"future\.pt.*newer torcheras"):
+            read(tmp_path / "future.pt")
+
+
+REPORT = "import sys; from torcheras.cli import main; sys.exit(main(['report', sys.argv[1]]))"
+
+
+def test_a_named_pipe_is_not_read_and_the_report_goes_on(tmp_path):
+    import subprocess
+    import sys
+
+    model = torcheras.Model(nn.Linear(8, 2))
+    model.compile("adam", "mse")
+    model.fit(
+        torch.randn(32, 8),
+        torch.randn(32, 2),
+        epochs=1,
+        verbose=0,
+        callbacks=[torcheras.callbacks.CSVLogger(tmp_path / "log.csv")],
+    )
+    os.mkfifo(tmp_path / "pipe.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"pipe\.pt.*not a regular file"):
+        checkpoint.load(tmp_path / "pipe.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", REPORT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_plain_pickle_is_refused_saying_why(tmp_path):
+    import pickle
+
+    for protocol in (2, 4):
+        path = tmp_path / f"p{protocol}.pt"
+        with open(path, "wb") as handle:
+            pickle.dump({"weight": [1.0, 2.0]}, handle, protocol=protocol)
+        with pytest.raises(
+            checkpoint.CheckpointError,
+            match=rf"plain Python pickle \(protocol {protocol}\).*weights_only=True",
+        ):
+            checkpoint.load(path)

@@ -286,6 +286,12 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointNotFoundError(errno.ENOENT, f"No checkpoint at {str(target)!r}.")
     if target.is_dir():
         raise CheckpointError(errno.EISDIR, f"{str(target)!r} is a directory, not a checkpoint.")
+    if not target.is_file():  # a named pipe or a device would block the read or never end
+        raise CheckpointError(
+            errno.EINVAL,
+            f"{str(target)!r} is not a regular file (a named pipe, socket or device?), not a "
+            "checkpoint: pass the path of a saved file.",
+        )
     if is_safetensors(target):
         from safetensors.torch import load_file
 
@@ -314,10 +320,29 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise _not_a_checkpoint(target, exc) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(errno.EINVAL, f"{str(target)!r} does not hold a dict of state.")
+    version = obj.get("version") if obj.get("format") == FORMAT else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(
+            errno.EINVAL,
+            f"{str(target)!r} was written by a newer torcheras (file format {version}; this "
+            f"one reads formats up to {FORMAT_VERSION}): upgrade torcheras to read it. The "
+            "file is left as it is.",
+        )
     return obj
 
 
 def _not_a_checkpoint(target: Path, exc: BaseException) -> CheckpointError:
+    with contextlib.suppress(OSError), open(target, "rb") as handle:
+        head = handle.read(2)
+        if len(head) == 2 and head[0] == 0x80 and head[1] <= pickle.HIGHEST_PROTOCOL:
+            return CheckpointError(
+                errno.EINVAL,
+                f"{str(target)!r} is a plain Python pickle (protocol {head[1]}), not a torch "
+                "checkpoint: torcheras reads files with torch.load(weights_only=True), which "
+                "refuses raw pickles, since unpickling one can run code. Save state with "
+                "torch.save(...) or torcheras; a pickle you trust can be read with pickle.load "
+                "and saved again with torch.save.",
+            )
     detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     return CheckpointError(
         errno.EIO,

@@ -55,7 +55,7 @@ def _checkpoints(run_dir: Path) -> list[dict[str, Any]]:
     from torcheras.checkpoint import describe
 
     found = []
-    for path in sorted(p for p in run_dir.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES):
+    for path in [p for p in _find(run_dir, "*") if p.suffix in CHECKPOINT_SUFFIXES]:
         entry: dict[str, Any] = {"path": str(path.relative_to(run_dir))}
         try:
             info = describe(str(path))

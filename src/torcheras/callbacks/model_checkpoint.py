@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import warnings
 from typing import Any
 
@@ -67,6 +69,7 @@ class ModelCheckpoint(Callback):
                 f"Unrecognized save_freq: {save_freq!r}. Expected save_freq are "
                 "'epoch' or a positive integer (a number of batches)."
             )
+        _check_template(filepath)
         if checkpoint.is_safetensors(filepath) and not save_weights_only:
             raise ValueError(
                 f"ModelCheckpoint: {filepath!r} is a .safetensors file, which holds weights only; "
@@ -120,6 +123,11 @@ class ModelCheckpoint(Callback):
             raise KeyError(
                 f'Failed to format this callback filepath: "{self.filepath}". Reason: {exc}. '
                 f"Available keys: epoch, {', '.join(values)}."
+            ) from exc
+        except (ValueError, TypeError, IndexError) as exc:  # a format spec the value refuses
+            raise ValueError(
+                f'Failed to format this callback filepath: "{self.filepath}". Reason: {exc}. '
+                "Give each field a spec its value takes, e.g. {epoch:02d} or {val_loss:.2f}."
             ) from exc
 
     def _save(self, epoch: int, batch: int | None, logs: Any) -> None:
@@ -186,3 +194,28 @@ class ModelCheckpoint(Callback):
         self._last_batch_seen = state["last_batch_seen"]
         self._current_epoch = state["current_epoch"]
         self.monitor_state.load_state_dict(state.get("monitor", {}))
+
+
+def _check_template(filepath: str, part: str | None = None) -> None:
+    """Refuse, before training starts, a filepath template that can never be formatted: a
+    positional field (``run {}/best.pt``, ``{val_loss:{}}``) or broken braces."""
+    fix = (
+        "Name a log key in each field, e.g. 'ckpt/{epoch:02d}-{val_loss:.2f}.pt', and double "
+        "braces meant literally ('{{' and '}}')."
+    )
+    try:
+        fields = list(string.Formatter().parse(filepath if part is None else part))
+    except ValueError as exc:
+        raise ValueError(
+            f"ModelCheckpoint: the filepath {filepath!r} is malformed ({exc}). {fix}"
+        ) from None
+    for _, field, spec, _ in fields:
+        if field is None:
+            continue
+        if field == "" or field.split(".")[0].split("[")[0].isdigit():
+            raise ValueError(
+                f"ModelCheckpoint: the filepath {filepath!r} has a positional field "
+                f"{{{field}}}, which no log fills. {fix}"
+            )
+        if spec and "{" in spec:
+            _check_template(filepath, spec)
