@@ -139,10 +139,7 @@ def test_a_named_pipe_is_not_read_and_the_report_goes_on(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"pipe\.pt.*not a regular file"):
         checkpoint.load(tmp_path / "pipe.pt")
     result = subprocess.run(
-        [sys.executable, "-c", REPORT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-c", REPORT, str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
 

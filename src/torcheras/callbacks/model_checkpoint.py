@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import string
-
 import warnings
 from typing import Any
 
