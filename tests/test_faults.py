@@ -156,3 +156,47 @@ def test_a_plain_pickle_is_refused_saying_why(tmp_path):
             match=rf"plain Python pickle \(protocol {protocol}\).*weights_only=True",
         ):
             checkpoint.load(path)
+
+
+class _Crash(torcheras.callbacks.Callback):
+    def __init__(self, after):
+        super().__init__()
+        self.after = after
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.loop.global_step == self.after:
+            raise KeyboardInterrupt("crash")
+
+
+def _resumable(tmp_path, samples, batch_size, crash_after=None):
+    torch.manual_seed(0)
+    model = torcheras.Model(nn.Linear(8, 2))
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(samples, 8, generator=gen), torch.randint(0, 2, (samples,), generator=gen)
+    callbacks = [BackupAndRestore(tmp_path / "backup", save_freq=1)]
+    if crash_after is not None:
+        callbacks.append(_Crash(crash_after))
+    return model.fit(x, y, epochs=2, batch_size=batch_size, verbose=0, callbacks=callbacks)
+
+
+@pytest.mark.parametrize(
+    ("samples", "batch_size", "said"),
+    [(128, 32, "batch size 16 -> 32"), (100, 16, "samples 128 -> 100"), (256, 16, "samples")],
+    ids=["another batch_size", "a shorter dataset", "a longer dataset"],
+)
+def test_a_mid_epoch_resume_with_changed_data_is_refused_naming_both_values(
+    tmp_path, samples, batch_size, said
+):
+    """Crash after 2 batches of 16; rerun otherwise: not samples 32-63 silently skipped, an
+    IndexError, or empty batches trained — an error naming the backup, the change, the fix."""
+    with pytest.raises(KeyboardInterrupt):
+        _resumable(tmp_path, 128, 16, crash_after=2)
+    with pytest.raises(ValueError) as info:
+        _resumable(tmp_path, samples, batch_size)
+    message = str(info.value)
+    assert said in message and str(tmp_path / "backup") in message
+    assert "delete" in message and "same data, batch_size" in message
+    assert (tmp_path / "backup").exists()  # the backup is kept: the original run can resume
+    history = _resumable(tmp_path, 128, 16)  # as before: resumes and finishes
+    assert history.epoch == [0, 1]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -141,8 +142,43 @@ class FitLoop:
                 "order": self.order,
                 "collector": self.collector.state_dict(),
                 "batch_lrs": list(self.batch_lrs),
+                "pass": self._pass_shape(),
             },
         )
+
+    def _pass_shape(self) -> dict[str, Any]:
+        """What a resumed epoch must find unchanged to go on at the same batch: the number of
+        samples, the batch size, the batches of a pass and the number of processes."""
+        source = self.train_source
+        iterable = getattr(source, "iterable", None)
+        return {
+            "samples": getattr(source, "num_samples", None)
+            or data._safe_len(getattr(iterable, "dataset", None)),
+            "batch_size": getattr(source, "batch_size", None)
+            or getattr(iterable, "batch_size", None),
+            "batches": source.steps,
+            "world_size": distributed.world_size(),
+        }
+
+    def _check_pass(self, saved: Mapping[str, Any] | None, path: str) -> None:
+        """Refuse a mid-epoch resume whose data or processes changed: the saved position
+        (batch N of this order) would skip or repeat samples."""
+        if not saved:
+            return  # a backup of an earlier release: nothing recorded to compare
+        now = self._pass_shape()
+        changed = [
+            f"{key.replace('_', ' ')} {saved[key]} -> {now[key]}"
+            for key in ("samples", "batch_size", "batches", "world_size")
+            if saved.get(key) is not None and now[key] is not None and saved[key] != now[key]
+        ]
+        if changed:
+            raise ValueError(
+                f"BackupAndRestore cannot resume the epoch saved in {path!r} exactly: since "
+                f"the backup, {', '.join(changed)}. The backup's position (a batch of that "
+                "epoch) would skip or repeat samples. Rerun with the same data, batch_size and "
+                f"number of processes to resume, or delete {str(Path(path).parent)!r} to start "
+                "over."
+            )
 
     def _run_boundary_work(self) -> None:
         work = self.boundary_work
@@ -230,9 +266,10 @@ class FitLoop:
             if model._initial_epoch is not None:  # Keras's hook for callbacks that set it
                 return model._initial_epoch, None
             return self.initial_epoch, None
-        position = state.restore_training_state(
-            model, self.callbacks, resume, resume.get("path", "backup")
-        )
+        path = resume.get("path", "backup")
+        if resume.get("batch", 0) > 0:  # inside an epoch
+            self._check_pass(resume.get("pass"), path)
+        position = state.restore_training_state(model, self.callbacks, resume, path)
         loop.global_step = position["global_step"]
         loop.optimizer_steps = position.get("optimizer_steps", loop.global_step)
         loop.last_logs = dict(position.get("logs") or {})

@@ -275,6 +275,8 @@ def capture_training_state(
         state["order"] = None if order is None else order.cpu()
         own["collector"] = epoch_position["collector"]  # this rank's running sums
         state["batch_lrs"] = list(epoch_position["batch_lrs"])
+        if epoch_position.get("pass"):  # what the position is counted in: checked on resume
+            state["pass"] = dict(epoch_position["pass"])
     state.update(own)  # rank 0's (or the only process's) at the top level
     if distributed.is_active():  # every rank's, gathered into the file rank 0 writes
         state["ranks"] = distributed.gather_objects(own)
