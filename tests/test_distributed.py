@@ -241,3 +241,13 @@ def test_an_interrupt_asked_on_one_rank_is_handled_once_on_every_rank(tmp_path):
     assert calls[0] == calls[1] and len(calls[0]) == 1
     code, batch = calls[0][0]
     assert code == 7 and batch in (3, 4)  # after the vote on batch 2's request came back
+
+
+def test_ranks_given_data_of_different_lengths_stop_naming_both_counts(tmp_path):
+    """Not an abort inside gloo with a collective-size mismatch: every rank stops at once
+    with an error naming each rank's count and the fix."""
+    done = run(tmp_path / "ddp", "--case", "shard", check=False)
+    assert done.returncode != 0
+    assert "rank 0: 256 samples, rank 1: 200 samples" in done.stderr
+    assert "give every process the whole data" in done.stderr
+    assert "Timeout" not in done.stderr and "mismatch" not in done.stderr.lower()

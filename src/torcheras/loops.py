@@ -94,8 +94,10 @@ class FitLoop:
         if ranks > 1:  # DataLoaders: each rank loads its own part
             seed = distributed.shared_seed()
             train_source.distribute(rank, ranks, training=True, seed=seed)
+            check_ranks_agree(train_source)
             if val_source is not None:
                 val_source.distribute(rank, ranks, training=False, seed=seed)
+                check_ranks_agree(val_source)
         self.stage = data.DeviceStager(model.device)  # its pinned buffers serve the whole fit
         self.steps_known = getattr(train_source, "steps", None)
         self.stopped_in_epoch = False  # a batch hook stopped training before the epoch's end
@@ -408,6 +410,28 @@ class FitLoop:
         return step
 
 
+def check_ranks_agree(source: Any) -> None:
+    """Under torchrun, every process must see data of the same size (each takes its part of
+    every batch, or its sampler's share): refuse, on every rank at once, what would otherwise
+    abort inside a collective with a size mismatch. Checked once per source."""
+    if not distributed.is_active() or getattr(source, "ranks_checked", False):
+        return
+    source.ranks_checked = True
+    mine = (getattr(source, "num_samples", None), source.steps)
+    every = distributed.gather_objects(mine)
+    if len(set(every)) > 1:
+        sizes = ", ".join(
+            f"rank {rank}: " + (f"{samples} samples" if samples is not None else f"{steps} batches")
+            for rank, (samples, steps) in enumerate(every)
+        )
+        raise ValueError(
+            f"Under torchrun every process must be given the same `{source.name}`, but they "
+            f"differ ({sizes}). Each process takes its own part of every batch: give every "
+            "process the whole data (not a per-rank shard), or a DataLoader over the whole "
+            "Dataset (torcheras adds the DistributedSampler)."
+        )
+
+
 def evaluate(
     model: Any,
     source: Any,
@@ -433,6 +457,7 @@ def evaluate(
     rank, ranks = distributed.rank(), distributed.world_size()
     try:
         source.distribute(rank, ranks, training=False, seed=0)
+        check_ranks_agree(source)
         shard_ranks = 1 if source.per_rank else ranks
         model._expect_padded_labels(source.labels_may_pad or not model._uses_default_test_step())
         if callbacks.needs("on_test_batch_outputs"):
@@ -480,6 +505,7 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
     stage = data.DeviceStager(model.device)
     rank, ranks = distributed.rank(), distributed.world_size()
     source.distribute(rank, ranks, training=False, seed=0)
+    check_ranks_agree(source)
     shard_ranks = 1 if source.per_rank else ranks
     on_host: list[Any] = []
     on_device: list[Any] = []

@@ -45,6 +45,8 @@ y = (x[:, 0] + x[:, 1] > 0).astype("int64") + (x[:, 2] > 1).astype("int64")
 xv, yv = x[:64].copy(), y[:64].copy()
 if args.case == "nan" and rank == 1:
     x[160:] = np.nan  # this rank's data goes bad in the first epoch
+if args.case == "shard" and rank == 1:
+    x, y = x[:200], y[:200]  # a per-rank shard loaded by mistake: 256 samples vs 200
 if args.case == "early_stop" and rank == 1:
     yv = (yv + 1) % 3  # this rank's validation labels are all wrong: its own val_loss climbs
 
