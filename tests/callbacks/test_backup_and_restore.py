@@ -346,3 +346,15 @@ def test_backup_holds_the_amp_scaler_every_optimizer_and_scheduler(tmp_path, blo
     assert other.scaler.get_scale() == 1024.0
     assert other.extra_opt.param_groups[0]["lr"] == pytest.approx(0.05)  # after one decay
     assert other.decay.last_epoch == 1
+
+
+def test_sigkill_twice_before_the_resumed_runs_first_backup_logs_each_step_once(
+    tmp_path, reference
+):
+    """The resumed run writes a new event file, flushes an epoch's events into it and is
+    killed before its own first backup: the next resume drops those events too."""
+    for _ in range(2):  # backup at step 7, killed at 12: after epoch 0's events were flushed
+        killed = run(tmp_path, "--kill-at", "12", "--save-freq", "7")
+        assert killed.returncode == -signal.SIGKILL
+    assert run(tmp_path, "--save-freq", "7").returncode == 0
+    assert_same_as_reference(tmp_path, reference)

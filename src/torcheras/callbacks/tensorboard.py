@@ -7,6 +7,7 @@ import io
 import os
 import struct
 import time
+import uuid
 import warnings
 from typing import Any
 
@@ -126,6 +127,9 @@ class TensorBoard(Callback):
         self.embeddings_metadata = embeddings_metadata
         self._writers: dict[str, Any] = {}
         self._own_files: dict[str, list[str]] = {}  # event files this run wrote, per run
+        # Ends the name of every event file this training run writes, kept through resumes:
+        # a resume trims all of them, also those written after the backup it resumes from.
+        self._run_id: str | None = None
         self._in_fit = False
         self._state: dict[str, Any] = {}
         self._global_step = 0
@@ -144,9 +148,15 @@ class TensorBoard(Callback):
             from torch.utils.tensorboard import SummaryWriter
 
             run_dir = os.path.join(self.log_dir, run)
-            if self._trim is not None:  # only the files this run wrote before the backup
-                _trim_events(run_dir, self._own_files.get(run, []), *self._trim)
-            writer = SummaryWriter(run_dir)
+            if self._run_id is None:
+                self._run_id = uuid.uuid4().hex[:12]
+            suffix = f".torcheras-{self._run_id}"
+            if self._trim is not None:  # only this run's files: those it wrote before the
+                ours = set(self._own_files.get(run, []))  # backup, and any written since
+                if os.path.isdir(run_dir):
+                    ours.update(n for n in os.listdir(run_dir) if n.endswith(suffix))
+                _trim_events(run_dir, sorted(ours), *self._trim)
+            writer = SummaryWriter(run_dir, filename_suffix=suffix)
             self._writers[run] = writer
             name = os.path.basename(writer.file_writer.event_writer._file_name)
             self._own_files.setdefault(run, []).append(name)
@@ -191,6 +201,7 @@ class TensorBoard(Callback):
         self._trim = None
         self._graph_written = False
         self._own_files = {}
+        self._run_id = None  # a new run (a resume's backup brings back its own)
         self._in_fit = True
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
@@ -425,6 +436,7 @@ class TensorBoard(Callback):
             "epochs_logged": self._epochs_logged,
             "evaluated_step": evaluated,
             "files": {run: list(names) for run, names in self._own_files.items()},
+            "run_id": self._run_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -434,6 +446,7 @@ class TensorBoard(Callback):
         self._global_step = state["global_step"]
         self._epochs_logged = state["epochs_logged"]
         self._own_files = {run: list(names) for run, names in state.get("files", {}).items()}
+        self._run_id = state.get("run_id")
         self._state = dict(state)
         self._trim = (self._epochs_logged, self._global_step, state["evaluated_step"])
 
