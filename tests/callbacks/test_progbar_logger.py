@@ -258,3 +258,13 @@ def test_a_terminal_shows_every_value_of_each_epoch(columns, tmp_path):
         assert re.fullmatch(rf"6/6 \[={{20}}\] \d+s \d+(us|ms|s)/step - {values}", line), line
     if columns:
         assert len(lines[1]) > columns  # the terminal wrapped it: nothing was cut
+
+
+def test_under_torchrun_only_rank_0_draws_the_bar(capsys, blobs, monkeypatch):
+    from torcheras import distributed
+
+    x, y = blobs
+    model = make_model()
+    monkeypatch.setattr(distributed, "is_main", lambda: False)  # as on rank 1
+    model.fit(x, y, epochs=2, batch_size=40, verbose=1)
+    assert capsys.readouterr().out == ""

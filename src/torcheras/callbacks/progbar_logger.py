@@ -87,6 +87,8 @@ class ProgbarLogger(Callback):
         ```
     """
 
+    rank_zero_only = True  # under torchrun, one bar: rank 0's
+
     def __init__(self, refresh_interval: float = 0.1, interactive: bool | None = None) -> None:
         self.refresh_interval = refresh_interval
         self.interactive = interactive
