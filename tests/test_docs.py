@@ -45,3 +45,24 @@ def test_the_documented_hook_order_is_the_real_one():
     documented = "\n".join(line.rstrip() for line in block.group(1).strip().splitlines())
     real = "\n".join(line.rstrip() for line in recorded_order().splitlines())
     assert documented == real
+
+
+ROOT = Path(__file__).parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_no_page_installs_torcheras_from_pypi():
+    """torcheras is not published: ``pip install torcheras`` fails, or fetches another
+    project's package. The install page says how: a clone, the repository, or the wheel."""
+    from_pypi = re.compile(r"pip install\s+['\"]?torcheras(\[[^\]]*\])?(?=['\"`\s]|$)(?!\s*@)")
+    found = [
+        f"{page.relative_to(ROOT)}: {m.group(0)}"
+        for page in PAGES
+        for m in from_pypi.finditer(page.read_text(encoding="utf-8"))
+    ]
+    assert found == []
+    install = (ROOT / "docs" / "index.md").read_text(encoding="utf-8").split("## Install")[1]
+    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert "pip install -e ." in install and "make dist" in install
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install
+    assert f"dist/torcheras-{version.group(1)}-py3-none-any.whl" in install
