@@ -66,3 +66,32 @@ def test_no_page_installs_torcheras_from_pypi():
     assert "pip install -e ." in install and "make dist" in install
     assert "--index-url https://download.pytorch.org/whl/cpu" in install
     assert f"dist/torcheras-{version.group(1)}-py3-none-any.whl" in install
+
+
+def _repo_files() -> tuple[set[Path], set[str]]:
+    skip = {".git", ".venv", "site", "build", "dist", "node_modules"}
+    files = {
+        p
+        for p in ROOT.rglob("*")
+        if p.is_file() and not skip.intersection(p.relative_to(ROOT).parts)
+    }
+    return files, {p.name for p in files}
+
+
+def test_every_repo_file_a_page_links_or_names_exists():
+    """A relative link must reach a file of the repository, and a file a page names in code
+    (``examples/gan.py``, ``CHANGELOG.md``) must be one: a reader following it finds it."""
+    files, names = _repo_files()
+    missing = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            target = target.split("#")[0]
+            local = target and "://" not in target and not target.startswith("mailto:")
+            if local and (page.parent / target).resolve() not in files:
+                missing.append(f"{page.relative_to(ROOT)} links {target}")
+        for name in re.findall(r"`([\w./-]+\.(?:md|py|toml|yml|yaml|sh|cfg))`", text):
+            found = (ROOT / name).is_file() if "/" in name else name in names
+            if not found:
+                missing.append(f"{page.relative_to(ROOT)} names {name}")
+    assert missing == []
