@@ -95,3 +95,15 @@ def test_every_repo_file_a_page_links_or_names_exists():
             if not found:
                 missing.append(f"{page.relative_to(ROOT)} names {name}")
     assert missing == []
+
+
+def test_no_page_calls_the_outputs_of_predict_probabilities():
+    """``predict`` returns what the network returns: logits for a network compiled with a
+    cross-entropy name (which takes logits). The softmax is the reader's to apply."""
+    wrong = re.compile(r"prob\w*\s*=\s*[\w.]*predict\(", re.I)
+    found = [
+        f"{page.relative_to(ROOT)}: {m.group(0)}"
+        for page in PAGES
+        for m in wrong.finditer(page.read_text(encoding="utf-8"))
+    ]
+    assert found == []
