@@ -110,3 +110,11 @@ def test_report_and_plot_fail_clearly_without_a_log(tmp_path, capsys):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     assert cli.main(["plot", str(tmp_path / "other.csv")]) == 2
     assert "no 'epoch' column" in capsys.readouterr().err
+
+
+def test_a_report_of_one_epoch_says_1_epoch(blobs, tmp_path):
+    x, y = blobs
+    make_model().fit(x, y, epochs=1, verbose=0, callbacks=[cb.CSVLogger(tmp_path / "log.csv")])
+    assert cli.main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "<p>1 epoch, logs from" in page

@@ -132,7 +132,8 @@ def write_report(
     final = [(k, ys[-1], xs[-1]) for k, (xs, ys) in sorted(curves.items())]
     parts = [
         f"<h1>Training report: {html.escape(run.resolve().name)}</h1>",
-        f"<p>{last_epoch} epochs, logs from <code>{html.escape(source)}</code>; "
+        f"<p>{last_epoch} epoch{'' if last_epoch == 1 else 's'}, "
+        f"logs from <code>{html.escape(source)}</code>; "
         f"written {datetime.datetime.now().isoformat(' ', 'seconds')}.</p>",
     ]
     if stop_reason:
