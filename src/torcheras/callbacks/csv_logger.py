@@ -23,7 +23,8 @@ class CSVLogger(Callback):
         append: add to an existing file (no second header). Default False: overwrite.
 
     The columns are ``epoch`` (0-based) and the sorted log keys of the first epoch (with a
-    ``val_`` column for each key when the first epoch had no validation); they stay fixed,
+    ``val_`` column for each metric when the first epoch had no validation; the learning rate
+    is no metric and has no ``val_learning_rate`` column, which Keras writes); they stay fixed,
     and a value missing in a later epoch is written as ``NA``. The file is opened when training
     begins (an unwritable path fails at once), and closed at the end of training and when an
     exception leaves ``fit``. A run resumed by BackupAndRestore cuts the file back to the backup,
@@ -93,7 +94,7 @@ class CSVLogger(Callback):
         if self.keys is None:
             self.keys = sorted(logs)
             if not any(k.startswith("val_") for k in self.keys):
-                self.keys += [f"val_{k}" for k in self.keys]
+                self.keys += [f"val_{k}" for k in self.keys if k != "learning_rate"]
         if self._file is None:  # driven without on_train_begin
             self.on_train_begin()
         if not self._started:
