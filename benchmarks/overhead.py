@@ -21,6 +21,7 @@ benchmark.
     python benchmarks/overhead.py --markdown   # also print the README's table
     python benchmarks/overhead.py --jit        # the tiny MLP, eager and jit_compile rows only
     python benchmarks/overhead.py --common     # metrics=["accuracy"] + validation every epoch
+    python benchmarks/overhead.py --verbose    # the verbose=1 / verbose=0 row only
 
 ``--jit`` rates ``fit(jit_compile=True)`` against a raw loop compiled the same way (the
 forward pass and the loss through ``torch.compile``, and the optimizer step with its learning
@@ -436,6 +437,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--jit", action="store_true", help="eager and jit_compile rows only")
     parser.add_argument("--common", action="store_true", help="the accuracy + validation rows only")
+    parser.add_argument("--verbose", action="store_true", help="the verbose=1 / verbose=0 row only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.common:
@@ -448,6 +450,11 @@ def main() -> None:
                 result = interleave(raw, fit, 4 if args.quick else w.runs)
                 target = "<=1.05" if w is WORKLOADS[0] else "<=1.02"
                 _print_row(f"{w.name}, {metric} + validation", result, target)
+        return
+    if args.verbose:
+        print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
+        r = run_verbose(WORKLOADS[0], 4 if args.quick else WORKLOADS[0].runs)
+        _print_row(WORKLOADS[0].name + ": verbose=1 (live bar) / verbose=0", r, "<=1.02")
         return
     if args.jit:
         print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")

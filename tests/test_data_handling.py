@@ -3,6 +3,8 @@ before class_weight, inputs-only fit, numpy ints and pandas, and errors that nam
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -239,6 +241,29 @@ def test_string_or_object_arrays_are_an_error_naming_the_argument(kwargs, messag
     arguments = {"x": x, "y": y, **kwargs}
     with pytest.raises(TypeError, match=message):
         make_model().fit(arguments["x"], arguments["y"], verbose=0)
+
+
+def test_a_dataframe_with_text_columns_is_an_error_naming_them_and_the_fix(blobs):
+    pd = pytest.importorskip("pandas")
+    x, y = blobs
+    frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(8)])
+    frame["city"] = "Paris"
+    frame["when"] = pd.Timestamp("2024-01-01")
+    with pytest.raises(TypeError) as info:
+        make_model(n_in=10).fit(frame, y, verbose=0)
+    message = str(info.value)
+    assert "`x` is a pandas DataFrame" in message
+    assert re.search(r"'city' \((object|str)\), 'when' \(datetime64\[", message)
+    assert "'f0'" not in message
+    assert "pd.get_dummies(df, columns=['city', 'when'])" in message
+    assert "df.drop(columns=['city', 'when'])" in message
+    labels = pd.Series(np.array(["a", "b", "c"])[y], name="species")
+    with pytest.raises(
+        TypeError, match=r"`y` is a pandas Series of (object|str) \('species'\).*cat"
+    ):
+        make_model().fit(x, labels, verbose=0)
+    frame = pd.DataFrame({"f": x[:, 0], "flag": x[:, 1] > 0, "n": y, "c": frame["city"]})
+    make_model(n_in=3).fit(frame.drop(columns=["c"]), y, verbose=0)  # numbers and booleans
 
 
 @pytest.mark.parametrize("validation_data", ["x_only", "four", "wrong_width", "wrong_length"])

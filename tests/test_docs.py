@@ -45,3 +45,65 @@ def test_the_documented_hook_order_is_the_real_one():
     documented = "\n".join(line.rstrip() for line in block.group(1).strip().splitlines())
     real = "\n".join(line.rstrip() for line in recorded_order().splitlines())
     assert documented == real
+
+
+ROOT = Path(__file__).parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_no_page_installs_torcheras_from_pypi():
+    """torcheras is not published: ``pip install torcheras`` fails, or fetches another
+    project's package. The install page says how: a clone, the repository, or the wheel."""
+    from_pypi = re.compile(r"pip install\s+['\"]?torcheras(\[[^\]]*\])?(?=['\"`\s]|$)(?!\s*@)")
+    found = [
+        f"{page.relative_to(ROOT)}: {m.group(0)}"
+        for page in PAGES
+        for m in from_pypi.finditer(page.read_text(encoding="utf-8"))
+    ]
+    assert found == []
+    install = (ROOT / "docs" / "index.md").read_text(encoding="utf-8").split("## Install")[1]
+    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert "pip install -e ." in install and "make dist" in install
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install
+    assert f"dist/torcheras-{version.group(1)}-py3-none-any.whl" in install
+
+
+def _repo_files() -> tuple[set[Path], set[str]]:
+    skip = {".git", ".venv", "site", "build", "dist", "node_modules"}
+    files = {
+        p
+        for p in ROOT.rglob("*")
+        if p.is_file() and not skip.intersection(p.relative_to(ROOT).parts)
+    }
+    return files, {p.name for p in files}
+
+
+def test_every_repo_file_a_page_links_or_names_exists():
+    """A relative link must reach a file of the repository, and a file a page names in code
+    (``examples/gan.py``, ``CHANGELOG.md``) must be one: a reader following it finds it."""
+    files, names = _repo_files()
+    missing = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            target = target.split("#")[0]
+            local = target and "://" not in target and not target.startswith("mailto:")
+            if local and (page.parent / target).resolve() not in files:
+                missing.append(f"{page.relative_to(ROOT)} links {target}")
+        for name in re.findall(r"`([\w./-]+\.(?:md|py|toml|yml|yaml|sh|cfg))`", text):
+            found = (ROOT / name).is_file() if "/" in name else name in names
+            if not found:
+                missing.append(f"{page.relative_to(ROOT)} names {name}")
+    assert missing == []
+
+
+def test_no_page_calls_the_outputs_of_predict_probabilities():
+    """``predict`` returns what the network returns: logits for a network compiled with a
+    cross-entropy name (which takes logits). The softmax is the reader's to apply."""
+    wrong = re.compile(r"prob\w*\s*=\s*[\w.]*predict\(", re.I)
+    found = [
+        f"{page.relative_to(ROOT)}: {m.group(0)}"
+        for page in PAGES
+        for m in wrong.finditer(page.read_text(encoding="utf-8"))
+    ]
+    assert found == []

@@ -66,12 +66,22 @@ def test_functional_and_subclass_example():
         assert accuracy > 0.6
 
 
-def test_resume_example_crashes_then_resumes(tmp_path):
-    first = _run(str(EXAMPLES / "resume_after_a_crash.py"), str(tmp_path), "--smoke")
+def test_resume_example_crashes_saying_so_then_resumes(tmp_path):
+    first = _run(str(EXAMPLES / "resume_after_a_crash.py"), str(tmp_path))
     assert first.returncode == 1 and (tmp_path / "backup" / "latest.pt").exists()
+    assert "Simulated crash at training step 25" in first.stderr
+    assert "Run the same command again" in first.stderr
     second = _run(str(EXAMPLES / "resume_after_a_crash.py"), str(tmp_path))
     assert second.returncode == 0, second.stderr
     assert "epochs: [0, 1, 2, 3]" in second.stdout
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 5
+
+
+def test_resume_example_smoke_runs_the_crash_and_the_exact_resume(tmp_path):
+    result = _run(str(EXAMPLES / "resume_after_a_crash.py"), str(tmp_path), "--smoke")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "first run: crashed as planned" in result.stdout
+    assert "resumed weights identical to the uninterrupted run's: True" in result.stdout
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 5
 
 

@@ -134,6 +134,45 @@ def test_sample_weights_multiply_each_term_and_keep_torchs_divisor(reduction, lo
     )
 
 
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_batchmean_takes_sample_weights_per_sample(log_target):
+    """A sample's KL divergence is the sum of its pointwise terms; batchmean divides the
+    weighted sum by the batch size, as it divides the plain sum."""
+    gen = torch.Generator().manual_seed(5)
+    log_probs = torch.randn(6, 2, 5, generator=gen).log_softmax(-1)  # (N, T, C)
+    target = torch.randn(6, 2, 5, generator=gen).softmax(-1)
+    target = target.log() if log_target else target
+    module = nn.KLDivLoss(reduction="batchmean", log_target=log_target)
+    pointwise = F.kl_div(log_probs, target, reduction="none", log_target=log_target)
+    per_sample = pointwise.sum(dim=(1, 2))  # (N,)
+    weights = torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0, 3.0])
+    expected = (weights * per_sample).sum() / 6
+    assert _loss(module, log_probs, target, weights) == pytest.approx(float(expected), rel=RTOL)
+    assert _loss(module, log_probs, target, torch.ones(6)) == pytest.approx(
+        float(F.kl_div(log_probs, target, reduction="batchmean", log_target=log_target)), rel=RTOL
+    )
+    steps = torch.tensor([[1.0, 0.0]] * 6)  # (N, T): the first step of each sample only
+    assert _loss(module, log_probs, target, steps) == pytest.approx(
+        float(pointwise[:, 0].sum() / 6), rel=RTOL
+    )
+
+
+def test_kl_div_batchmean_with_sample_weight_in_fit():
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    target = torch.randn(32, 3).softmax(-1)
+    weights = torch.rand(32)
+    net = nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(-1))
+    model = torcheras.Model(net)
+    model.compile("sgd", nn.KLDivLoss(reduction="batchmean"), device="cpu")
+    loss = model.evaluate(x, target, sample_weight=weights, batch_size=32, verbose=0)
+    with torch.no_grad():
+        per_sample = F.kl_div(net(x), target, reduction="none").sum(dim=1)
+    assert loss == pytest.approx(float((weights * per_sample).sum() / 32), rel=RTOL)
+    history = model.fit(x, target, sample_weight=weights, epochs=2, batch_size=8, verbose=0)
+    assert len(history.history["loss"]) == 2
+
+
 def test_builtin_losses_reduce_weighted_samples_over_the_batch_size():
     """Keras's sum_over_batch_size: sum(loss * w) / N."""
     y_pred, y_true = torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [0.0]])

@@ -268,9 +268,10 @@ def test_a_tensor_learning_rate_stays_a_tensor():
         ({"optimizer": "adamm"}, r"Unknown optimizer 'adamm'\. Did you mean 'adam'\?.*sgd"),
         (
             {"loss": "sparse_categorical_crossentrop"},
-            r"Unknown loss.*Did you mean 'sparse_categorical_crossentropy'",
+            r"Unknown loss.*Did you mean 'sparse_categorical_crossentropy'\?.* Known losses: ",
         ),
         ({"metrics": ["acuracy"]}, r"Unknown metric 'acuracy'.*Known metrics: .*accuracy"),
+        ({"optimizer": "adamm"}, r"Known optimizers: .*adam"),
         ({"metrics": "accuracy"}, r"`metrics` must be a list"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import html
 import io
 import re
 
@@ -110,3 +111,50 @@ def test_report_and_plot_fail_clearly_without_a_log(tmp_path, capsys):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     assert cli.main(["plot", str(tmp_path / "other.csv")]) == 2
     assert "no 'epoch' column" in capsys.readouterr().err
+
+
+def test_a_report_of_one_epoch_says_1_epoch(blobs, tmp_path):
+    x, y = blobs
+    make_model().fit(x, y, epochs=1, verbose=0, callbacks=[cb.CSVLogger(tmp_path / "log.csv")])
+    assert cli.main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "<p>1 epoch, logs from" in page
+
+
+def test_the_report_shows_why_a_run_stopped_without_a_saved_history(blobs, tmp_path, capsys):
+    """CSVLogger + TensorBoard + EarlyStopping, nothing saved by hand: the CSV's sidecar
+    (and TensorBoard's text) hold the stop reason, and ``torcheras report`` shows it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y = blobs
+    history = make_model().fit(
+        x, y, epochs=30, batch_size=16, validation_split=0.25, verbose=0,
+        callbacks=[
+            cb.CSVLogger(tmp_path / "log.csv"),
+            cb.TensorBoard(tmp_path / "tb"),
+            cb.EarlyStopping(patience=1, min_delta=0.5),
+        ],
+    )  # fmt: skip
+    assert history.stop_reason and history.stop_reason.startswith("EarlyStopping")
+    assert not list(tmp_path.glob("history*.json"))
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert str(tmp_path / "report.html") in capsys.readouterr().out
+    page = (tmp_path / "report.html").read_text()
+    stopped = re.search(r'<p class="stop"><b>Stopped:</b> ([^<]*)</p>', page)
+    assert stopped is not None and stopped.group(1) == html.escape(history.stop_reason)
+    cells = re.findall(r"<td>([^<]*)</td>", page)
+    assert cells[cells.index("optimizer") + 1] == "Adam"  # the hyper-parameters came too
+    events = EventAccumulator(str(tmp_path / "tb" / "train"), size_guidance={"tensors": 0})
+    events.Reload()
+    (text,) = events.Tensors("stop_reason/text_summary")
+    assert text.tensor_proto.string_val[0].decode() == history.stop_reason
+    assert text.step == history.epoch[-1]
+
+
+def test_the_report_says_every_epoch_ran_from_the_csv_alone(blobs, tmp_path):
+    x, y = blobs
+    make_model().fit(x, y, epochs=2, verbose=0, callbacks=[cb.CSVLogger(tmp_path / "log.csv")])
+    assert cli.main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "Every epoch ran (no early stop)." in page and "Stopped:" not in page

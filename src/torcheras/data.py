@@ -168,12 +168,45 @@ def _is_pandas(value: Any) -> bool:
     return type(value).__module__.startswith("pandas") and hasattr(value, "to_numpy")
 
 
+def _pandas_to_numpy(value: Any, name: str) -> np.ndarray:
+    """A DataFrame or Series as one numeric array: columns of several kinds (floats, ints,
+    booleans) in their common type; else a TypeError naming the columns (or the Series) that
+    hold no numbers, and how to encode or drop them."""
+    columns = getattr(value, "columns", None)
+    if columns is None:  # a Series
+        dtype = value.dtype
+        if getattr(dtype, "kind", "O") not in "biufc":
+            raise TypeError(
+                f"`{name}` is a pandas Series of {dtype} ({value.name!r}), not numbers. Encode "
+                "it first: class indices with series.astype('category').cat.codes, or one-hot "
+                "columns with pd.get_dummies(series)."
+            )
+        return value.to_numpy()
+    bad = [(c, t) for c, t in value.dtypes.items() if getattr(t, "kind", "O") not in "biufc"]
+    if bad:
+        names = [c for c, _ in bad]
+        raise TypeError(
+            f"`{name}` is a pandas DataFrame with columns that are not numbers: "
+            + ", ".join(f"{c!r} ({t})" for c, t in bad)
+            + f". Encode them (one-hot: pd.get_dummies(df, columns={names!r}); class indices: "
+            f"df[{names[0]!r}].astype('category').cat.codes) or drop them "
+            f"(df.drop(columns={names!r}))."
+        )
+    if len(set(value.dtypes)) > 1:  # to_numpy would give objects
+        try:
+            common = np.result_type(*(getattr(t, "numpy_dtype", t) for t in value.dtypes))
+            return value.to_numpy(dtype=common)
+        except (TypeError, ValueError):  # missing values in nullable ints: the error below
+            pass
+    return value.to_numpy()
+
+
 def _as_tensor(value: Any, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         tensor = value
     else:
         if _is_pandas(value):
-            value = value.to_numpy()
+            value = _pandas_to_numpy(value, name)
         try:
             array = np.asarray(value)
         except Exception as exc:  # ragged lists and the like

@@ -15,8 +15,10 @@ Sample weights (``sample_weight=``, and ``class_weight=`` turned into sample wei
 as in Keras: they multiply each sample's loss in the numerator, and the denominator stays what
 the loss divides by without them — the number of loss values for the built-ins (Keras's
 ``sum_over_batch_size``), torch's own divisor for a module (``sum(weight[y])`` over the samples
-not ignored, for ``CrossEntropyLoss(weight=...)``), nothing for ``reduction="sum"``. With all
-weights 1 the result is exactly the unweighted loss. A built-in gives one value per sample, or
+not ignored, for ``CrossEntropyLoss(weight=...)``; the batch size for ``KLDivLoss``'s
+``reduction="batchmean"``, so a weight scales its sample's KL divergence, the sum of the
+sample's pointwise terms), nothing for ``reduction="sum"``. With all weights 1 the result is
+exactly the unweighted loss. A built-in gives one value per sample, or
 per time step of a sequence (``(N, T, C)`` outputs, as Keras's losses do), so weights of shape
 ``(N, T)`` weigh each step (Keras's temporal sample weights).
 
@@ -460,6 +462,8 @@ class CompiledLoss:
         numerator = (values * weights_like(values, sample_weight)).sum()
         if reduction == "sum":
             return numerator
+        if reduction == "batchmean":  # KLDivLoss: the sum over the batch, by the batch size
+            return numerator / (y_pred.shape[0] if y_pred.dim() else 1)
         return numerator / _torch_mean_divisor(module, y_pred, y_true, values)
 
     def check(self, y_pred: Any, y_true: Any) -> None:
@@ -770,7 +774,7 @@ def get(loss: Any, loss_weights: Any = None) -> CompiledLoss:
             if isinstance(loss, (nn.BCEWithLogitsLoss, nn.BCELoss))
             else None
         )
-        reduces = getattr(loss, "reduction", None) in ("mean", "sum", "none")
+        reduces = getattr(loss, "reduction", None) in ("mean", "sum", "none", "batchmean")
         return CompiledLoss(
             loss,
             _snake(type(loss).__name__),

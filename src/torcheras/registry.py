@@ -6,9 +6,18 @@ import difflib
 from collections.abc import Mapping
 from typing import TypeVar
 
-__all__ = ["lookup"]
+__all__ = ["lookup", "plural"]
 
 V = TypeVar("V")
+
+
+def plural(noun: str) -> str:
+    """``"metric"`` -> ``"metrics"``, ``"loss"`` -> ``"losses"``.
+
+    >>> plural("loss"), plural("optimizer")
+    ('losses', 'optimizers')
+    """
+    return f"{noun}es" if noun.endswith(("s", "x", "z", "ch", "sh")) else f"{noun}s"
 
 
 def lookup(table: Mapping[str, V], name: str, kind: str, alternatives: str) -> V:
@@ -23,6 +32,6 @@ def lookup(table: Mapping[str, V], name: str, kind: str, alternatives: str) -> V
     close = difflib.get_close_matches(key, table, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
-        f"Unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(sorted(table))}; "
+        f"Unknown {kind} {name!r}.{hint} Known {plural(kind)}: {', '.join(sorted(table))}; "
         f"or pass {alternatives}."
     )

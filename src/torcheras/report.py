@@ -2,7 +2,8 @@
 
 It gathers what the run left in its folder: the curves (from ``history.json`` written by
 ``History.save``, else from a CSVLogger file), the final metrics, the best epoch, why training
-stopped and the hyper-parameters (``history.json``), the checkpoints found (with the epoch and
+stopped and the hyper-parameters (``history.json``, or the ``log.csv.json`` CSVLogger writes
+beside its CSV), the checkpoints found (with the epoch and
 logs they hold) and the TensorBoard logs. The plots are embedded as PNG: the page is one file
 to open, mail or attach.
 """
@@ -42,13 +43,24 @@ def _load_run(run_dir: Path) -> tuple[plots.Curves, dict[str, Any], str]:
                 return curves, record, str(path.relative_to(run_dir))
     for path in _find(run_dir, "*.csv"):
         try:
-            return plots.curves_from_csv(path), {}, str(path.relative_to(run_dir))
+            curves = plots.curves_from_csv(path)
         except (OSError, ValueError):
             continue
+        return curves, _csv_record(path), str(path.relative_to(run_dir))
     raise FileNotFoundError(
         f"No training log in {str(run_dir)!r}: the report needs a CSVLogger file (*.csv) or a "
         "history saved with history.save('RUN_DIR/history.json')."
     )
+
+
+def _csv_record(path: Path) -> dict[str, Any]:
+    """What CSVLogger wrote beside its CSV when training ended (``log.csv.json``): the stop
+    reason, fit's parameters, the hyper-parameters; empty if there is none."""
+    try:
+        record = json.loads(path.with_name(path.name + ".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _checkpoints(run_dir: Path) -> list[dict[str, Any]]:
@@ -117,7 +129,7 @@ def write_report(
         ```python
         history = model.fit(..., callbacks=[CSVLogger("runs/a/log.csv"),
                                             ModelCheckpoint("runs/a/best.pt")])
-        history.save("runs/a/history.json")  # adds the stop reason and hyper-parameters
+        history.save("runs/a/history.json")  # optional: log.csv.json has the stop reason
         write_report("runs/a")               # or: torcheras report runs/a
         ```
     """
@@ -132,7 +144,8 @@ def write_report(
     final = [(k, ys[-1], xs[-1]) for k, (xs, ys) in sorted(curves.items())]
     parts = [
         f"<h1>Training report: {html.escape(run.resolve().name)}</h1>",
-        f"<p>{last_epoch} epochs, logs from <code>{html.escape(source)}</code>; "
+        f"<p>{last_epoch} epoch{'' if last_epoch == 1 else 's'}, "
+        f"logs from <code>{html.escape(source)}</code>; "
         f"written {datetime.datetime.now().isoformat(' ', 'seconds')}.</p>",
     ]
     if stop_reason:

@@ -41,8 +41,33 @@ def test_validation_freq_gives_na_and_val_columns_added_up_front(tmp_path, blobs
         callbacks=[CSVLogger(path)],
     )
     rows = _rows(path)
-    assert rows[0] == ["epoch", "learning_rate", "loss", "val_learning_rate", "val_loss"]
-    assert rows[1][3:] == ["NA", "NA"] and rows[2][4] != "NA" and rows[3][4] == "NA"
+    assert rows[0] == ["epoch", "learning_rate", "loss", "val_loss"]
+    assert rows[1][3] == "NA" and rows[2][3] != "NA" and rows[3][3] == "NA"
+
+
+def test_without_validation_no_val_learning_rate_anywhere(tmp_path, blobs):
+    """Keras adds a val_ column for every key when the first epoch did not validate, even
+    val_learning_rate; the learning rate is no metric, and nothing else logs it with val_."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from torcheras.callbacks import TensorBoard
+
+    x, y = blobs
+    path = tmp_path / "log.csv"
+    history = make_model().fit(
+        x, y, epochs=2, verbose=0, callbacks=[CSVLogger(path), TensorBoard(tmp_path / "tb")]
+    )
+    rows = _rows(path)
+    assert rows[0] == ["epoch", "accuracy", "learning_rate", "loss", "val_accuracy", "val_loss"]
+    assert [r[4:] for r in rows[1:]] == [["NA", "NA"], ["NA", "NA"]]
+    assert sorted(history.history) == ["accuracy", "learning_rate", "loss"]
+    tags = set()
+    for run in (tmp_path / "tb").iterdir():
+        events = EventAccumulator(str(run))
+        events.Reload()
+        tags.update(events.Tags()["scalars"])
+    assert "epoch_learning_rate" in tags and not any("val" in tag for tag in tags)
 
 
 def test_append_writes_no_second_header_and_separator(tmp_path):

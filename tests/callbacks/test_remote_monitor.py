@@ -69,3 +69,41 @@ def test_an_unreachable_server_costs_a_warning_not_the_run(blobs):
         )  # fmt: skip
     assert history.epoch == [0, 1]
     assert sum("RemoteMonitor" in str(w.message) for w in caught) == 2
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_values_go_as_json_numbers_as_keras_sends_them(blobs, server, as_json):
+    """Keras unwraps numpy values with ``.item()``: ``np.array([0])`` is sent as 0, not
+    ``"[0]"``; ints stay ints, floats floats."""
+    import numpy as np
+    import torch
+
+    root, received = server
+    extra = {
+        "one_element": np.array([0]),
+        "np_float": np.float32(1.5),
+        "np_int": np.int64(3),
+        "np_bool": np.bool_(True),
+        "count": 7,
+        "tensor": torch.tensor(2.5),
+        "vector": np.array([1.0, 2.0]),
+        "name": "adam",
+    }
+    x, y = blobs
+    history = make_model().fit(
+        x, y, epochs=1, verbose=0,
+        callbacks=[
+            cb.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(extra)),
+            cb.RemoteMonitor(root, send_as_json=as_json),
+        ],
+    )  # fmt: skip
+    (_, _, body) = received[0]
+    text = body.decode() if as_json else urllib.parse.parse_qs(body.decode())["data"][0]
+    sent = json.loads(text)
+    expected = {
+        "epoch": 0, "one_element": 0, "np_float": 1.5, "np_int": 3, "np_bool": True,
+        "count": 7, "tensor": 2.5, "vector": [1.0, 2.0], "name": "adam",
+    }  # fmt: skip
+    for key, value in expected.items():
+        assert sent[key] == value and type(sent[key]) is type(value), (key, sent[key])
+    assert type(sent["loss"]) is float and sent["loss"] == history.history["loss"][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Iterable
 from typing import IO, Any
@@ -10,6 +11,7 @@ from typing import IO, Any
 import numpy as np
 
 from torcheras.callbacks.callback import Callback
+from torcheras.callbacks.history import hyperparameters
 
 __all__ = ["CSVLogger"]
 
@@ -23,11 +25,14 @@ class CSVLogger(Callback):
         append: add to an existing file (no second header). Default False: overwrite.
 
     The columns are ``epoch`` (0-based) and the sorted log keys of the first epoch (with a
-    ``val_`` column for each key when the first epoch had no validation); they stay fixed,
+    ``val_`` column for each metric when the first epoch had no validation; the learning rate
+    is no metric and has no ``val_learning_rate`` column, which Keras writes); they stay fixed,
     and a value missing in a later epoch is written as ``NA``. The file is opened when training
     begins (an unwritable path fails at once), and closed at the end of training and when an
     exception leaves ``fit``. A run resumed by BackupAndRestore cuts the file back to the backup,
-    so every epoch has one row.
+    so every epoch has one row. When training ends, ``<filename>.json`` beside it records why
+    training stopped (``History.stop_reason``, null when every epoch ran), ``fit``'s parameters
+    and the model's hyper-parameters: ``torcheras report`` shows them.
 
     Example:
         ```python
@@ -71,6 +76,7 @@ class CSVLogger(Callback):
         )
         self._start_offset = self._file.tell() if self.append else 0
         self._started = False
+        self._hyperparameters = hyperparameters(self.model) if self.model is not None else {}
 
     def _start(self) -> None:
         """Before the first row: cut the file to where this run (or the resumed one) began."""
@@ -93,7 +99,7 @@ class CSVLogger(Callback):
         if self.keys is None:
             self.keys = sorted(logs)
             if not any(k.startswith("val_") for k in self.keys):
-                self.keys += [f"val_{k}" for k in self.keys]
+                self.keys += [f"val_{k}" for k in self.keys if k != "learning_rate"]
         if self._file is None:  # driven without on_train_begin
             self.on_train_begin()
         if not self._started:
@@ -110,6 +116,20 @@ class CSVLogger(Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._close()
+        self._write_summary()
+
+    def _write_summary(self) -> None:
+        """``<filename>.json``: why training stopped, ``fit``'s parameters and the model's
+        hyper-parameters as training began (what ``History.save`` writes besides the logs)."""
+        history = getattr(self.model, "history", None) if self.model is not None else None
+        record = {
+            "log": os.path.basename(self.filename),
+            "stop_reason": getattr(history, "stop_reason", None),
+            "params": {k: v for k, v in self.params.items() if _is_plain(v)},
+            "hyperparameters": getattr(self, "_hyperparameters", {}),
+        }
+        with open(f"{self.filename}.json", "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, default=str)
 
     def on_exception(self, exception: BaseException) -> None:
         self._close()
@@ -128,6 +148,10 @@ class CSVLogger(Callback):
         self.keys = state["keys"]
         self._resume_offset = state["offset"]
         self._started = False
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _first_line(path: str) -> str:

@@ -9,6 +9,9 @@ import urllib.request
 import warnings
 from typing import Any
 
+import numpy as np
+import torch
+
 from torcheras.callbacks.callback import Callback
 
 __all__ = ["RemoteMonitor"]
@@ -18,9 +21,11 @@ class RemoteMonitor(Callback):
     """Send ``{"epoch": epoch, **logs}`` to ``root + path`` with an HTTP POST after every
     epoch, with Keras's arguments and format: a form field ``field`` holding the JSON
     (``application/x-www-form-urlencoded``), or the JSON itself as the body with
-    ``send_as_json=True``. A server that cannot be reached or answers with an error costs a
-    warning, never the run; each request waits at most ``timeout`` seconds. Under torchrun,
-    rank 0 alone sends.
+    ``send_as_json=True``. Values go as JSON numbers: ints stay ints, floats floats, a numpy
+    or torch scalar (or one-element array) is unwrapped with ``.item()`` as Keras does, a
+    longer array becomes a list; anything else is sent as its text. A server that cannot be
+    reached or answers with an error costs a warning, never the run; each request waits at
+    most ``timeout`` seconds. Under torchrun, rank 0 alone sends.
 
     Example:
         ```python
@@ -51,7 +56,7 @@ class RemoteMonitor(Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         send: dict[str, Any] = {"epoch": epoch}
         for key, value in (logs or {}).items():
-            send[key] = float(value) if isinstance(value, (int, float)) else str(value)
+            send[key] = _plain(value)
         if self.send_as_json:
             body = json.dumps(send).encode()
             content_type = "application/json"
@@ -72,3 +77,15 @@ class RemoteMonitor(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON can hold it: Python numbers, booleans, strings, None and lists."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, torch.Tensor)):  # Keras: .item()
+        count = value.numel() if isinstance(value, torch.Tensor) else value.size
+        return value.item() if count == 1 else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)

@@ -69,7 +69,8 @@ class TensorBoard(Callback):
 
     Scalars: ``epoch_loss``, ``epoch_<metric>``, ``epoch_learning_rate`` at step = epoch
     (0-based), validation ones under ``validation`` without the ``val_`` prefix, and
-    ``evaluation_<metric>_vs_iterations`` at the global batch step.
+    ``evaluation_<metric>_vs_iterations`` at the global batch step. When training stopped
+    early, the text ``stop_reason`` (``History.stop_reason``) at the last epoch.
 
     Example:
         ```python
@@ -206,6 +207,9 @@ class TensorBoard(Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.state_dict()  # keep the final position for a state_dict() after fit
+        reason = getattr(getattr(self.model, "history", None), "stop_reason", None)
+        if reason:  # TensorBoard's Text tab: why training stopped, at the last epoch
+            self._writer("train").add_text("stop_reason", reason, max(self._epochs_logged - 1, 0))
         self._close()
         self._in_fit = False
 
