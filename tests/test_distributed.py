@@ -54,6 +54,8 @@ SAME_AS_ONE_PROCESS = {
     # leaves rank 0 an empty part; torchmetrics syncs itself, and is read per batch on rank 0
     "uneven-shards-torchmetrics": ["--batch-size", "85", "--torchmetrics"],
     "dataloader": ["--loader", "--no-shuffle"],
+    # precision, AUC, F1 and IoU: counts summed over the ranks (with an empty part, as above)
+    "keras-metrics": ["--batch-size", "85", "--keras-metrics"],
     # 8 batches of unknown number in groups of 3: 3, 3, and 2 cut short by the epoch's end
     "accumulation": ["--accumulate", "3", "--iterable"],
 }

@@ -106,18 +106,25 @@ def _device_of_group() -> torch.device:
 
 
 def all_reduce_sum(values: list[torch.Tensor | float]) -> list[torch.Tensor | float]:
-    """Sum each value over the ranks, in one collective (floats and tensors alike)."""
+    """Sum each value over the ranks, in one collective: floats, and tensors of any shape
+    (a metric's counts per threshold) alike."""
     if not is_active() or not values:
         return values
     device = _device_of_group()
-    flat = torch.stack(
-        [torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values]
+    flat = torch.cat(
+        [torch.as_tensor(v, dtype=torch.float64).to(device).reshape(-1) for v in values]
     )
     dist.all_reduce(flat)
-    return [
-        r.to(v.device, v.dtype) if isinstance(v, torch.Tensor) else float(r)
-        for r, v in zip(flat, values)
-    ]
+    out: list[torch.Tensor | float] = []
+    start = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(flat[start : start + v.numel()].reshape(v.shape).to(v.device, v.dtype))
+            start += v.numel()
+        else:
+            out.append(float(flat[start]))
+            start += 1
+    return out
 
 
 def average_(tensors: list[torch.Tensor]) -> None:

@@ -86,8 +86,10 @@ class RunningMeans:
 
 
 def _as_floats(values: list[torch.Tensor | float]) -> list[float]:
-    """Convert a list of scalars to floats with as few device reads as possible."""
-    out: list[float | None] = [None] * len(values)
+    """Convert a list of scalars to floats with as few device reads as possible (one per
+    device). A tensor of several values (a metric with one value per class or threshold)
+    becomes a list of floats: Keras keeps such a value as an array."""
+    out: list[Any] = [None] * len(values)
     by_device: dict[torch.device, list[int]] = {}
     for i, v in enumerate(values):
         if isinstance(v, torch.Tensor):
@@ -95,10 +97,13 @@ def _as_floats(values: list[torch.Tensor | float]) -> list[float]:
         else:
             out[i] = float(v)
     for indices in by_device.values():
-        stacked = torch.stack([values[i].detach().reshape(()).float() for i in indices])  # type: ignore[union-attr]
-        for i, f in zip(indices, stacked.tolist()):
-            out[i] = f
-    return out  # type: ignore[return-value]
+        flat = torch.cat([values[i].detach().reshape(-1).float() for i in indices]).tolist()  # type: ignore[union-attr]
+        start = 0
+        for i in indices:
+            n = values[i].numel()  # type: ignore[union-attr]
+            out[i] = flat[start] if n == 1 else flat[start : start + n]
+            start += n
+    return out
 
 
 def to_float_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:

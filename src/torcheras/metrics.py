@@ -3,16 +3,24 @@
 A metric accumulates on the device (no host read per batch) and is read once when the logs
 are. ``direction`` is ``"max"`` for accuracy-like metrics and ``"min"`` for error-like ones;
 ``mode="auto"`` in the monitoring callbacks uses it.
+
+Keras's metric classes are here under their names, with Keras's arguments and defaults:
+means of a per-sample function (``MeanSquaredError``, ``CategoricalAccuracy``, ...) and
+``R2Score`` below, the confusion-matrix metrics (``Precision``, ``Recall``, ``AUC``, the
+counts, the F-scores, the IoUs...) in :mod:`torcheras.confusion`. Their update also takes
+Keras's spelling, ``update_state(y_true, y_pred, sample_weight)``.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torcheras import losses
@@ -20,11 +28,56 @@ from torcheras.registry import lookup
 from torcheras.tensors import to_cpu
 
 __all__ = [
+    "AUC",
+    "Accuracy",
     "BinaryAccuracy",
+    "BinaryCrossentropy",
+    "BinaryIoU",
+    "CategoricalAccuracy",
+    "CategoricalCrossentropy",
+    "CategoricalHinge",
+    "ConcordanceCorrelation",
+    "CosineSimilarity",
+    "F1Score",
+    "FBetaScore",
+    "FalseNegatives",
+    "FalsePositives",
+    "Hinge",
+    "IoU",
+    "KLDivergence",
+    "LogCoshError",
     "Mean",
+    "MeanAbsoluteError",
+    "MeanAbsolutePercentageError",
+    "MeanIoU",
     "MeanMetric",
+    "MeanMetricWrapper",
+    "MeanSquaredError",
+    "MeanSquaredLogarithmicError",
     "Metric",
+    "OneHotIoU",
+    "OneHotMeanIoU",
     "OutputMetric",
+    "PearsonCorrelation",
+    "Poisson",
+    "Precision",
+    "PrecisionAtRecall",
+    "R2Score",
+    "Recall",
+    "RecallAtPrecision",
+    "RootMeanSquaredError",
+    "SensitivityAtSpecificity",
+    "SparseCategoricalAccuracy",
+    "SparseCategoricalCrossentropy",
+    "SparseTopKCategoricalAccuracy",
+    "SpecificityAtSensitivity",
+    "SquaredHinge",
+    "StateMetric",
+    "Sum",
+    "TopKCategoricalAccuracy",
+    "TrueNegatives",
+    "TruePositives",
+    "count_dtype",
     "direction_of",
     "get",
     "per_output",
@@ -61,6 +114,17 @@ class Metric:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        """Keras's spelling and argument order (``y_true`` first): ``update(y_pred, y_true)``."""
+        y_true, y_pred = torch.as_tensor(y_true), torch.as_tensor(y_pred)
+        if sample_weight is not None:
+            sample_weight = torch.as_tensor(sample_weight, device=y_pred.device)
+        self.update(y_pred, y_true.to(y_pred.device), sample_weight)
+
+    def reset_state(self) -> None:
+        """Keras's spelling of :meth:`reset`."""
+        self.reset()
+
 
 # The tensor each metric's ``result`` last returned, by id (checked by identity when read):
 # a step that returns it under any key (``{"loss": self.total_loss_tracker.result()}``) logs
@@ -88,6 +152,78 @@ def _marking_its_result(result: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return value
 
     return marked
+
+
+class StateMetric(Metric):
+    """A metric whose state is a few tensors, each a sum over batches: counts per threshold,
+    a confusion matrix, sums of values and squares.
+
+    A subclass says what one batch adds (``_sums``) and how the result follows from the
+    state (``_compute``). The sums stay on the device and are added out of place, so a batch
+    snapshot keeps the state it saw without a copy and no value is read from the device per
+    batch; under torchrun every tensor is summed over the ranks at the end of an epoch (the
+    global counts, not a mean of per-rank results); ``state_dict`` saves them for a resume.
+    """
+
+    def __init__(self, name: str, direction: str | None) -> None:
+        self.name = name
+        self.direction = direction
+        self._state: dict[str, Tensor] | None = None
+
+    def _sums(self, y_pred: Tensor, y_true: Tensor, weights: Tensor | None) -> dict[str, Tensor]:
+        """What one batch adds to the state (``y_pred`` detached, in float32 or wider)."""
+        raise NotImplementedError
+
+    def _compute(self, state: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _empty(self) -> dict[str, Tensor] | None:
+        """The state before any batch, where its shape does not depend on the data."""
+        return None
+
+    def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
+        with torch.no_grad():
+            y_pred = y_pred.detach()
+            if y_pred.dtype in losses._HALF or not y_pred.is_floating_point():
+                y_pred = y_pred.float()  # Keras's metrics compute in float32 too
+            sums = self._sums(y_pred, y_true, sample_weight)
+        if self._state is not None:
+            sums = {k: self._state[k].to(v.device) + v for k, v in sums.items()}
+        self._state = sums
+
+    def result(self) -> Tensor | float:
+        state = self._state if self._state is not None else self._empty()
+        return 0.0 if state is None else self._compute(state)
+
+    def snapshot(self) -> Callable[[], Tensor | float]:
+        """The result as of now, computed only when called (the state is never changed in
+        place, so nothing is copied)."""
+        state = self._state
+        return (lambda: 0.0) if state is None else (lambda: self._compute(state))
+
+    def all_reduce(self, reduce_sum: Callable[[list[Any]], list[Any]]) -> None:
+        """Sum the state over every rank (distributed training)."""
+        state = self._state if self._state is not None else self._empty()
+        if state is not None:
+            self._state = dict(zip(state, reduce_sum(list(state.values()))))
+
+    def reset(self) -> None:
+        self._state = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._state is None else to_cpu(self._state, clone=True)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = dict(state) or None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def count_dtype(device: torch.device) -> torch.dtype:
+    """Counts and sums are kept in float64 (exact to 2**53; float32 stops counting ones at
+    2**24), float32 where the device has no float64 (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class MeanMetric(Metric):
@@ -312,9 +448,9 @@ class TorchMetric(Metric):
 
 
 class _Kept(NamedTuple):
-    """The hits of an accuracy (booleans) and the labels they were scored against: positions
-    labelled -100 (torch's ``ignore_index``, padding) count for nothing, as the loss names
-    leave them out."""
+    """The hits of an accuracy (booleans; or values, 0 where padded) and the labels they were
+    scored against: positions labelled -100 (torch's ``ignore_index``, padding) count for
+    nothing, as the loss names leave them out."""
 
     hits: Tensor
     labels: Tensor
@@ -440,6 +576,523 @@ def _loss_metric(name: str, loss: losses.CompiledLoss | None) -> Callable[[Tenso
     return _ELEMENTWISE.get(fn, fn)
 
 
+# ---- Keras's metric classes: means of a per-sample function ----------------------------------
+
+
+def _pearson(axis: int) -> Callable[[Tensor, Tensor], Tensor]:
+    def pearson_correlation(y_pred: Tensor, y_true: Tensor) -> Tensor:
+        y_true = losses._match_shape(y_pred, y_true)
+        t = y_true - y_true.mean(dim=axis, keepdim=True)
+        p = y_pred - y_pred.mean(dim=axis, keepdim=True)
+        t = t / t.std(dim=axis, keepdim=True, correction=0)
+        p = p / p.std(dim=axis, keepdim=True, correction=0)
+        return (t * p).mean(dim=axis)
+
+    return pearson_correlation
+
+
+def _concordance(axis: int) -> Callable[[Tensor, Tensor], Tensor]:
+    def concordance_correlation(y_pred: Tensor, y_true: Tensor) -> Tensor:
+        y_true = losses._match_shape(y_pred, y_true)
+        t_mean = y_true.mean(dim=axis, keepdim=True)
+        p_mean = y_pred.mean(dim=axis, keepdim=True)
+        t_var = y_true.var(dim=axis, keepdim=True, correction=0)
+        p_var = y_pred.var(dim=axis, keepdim=True, correction=0)
+        covariance = (y_true - p_mean) * (y_pred - p_mean)  # Keras's; its mean is the covariance
+        norm = t_var + p_var + (t_mean - p_mean).square()
+        return (2 * covariance / (norm + losses.EPSILON)).mean(dim=axis)
+
+    return concordance_correlation
+
+
+def _cosine(axis: int) -> Callable[[Tensor, Tensor], Tensor]:
+    def cosine_similarity(y_pred: Tensor, y_true: Tensor) -> Tensor:
+        y_true = losses._match_shape(y_pred, y_true)
+        return (F.normalize(y_true, dim=axis) * F.normalize(y_pred, dim=axis)).sum(dim=axis)
+
+    return cosine_similarity
+
+
+def _classes_last(fn: Callable[[Tensor, Tensor], Tensor], axis: int, both: bool = False) -> Any:
+    """``fn`` on outputs whose classes lie on ``axis`` (and the targets', with ``both``)."""
+    if axis == -1:
+        return fn
+    return lambda p, t: fn(p.movedim(axis, -1), t.movedim(axis, -1) if both else t)
+
+
+class Accuracy(MeanMetric):
+    """Keras's ``Accuracy``: how often ``y_pred`` equals ``y_true`` exactly (class ids against
+    class ids). The name ``"accuracy"`` is the argmax or threshold accuracy the loss implies.
+
+    Example:
+        ```python
+        m = Accuracy()
+        m.update_state([1, 2, 3], [1, 2, 4])  # Keras's order: y_true, y_pred
+        ```
+    """
+
+    def __init__(self, name: str = "accuracy") -> None:
+        super().__init__(lambda p, t: p == losses._match_shape(p, t), name, "max")
+
+
+class CategoricalAccuracy(MeanMetric):
+    """Keras's ``CategoricalAccuracy``: how often the argmax of ``y_pred`` is the one-hot
+    target's.
+
+    Example:
+        ```python
+        model.compile(loss="categorical_crossentropy", metrics=[CategoricalAccuracy()])
+        ```
+    """
+
+    def __init__(self, name: str = "categorical_accuracy") -> None:
+        super().__init__(categorical_accuracy, name, "max")
+
+
+class SparseCategoricalAccuracy(MeanMetric):
+    """Keras's ``SparseCategoricalAccuracy``: how often the argmax of ``y_pred`` is the
+    class id (labels of -100, padding, count for nothing).
+
+    Example:
+        ```python
+        model.compile(loss="cross_entropy", metrics=[SparseCategoricalAccuracy(name="acc")])
+        ```
+    """
+
+    def __init__(self, name: str = "sparse_categorical_accuracy") -> None:
+        super().__init__(sparse_categorical_accuracy, name, "max")
+
+
+class TopKCategoricalAccuracy(MeanMetric):
+    """Keras's ``TopKCategoricalAccuracy``: how often the one-hot target is among the ``k``
+    highest scores.
+
+    Example:
+        ```python
+        model.compile(loss="categorical_crossentropy", metrics=[TopKCategoricalAccuracy(k=3)])
+        ```
+    """
+
+    def __init__(self, k: int = 5, name: str = "top_k_categorical_accuracy") -> None:
+        super().__init__(_top_k(k, sparse=False), name, "max")
+        self.k = k
+
+
+class SparseTopKCategoricalAccuracy(MeanMetric):
+    """Keras's ``SparseTopKCategoricalAccuracy``: how often the class id is among the ``k``
+    highest scores; ``from_sorted_ids=True``: ``y_pred`` holds class ids, best first.
+
+    Example:
+        ```python
+        model.compile(loss="cross_entropy", metrics=[SparseTopKCategoricalAccuracy(k=3)])
+        ```
+    """
+
+    def __init__(
+        self,
+        k: int = 5,
+        name: str = "sparse_top_k_categorical_accuracy",
+        from_sorted_ids: bool = False,
+    ) -> None:
+        fn = _top_k(k, sparse=True)
+        if from_sorted_ids:
+
+            def fn(y_pred: Tensor, y_true: Tensor) -> _Kept:
+                labels = losses.class_labels(y_pred, y_true)
+                hits = (y_pred[..., :k] == labels.unsqueeze(-1).to(y_pred.dtype)).any(dim=-1)
+                return _Kept(hits, labels)
+
+        super().__init__(fn, name, "max")
+        self.k, self.from_sorted_ids = k, from_sorted_ids
+
+
+class MeanSquaredError(MeanMetric):
+    """Keras's ``MeanSquaredError``.
+
+    Example:
+        ```python
+        model.compile(loss="mae", metrics=[MeanSquaredError()])
+        ```
+    """
+
+    def __init__(self, name: str = "mean_squared_error") -> None:
+        super().__init__(_squared_errors, name, "min")
+
+
+class RootMeanSquaredError(MeanMetric):
+    """Keras's ``RootMeanSquaredError``: the square root of the mean squared error.
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[RootMeanSquaredError(name="rmse")])
+        ```
+    """
+
+    def __init__(self, name: str = "root_mean_squared_error") -> None:
+        super().__init__(_squared_errors, name, "min", transform=torch.sqrt)
+
+
+class MeanAbsoluteError(MeanMetric):
+    """Keras's ``MeanAbsoluteError``.
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[MeanAbsoluteError()])
+        ```
+    """
+
+    def __init__(self, name: str = "mean_absolute_error") -> None:
+        super().__init__(_absolute_errors, name, "min")
+
+
+class MeanAbsolutePercentageError(MeanMetric):
+    """Keras's ``MeanAbsolutePercentageError``: ``100 * |y_true - y_pred| / |y_true|``.
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[MeanAbsolutePercentageError()])
+        ```
+    """
+
+    def __init__(self, name: str = "mean_absolute_percentage_error") -> None:
+        super().__init__(losses.mean_absolute_percentage_error, name, "min")
+
+
+class MeanSquaredLogarithmicError(MeanMetric):
+    """Keras's ``MeanSquaredLogarithmicError``: of ``log(1 + y)``.
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[MeanSquaredLogarithmicError()])
+        ```
+    """
+
+    def __init__(self, name: str = "mean_squared_logarithmic_error") -> None:
+        super().__init__(losses.mean_squared_logarithmic_error, name, "min")
+
+
+class LogCoshError(MeanMetric):
+    """Keras's ``LogCoshError`` (named ``"logcosh"``, as in Keras).
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[LogCoshError()])
+        ```
+    """
+
+    def __init__(self, name: str = "logcosh") -> None:
+        super().__init__(losses.log_cosh, name, "min")
+
+
+class CosineSimilarity(MeanMetric):
+    """Keras's ``CosineSimilarity``: the cosine of ``y_pred`` and ``y_true`` along ``axis``
+    (1 is the same direction).
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[CosineSimilarity(axis=-1)])
+        ```
+    """
+
+    def __init__(self, name: str = "cosine_similarity", axis: int = -1) -> None:
+        super().__init__(_cosine(axis), name, "max")
+        self.axis = axis
+
+
+class PearsonCorrelation(MeanMetric):
+    """Keras's ``PearsonCorrelation``: the correlation of ``y_pred`` and ``y_true`` along
+    ``axis`` (the features of each sample), averaged over the samples. As in Keras, one value
+    per sample ``(N, 1)`` has no correlation (NaN): for the correlation over the samples use
+    :class:`R2Score` or ``torchmetrics.PearsonCorrCoef``.
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[PearsonCorrelation()])  # outputs (N, D)
+        ```
+    """
+
+    def __init__(self, name: str = "pearson_correlation", axis: int = -1) -> None:
+        super().__init__(_pearson(axis), name, "max")
+        self.axis = axis
+
+
+class ConcordanceCorrelation(MeanMetric):
+    """Keras's ``ConcordanceCorrelation``: Lin's concordance of ``y_pred`` and ``y_true``
+    along ``axis``, averaged over the samples (see :class:`PearsonCorrelation`).
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[ConcordanceCorrelation()])
+        ```
+    """
+
+    def __init__(self, name: str = "concordance_correlation", axis: int = -1) -> None:
+        super().__init__(_concordance(axis), name, "max")
+        self.axis = axis
+
+
+class Hinge(MeanMetric):
+    """Keras's ``Hinge``: ``max(1 - y_true * y_pred, 0)``, labels 0/1 read as -1/1.
+
+    Example:
+        ```python
+        model.compile(loss="hinge", metrics=[Hinge()])
+        ```
+    """
+
+    def __init__(self, name: str = "hinge") -> None:
+        super().__init__(losses.hinge, name, "min")
+
+
+class SquaredHinge(MeanMetric):
+    """Keras's ``SquaredHinge``: the square of :class:`Hinge`'s term.
+
+    Example:
+        ```python
+        model.compile(loss="squared_hinge", metrics=[SquaredHinge()])
+        ```
+    """
+
+    def __init__(self, name: str = "squared_hinge") -> None:
+        super().__init__(losses.squared_hinge, name, "min")
+
+
+class CategoricalHinge(MeanMetric):
+    """Keras's ``CategoricalHinge``: ``max(1 + max_wrong - true_score, 0)``, one-hot targets.
+
+    Example:
+        ```python
+        model.compile(loss="categorical_hinge", metrics=[CategoricalHinge()])
+        ```
+    """
+
+    def __init__(self, name: str = "categorical_hinge") -> None:
+        super().__init__(losses.categorical_hinge, name, "min")
+
+
+class KLDivergence(MeanMetric):
+    """Keras's ``KLDivergence`` of two probability distributions.
+
+    Example:
+        ```python
+        model.compile(loss="kl_divergence", metrics=[KLDivergence()])
+        ```
+    """
+
+    def __init__(self, name: str = "kl_divergence") -> None:
+        super().__init__(losses.kl_divergence, name, "min")
+
+
+class Poisson(MeanMetric):
+    """Keras's ``Poisson``: ``y_pred - y_true * log(y_pred)``.
+
+    Example:
+        ```python
+        model.compile(loss="poisson", metrics=[Poisson()])
+        ```
+    """
+
+    def __init__(self, name: str = "poisson") -> None:
+        super().__init__(losses.poisson, name, "min")
+
+
+class BinaryCrossentropy(MeanMetric):
+    """Keras's ``BinaryCrossentropy`` metric: probabilities by default (``from_logits``), as
+    the class in Keras (the name ``"binary_crossentropy"`` follows the compiled loss).
+
+    Example:
+        ```python
+        model.compile(loss="binary_crossentropy", metrics=[BinaryCrossentropy(from_logits=True)])
+        ```
+    """
+
+    def __init__(
+        self,
+        name: str = "binary_crossentropy",
+        from_logits: bool = False,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(losses.BinaryCrossentropy(from_logits, label_smoothing), name, "min")
+        self.from_logits, self.label_smoothing = from_logits, label_smoothing
+
+
+class CategoricalCrossentropy(MeanMetric):
+    """Keras's ``CategoricalCrossentropy`` metric (one-hot targets, classes on ``axis``).
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[CategoricalCrossentropy(from_logits=True)])
+        ```
+    """
+
+    def __init__(
+        self,
+        name: str = "categorical_crossentropy",
+        from_logits: bool = False,
+        label_smoothing: float = 0.0,
+        axis: int = -1,
+    ) -> None:
+        fn = losses.CategoricalCrossentropy(from_logits, label_smoothing)
+        super().__init__(_classes_last(fn, axis, both=True), name, "min")
+        self.from_logits, self.label_smoothing, self.axis = from_logits, label_smoothing, axis
+
+
+class SparseCategoricalCrossentropy(MeanMetric):
+    """Keras's ``SparseCategoricalCrossentropy`` metric (class ids; the classes of ``y_pred``
+    on ``axis``). Labels equal to ``ignore_class`` count for nothing: the mean is over the
+    labels kept, Keras's weighted number (its unweighted mean counts them as 0).
+
+    Example:
+        ```python
+        metric = SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)
+        model.compile(loss="cross_entropy", metrics=[metric])
+        ```
+    """
+
+    def __init__(
+        self,
+        name: str = "sparse_categorical_crossentropy",
+        from_logits: bool = False,
+        ignore_class: int | None = None,
+        axis: int = -1,
+    ) -> None:
+        loss = losses.SparseCategoricalCrossentropy(from_logits)
+
+        def fn(y_pred: Tensor, y_true: Tensor) -> Tensor | _Kept:
+            if ignore_class is None:
+                return loss(y_pred, y_true)
+            labels = losses.class_labels(y_pred, y_true)
+            kept = labels != ignore_class
+            values = loss(y_pred, torch.where(kept, labels, 0)) * kept
+            return _Kept(values, torch.where(kept, labels, losses.IGNORE_INDEX))
+
+        super().__init__(_classes_last(fn, axis), name, "min")
+        self.from_logits, self.ignore_class, self.axis = from_logits, ignore_class, axis
+
+    # Its ignored labels become -100 here, whatever the data hold: always counted as padding.
+    padded_labels = property(lambda self: True, lambda self, value: None)
+
+
+class Sum(Mean):
+    """Keras's ``Sum``: the (weighted) sum of the values given to ``update_state``.
+
+    >>> total = Sum()
+    >>> total.update_state(torch.tensor([1.0, 3.0]))
+    >>> float(total.result())
+    4.0
+    """
+
+    def __init__(self, name: str = "sum", direction: str | None = None) -> None:
+        super().__init__(name=name, direction=direction)
+
+    def result(self) -> Tensor | float:
+        return 0.0 if self._total is None else self._total
+
+    def snapshot(self) -> Callable[[], Tensor | float]:
+        total = self._total
+        return lambda: 0.0 if total is None else total
+
+
+class MeanMetricWrapper(MeanMetric):
+    """Keras's ``MeanMetricWrapper``: the mean of ``fn(y_true, y_pred, **kwargs)``, in
+    Keras's argument order (``y_true`` first; a callable given to ``compile`` takes
+    torch's order, ``(y_pred, y_true)``).
+
+    Example:
+        ```python
+        def within_one(y_true, y_pred):
+            return (y_true - y_pred).abs() < 1
+        model.compile(loss="mse", metrics=[MeanMetricWrapper(within_one, direction="max")])
+        ```
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        name: str | None = None,
+        *,
+        direction: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        name = name or getattr(fn, "__name__", "mean_metric_wrapper")
+        super().__init__(lambda p, t: fn(t, p, **kwargs), name, direction or direction_of(name))
+
+
+class R2Score(StateMetric):
+    """Keras's ``R2Score``: the coefficient of determination of ``(N, D)`` outputs (``(N,)``
+    is one column), from sums kept per column: ``sklearn.metrics.r2_score``'s number, with
+    ``class_aggregation`` ``"uniform_average"`` (the mean of the columns' scores),
+    ``"variance_weighted_average"`` or None (one per column); ``num_regressors > 0`` gives
+    the adjusted score.
+
+    Example:
+        ```python
+        model.compile(loss="mse", metrics=[R2Score()])
+        ```
+    """
+
+    def __init__(
+        self,
+        class_aggregation: str | None = "uniform_average",
+        num_regressors: int = 0,
+        name: str = "r2_score",
+    ) -> None:
+        if class_aggregation not in (None, "uniform_average", "variance_weighted_average"):
+            raise ValueError(
+                "`class_aggregation` must be None, 'uniform_average' or "
+                f"'variance_weighted_average'; got class_aggregation={class_aggregation!r}."
+            )
+        if num_regressors < 0:
+            raise ValueError(f"`num_regressors` must be >= 0; got num_regressors={num_regressors}.")
+        super().__init__(name, "max")
+        self.class_aggregation, self.num_regressors = class_aggregation, num_regressors
+
+    def _sums(self, y_pred: Tensor, y_true: Tensor, weights: Tensor | None) -> dict[str, Tensor]:
+        y_true = losses._match_shape(y_pred, torch.as_tensor(y_true, device=y_pred.device))
+        if y_pred.dim() == 1:
+            y_pred, y_true = y_pred.unsqueeze(-1), y_true.unsqueeze(-1)
+        if y_pred.dim() != 2 or y_true.shape != y_pred.shape:
+            raise ValueError(
+                f"R2Score takes outputs (N, D) and targets of that shape; got y_pred of shape "
+                f"{tuple(y_pred.shape)} and y_true of shape {tuple(y_true.shape)}."
+            )
+        dtype = count_dtype(y_pred.device)
+        y_pred, y_true = y_pred.to(dtype), y_true.to(dtype)
+        w = torch.ones_like(y_true) if weights is None else losses.weights_like(y_true, weights)
+        w = torch.broadcast_to(w, y_true.shape)
+        return {
+            "sum": (w * y_true).sum(dim=0),
+            "squared_sum": (w * y_true.square()).sum(dim=0),
+            "residual": (w * (y_true - y_pred).square()).sum(dim=0),
+            "count": w.sum(dim=0),
+            # a fill, not a copy from the host (which would wait for the device)
+            "num_samples": torch.full((), float(y_true.numel()), dtype=dtype, device=y_true.device),
+        }
+
+    def _compute(self, state: dict[str, Tensor]) -> Tensor:
+        mean = state["sum"] / state["count"]
+        total = state["squared_sum"] - state["sum"] * mean
+        scores = 1 - state["residual"] / total
+        scores = torch.where(scores.isinf(), 0.0, scores)
+        if self.class_aggregation == "uniform_average":
+            score = scores.mean()
+        elif self.class_aggregation == "variance_weighted_average":
+            score = (total * scores).sum() / total.sum()
+        else:
+            score = scores
+        if self.num_regressors:  # adjusted R2 (a read of the sample count: once per result)
+            n, p = float(state["num_samples"]), self.num_regressors
+            if p >= n - 1:
+                warnings.warn(
+                    f"R2Score: num_regressors={p} needs more than {p + 1} values for the "
+                    "adjusted score; falling back to the standard R2 score.",
+                    stacklevel=2,
+                )
+            else:
+                score = 1 - (1 - score) * (n - 1) / (n - p - 1)
+        return score
+
+
 # name -> (factory(compiled loss) -> fn, canonical name, direction, transform)
 _MAX = "max"
 _MIN = "min"
@@ -502,12 +1155,71 @@ for _name in [
     "categorical_hinge",
 ]:
     _BUILTINS[_name] = (lambda loss, n=_name: _loss_metric(n, loss), _name, _MIN, None)
-_BUILTINS["cosine_similarity"] = (
-    lambda _: lambda p, t: -losses.cosine_similarity(p, t),
-    "cosine_similarity",
+_BUILTINS["cosine_similarity"] = (lambda _: _cosine(-1), "cosine_similarity", _MAX, None)
+_BUILTINS["bce"] = (lambda loss: _loss_metric("binary_crossentropy", loss), "bce", _MIN, None)
+_BUILTINS["log_cosh_error"] = (lambda _: losses.log_cosh, "log_cosh_error", _MIN, None)
+_BUILTINS["pearson_correlation"] = (lambda _: _pearson(-1), "pearson_correlation", _MAX, None)
+_BUILTINS["concordance_correlation"] = (
+    lambda _: _concordance(-1),
+    "concordance_correlation",
     _MAX,
     None,
 )
+
+
+def _reading(cls: type[Metric], loss: losses.CompiledLoss | None) -> Metric:
+    """``cls()`` reading the probabilities the compiled loss implies, as ``"accuracy"`` does:
+    the sigmoid of binary logits, the softmax of multi-class ones over the loss's class axis.
+    Keras's classes take probabilities unless told (``from_logits``)."""
+    logits = loss is not None and loss.output_kind == losses.LOGITS
+    metric = cls(from_logits=logits)  # type: ignore[call-arg]
+    if logits and loss is not None and loss.target != "binary" and hasattr(metric, "_softmax_axis"):
+        metric._softmax_axis = loss.class_axis
+    return metric
+
+
+# Keras's metric classes that take no required argument, by Keras's names (and the name of
+# FBetaScore's log key).
+for _name, _build, _direction in [
+    ("precision", lambda loss: _reading(Precision, loss), _MAX),
+    ("recall", lambda loss: _reading(Recall, loss), _MAX),
+    ("auc", lambda loss: _reading(AUC, loss), _MAX),
+    ("true_positives", lambda loss: _reading(TruePositives, loss), _MAX),
+    ("true_negatives", lambda loss: _reading(TrueNegatives, loss), _MAX),
+    ("false_positives", lambda loss: _reading(FalsePositives, loss), _MIN),
+    ("false_negatives", lambda loss: _reading(FalseNegatives, loss), _MIN),
+    ("f1_score", lambda loss: _reading(F1Score, loss), _MAX),
+    ("f_beta_score", lambda loss: _reading(FBetaScore, loss), _MAX),
+    ("fbeta_score", lambda loss: _reading(FBetaScore, loss), _MAX),
+    ("binary_io_u", lambda loss: _reading(BinaryIoU, loss), _MAX),
+    ("r2_score", lambda _: R2Score(), _MAX),
+]:
+    _BUILTINS[_name] = (_build, _name, _direction, None)
+
+
+def _needs(cls: str, arguments: str) -> Callable[[Any], Any]:
+    def build(_: Any) -> Any:
+        call = ", ".join(f"{a}=..." for a in arguments.split(", "))
+        raise ValueError(
+            f"The metric {cls} needs {arguments}, which a name cannot give: pass "
+            f"metrics=[torcheras.metrics.{cls}({call})]."
+        )
+
+    return build
+
+
+# Keras's names of classes with a required argument: an error that says what to pass.
+for _name, _cls, _arguments in [
+    ("io_u", "IoU", "num_classes, target_class_ids"),
+    ("mean_io_u", "MeanIoU", "num_classes"),
+    ("one_hot_io_u", "OneHotIoU", "num_classes, target_class_ids"),
+    ("one_hot_mean_io_u", "OneHotMeanIoU", "num_classes"),
+    ("precision_at_recall", "PrecisionAtRecall", "recall"),
+    ("recall_at_precision", "RecallAtPrecision", "precision"),
+    ("sensitivity_at_specificity", "SensitivityAtSpecificity", "specificity"),
+    ("specificity_at_sensitivity", "SpecificityAtSensitivity", "sensitivity"),
+]:
+    _BUILTINS[_name] = (_needs(_cls, _arguments), _name, _MAX, None)
 
 # Directions of names Keras users monitor, for metrics we do not build ourselves.
 _MAX_NAMES = {
@@ -618,7 +1330,11 @@ def get(metric: Any, loss: losses.CompiledLoss | None = None) -> Metric:
     if isinstance(metric, str):
         alternatives = "a torchmetrics.Metric or a callable metric(y_pred, y_true)"
         factory, _, direction, transform = lookup(_BUILTINS, metric, "metric", alternatives)
-        return MeanMetric(factory(loss), name=metric, direction=direction, transform=transform)
+        built = factory(loss)
+        if isinstance(built, Metric):  # a Keras class (precision, auc...), logged as named
+            built.name = metric
+            return built
+        return MeanMetric(built, name=metric, direction=direction, transform=transform)
     if _is_torchmetric(metric):
         return TorchMetric(metric)
     if callable(metric):
@@ -648,3 +1364,26 @@ def tracked(model: Any) -> dict[str, Metric]:
         elif _is_torchmetric(value):
             found.setdefault(attr, TorchMetric(value, name=attr))
     return found
+
+
+# The confusion-matrix metrics live in their own module, which builds on StateMetric above.
+from torcheras.confusion import (  # noqa: E402
+    AUC,
+    BinaryIoU,
+    F1Score,
+    FalseNegatives,
+    FalsePositives,
+    FBetaScore,
+    IoU,
+    MeanIoU,
+    OneHotIoU,
+    OneHotMeanIoU,
+    Precision,
+    PrecisionAtRecall,
+    Recall,
+    RecallAtPrecision,
+    SensitivityAtSpecificity,
+    SpecificityAtSensitivity,
+    TrueNegatives,
+    TruePositives,
+)

@@ -28,6 +28,7 @@ parser.add_argument("--device", default="cpu", help="cuda: NCCL, one GPU per ran
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--loader", action="store_true", help="DataLoaders instead of arrays")
 parser.add_argument("--torchmetrics", action="store_true")
+parser.add_argument("--keras-metrics", action="store_true", help="counts summed over ranks")
 parser.add_argument("--verbose", type=int, default=0)
 parser.add_argument("--iterable", action="store_true", help="batches of unknown number")
 parser.add_argument("--no-shuffle", action="store_true")
@@ -64,6 +65,10 @@ if args.torchmetrics:  # synced by torchmetrics itself at the end of each epoch
                 float(logs["multiclass_accuracy"])
             )
         )
+if args.keras_metrics:  # states of counts: the global counts, not a mean of rank results
+    from torcheras import metrics as tm
+
+    metrics = ["precision", "auc", tm.F1Score(average="macro"), tm.MeanIoU(3, sparse_y_pred=False)]
 model.compile(torch.optim.SGD(net.parameters(), lr=0.1), "sparse_categorical_crossentropy",
               metrics=metrics, device=args.device,
               gradient_accumulation_steps=args.accumulate)  # fmt: skip
