@@ -200,3 +200,108 @@ def test_a_mid_epoch_resume_with_changed_data_is_refused_naming_both_values(
     assert (tmp_path / "backup").exists()  # the backup is kept: the original run can resume
     history = _resumable(tmp_path, 128, 16)  # as before: resumes and finishes
     assert history.epoch == [0, 1]
+
+
+FULL_DISK = """
+import resource, signal, sys, torch, torcheras
+from torcheras import callbacks as cb
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+out, which = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+x, y = torch.randn(64, 4), torch.randn(64, 1)
+model = torcheras.Model(torch.nn.Linear(4, 1))
+model.compile("sgd", "mse")
+
+
+class FillTheDisk(cb.Callback):  # after epoch 2: room for about one more CSV row
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 2:
+            limit = 300 if which == "csv" else 2500
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+logger = (cb.CSVLogger(out + "/log.csv") if which == "csv"
+          else cb.TensorBoard(out + "/tb", update_freq=1))
+try:
+    model.fit(x, y, epochs=60, batch_size=8, verbose=0, callbacks=[logger, FillTheDisk()])
+except Exception as exc:
+    print("ERROR:", type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.parametrize("which", ["csv", "tensorboard"])
+def test_a_full_disk_under_a_logger_names_the_file_and_leaves_whole_rows(tmp_path, which):
+    """Not a bare 'OSError: [Errno 27] File too large' naming no file, nor half a CSV row."""
+    import csv
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path), which],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "ERROR: CheckpointError" in done.stdout, done.stdout + done.stderr[-2000:]
+    named = str(tmp_path / ("log.csv" if which == "csv" else "tb"))
+    assert f"'{named}': File too large" in done.stdout
+    assert "ulimit -f" in done.stdout  # the fix
+    if which == "csv":
+        text = (tmp_path / "log.csv").read_text()
+        assert text.endswith("\n")
+        rows = list(csv.DictReader(text.splitlines()))
+        assert [int(r["epoch"]) for r in rows] == list(range(len(rows))) and len(rows) >= 3
+        assert all(r["loss"] not in ("", None) for r in rows)
+
+
+def _in_the_way(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be")
+    return blocker
+
+
+def test_every_writer_names_the_file_it_could_not_write(tmp_path):
+    """Checkpoints, CSV, TensorBoard, PredictionLogger, ImageLogger, History, plots and the
+    report: a failure names the path, the cause and the fix, and nothing earlier is lost."""
+    from torcheras.callbacks import (
+        CSVLogger,
+        ImageLogger,
+        PredictionLogger,
+        TensorBoard,
+    )
+    from torcheras.report import write_report
+
+    blocker = _in_the_way(tmp_path)
+    x, y = torch.randn(48, 4), torch.randint(0, 3, (48,))
+
+    def fit_with(callback):
+        model = torcheras.Model(nn.Linear(4, 3))
+        model.compile("sgd", "sparse_categorical_crossentropy")
+        return model.fit(
+            x, y, epochs=1, verbose=0, validation_data=(x, y), callbacks=[callback]
+        )
+
+    cases = {
+        "csv": lambda: fit_with(CSVLogger(blocker / "log.csv")),
+        "tensorboard": lambda: fit_with(TensorBoard(blocker / "tb")),
+        "predictions": lambda: fit_with(PredictionLogger(blocker / "pred")),
+        "images": lambda: fit_with(
+            ImageLogger(lambda m: torch.rand(2, 1, 8, 8), directory=blocker / "img")
+        ),
+        "checkpoint": lambda: fit_with(ModelCheckpoint(blocker / "best.pt")),
+        "backup": lambda: fit_with(BackupAndRestore(blocker / "backup")),
+    }
+    history = fit_with(torcheras.callbacks.History())
+    cases["history"] = lambda: history.save(blocker / "history.json")
+    cases["plot"] = lambda: history.plot(blocker / "curves.png")
+    (tmp_path / "run").mkdir()
+    history.save(tmp_path / "run" / "history.json")
+    cases["report"] = lambda: write_report(tmp_path / "run", blocker / "report.html")
+    for name, action in cases.items():
+        with pytest.raises(OSError) as info:
+            action()
+        message = str(info.value)
+        assert str(blocker) in message, (name, message)
+        assert "is a file, not a folder" in message or "Not a directory" in message, name
+        assert "choose another path" in message.lower() or "move" in message, (name, message)
+    assert blocker.read_text() == "a file where a folder should be"

@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -120,19 +120,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         _fsync_dir(folder)
     except (OSError, RuntimeError) as exc:
         cause = _os_error_in(exc)  # torch's zip writer wraps a failed write in a RuntimeError
-        if cause is None:
+        if cause is None or isinstance(exc, CheckpointError):
             raise
-        reason = cause.strerror or str(cause)
-        hint = {
-            errno.ENOSPC: " The disk is full: free space or save elsewhere.",
-            errno.EACCES: " Check the folder's permissions or choose another path.",
-            errno.EROFS: " The filesystem is read-only: choose another path.",
-            errno.EFBIG: " A file-size limit was reached (ulimit -f): raise it or save less.",
-        }.get(cause.errno or 0, "")
-        raise CheckpointError(
-            cause.errno or errno.EIO,
-            f"Could not save {str(target)!r}: {reason}.{hint} Files saved earlier are unchanged.",
-        ) from exc
+        raise file_error(target, cause, "save", "Files saved earlier are unchanged.") from exc
     finally:
         if tmp_name is not None:
             with contextlib.suppress(OSError):
@@ -223,6 +213,64 @@ def wait_for_writes(during: BaseException | None = None) -> None:
     except BaseException as exc:
         if hasattr(during, "add_note"):
             during.add_note(f"(a checkpoint written in the background also failed: {exc!r})")
+
+
+_HINTS = {
+    errno.ENOSPC: "The disk is full: free space or write elsewhere.",
+    errno.EDQUOT: "The disk quota is used up: free space or write elsewhere.",
+    errno.EACCES: "Check the folder's permissions or choose another path.",
+    errno.EPERM: "Check the folder's permissions or choose another path.",
+    errno.EROFS: "The filesystem is read-only: choose another path.",
+    errno.EFBIG: "A file-size limit was reached (ulimit -f): raise it or write less.",
+    errno.ENOTDIR: "A folder on the way is a file: choose another path, or move it away.",
+    errno.EISDIR: "The path is a folder: pass a file name.",
+}
+
+
+def file_error(
+    path: str | os.PathLike[str], cause: OSError, action: str = "write", after: str = ""
+) -> CheckpointError:
+    """The error every file failure raises: the path, the cause and the fix (``after``: what
+    is left as it was)."""
+    reason = cause.strerror or str(cause) or type(cause).__name__
+    hint = _HINTS.get(cause.errno or 0, "")
+    parts = [f"Could not {action} {str(path)!r}: {reason}.", hint, after]
+    return CheckpointError(cause.errno or errno.EIO, " ".join(p for p in parts if p))
+
+
+def append_whole(path: str | os.PathLike[str], data: bytes) -> None:
+    """Append ``data`` to a file whole or not at all: a write cut short (a full disk) is cut
+    back off, and raised naming the file, the cause and the fix. A CSV never holds half a
+    row."""
+    with naming_file_errors(path, "open"):
+        handle = open(path, "ab", buffering=0)  # noqa: SIM115 - closed below
+    with handle:
+        start = handle.tell()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[handle.write(view) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                handle.truncate(start)
+            raise file_error(path, exc, "write", "What was written before is kept whole.") from exc
+
+
+@contextlib.contextmanager
+def naming_file_errors(path: str | os.PathLike[str], action: str = "write") -> Iterator[None]:
+    """Re-raise an OSError from the block (or one a library wrapped, such as torch's zip
+    writer's RuntimeError) as :func:`file_error`'s, naming ``path``, the cause and the fix."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        cause = _os_error_in(exc)
+        if cause is None:
+            raise
+        if cause.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder should be
+            _check_parents(Path(path) / "_")
+        raise file_error(path, cause, action) from exc
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:

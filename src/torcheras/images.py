@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from torcheras import checkpoint
 
 __all__ = ["is_image_batch", "make_grid", "save_png"]
 
@@ -72,7 +75,6 @@ def save_png(grid: np.ndarray, path: str | os.PathLike[str], scale: int = 1) -> 
         ) from None
     if scale > 1:
         grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imsave(path, np.ascontiguousarray(grid), format="png")
-    return path
+    buffer = io.BytesIO()
+    imsave(buffer, np.ascontiguousarray(grid), format="png")
+    return checkpoint.atomic_write(path, lambda f: f.write(buffer.getvalue()))

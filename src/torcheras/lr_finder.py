@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from torcheras import data, optimizers, tensors
+from torcheras import data, optimizers, plots, tensors
 from torcheras.loop_state import LoopState
 from torcheras.state import capture_model_state, restore_model_state, rng_state, set_rng_state
 from torcheras.stepping import Stepping
@@ -67,7 +67,7 @@ class LearningRateFinderResult:
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
         if path is not None:
-            figure.savefig(path, dpi=110)
+            plots.save_figure(figure, path)
         return figure
 
 

@@ -7,10 +7,13 @@ own axis, the best and the stop epochs marked. Matplotlib (the ``plot`` extra), 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from torcheras import checkpoint
 
 __all__ = ["Curves", "best_epoch", "curves_from_csv", "curves_from_history", "plot_curves"]
 
@@ -160,6 +163,14 @@ def plot_curves(
             heading += ("\n" if heading else "") + f"Stopped: {stop_reason}"
         figure.suptitle(heading, fontsize="medium")
     if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        figure.savefig(path, dpi=110)
+        save_figure(figure, path)
     return figure
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str]) -> None:
+    """Save a matplotlib figure atomically, its format from the name (``.png``, ``.svg``,
+    ``.pdf``...); a failure names the file, the cause and the fix."""
+    buffer = io.BytesIO()
+    suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    figure.savefig(buffer, format=suffix, dpi=110)
+    checkpoint.atomic_write(path, lambda f: f.write(buffer.getvalue()))

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torcheras import plots
+from torcheras import checkpoint, plots
 
 __all__ = ["write_report"]
 
@@ -188,6 +188,4 @@ def write_report(
         f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
     target = Path(output) if output is not None else run / "report.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page, encoding="utf-8")
-    return target
+    return checkpoint.atomic_write(target, lambda f: f.write(page.encode("utf-8")))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -10,6 +12,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from torcheras import checkpoint
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.history import hyperparameters
 
@@ -56,8 +59,9 @@ class CSVLogger(Callback):
         self.sep = separator
         self.append = append
         self.keys: list[str] | None = None
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._writer: csv.DictWriter | None = None
+        self._buffer = io.StringIO()
         self._resume_offset: int | None = None
         self._start_offset = 0
         self._started = False
@@ -69,11 +73,12 @@ class CSVLogger(Callback):
         self.keys = None
         self._resume_offset = None
         folder = os.path.dirname(self.filename)
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        self._file = open(  # noqa: SIM115 - kept open across epochs, closed in _close
-            self.filename, "a", newline="", encoding="utf-8"
-        )
+        with checkpoint.naming_file_errors(self.filename, "open"):
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            # Unbuffered: a row reaches the file whole or, cut short by a full disk, is cut
+            # back off; nothing is left in a buffer to be written half later.
+            self._file = open(self.filename, "ab", buffering=0)  # noqa: SIM115 - see _close
         self._start_offset = self._file.tell() if self.append else 0
         self._started = False
         self._hyperparameters = hyperparameters(self.model) if self.model is not None else {}
@@ -81,18 +86,42 @@ class CSVLogger(Callback):
     def _start(self) -> None:
         """Before the first row: cut the file to where this run (or the resumed one) began."""
         offset = self._start_offset if self._resume_offset is None else self._resume_offset
-        self._file.truncate(offset)  # type: ignore[union-attr]
-        self._file.seek(offset)  # type: ignore[union-attr]
-        header = offset == 0 or not _first_line(self.filename)
+        with checkpoint.naming_file_errors(self.filename):
+            self._file.truncate(offset)  # type: ignore[union-attr]
+            self._file.seek(offset)  # type: ignore[union-attr]
+            header = offset == 0 or not _first_line(self.filename)
+        self._buffer = io.StringIO()
         self._writer = csv.DictWriter(
-            self._file,  # type: ignore[arg-type]
+            self._buffer,
             fieldnames=["epoch", *self.keys],  # type: ignore[misc]
             delimiter=self.sep,
             extrasaction="ignore",
         )
         if header:
             self._writer.writeheader()
+            self._write_whole()
         self._started = True
+
+    def _write_whole(self) -> None:
+        """Write what the buffer holds, whole or not at all: a failed write (a full disk) is
+        cut back off the file and raised naming the file."""
+        data = self._buffer.getvalue().encode("utf-8")
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        file = self._file
+        start = file.tell()  # type: ignore[union-attr]
+        try:
+            view = memoryview(data)
+            while view:
+                written = file.write(view)  # type: ignore[union-attr]
+                view = view[written:]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                file.truncate(start)  # type: ignore[union-attr]
+                file.seek(start)  # type: ignore[union-attr]
+            raise checkpoint.file_error(
+                self.filename, exc, "write", "The rows written before are kept whole."
+            ) from exc
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
@@ -106,7 +135,7 @@ class CSVLogger(Callback):
             self._start()
         row = {"epoch": epoch, **{k: _cell(logs[k]) if k in logs else "NA" for k in self.keys}}
         self._writer.writerow(row)  # type: ignore[union-attr]
-        self._file.flush()  # type: ignore[union-attr]
+        self._write_whole()
 
     def _close(self) -> None:
         if self._file is not None:
@@ -128,8 +157,8 @@ class CSVLogger(Callback):
             "params": {k: v for k, v in self.params.items() if _is_plain(v)},
             "hyperparameters": getattr(self, "_hyperparameters", {}),
         }
-        with open(f"{self.filename}.json", "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, default=str)
+        text = json.dumps(record, indent=2, default=str)
+        checkpoint.atomic_write(f"{self.filename}.json", lambda f: f.write(text.encode()))
 
     def on_exception(self, exception: BaseException) -> None:
         self._close()

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torcheras import checkpoint
 from torcheras.callbacks.callback import Callback
 
 __all__ = ["History"]
@@ -79,10 +80,8 @@ class History(Callback):
             "hyperparameters": self._hyperparameters
             or (hyperparameters(self.model) if self._model is not None else {}),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2, default=str))
-        return path
+        text = json.dumps(record, indent=2, default=str)
+        return checkpoint.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()}, "epoch": list(self.epoch)}

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from torcheras import images
+from torcheras import checkpoint, images
 from torcheras.callbacks.callback import Callback
 
 __all__ = ["ImageLogger"]
@@ -95,12 +95,13 @@ class ImageLogger(Callback):
         path = self.directory / f"{self.name}_epoch{epoch + 1:03d}.png"
         self.saved.append(images.save_png(grid, path, scale=self.scale))
         if self.log_dir is not None:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
+            with checkpoint.naming_file_errors(self.log_dir / "images", "write images to"):
+                if self._writer is None:
+                    from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.log_dir / "images"))
-            self._writer.add_image(self.name, grid, epoch, dataformats="HWC")
-            self._writer.flush()
+                    self._writer = SummaryWriter(str(self.log_dir / "images"))
+                self._writer.add_image(self.name, grid, epoch, dataformats="HWC")
+                self._writer.flush()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._close()

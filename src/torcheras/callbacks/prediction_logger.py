@@ -4,6 +4,7 @@ collected during the validation pass itself."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torcheras import images
+from torcheras import checkpoint, images
 from torcheras.callbacks.callback import Callback
 
 __all__ = ["PredictionLogger"]
@@ -102,15 +103,15 @@ class PredictionLogger(Callback):
     def _prepare_file(self) -> None:
         """A new fit starts the file anew; a resumed one keeps the rows written before its
         backup and drops those of the epochs it runs again."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         kept: list[list[str]] = []
         if self._resumed and self.csv_path.exists():
             with open(self.csv_path, newline="") as f:
                 kept = list(csv.reader(f))[1 : 1 + self._rows_written]
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(FIELDS)
-            writer.writerows(kept)
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(FIELDS)
+        writer.writerows(kept)
+        checkpoint.atomic_write(self.csv_path, lambda f: f.write(text.getvalue().encode("utf-8")))
         self._file_ready = True
 
     def state_dict(self) -> dict[str, Any]:
@@ -219,8 +220,9 @@ class PredictionLogger(Callback):
                                                      prediction[order].tolist())]  # fmt: skip
         if not self._file_ready:
             self._prepare_file()
-        with open(self.csv_path, "a", newline="") as f:
-            csv.writer(f).writerows(rows)
+        text = io.StringIO()
+        csv.writer(text).writerows(rows)
+        checkpoint.append_whole(self.csv_path, text.getvalue().encode("utf-8"))
         self._rows_written += len(rows)
         if worst_inputs is not None:
             self._write_images(epoch, worst_inputs, labels)
@@ -242,13 +244,14 @@ class PredictionLogger(Callback):
         images.save_png(grid, self.directory / f"worst_epoch{epoch + 1:03d}.png",
                         scale=max(1, 64 // inputs.shape[-1]))  # fmt: skip
         if self.log_dir is not None:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
+            with checkpoint.naming_file_errors(self.log_dir / "predictions", "write images to"):
+                if self._writer is None:
+                    from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(str(self.log_dir / "predictions"))
-            self._writer.add_image("worst", grid, epoch, dataformats="HWC")
-            self._writer.add_text("worst (target→prediction)", ", ".join(labels), epoch)
-            self._writer.flush()
+                    self._writer = SummaryWriter(str(self.log_dir / "predictions"))
+                self._writer.add_image("worst", grid, epoch, dataformats="HWC")
+                self._writer.add_text("worst (target→prediction)", ", ".join(labels), epoch)
+                self._writer.flush()
 
     def _close(self) -> None:
         if self._writer is not None:

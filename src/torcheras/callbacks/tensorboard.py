@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import struct
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from torcheras import checkpoint
 from torcheras.callbacks.callback import Callback
 
 __all__ = ["TensorBoard"]
+
+
+def _naming_file_errors(hook: Callable[..., None]) -> Callable[..., None]:
+    """A hook whose event writes fail (a full disk, a read-only folder: raised by the event
+    writer's thread at the next write) raises naming the log folder, the cause and the fix."""
+
+    @functools.wraps(hook)
+    def wrapped(self: TensorBoard, *args: Any, **kwargs: Any) -> None:
+        try:
+            hook(self, *args, **kwargs)
+        except OSError as exc:
+            if isinstance(exc, checkpoint.CheckpointError):
+                raise
+            raise checkpoint.file_error(
+                self.log_dir, exc, "write TensorBoard events to", "Events written before stay."
+            ) from exc
+
+    return wrapped
 
 
 def _parse_profile_batch(profile_batch: Any) -> tuple[int, int] | None:
@@ -205,6 +226,7 @@ class TensorBoard(Callback):
         self._run_id = None  # a new run (a resume's backup brings back its own)
         self._in_fit = True
 
+    @_naming_file_errors
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.state_dict()  # keep the final position for a state_dict() after fit
         reason = getattr(getattr(self.model, "history", None), "stop_reason", None)
@@ -214,7 +236,9 @@ class TensorBoard(Callback):
         self._in_fit = False
 
     def on_exception(self, exception: BaseException) -> None:
-        self._close()
+        with contextlib.suppress(OSError):  # the writer's own failure may be what is leaving
+            self._close()
+        self._writers = {}
         self._in_fit = False
 
     def _loop_step(self) -> int:
@@ -233,6 +257,7 @@ class TensorBoard(Callback):
             if self._global_step + 1 == warmup_step:
                 self._start_profiler(warmup=int(warmup_step < start))
 
+    @_naming_file_errors
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._global_step += 1
         step = self._global_step
@@ -276,6 +301,7 @@ class TensorBoard(Callback):
             record_shapes=True,
         )
 
+    @_naming_file_errors
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
         train, val = {}, {}
@@ -317,6 +343,7 @@ class TensorBoard(Callback):
             for i, rate in enumerate(rates, first + 1):
                 writer.add_scalar("batch_learning_rate", rate, i)
 
+    @_naming_file_errors
     def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
         if logs:
             writer = self._writer("validation")
@@ -397,8 +424,6 @@ class TensorBoard(Callback):
 
     def _write_projector_config(self) -> None:
         """``log_dir/projector_config.pbtxt``: each embedding's tensor file and metadata."""
-        from torcheras import checkpoint
-
         metadata = self._embedding_metadata()
         lines = []
         for name in self._embedding_layers():
@@ -415,8 +440,6 @@ class TensorBoard(Callback):
 
     def _write_embeddings(self, epoch: int) -> None:
         """The current weights of every ``nn.Embedding`` as the projector's TSV tensors."""
-        from torcheras import checkpoint
-
         for name, layer in self._embedding_layers().items():
             rows = layer.weight.detach().float().cpu().tolist()
             text = "".join("\t".join(f"{v:.6g}" for v in row) + "\n" for row in rows)
@@ -478,8 +501,6 @@ def _trim_events(
     ``epochs_logged``, ``batch_*`` steps > ``global_step``, ``evaluation_*`` steps >
     ``evaluated_step``. Rewritten atomically."""
     from tensorboard.compat.proto import event_pb2
-
-    from torcheras import checkpoint
 
     for name in files:
         path = os.path.join(run_dir, name)
