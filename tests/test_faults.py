@@ -263,12 +263,7 @@ def _in_the_way(tmp_path):
 def test_every_writer_names_the_file_it_could_not_write(tmp_path):
     """Checkpoints, CSV, TensorBoard, PredictionLogger, ImageLogger, History, plots and the
     report: a failure names the path, the cause and the fix, and nothing earlier is lost."""
-    from torcheras.callbacks import (
-        CSVLogger,
-        ImageLogger,
-        PredictionLogger,
-        TensorBoard,
-    )
+    from torcheras.callbacks import CSVLogger, ImageLogger, PredictionLogger, TensorBoard
     from torcheras.report import write_report
 
     blocker = _in_the_way(tmp_path)
@@ -277,9 +272,7 @@ def test_every_writer_names_the_file_it_could_not_write(tmp_path):
     def fit_with(callback):
         model = torcheras.Model(nn.Linear(4, 3))
         model.compile("sgd", "sparse_categorical_crossentropy")
-        return model.fit(
-            x, y, epochs=1, verbose=0, validation_data=(x, y), callbacks=[callback]
-        )
+        return model.fit(x, y, epochs=1, verbose=0, validation_data=(x, y), callbacks=[callback])
 
     cases = {
         "csv": lambda: fit_with(CSVLogger(blocker / "log.csv")),
