@@ -170,7 +170,7 @@ class FitLoop:
         now = self._pass_shape()
         changed = [
             f"{key.replace('_', ' ')} {saved[key]} -> {now[key]}"
-            for key in ("samples", "batch_size", "batches", "world_size")
+            for key in ("samples", "batch_size", "batches")  # processes: restore's check
             if saved.get(key) is not None and now[key] is not None and saved[key] != now[key]
         ]
         if changed:
