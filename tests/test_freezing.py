@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,3 +75,41 @@ def test_summary_counts_a_frozen_base_as_non_trainable():
     rows = {line.split()[0]: line.split()[-1] for line in lines if "(" in line}
     assert rows["0.0"] == "N" and rows["0.1"] == "N" and rows["0.2"] == "-" and rows["1"] == "Y"
     assert not base.training  # summary's own forward pass leaves the mode as it was
+
+
+def test_a_frozen_base_holds_with_the_other_features(tmp_path):
+    """freeze with compiled steps, accumulation, bf16 autocast, the weight average, clipping
+    and an exact resume: the base's weights and statistics never move, the head learns."""
+    from torcheras.callbacks import BackupAndRestore, Callback
+
+    class Crash(Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.model.loop.global_step == 5:
+                raise KeyboardInterrupt("crash")
+
+    def run(crash):
+        base, model = _transfer_model()
+        torcheras.freeze(base)
+        before = {k: v.clone() for k, v in base.state_dict().items()}
+        model.compile(
+            "adam",
+            "bce_with_logits",
+            jit_compile=True,
+            gradient_accumulation_steps=2,
+            precision="bf16-mixed",
+            ema_momentum=0.9,
+            clipnorm=1.0,
+        )
+        callbacks = [BackupAndRestore(tmp_path / "backup", save_freq=1)]
+        if crash:
+            callbacks.append(Crash())
+        model.fit(*_data(), epochs=2, batch_size=32, verbose=0, callbacks=callbacks)
+        return base, model, before
+
+    with pytest.raises(KeyboardInterrupt):
+        run(crash=True)
+    base, model, before = run(crash=False)  # resumes from the backup at step 5
+    for key, value in base.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    assert not base[1].training and model.module[1].training
+    assert torcheras.is_frozen(base)
