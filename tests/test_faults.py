@@ -298,3 +298,12 @@ def test_every_writer_names_the_file_it_could_not_write(tmp_path):
         assert "is a file, not a folder" in message or "Not a directory" in message, name
         assert "choose another path" in message.lower() or "move" in message, (name, message)
     assert blocker.read_text() == "a file where a folder should be"
+
+
+def test_a_truncated_legacy_torch_file_is_not_called_a_plain_pickle(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"w": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt") as info:
+        checkpoint.load(path)
+    assert "plain Python pickle" not in str(info.value)

@@ -33,7 +33,8 @@ def test_a_frozen_base_keeps_its_weights_and_batchnorm_statistics_through_fit():
     for key, value in base.state_dict().items():  # running_mean/var and num_batches too
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
     assert not torch.equal(model.module[1].weight, head_before)  # the head learned
-    assert not base.training and not base[1].training and model.module[1].training
+    assert not base[1].training  # BatchNorm in inference mode
+    assert base[3].training and model.module[1].training  # Dropout still drops, as in Keras
     assert torcheras.is_frozen(base) and torcheras.is_frozen(base[1])
 
 
@@ -74,7 +75,7 @@ def test_summary_counts_a_frozen_base_as_non_trainable():
     assert "Trainable params: 17" in lines  # the head: 16 weights + 1 bias
     rows = {line.split()[0]: line.split()[-1] for line in lines if "(" in line}
     assert rows["0.0"] == "N" and rows["0.1"] == "N" and rows["0.2"] == "-" and rows["1"] == "Y"
-    assert not base.training  # summary's own forward pass leaves the mode as it was
+    assert not base[1].training  # summary's own forward pass leaves the mode as it was
 
 
 def test_a_frozen_base_holds_with_the_other_features(tmp_path):
@@ -113,3 +114,16 @@ def test_a_frozen_base_holds_with_the_other_features(tmp_path):
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
     assert not base[1].training and model.module[1].training
     assert torcheras.is_frozen(base)
+
+
+def test_unfreezing_a_child_of_a_frozen_base_trains_it_in_train_mode():
+    """Fine-tuning the top of a base: the unfrozen BatchNorm follows the model's mode."""
+    base, model = _transfer_model()
+    torcheras.freeze(base)
+    torcheras.unfreeze(base[1])
+    model.compile("adam", "bce_with_logits")
+    weight, stats = base[0].weight.clone(), base[1].running_mean.clone()
+    model.fit(*_data(), epochs=1, batch_size=32, verbose=0)
+    assert base[1].training and base[1].weight.requires_grad
+    assert not torch.equal(base[1].running_mean, stats)
+    torch.testing.assert_close(base[0].weight, weight, rtol=0, atol=0)  # still frozen

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import make_model
 
+import torcheras
 from torcheras import callbacks as cb
 from torcheras import cli, plots
 
@@ -158,3 +159,33 @@ def test_the_report_says_every_epoch_ran_from_the_csv_alone(blobs, tmp_path):
     assert cli.main(["report", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text()
     assert "Every epoch ran (no early stop)." in page and "Stopped:" not in page
+
+
+def test_a_metric_of_several_values_is_shown_value_by_value_everywhere(tmp_path, capsys):
+    """F1Score() per class (Keras's default): the bar, History's plot, the report and
+    TensorBoard show each class's value; none of them crashes or drops it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from torcheras import metrics
+    from torcheras.report import write_report
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    model = torcheras.Model(torch.nn.Linear(4, 3))
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=[metrics.F1Score()])
+    history = model.fit(
+        x, y, epochs=2, validation_split=0.25, verbose=2,
+        callbacks=[cb.TensorBoard(tmp_path / "tb"), cb.CSVLogger(tmp_path / "log.csv")],
+    )  # fmt: skip
+    per_class = history.history["f1_score"][-1]
+    assert isinstance(per_class, list) and len(per_class) == 3
+    shown = ", ".join(f"{v:.4f}" for v in per_class)
+    assert f"f1_score: [{shown}]" in capsys.readouterr().out
+    history.plot(tmp_path / "curves.png")
+    history.save(tmp_path / "history.json")
+    assert "f1_score[2]" in write_report(tmp_path).read_text()
+    events = EventAccumulator(str(tmp_path / "tb" / "train"))
+    events.Reload()
+    assert {"epoch_f1_score/0", "epoch_f1_score/2"} <= set(events.Tags()["scalars"])
+    value = events.Scalars("epoch_f1_score/1")[-1].value
+    assert value == pytest.approx(per_class[1], rel=1e-6)

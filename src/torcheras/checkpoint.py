@@ -239,21 +239,27 @@ def file_error(
 
 
 def append_whole(path: str | os.PathLike[str], data: bytes) -> None:
-    """Append ``data`` to a file whole or not at all: a write cut short (a full disk) is cut
-    back off, and raised naming the file, the cause and the fix. A CSV never holds half a
-    row."""
+    """Append ``data`` to a file whole or not at all (:func:`write_whole`)."""
     with naming_file_errors(path, "open"):
         handle = open(path, "ab", buffering=0)  # noqa: SIM115 - closed below
     with handle:
-        start = handle.tell()
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[handle.write(view) :]
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                handle.truncate(start)
-            raise file_error(path, exc, "write", "What was written before is kept whole.") from exc
+        write_whole(handle, data, path)
+
+
+def write_whole(handle: IO[bytes], data: bytes, path: str | os.PathLike[str]) -> None:
+    """Write ``data`` at the position of an unbuffered binary ``handle``, whole or not at all:
+    a write cut short (a full disk) is cut back off, and raised naming ``path``, the cause and
+    the fix. A CSV never holds half a row."""
+    start = handle.tell()
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[handle.write(view) :]
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            handle.truncate(start)
+            handle.seek(start)
+        raise file_error(path, exc, "write", "What was written before is kept whole.") from exc
 
 
 @contextlib.contextmanager
@@ -314,7 +320,7 @@ def save_weights(
         meta = {k: str(v) for k, v in (metadata or {}).items()}
         data = st_save(tensors, metadata=meta or None)
         return atomic_write(path, lambda f: f.write(data))
-    if metadata is None:
+    if not metadata:
         return save(to_cpu(dict(state_dict)), path)
     payload: dict[str, Any] = {
         "format": FORMAT,
@@ -381,8 +387,14 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _not_a_checkpoint(target: Path, exc: BaseException) -> CheckpointError:
     with contextlib.suppress(OSError), open(target, "rb") as handle:
-        head = handle.read(2)
-        if len(head) == 2 and head[0] == 0x80 and head[1] <= pickle.HIGHEST_PROTOCOL:
+        head = handle.read(4)
+        legacy_torch = head == b"\x80\x02\x8a\x0a"  # torch's pre-zip format: its magic number
+        if (
+            len(head) >= 2
+            and head[0] == 0x80
+            and head[1] <= pickle.HIGHEST_PROTOCOL
+            and not (legacy_torch)
+        ):
             return CheckpointError(
                 errno.EINVAL,
                 f"{str(target)!r} is a plain Python pickle (protocol {head[1]}), not a torch "

@@ -1,15 +1,17 @@
 """Keras's ``layer.trainable = False`` for torch modules: :func:`freeze` and :func:`unfreeze`.
 
-In Keras, a frozen layer neither learns nor updates its BatchNormalization statistics: it runs
-in inference mode. Turning off ``requires_grad`` alone does not give that in PyTorch, because
-``fit`` (like any training loop) calls ``model.train()`` every epoch, and a BatchNorm in train
-mode keeps moving its running mean and variance. A frozen module is marked, and
-``Model.train()`` puts it back in eval mode, so the mark holds through ``fit``.
+In Keras, a frozen layer neither learns nor updates its BatchNormalization statistics: its
+BatchNormalization runs in inference mode (Dropout still drops). Turning off ``requires_grad``
+alone does not give that in PyTorch, because ``fit`` (like any training loop) calls
+``model.train()`` every epoch, and a BatchNorm in train mode keeps moving its running mean and
+variance. A frozen module's normalization layers are marked, and ``Model.train()`` puts them
+back in eval mode, so the mark holds through ``fit``.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 __all__ = ["freeze", "is_frozen", "unfreeze"]
 
@@ -18,8 +20,10 @@ _MARK = "_torcheras_frozen"
 
 def freeze(module: nn.Module) -> nn.Module:
     """Freeze ``module`` as Keras's ``trainable = False`` does: its parameters get no
-    gradients, and it runs in inference mode (BatchNorm uses and keeps its running
-    statistics, Dropout is off) even while ``fit`` trains the rest. Returns ``module``.
+    gradients, and its normalization layers with running statistics (BatchNorm,
+    InstanceNorm with ``track_running_stats``) run in inference mode, using and keeping their
+    statistics, even while ``fit`` trains the rest. Dropout still drops, as in Keras.
+    Returns ``module``.
 
     Example:
         ```python
@@ -32,7 +36,8 @@ def freeze(module: nn.Module) -> nn.Module:
         parameter.requires_grad_(False)
     for sub in module.modules():
         setattr(sub, _MARK, True)
-    module.eval()
+        if isinstance(sub, _NormBase):
+            sub.training = False
     return module
 
 
@@ -53,7 +58,9 @@ def is_frozen(module: nn.Module) -> bool:
 
 
 def keep_frozen_in_eval(root: nn.Module) -> None:
-    """Put every frozen module under ``root`` back in eval mode (after ``root.train()``)."""
+    """Put the normalization layers of every frozen module under ``root`` back in inference
+    mode (after ``root.train()``), each on its own: an unfrozen child of a frozen module
+    follows the model's mode."""
     for module in root.modules():
-        if module.__dict__.get(_MARK, False) and module.training:
-            module.eval()
+        if module.training and isinstance(module, _NormBase) and module.__dict__.get(_MARK):
+            module.training = False

@@ -96,8 +96,12 @@ def _as_floats(values: list[torch.Tensor | float]) -> list[float]:
             by_device.setdefault(v.device, []).append(i)
         else:
             out[i] = float(v)
-    for indices in by_device.values():
-        flat = torch.cat([values[i].detach().reshape(-1).float() for i in indices]).tolist()  # type: ignore[union-attr]
+    for device, indices in by_device.items():
+        # float64: a float32 value reads the same, and a float64 count (a metric's number of
+        # true positives past 2**24) stays exact; MPS has no float64
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        parts = [values[i].detach().reshape(-1).to(wide) for i in indices]  # type: ignore[union-attr]
+        flat = torch.cat(parts).tolist()
         start = 0
         for i in indices:
             n = values[i].numel()  # type: ignore[union-attr]
@@ -262,8 +266,11 @@ class LogCollector:
     def add(self, logs: Mapping[str, Any], weight: float) -> None:
         """Add one step's returned values, counted ``weight`` times (the batch size)."""
         rest = None
+        tracked = self.tracked
         for key, value in logs.items():
-            metric = self.tracked.get(key) or result_of(value)
+            metric = tracked.get(key) if tracked else None
+            if metric is None and type(value) is torch.Tensor:
+                metric = result_of(value)
             if metric is not None:
                 self.returned[key] = metric
                 if rest is None:
@@ -318,8 +325,10 @@ class LogCollector:
         sums = reduce_sum([means._totals[k] for k in keys] + [means._weights[k] for k in keys])
         means._totals = dict(zip(keys, sums[: len(keys)]))
         means._weights = {k: float(w) for k, w in zip(keys, sums[len(keys) :])}
-        for metric in [*self.metrics, *self.tracked.values()]:
-            if hasattr(metric, "all_reduce"):
+        reduced: set[int] = set()  # a metric returned by the step may be tracked as well
+        for metric in [*self.metrics, *self.tracked.values(), *self.returned.values()]:
+            if id(metric) not in reduced and hasattr(metric, "all_reduce"):
+                reduced.add(id(metric))
                 metric.all_reduce(reduce_sum)
 
     def state_dict(self) -> dict[str, Any]:

@@ -504,13 +504,13 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
     needs_end = callbacks.needs("on_predict_batch_end")
     stage = data.DeviceStager(model.device)
     rank, ranks = distributed.rank(), distributed.world_size()
-    source.distribute(rank, ranks, training=False, seed=0)
-    check_ranks_agree(source)
-    shard_ranks = 1 if source.per_rank else ranks
     on_host: list[Any] = []
     on_device: list[Any] = []
     device_bytes = 0
     try:
+        source.distribute(rank, ranks, training=False, seed=0)
+        check_ranks_agree(source)
+        shard_ranks = 1 if source.per_rank else ranks
         with hooks(callbacks, "predict"), torch.no_grad():
             for step, batch in enumerate(source.batches()):
                 if steps is not None and step >= steps:

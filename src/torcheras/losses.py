@@ -836,7 +836,12 @@ def output_kind(loss: Any) -> str | None:
     return None
 
 
-def _snake(name: str) -> str:
+def _snake(name: str, acronyms: bool = True) -> str:
     """A class name in snake case, acronyms kept whole: ``BCEWithLogitsLoss`` ->
-    ``bce_with_logits_loss``, ``NLLLoss`` -> ``nll_loss``, ``F1Score`` -> ``f1_score``."""
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+    ``bce_with_logits_loss``, ``NLLLoss`` -> ``nll_loss``, ``F1Score`` -> ``f1_score``.
+    ``acronyms=False``: a break only before a capital that follows a small letter or digit
+    (``MulticlassFBetaScore`` -> ``multiclass_fbeta_score``), the names torchmetrics objects
+    have always been logged under."""
+    if acronyms:
+        return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+    return re.sub(r"(?<=[^A-Z])(?=[A-Z])", "_", name).lower().lstrip("_")

@@ -81,6 +81,7 @@ __all__ = [
     "direction_of",
     "get",
     "per_output",
+    "result_of",
     "tracked",
 ]
 
@@ -135,7 +136,8 @@ _LAST_RESULTS: weakref.WeakValueDictionary[int, Metric] = weakref.WeakValueDicti
 
 def result_of(value: Any) -> Metric | None:
     """The metric whose ``result()`` returned ``value`` last, if any."""
-    metric = _LAST_RESULTS.get(id(value))
+    ref = _LAST_RESULTS.data.get(id(value))  # the dict itself: one C lookup per call
+    metric = ref() if ref is not None else None
     return metric if metric is not None and metric._last_result is value else None
 
 
@@ -389,7 +391,7 @@ class TorchMetric(Metric):
 
     def __init__(self, metric: Any, name: str | None = None) -> None:
         self.metric = metric
-        self.name = name or losses._snake(type(metric).__name__)
+        self.name = name or losses._snake(type(metric).__name__, acronyms=False)
         hib = getattr(metric, "higher_is_better", None)
         self.direction = None if hib is None else ("max" if hib else "min")
 
@@ -1355,14 +1357,36 @@ def _is_torchmetric(obj: Any) -> bool:
 
 
 def tracked(model: Any) -> dict[str, Metric]:
-    """Metric objects assigned to ``model`` as attributes (Keras's tracked metrics), by name:
-    torcheras metrics by their ``name``, torchmetrics objects by the attribute's name."""
+    """Metric objects assigned to ``model`` as attributes (Keras's tracked metrics), also
+    inside lists, tuples and dicts (``self.trackers = [Mean(name="a"), Mean(name="b")]``), by
+    name: torcheras metrics by their ``name`` (a repeated name gets ``_1``, ``_2``...),
+    torchmetrics objects by the attribute's name."""
     found: dict[str, Metric] = {}
-    for attr, value in list(vars(model).items()) + list(getattr(model, "_modules", {}).items()):
+    seen: set[int] = set()
+
+    def add(attr: str, value: Any) -> None:
+        if id(value) in seen:
+            return
         if isinstance(value, Metric):
-            found.setdefault(value.name, value)
+            seen.add(id(value))
+            name, n = value.name, 0
+            while name in found:
+                n += 1
+                name = f"{value.name}_{n}"
+            found[name] = value
         elif _is_torchmetric(value):
+            seen.add(id(value))
             found.setdefault(attr, TorchMetric(value, name=attr))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                add(f"{attr}_{i}", item)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                add(str(key), item)
+
+    for attr, value in list(vars(model).items()) + list(getattr(model, "_modules", {}).items()):
+        if not attr.startswith("__"):
+            add(attr, value)
     return found
 
 

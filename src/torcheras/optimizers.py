@@ -21,8 +21,9 @@ class KerasAdam(torch.optim.Adam):
     after 100 steps with Keras's ``eps=1e-7``; a Keras program ported with this one follows
     Keras's numbers. Keras's defaults, and torch's Adam otherwise (foreach, fused, amsgrad):
     each step runs torch's update with ``eps / sqrt(1 - b2^t)``, which is Keras's formula.
-    ``weight_decay`` is torch's (L2, added to the gradient); for Keras's decoupled decay use
-    ``decoupled_weight_decay=True``.
+    ``weight_decay`` is torch's (L2, added to the gradient); Keras's decay is decoupled, as
+    ``decoupled_weight_decay=True`` gives (torch 2.7 and later). Steps are counted per param
+    group, as Keras counts iterations.
 
     Example:
         ```python
@@ -42,12 +43,12 @@ class KerasAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        # Keras's iteration count, per group, as a plain number (saved with the groups): no
+        # read of torch's step tensor, which fused / capturable Adam keeps on the device.
         keras_eps = []
         for group in self.param_groups:
             keras_eps.append(group["eps"])
-            first = next((p for p in group["params"] if p.grad is not None), None)
-            state = self.state.get(first) if first is not None else None
-            t = 1 + (float(state["step"]) if state and "step" in state else 0)
+            group["keras_steps"] = t = group.get("keras_steps", 0) + 1
             group["eps"] = group["eps"] / math.sqrt(1 - group["betas"][1] ** t)
         try:
             return super().step(closure)

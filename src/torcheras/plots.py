@@ -37,7 +37,11 @@ def curves_from_history(history: Mapping[str, Sequence[float]], epochs: Sequence
         else:  # every k-th epoch, counted from the end of the last fit
             step = max(1, len(shown) // max(n, 1))
             xs = [shown[0] - 1 + step * (i + 1) for i in range(n)]
-        curves[key] = (xs, [float(v) for v in values])
+        if values and isinstance(values[0], (list, tuple)):  # several values: one curve each
+            for j in range(len(values[0])):
+                curves[f"{key}[{j}]"] = (xs, [float(v[j]) for v in values])
+        else:
+            curves[key] = (xs, [float(v) for v in values])
     return curves
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -103,25 +102,12 @@ class CSVLogger(Callback):
         self._started = True
 
     def _write_whole(self) -> None:
-        """Write what the buffer holds, whole or not at all: a failed write (a full disk) is
-        cut back off the file and raised naming the file."""
+        """Write the buffered rows whole or not at all (a full disk: cut back off, raised
+        naming the file)."""
         data = self._buffer.getvalue().encode("utf-8")
         self._buffer.seek(0)
         self._buffer.truncate()
-        file = self._file
-        start = file.tell()  # type: ignore[union-attr]
-        try:
-            view = memoryview(data)
-            while view:
-                written = file.write(view)  # type: ignore[union-attr]
-                view = view[written:]
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                file.truncate(start)  # type: ignore[union-attr]
-                file.seek(start)  # type: ignore[union-attr]
-            raise checkpoint.file_error(
-                self.filename, exc, "write", "The rows written before are kept whole."
-            ) from exc
+        checkpoint.write_whole(self._file, data, self.filename)  # type: ignore[arg-type]
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}

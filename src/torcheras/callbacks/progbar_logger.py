@@ -16,8 +16,12 @@ BAR_WIDTH = 20
 
 
 def format_value(value: Any) -> str:
+    """A logged value as the bar shows it: 4 decimals (scientific when tiny or huge); a
+    metric of several values (F1 per class) element by element."""
     if isinstance(value, float):
         return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.4e}"
+    if isinstance(value, list):
+        return f"[{', '.join(format_value(v) for v in value)}]"
     return str(value)
 
 

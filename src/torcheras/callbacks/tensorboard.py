@@ -27,14 +27,8 @@ def _naming_file_errors(hook: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(hook)
     def wrapped(self: TensorBoard, *args: Any, **kwargs: Any) -> None:
-        try:
+        with checkpoint.naming_file_errors(self.log_dir, "write TensorBoard events to"):
             hook(self, *args, **kwargs)
-        except OSError as exc:
-            if isinstance(exc, checkpoint.CheckpointError):
-                raise
-            raise checkpoint.file_error(
-                self.log_dir, exc, "write TensorBoard events to", "Events written before stay."
-            ) from exc
 
     return wrapped
 
@@ -305,9 +299,7 @@ class TensorBoard(Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
         train, val = {}, {}
-        for key, value in logs.items():
-            if not isinstance(value, (int, float)):
-                continue
+        for key, value in _scalars(logs):
             if key.startswith("val_"):
                 val[key[4:]] = value
             else:
@@ -523,3 +515,15 @@ def _trim_events(
         if dropped or os.path.getsize(path) != sum(map(len, kept)):
             data = b"".join(kept)
             checkpoint.atomic_write(path, lambda f, data=data: f.write(data))
+
+
+def _scalars(logs: dict[str, Any]) -> list[tuple[str, float]]:
+    """The logs' numbers as scalars; a metric of several values (F1 per class) as one scalar
+    per value, ``f1_score/0``, ``f1_score/1``..."""
+    out: list[tuple[str, float]] = []
+    for key, value in logs.items():
+        if isinstance(value, (int, float)):
+            out.append((key, value))
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out.extend((f"{key}/{i}", v) for i, v in enumerate(value))
+    return out
