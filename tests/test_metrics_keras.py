@@ -758,3 +758,14 @@ def test_early_stopping_mode_auto_maximises_auc():
     history = model.fit(x, y, epochs=4, validation_split=0.25, verbose=0, callbacks=[stop])
     assert model.metric_direction("val_auc") == "max"
     assert stop.best == max(history.history["val_auc"])
+
+
+@pytest.mark.parametrize(
+    ("class_name", "logged"),
+    [("F1Score", "f1_score"), ("BinaryAccuracy", "binary_accuracy"), ("AUC", "auc")],
+)
+def test_keras_class_names_work_as_metric_names(class_name, logged):
+    """Keras's compile takes class names ("F1Score") as it takes snake-case names."""
+    metric = M.get(class_name)
+    assert metric.name == logged
+    assert type(metric).__name__ in (class_name, "MeanMetric")

@@ -1330,6 +1330,9 @@ def get(metric: Any, loss: losses.CompiledLoss | None = None) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if isinstance(metric, str):
+        if metric not in _BUILTINS and metric[:1].isupper():  # Keras's class names too
+            snake = losses._snake(metric)
+            metric = snake if snake in _BUILTINS else metric
         alternatives = "a torchmetrics.Metric or a callable metric(y_pred, y_true)"
         factory, _, direction, transform = lookup(_BUILTINS, metric, "metric", alternatives)
         built = factory(loss)
