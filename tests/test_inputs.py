@@ -40,7 +40,7 @@ def started():
         ({"batch_size": 0}, ValueError, r"`batch_size` must be a positive integer"),
         ({"epochs": -1}, ValueError, r"`epochs` must be a non-negative integer"),
         ({"verbose": 3}, ValueError, r"`verbose` must be 'auto', 0, 1 or 2"),
-        ({"validation_split": 0.05}, ValueError, r"leaves 10 for training and 0 for validation"),
+        ({"validation_split": 0.95}, ValueError, r"leaves 0 for training and 10 for validation"),
     ],
 )
 def test_bad_fit_arguments_fail_before_training(started, kwargs, error, message):

@@ -365,13 +365,7 @@ class ArraySource:
 
     def split(self, fraction: float) -> tuple[ArraySource, ArraySource]:
         """Keras's ``validation_split``: the last ``fraction`` of the samples, before shuffling."""
-        n_val = int(self.num_samples * fraction)
-        n_train = self.num_samples - n_val
-        if n_val == 0 or n_train == 0:
-            raise ValueError(
-                f"validation_split={fraction} of {self.num_samples} samples leaves "
-                f"{n_train} for training and {n_val} for validation; both must be at least 1."
-            )
+        n_train = split_at(self.num_samples, fraction)
 
         def part(sl: slice, shuffle: bool, max_steps: int | None) -> ArraySource:
             return ArraySource(
@@ -393,6 +387,21 @@ class ArraySource:
         data only); ``one_hot``: the targets are one-hot rows, whatever their dtype."""
         self.sample_weight = _class_weights(self.y, class_weight, self.sample_weight, one_hot)
         self._set_parts()
+
+
+def split_at(n: int, fraction: float) -> int:
+    """Where ``validation_split=fraction`` cuts ``n`` samples: Keras's rule,
+    ``floor(n * (1 - fraction))`` training samples, the rest (the last ones) for validation
+    (5 samples, ``0.3``: 3 and 2). A ValueError when either side would be empty."""
+    n_train = int(math.floor(n * (1.0 - fraction)))
+    if n_train == 0 or n_train == n:
+        raise ValueError(
+            f"validation_split={fraction} of {n} samples leaves {n_train} for training and "
+            f"{n - n_train} for validation (Keras's rule: floor(n * (1 - validation_split)) "
+            "for training); both must be at least 1. Provide more data or another "
+            "validation_split."
+        )
+    return n_train
 
 
 def _warn_ran_out(name: str, step: int, steps: int) -> None:
@@ -787,13 +796,8 @@ def _class_weights(
 def _split_dataset(dataset: Dataset, fraction: float) -> tuple[Subset, Subset]:
     """``validation_split`` for a map-style Dataset: the last fraction, as for arrays."""
     n = len(dataset)  # type: ignore[arg-type]
-    n_val = int(n * fraction)
-    if n_val == 0 or n_val == n:
-        raise ValueError(
-            f"validation_split={fraction} of {n} samples leaves {n - n_val} for training and "
-            f"{n_val} for validation; both must be at least 1."
-        )
-    return Subset(dataset, range(0, n - n_val)), Subset(dataset, range(n - n_val, n))
+    n_train = split_at(n, fraction)
+    return Subset(dataset, range(0, n_train)), Subset(dataset, range(n_train, n))
 
 
 def make_fit_sources(
