@@ -13,9 +13,11 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_model
 from torch.utils.data import TensorDataset
 
+from torcheras import losses
 from torcheras.callbacks import LambdaCallback
 from torcheras.data import make_fit_sources
 
@@ -117,3 +119,110 @@ def test_validation_split_leaving_no_training_sample_names_keras_rule():
         make_model().fit(
             np.zeros((10, 8), "float32"), np.zeros(10, "int64"), validation_split=0.95, verbose=0
         )
+
+
+# ---- 3. Keras's loss objects called directly --------------------------------------------------
+
+
+def _class_data():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 4, generator=gen)
+    labels = torch.randint(0, 4, (6,), generator=gen)
+    return logits, labels, F.one_hot(labels, 4).float()
+
+
+def test_keras_loss_objects_called_directly_return_keras_reduced_scalar():
+    logits, labels, one_hot = _class_data()
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0, 3.0])
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    cases = [
+        (losses.CategoricalCrossentropy(from_logits=True), one_hot, logits),
+        (losses.SparseCategoricalCrossentropy(from_logits=True), labels, logits),
+        (losses.CategoricalCrossentropy(), one_hot, logits.softmax(-1)),
+        (losses.SparseCategoricalCrossentropy(), labels, logits.softmax(-1)),
+    ]
+    for loss, y_true, y_pred in cases:
+        value = loss(y_true, y_pred.clone().requires_grad_())
+        assert value.dim() == 0
+        value.backward()  # a scalar, as Keras's
+        torch.testing.assert_close(value.detach(), ce.mean(), rtol=1e-5, atol=1e-6)
+        weighted = loss(y_true, y_pred, sample_weight=weights)
+        torch.testing.assert_close(weighted, (ce * weights).sum() / 6, rtol=1e-5, atol=1e-6)
+    y = (labels % 2).float()
+    bce = losses.BinaryCrossentropy(from_logits=True)
+    torch.testing.assert_close(
+        bce(y, logits[:, 0]), F.binary_cross_entropy_with_logits(logits[:, 0], y)
+    )
+
+
+def test_keras_loss_objects_take_keras_reductions():
+    logits, labels, _ = _class_data()
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0, 3.0])
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    make = losses.SparseCategoricalCrossentropy
+    torch.testing.assert_close(make(True, reduction="sum")(labels, logits), ce.sum())
+    torch.testing.assert_close(make(True, reduction="none")(labels, logits), ce)
+    torch.testing.assert_close(make(True, reduction=None)(labels, logits), ce)
+    torch.testing.assert_close(
+        make(True, reduction="mean_with_sample_weight")(labels, logits, weights),
+        (ce * weights).sum() / weights.sum(),
+    )
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        make(True, reduction="batchmean")
+
+
+@pytest.mark.parametrize(
+    ("loss", "first", "second"),
+    [
+        ("sparse", "logits", "labels"),
+        ("categorical", "logits", "one_hot"),
+        ("binary", "logits", "binary"),
+    ],
+)
+def test_keras_loss_objects_given_torch_order_name_the_fix(loss, first, second):
+    logits, labels, one_hot = _class_data()
+    data = {"logits": logits, "labels": labels, "one_hot": one_hot, "binary": one_hot}
+    obj = {
+        "sparse": losses.SparseCategoricalCrossentropy(from_logits=True),
+        "categorical": losses.CategoricalCrossentropy(from_logits=True),
+        "binary": losses.BinaryCrossentropy(from_logits=True),
+    }[loss]
+    with pytest.raises(ValueError, match=r"call loss\(y_true, y_pred\)"):
+        obj(data[first], data[second])
+
+
+def test_compiled_keras_loss_objects_still_train_and_match_the_names():
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    y = np.arange(32) % 3
+    results = []
+    for loss in ["sparse_categorical_crossentropy", losses.SparseCategoricalCrossentropy(True)]:
+        torch.manual_seed(0)
+        model = make_model(loss=loss)
+        results.append(model.fit(x, y, epochs=2, verbose=0).history["loss"])
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+
+
+def test_keras_loss_objects_agree_with_keras():
+    keras_losses = _keras_module("keras.losses")
+    if keras_losses is None:
+        pytest.skip("Keras (torch backend) is not installed")
+    logits, labels, one_hot = _class_data()
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0, 1.0, 3.0])
+    probs = logits.softmax(-1)
+    y_bin = (one_hot > 0).float()
+    for name, y_true, y_pred, kwargs in [
+        ("CategoricalCrossentropy", one_hot, logits, {"from_logits": True}),
+        ("CategoricalCrossentropy", one_hot, probs, {"label_smoothing": 0.1}),
+        ("SparseCategoricalCrossentropy", labels, logits, {"from_logits": True}),
+        ("SparseCategoricalCrossentropy", labels, probs, {}),
+        ("BinaryCrossentropy", y_bin, logits, {"from_logits": True}),
+        ("BinaryCrossentropy", y_bin, logits.sigmoid(), {}),
+    ]:
+        for reduction in ["sum_over_batch_size", "sum", "none", "mean_with_sample_weight"]:
+            ours = getattr(losses, name)(**kwargs, reduction=reduction)(y_true, y_pred, weights)
+            theirs = getattr(keras_losses, name)(**kwargs, reduction=reduction)(
+                y_true.numpy(), y_pred.numpy(), sample_weight=weights.numpy()
+            )
+            np.testing.assert_allclose(
+                ours.numpy(), np.asarray(theirs.cpu()), rtol=1e-5, atol=1e-6, err_msg=name
+            )

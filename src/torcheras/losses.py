@@ -251,24 +251,52 @@ _PROBABILITY_LOSSES = {kl_divergence}
 # ---- Keras's loss objects -------------------------------------------------------------------
 
 
+_REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None)
+
+
 class _KerasCrossentropy:
     """Base of the Keras-style cross-entropy objects: ``from_logits`` as in Keras (False),
-    ``label_smoothing`` spreading that much of each target evenly over the classes."""
+    ``label_smoothing`` spreading that much of each target evenly over the classes.
+
+    Called directly, an object behaves as Keras's: ``loss(y_true, y_pred, sample_weight=None)``
+    (Keras's argument order: the targets first) returns the loss reduced by ``reduction``
+    (Keras's default ``"sum_over_batch_size"``: a scalar, ready for ``.backward()``; ``"sum"``;
+    ``"mean_with_sample_weight"``, divided by the weights' sum; ``"none"`` / None: one value
+    per sample). Where the order shows (integers where the predictions belong, or labels of a
+    cross-entropy outside [0, 1]), arguments given the other way round raise a ValueError.
+    ``compile(loss=...)`` uses :meth:`values`, in torch's order, and reduces as every
+    compiled loss does.
+    """
 
     target = "binary"
     _on_logits: Callable[[Tensor, Tensor], Tensor] = staticmethod(binary_crossentropy)
     _on_probabilities: Callable[[Tensor, Tensor], Tensor] = staticmethod(_binary_crossentropy_probs)
 
-    def __init__(self, from_logits: bool = False, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        from_logits: bool = False,
+        label_smoothing: float = 0.0,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = None,
+    ) -> None:
         if not 0.0 <= float(label_smoothing) <= 1.0:
             raise ValueError(
                 f"{type(self).__name__}: `label_smoothing` must be in [0, 1]; "
                 f"got {label_smoothing!r}."
             )
+        if reduction not in _REDUCTIONS:
+            raise ValueError(
+                f"{type(self).__name__}: `reduction` must be one of {list(_REDUCTIONS)} "
+                f"(Keras's); got {reduction!r}."
+            )
         self.from_logits = bool(from_logits)
         self.label_smoothing = float(label_smoothing)
+        self.reduction = reduction
+        self.name = name or type(self).__name__
 
-    def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
+    def values(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
+        """The loss of each sample (or position of a sequence), in torch's order
+        ``(y_pred, y_true)``: what ``compile(loss=...)`` reduces."""
         if self.target == "binary":
             y_true = _match_shape(y_pred, y_true)
         elif self.target == "categorical":
@@ -279,6 +307,49 @@ class _KerasCrossentropy:
             y_true = y_true * (1.0 - smoothing) + smoothing / classes
         fn = self._on_logits if self.from_logits else self._on_probabilities
         return fn(y_pred, y_true)
+
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Tensor:
+        """Keras's call: ``loss(y_true, y_pred)``, reduced by ``self.reduction``."""
+        y_pred = torch.as_tensor(y_pred)
+        if not y_pred.is_floating_point():
+            y_true = torch.as_tensor(y_true)
+            if y_true.is_floating_point():
+                self._swapped("integers where the predictions belong", "y_pred", "y_true")
+            y_pred = y_pred.to(torch.get_default_dtype())
+        y_true = torch.as_tensor(y_true, device=y_pred.device)
+        self._check_order(y_true, y_pred)
+        values = self.values(y_pred, y_true)
+        weights = None
+        if sample_weight is not None:
+            weights = torch.as_tensor(sample_weight, device=values.device).to(values.dtype)
+            values = values * weights_like(values, weights)
+        if self.reduction in (None, "none") or values.dim() == 0:
+            return values
+        total = values.sum()
+        if self.reduction == "sum":
+            return total
+        if self.reduction == "mean_with_sample_weight" and weights is not None:
+            return total / weights.sum()
+        return total / max(values.numel(), 1)
+
+    def _check_order(self, y_true: Tensor, y_pred: Tensor) -> None:
+        """Arguments in torch's order ``(y_pred, y_true)`` where Keras's is expected: labels
+        that cannot be labels (outside [0, 1], or, for class ids, not whole numbers)."""
+        if not y_true.is_floating_point() or y_true.numel() == 0:
+            return
+        if self.target == "sparse":
+            if not torch.equal(y_true, y_true.round()):
+                self._swapped("labels that are not whole numbers (logits?)", "y_true", "y_pred")
+        elif bool(((y_true < 0) | (y_true > 1)).any()):
+            self._swapped("labels outside [0, 1] (logits?)", "y_true", "y_pred")
+
+    def _swapped(self, what: str, first: str, second: str) -> None:
+        raise ValueError(
+            f"{type(self).__name__} was called with {what}. Keras's loss objects take "
+            "the targets first: call loss(y_true, y_pred) (the arguments look swapped: "
+            "torch's order is (input, target), Keras's is (y_true, y_pred)). In compile(loss=...)"
+            " the order is handled for you."
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(from_logits={self.from_logits})"
@@ -325,8 +396,13 @@ class SparseCategoricalCrossentropy(_KerasCrossentropy):
     _on_logits = staticmethod(sparse_categorical_crossentropy)
     _on_probabilities = staticmethod(_sparse_categorical_crossentropy_probs)
 
-    def __init__(self, from_logits: bool = False) -> None:
-        super().__init__(from_logits)
+    def __init__(
+        self,
+        from_logits: bool = False,
+        reduction: str | None = "sum_over_batch_size",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(from_logits, reduction=reduction, name=name)
 
 
 # ---- one compiled loss: reduction, sample weights, first-batch checks -----------------------
@@ -427,7 +503,9 @@ class CompiledLoss:
         self.class_axis = 1 if torch_layout else -1
         # Ours compute in float32 under mixed precision, as Keras's losses and torch's own
         # loss functions (autocast) do: float16 / bfloat16 outputs are upcast first.
-        self._in_float32 = fn in _BUILTIN_FUNCTIONS or isinstance(fn, _KerasCrossentropy)
+        self._in_float32 = fn in _BUILTIN_FUNCTIONS or isinstance(
+            getattr(fn, "__self__", None), _KerasCrossentropy
+        )
 
     def __call__(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> Tensor:
         if self.module is not None:
@@ -763,7 +841,11 @@ def get(loss: Any, loss_weights: Any = None) -> CompiledLoss:
     if isinstance(loss, _KerasCrossentropy):
         kind = LOGITS if loss.from_logits else PROBABILITIES
         return CompiledLoss(
-            loss, loss.__name__, output_kind=kind, target=loss.target, said_logits=loss.from_logits
+            loss.values,
+            loss.__name__,
+            output_kind=kind,
+            target=loss.target,
+            said_logits=loss.from_logits,
         )
     if isinstance(loss, nn.Module):
         kind = _MODULE_KINDS.get(type(loss))

@@ -914,7 +914,8 @@ class BinaryCrossentropy(MeanMetric):
         from_logits: bool = False,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(losses.BinaryCrossentropy(from_logits, label_smoothing), name, "min")
+        loss = losses.BinaryCrossentropy(from_logits, label_smoothing)
+        super().__init__(loss.values, name, "min")
         self.from_logits, self.label_smoothing = from_logits, label_smoothing
 
 
@@ -934,7 +935,7 @@ class CategoricalCrossentropy(MeanMetric):
         label_smoothing: float = 0.0,
         axis: int = -1,
     ) -> None:
-        fn = losses.CategoricalCrossentropy(from_logits, label_smoothing)
+        fn = losses.CategoricalCrossentropy(from_logits, label_smoothing).values
         super().__init__(_classes_last(fn, axis, both=True), name, "min")
         self.from_logits, self.label_smoothing, self.axis = from_logits, label_smoothing, axis
 
@@ -958,7 +959,7 @@ class SparseCategoricalCrossentropy(MeanMetric):
         ignore_class: int | None = None,
         axis: int = -1,
     ) -> None:
-        loss = losses.SparseCategoricalCrossentropy(from_logits)
+        loss = losses.SparseCategoricalCrossentropy(from_logits).values
 
         def fn(y_pred: Tensor, y_true: Tensor) -> Tensor | _Kept:
             if ignore_class is None:
