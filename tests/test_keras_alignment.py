@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import make_model
 from torch.utils.data import TensorDataset
 
+import torcheras
 from torcheras import losses
 from torcheras.callbacks import LambdaCallback
 from torcheras.data import make_fit_sources
@@ -226,3 +227,44 @@ def test_keras_loss_objects_agree_with_keras():
             np.testing.assert_allclose(
                 ours.numpy(), np.asarray(theirs.cpu()), rtol=1e-5, atol=1e-6, err_msg=name
             )
+
+
+# ---- 4. the class axis of sparse_categorical_crossentropy -------------------------------------
+
+
+def test_sparse_categorical_crossentropy_reads_keras_channels_last_like_f_cross_entropy():
+    gen = torch.Generator().manual_seed(2)
+    nhwc = torch.randn(2, 5, 6, 3, generator=gen)  # classes last, as Keras lays them out
+    labels = torch.randint(0, 3, (2, 5, 6), generator=gen)
+    expected = F.cross_entropy(nhwc.movedim(-1, 1), labels)
+    torch.testing.assert_close(
+        losses.get("sparse_categorical_crossentropy")(nhwc, labels), expected
+    )
+    nchw = nhwc.movedim(-1, 1).contiguous()  # torch's layout: "cross_entropy"
+    torch.testing.assert_close(losses.get("cross_entropy")(nchw, labels), expected)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_sparse_categorical_crossentropy_on_torch_layout_names_cross_entropy(from_logits):
+    outputs = torch.randn(2, 3, 5, 6)  # (N, C, H, W)
+    labels = torch.randint(0, 3, (2, 5, 6))
+    losses_to_try = [
+        losses.get("sparse_categorical_crossentropy"),
+        losses.get(losses.SparseCategoricalCrossentropy(from_logits=from_logits)),
+    ]
+    for loss in losses_to_try:
+        with pytest.raises(ValueError, match=r"loss='cross_entropy'.*movedim\(1, -1\)"):
+            loss(outputs if from_logits else outputs.softmax(1), labels)
+
+
+def test_fit_of_a_segmentation_net_names_cross_entropy_and_trains_with_it():
+    x = np.random.default_rng(0).normal(size=(4, 1, 6, 6)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 3, size=(4, 6, 6))
+    net = torch.nn.Conv2d(1, 3, 3, padding=1)
+    model = torcheras.Model(net)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"], device="cpu")
+    with pytest.raises(ValueError, match="loss='cross_entropy'"):
+        model.fit(x, y, epochs=1, verbose=0)
+    model.compile("adam", "cross_entropy", metrics=["accuracy"], device="cpu")
+    history = model.fit(x, y, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])

@@ -84,10 +84,34 @@ def class_labels(y_pred: Tensor, y_true: Tensor) -> Tensor:
 # ---- built-ins: one value per sample, or per position of a sequence (Keras's formulas) -----
 
 
+def _check_classes_last(y_pred: Tensor, labels: Tensor) -> None:
+    """Keras's sparse cross-entropy reads the classes on the last axis: labels ``(N, ...)``
+    for outputs ``(N, ..., C)``. Outputs in torch's layout ``(N, C, ...)`` (a segmentation
+    net's ``(N, C, H, W)`` against labels ``(N, H, W)``) are refused with the two fixes, not
+    guessed: the accuracies compiled with the loss read the same axis. Where both layouts fit
+    (as many classes as positions), Keras's is taken."""
+    if labels.shape == y_pred.shape[:-1]:
+        return
+    if labels.dim() == y_pred.dim() - 1 and labels.shape[1:] == y_pred.shape[2:]:
+        raise ValueError(
+            f"'sparse_categorical_crossentropy' reads the classes on the last axis (Keras's "
+            f"layout (N, ..., C)), but the outputs {tuple(y_pred.shape)} and the labels "
+            f"{tuple(labels.shape)} have them on axis 1 (torch's layout (N, C, ...)). Use "
+            "loss='cross_entropy' (torch's layout; the accuracies follow it), or put the "
+            "classes last in the model's output (out.movedim(1, -1): (N, H, W, C))."
+        )
+    raise ValueError(
+        f"'sparse_categorical_crossentropy' takes outputs (N, ..., C) and labels (N, ...); "
+        f"got outputs {tuple(y_pred.shape)} and labels {tuple(labels.shape)}."
+    )
+
+
 def sparse_categorical_crossentropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
-    """Integer labels and logits; ``(N, ..., C)`` predictions as Keras lays them out."""
+    """Integer labels and logits; ``(N, ..., C)`` predictions as Keras lays them out (torch's
+    ``(N, C, ...)`` raises, naming ``"cross_entropy"``)."""
     labels = class_labels(y_pred, y_true)
     if y_pred.dim() > 2:  # torch wants (N, C, ...)
+        _check_classes_last(y_pred, labels)
         y_pred = y_pred.movedim(-1, 1)
     return _mean_over_kept_labels(F.cross_entropy(y_pred, labels, reduction="none"), labels)
 
@@ -130,6 +154,8 @@ def _categorical_crossentropy_probs(y_pred: Tensor, y_true: Tensor) -> Tensor:
 
 def _sparse_categorical_crossentropy_probs(y_pred: Tensor, y_true: Tensor) -> Tensor:
     labels = class_labels(y_pred, y_true)
+    if y_pred.dim() > 2:
+        _check_classes_last(y_pred, labels)
     p = (y_pred / y_pred.sum(dim=-1, keepdim=True)).clamp(EPSILON, 1 - EPSILON)
     return -p.log().gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
