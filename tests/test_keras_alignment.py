@@ -19,7 +19,13 @@ from torch.utils.data import TensorDataset
 
 import torcheras
 from torcheras import losses
-from torcheras.callbacks import LambdaCallback
+from torcheras.callbacks import (
+    CallbackList,
+    EarlyStopping,
+    LambdaCallback,
+    LearningRateScheduler,
+    ReduceLROnPlateau,
+)
 from torcheras.data import make_fit_sources
 
 
@@ -268,3 +274,47 @@ def test_fit_of_a_segmentation_net_names_cross_entropy_and_trains_with_it():
     model.compile("adam", "cross_entropy", metrics=["accuracy"], device="cpu")
     history = model.fit(x, y, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+# ---- 7. callbacks driven by a hand-written loop ----------------------------------------------
+
+
+def _hand_written_loop(callbacks, epochs=8, val_losses=None):
+    net = torch.nn.Linear(2, 1)
+    net.optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    cbs = CallbackList(callbacks, add_history=True, model=net, epochs=epochs, steps=1)
+    net.stop_training = False
+    cbs.on_train_begin()
+    for epoch in range(epochs):
+        cbs.on_epoch_begin(epoch)
+        cbs.on_train_batch_begin(0)
+        cbs.on_train_batch_end(0, {"loss": 1.0})
+        cbs.on_epoch_end(epoch, {"loss": 1.0, "val_loss": (val_losses or [1.0] * epochs)[epoch]})
+        if net.stop_training:
+            break
+    cbs.on_train_end()
+    return net, net.history
+
+
+def test_history_of_a_hand_written_loop_keeps_the_stop_reason():
+    _, history = _hand_written_loop([EarlyStopping(patience=2)])
+    assert history.epoch == [0, 1, 2]
+    assert history.stop_reason is not None and "EarlyStopping" in history.stop_reason
+
+
+def test_lr_callbacks_put_learning_rate_in_a_hand_written_loop_logs():
+    plateau = ReduceLROnPlateau(patience=1, factor=0.5)
+    _, history = _hand_written_loop([plateau], epochs=4)
+    # the rate each epoch ran with, before the reduction at its end (Keras's)
+    assert history.history["learning_rate"] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+    schedule = LearningRateScheduler(lambda epoch: 0.1 / (epoch + 1))
+    _, history = _hand_written_loop([schedule], epochs=3)
+    assert history.history["learning_rate"] == pytest.approx([0.1, 0.05, 0.1 / 3])
+
+
+def test_fit_logs_learning_rate_once_with_lr_callbacks(blobs):
+    x, y = blobs
+    model = make_model(optimizer="sgd")
+    plateau = ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5, min_delta=10.0)
+    history = model.fit(x, y, epochs=3, verbose=0, callbacks=[plateau])
+    assert history.history["learning_rate"] == pytest.approx([0.02, 0.02, 0.01])  # as before

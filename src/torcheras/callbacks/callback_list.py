@@ -170,6 +170,13 @@ class CallbackList(Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._end("train", "on_train_end")
+        reason = getattr(getattr(self, "_model", None), "stop_reason", None)
+        if reason is not None:  # a hand-written loop: what fit copies to its History
+            from torcheras.callbacks.history import History
+
+            for cb in self.callbacks:
+                if isinstance(cb, History) and cb.stop_reason is None:
+                    cb.stop_reason = reason
         self._call("on_train_end", logs)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from torcheras.callbacks.callback import Callback
-from torcheras.callbacks.reduce_lr_on_plateau import optimizer_of
+from torcheras.callbacks.reduce_lr_on_plateau import log_learning_rate, optimizer_of
 from torcheras.optimizers import get_learning_rate, set_learning_rate
 
 __all__ = ["LearningRateScheduler"]
@@ -114,6 +114,7 @@ class LearningRateScheduler(Callback):
             self.applied_epoch = epoch
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        log_learning_rate(self.model, logs)  # the epoch's rate, as Keras's (a loop's own)
         if self.is_torch_scheduler:
             self._step_torch(f"Epoch {epoch + 1}")
 

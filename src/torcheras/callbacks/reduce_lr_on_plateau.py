@@ -24,6 +24,17 @@ def optimizer_of(model: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+def log_learning_rate(model: Any, logs: dict[str, Any] | None) -> None:
+    """Put the optimizer's learning rate in an epoch's ``logs`` as Keras's LR callbacks do,
+    where the loop did not (``fit`` adds it itself; a hand-written loop driving a
+    ``CallbackList`` may not): the rate the epoch ran with."""
+    if logs is None or "learning_rate" in logs:
+        return
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        logs["learning_rate"] = float(get_learning_rate(optimizer))
+
+
 class ReduceLROnPlateau(Callback):
     """Multiply the learning rate by ``factor`` after ``patience`` epochs without improvement.
 
@@ -92,6 +103,7 @@ class ReduceLROnPlateau(Callback):
         self._reset()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        log_learning_rate(self.model, logs)  # before any reduction, as Keras's
         monitor = self.monitor_state
         monitor.resolve(self.model, logs)  # Keras's order: a typo raises, it is never ignored
         current = monitor.get(logs, warn_prefix="Learning rate reduction is conditioned on metric")
