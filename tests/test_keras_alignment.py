@@ -26,7 +26,7 @@ from torcheras.callbacks import (
     LearningRateScheduler,
     ReduceLROnPlateau,
 )
-from torcheras.data import make_fit_sources
+from torcheras.data import PyDataset, make_fit_sources
 
 
 def _keras_module(name: str):
@@ -318,3 +318,77 @@ def test_fit_logs_learning_rate_once_with_lr_callbacks(blobs):
     plateau = ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5, min_delta=10.0)
     history = model.fit(x, y, epochs=3, verbose=0, callbacks=[plateau])
     assert history.history["learning_rate"] == pytest.approx([0.02, 0.02, 0.01])  # as before
+
+
+# ---- 5. datasets of batches: PyDataset ---------------------------------------------------------
+
+
+class _Batches(PyDataset):
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.seen, self.ends = [], 0
+
+    def __len__(self):
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, i):
+        self.seen.append(i)
+        part = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[part], self.y[part]
+
+    def on_epoch_end(self):
+        self.ends += 1
+
+
+def test_a_py_dataset_gives_one_batch_per_item(blobs):
+    x, y = blobs
+    batches = _Batches(torch.from_numpy(x), torch.from_numpy(y), 40)
+    model = make_model()
+    model.fit(batches, epochs=2, verbose=0)
+    assert len(batches.seen) == 12 and sorted(batches.seen[:6]) == list(range(6))
+    assert batches.seen[:6] != list(range(6)) or batches.seen[6:] != list(range(6))  # shuffled
+    assert batches.ends == 2
+    batches.seen.clear()
+    model.fit(batches, epochs=1, shuffle=False, verbose=0)
+    assert batches.seen == list(range(6))  # Keras: in order without shuffle
+    batches.seen.clear()
+    predictions = model.predict(batches, verbose=0)
+    assert batches.seen == list(range(6)) and predictions.shape == (240, 3)
+    np.testing.assert_allclose(predictions, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    expected = model.evaluate(x, y, verbose=0, return_dict=True)
+    got = model.evaluate(batches, verbose=0, return_dict=True)
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_a_keras_style_sequence_is_recognised_without_keras():
+    Sequence = type("Sequence", (), {"__module__": "keras.src.utils"})
+
+    class Batches(Sequence):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return torch.ones(4, 8), torch.zeros(4, dtype=torch.long)
+
+    model = make_model()
+    history = model.fit(Batches(), epochs=1, verbose=0)
+    assert history.params["steps"] == 2
+    with pytest.raises(ValueError, match="Do not pass `batch_size` with a PyDataset"):
+        model.fit(Batches(), batch_size=4, verbose=0)
+
+
+def test_keras_py_dataset_instances_are_accepted():
+    keras_utils = _keras_module("keras.utils")
+    if keras_utils is None:
+        pytest.skip("Keras (torch backend) is not installed")
+
+    class Batches(keras_utils.PyDataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return np.ones((5, 8), "float32"), np.zeros(5, "int64")
+
+    history = make_model().fit(Batches(), epochs=1, verbose=0)
+    assert history.params["steps"] == 3

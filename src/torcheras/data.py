@@ -40,6 +40,7 @@ from torcheras.tensors import (  # re-exported: data.to_cpu & co. are public nam
 
 __all__ = [
     "ArraySource",
+    "PyDataset",
     "IterableSource",
     "batch_size_of",
     "concat_batches",
@@ -651,6 +652,15 @@ def make_source(
         batch_size = as_int(batch_size, "batch_size", minimum=1)
     if steps is not None:
         steps = as_int(steps, "steps", minimum=1)
+    if _is_py_dataset(x):
+        _check_no_y(x, y, sample_weight, "a PyDataset")
+        if batch_size is not None:
+            raise ValueError(
+                "Do not pass `batch_size` with a PyDataset: each of its items is a batch."
+            )
+        if len(x) == 0:
+            raise ValueError(f"`{name}` is an empty PyDataset (no batches).")
+        return IterableSource(_PyDatasetBatches(x, shuffle), steps, name)
     if _is_map_dataset(x):
         _check_no_y(x, y, sample_weight, "a Dataset")
         if len(x) == 0:  # type: ignore[arg-type]
@@ -703,6 +713,95 @@ def make_source(
         f"`{name}` must be a numpy array, a tensor, a pandas DataFrame, a tuple/list/dict of "
         f"them, a Dataset, a DataLoader or an iterable of (x, y) batches; got {type(x).__name__}."
     )
+
+
+class PyDataset:
+    """Keras's ``PyDataset`` (``keras.utils.Sequence``): a dataset of **batches**.
+
+    Subclass it with ``__len__`` (the number of batches) and ``__getitem__(i)`` returning batch
+    ``i``: ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``, already batched. ``fit``,
+    ``evaluate`` and ``predict`` take one batch per item, never batching again (a map-style
+    ``Dataset`` of batches would be: use this class, or ``DataLoader(ds, batch_size=None)``).
+    As in Keras, ``fit`` visits the batches in a new random order each epoch unless
+    ``shuffle=False`` (evaluation and prediction keep their order), and calls
+    ``on_epoch_begin()`` / ``on_epoch_end()`` around each pass. A ``keras.utils.PyDataset``
+    instance is taken the same way. ``workers`` and friends are accepted and ignored: wrap the
+    data in a ``DataLoader(ds, batch_size=None, num_workers=...)`` for parallel loading.
+
+    Example:
+        ```python
+        class Batches(torcheras.data.PyDataset):
+            def __len__(self):
+                return math.ceil(len(x) / 32)
+
+            def __getitem__(self, i):
+                return x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32]
+
+        model.fit(Batches(), epochs=5)
+        ```
+    """
+
+    def __init__(
+        self, workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10
+    ) -> None:
+        self.workers, self.use_multiprocessing = workers, use_multiprocessing
+        self.max_queue_size = max_queue_size
+
+    def __len__(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must define __len__ (its batches).")
+
+    def __getitem__(self, index: int) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define __getitem__ (a batch).")
+
+    def on_epoch_begin(self) -> None:
+        """Called before each pass over the batches."""
+
+    def on_epoch_end(self) -> None:
+        """Called after each pass over the batches (reshuffle your samples here)."""
+
+
+def _is_py_dataset(x: Any) -> bool:
+    """Ours, or Keras's ``PyDataset`` / ``Sequence`` (recognised without importing Keras)."""
+    return isinstance(x, PyDataset) or any(
+        cls.__name__ in ("PyDataset", "Sequence") and cls.__module__.startswith("keras")
+        for cls in type(x).__mro__
+    )
+
+
+class _PyDatasetBatches:
+    """One pass over a PyDataset's batches: item by item, in a random order if ``shuffle``
+    (torch's RNG, so ``torch.manual_seed`` fixes it), with its epoch hooks around the pass."""
+
+    def __init__(self, dataset: Any, shuffle: bool) -> None:
+        self.dataset, self.shuffle = dataset, shuffle
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Any]:
+        n = len(self.dataset)
+        order = torch.randperm(n).tolist() if self.shuffle else range(n)
+        begin = getattr(self.dataset, "on_epoch_begin", None)
+        if callable(begin):
+            begin()
+        end = getattr(self.dataset, "on_epoch_end", None)
+        for position, i in enumerate(order):
+            batch = _numpy_to_tensors(self.dataset[i])
+            if position == n - 1 and callable(end):  # every batch read: the pass is over
+                end()
+            yield batch
+
+
+def _numpy_to_tensors(obj: Any) -> Any:
+    """A batch's numpy arrays (Keras's PyDatasets return them) as tensors, float64 as the
+    default float type, as for array inputs."""
+    if isinstance(obj, np.ndarray) or _is_pandas(obj):
+        return _as_tensor(obj, "a PyDataset batch")
+    if isinstance(obj, Mapping):
+        return {k: _numpy_to_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_numpy_to_tensors(v) for v in obj)
+    return obj
 
 
 def _is_map_dataset(x: Any) -> bool:
