@@ -84,6 +84,10 @@ class KerasAdam(torch.optim.Adam):
         ```
     """
 
+    loads_state_of = ("Adam",)  # its state is torch's
+
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -103,7 +107,10 @@ class KerasAdam(torch.optim.Adam):
         keras_eps = []
         for group in self.param_groups:
             keras_eps.append(group["eps"])
-            group["keras_steps"] = t = group.get("keras_steps", 0) + 1
+            if "keras_steps" not in group:  # new, or torch's Adam state loaded: its count
+                steps = [self.state[p]["step"] for p in group["params"] if "step" in self.state[p]]
+                group["keras_steps"] = int(max(steps)) if steps else 0
+            group["keras_steps"] = t = group["keras_steps"] + 1
             group["eps"] = group["eps"] / math.sqrt(1 - group["betas"][1] ** t)
         try:
             return super().step(closure)
@@ -115,6 +122,8 @@ class KerasAdam(torch.optim.Adam):
 class KerasAdamW(KerasAdam):
     """Keras's AdamW: :class:`KerasAdam` with ``weight_decay=0.004``, decoupled. ``"adamw"``
     by name."""
+
+    loads_state_of = ("AdamW",)  # its state is torch's
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.004,
                  **kwargs: Any) -> None:  # fmt: skip
@@ -131,6 +140,10 @@ class KerasSGD(torch.optim.SGD):
     rescales its buffers once so that ``buf = -m / lr`` stays Keras's momentum; a rate of 0
     (where Keras's weights still coast on ``m``) is stepped here, in Keras's form.
     """
+
+    loads_state_of = ("SGD",)  # its state is torch's
+
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
 
     def __init__(
         self,
@@ -197,6 +210,8 @@ class KerasSGD(torch.optim.SGD):
 class _KerasForeach(torch.optim.Optimizer):
     """A Keras update written with torch's foreach ops, one call per device and dtype.
     Per-parameter state under Keras's names, saved by ``state_dict``."""
+
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
 
     def _state(self, p: torch.Tensor, name: str, fill: float = 0.0) -> torch.Tensor:
         state = self.state[p]
@@ -317,6 +332,8 @@ class KerasAdagrad(torch.optim.Adagrad):
     and runs with epsilon 0, which is Keras's formula. Decoupled ``weight_decay``. ``"adagrad"``
     by name."""
 
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -355,6 +372,10 @@ class KerasAdadelta(torch.optim.Adadelta):
     """Keras's Adadelta, which is torch's formula, with Keras's defaults (``lr=1e-3``,
     ``rho=0.95``, ``eps=1e-7``) and decoupled ``weight_decay``. ``"adadelta"`` by name."""
 
+    loads_state_of = ("Adadelta",)  # its state is torch's
+
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -382,6 +403,8 @@ class KerasNadam(torch.optim.NAdam):
     """Keras's Nadam: torch's NAdam with Keras's momentum schedule ``mu_t = b1 * (1 - 0.5 *
     0.96^t)`` (torch's default is ``0.96^(0.004 t)``: ``momentum_decay=1``), ``eps=1e-7``,
     ``lr=1e-3`` and decoupled ``weight_decay``. ``"nadam"`` by name."""
+
+    loads_state_of = ("NAdam",)  # its state is torch's
 
     def __init__(
         self,
