@@ -299,7 +299,9 @@ def _pair(
 
     torch.manual_seed(0)
     model = torcheras.Model(make_net(w.sizes))
-    model.compile("adam", "cross_entropy", learning_rate=1e-3, jit_compile=jit, device="cpu")
+    # torch's Adam on both sides ("adam" by name is Keras's formula, KerasAdam)
+    model.compile(torch.optim.Adam(model.parameters(), lr=1e-3), "cross_entropy",
+                  jit_compile=jit, device="cpu")  # fmt: skip
 
     def fit() -> None:
         model.fit(x, y, batch_size=w.batch_size, epochs=1, verbose=0)

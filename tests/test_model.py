@@ -451,10 +451,12 @@ def test_jit_compile_compiles_the_whole_train_step(monkeypatch):
     monkeypatch.setattr(torch, "compile", spy_compile)
     torch.manual_seed(0)
     model = torcheras.Model(nn.Linear(3, 1))
-    model.compile("adam", "mse", jit_compile=True, device="cpu")
+    model.compile(
+        torch.optim.Adam(model.parameters(), lr=1e-3), "mse", jit_compile=True, device="cpu"
+    )
     torch.manual_seed(0)
     eager = torcheras.Model(nn.Linear(3, 1))
-    eager.compile("adam", "mse", device="cpu")
+    eager.compile(torch.optim.Adam(eager.parameters(), lr=1e-3), "mse", device="cpu")
     x = np.random.rand(32, 3).astype("float32")
     y = x.sum(1, keepdims=True)
     history = model.fit(x, y, epochs=3, verbose=0, shuffle=False)

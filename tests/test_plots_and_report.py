@@ -145,7 +145,7 @@ def test_the_report_shows_why_a_run_stopped_without_a_saved_history(blobs, tmp_p
     stopped = re.search(r'<p class="stop"><b>Stopped:</b> ([^<]*)</p>', page)
     assert stopped is not None and stopped.group(1) == html.escape(history.stop_reason)
     cells = re.findall(r"<td>([^<]*)</td>", page)
-    assert cells[cells.index("optimizer") + 1] == "Adam"  # the hyper-parameters came too
+    assert cells[cells.index("optimizer") + 1] == "KerasAdam"  # the hyper-parameters came too
     events = EventAccumulator(str(tmp_path / "tb" / "train"), size_guidance={"tensors": 0})
     events.Reload()
     (text,) = events.Tensors("stop_reason/text_summary")

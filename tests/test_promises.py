@@ -103,15 +103,19 @@ def test_hooks_are_called_only_on_callbacks_that_define_them(blobs, monkeypatch)
 
 def test_kerass_default_optimizer_settings():
     params = list(nn.Linear(2, 1).parameters())
-    defaults = {
-        "adam": (torch.optim.Adam, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7}),
-        "adamw": (torch.optim.AdamW, {"lr": 1e-3, "eps": 1e-7, "weight_decay": 0.004}),
-        "sgd": (torch.optim.SGD, {"lr": 0.01, "momentum": 0.0}),
-        "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7}),
-        "adagrad": (torch.optim.Adagrad, {"lr": 1e-3, "initial_accumulator_value": 0.1}),
-        "adadelta": (torch.optim.Adadelta, {"lr": 1e-3, "rho": 0.95, "eps": 1e-7}),
-        "nadam": (torch.optim.NAdam, {"lr": 1e-3, "eps": 1e-7}),
-    }
+    defaults = {  # Keras 3's defaults, in each class's (torch's) argument names
+        "adam": (optimizers.KerasAdam, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7}),
+        "adamw": (optimizers.KerasAdamW, {"lr": 1e-3, "eps": 1e-7, "weight_decay": 0.004}),
+        "sgd": (optimizers.KerasSGD, {"lr": 0.01, "momentum": 0.0, "nesterov": False}),
+        "rmsprop": (optimizers.KerasRMSprop, {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7,
+                                              "momentum": 0.0, "centered": False}),
+        "adagrad": (optimizers.KerasAdagrad, {"lr": 1e-3, "initial_accumulator_value": 0.1,
+                                              "eps": 1e-7}),
+        "adadelta": (optimizers.KerasAdadelta, {"lr": 1e-3, "rho": 0.95, "eps": 1e-7}),
+        "adamax": (optimizers.KerasAdamax, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7}),
+        "nadam": (optimizers.KerasNadam, {"lr": 1e-3, "eps": 1e-7, "momentum_decay": 1.0}),
+        "lion": (optimizers.KerasLion, {"lr": 1e-3, "betas": (0.9, 0.99)}),
+    }  # fmt: skip
     for name, (cls, expected) in defaults.items():
         optimizer = optimizers.get(name, params)
         assert type(optimizer) is cls
@@ -120,7 +124,7 @@ def test_kerass_default_optimizer_settings():
     assert make_model(optimizer="rmsprop").compile is not None  # compile's default is rmsprop
     model = torcheras.Model(nn.Linear(2, 1))
     model.compile(loss="mse", device="cpu")
-    assert type(model.optimizer) is torch.optim.RMSprop
+    assert type(model.optimizer) is optimizers.KerasRMSprop
 
 
 class Crash(Callback):

@@ -44,7 +44,7 @@ def test_save_and_load_continue_training_identically(tmp_path, blobs, compiled):
         fresh.scheduler = torch.optim.lr_scheduler.StepLR(fresh.optimizer, 1, gamma=0.5)
     fresh.load(tmp_path / "model.pt")
     assert fresh.metrics_names == ["loss", "accuracy"]
-    assert type(fresh.optimizer) is torch.optim.Adam
+    assert type(fresh.optimizer) is torcheras.optimizers.KerasAdam  # "adam" by name
     loaded = fresh.optimizer.state_dict()["state"]  # Adam's moments came back
     assert loaded.keys() == moments.keys() and len(moments) == 4
     for key, moment in moments.items():
@@ -269,7 +269,10 @@ def test_an_uncompiled_model_loads_a_model_checkpoint_file_and_compiles_from_it(
     _fit_with_everything(model, x, y, 1, [torcheras.callbacks.ModelCheckpoint(tmp_path / "c.pt")])
     fresh = torcheras.Model(make_model().module)
     fresh.load(tmp_path / "c.pt")
-    assert type(fresh.optimizer) is torch.optim.Adam and fresh.metrics_names == ["loss", "accuracy"]
+    assert type(fresh.optimizer) is torcheras.optimizers.KerasAdam and fresh.metrics_names == [
+        "loss",
+        "accuracy",
+    ]
     np.testing.assert_allclose(fresh.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
 
 
@@ -354,7 +357,7 @@ def test_inspect_shows_every_optimizer_of_every_kind_of_file(name, tmp_path, blo
     for path in (tmp_path / "c.pt", tmp_path / "b" / "latest.pt", tmp_path / "m.pt"):
         info = checkpoint.describe(path)
         assert set(info["optimizers"]) == {"optimizer", "extra_optimizer"}, path
-        assert info["optimizers"]["optimizer"]["class"] == "Adam"
+        assert info["optimizers"]["optimizer"]["class"] == "KerasAdam"
         assert info["optimizers"]["optimizer"]["steps"] == 5
         assert info["optimizers"]["extra_optimizer"]["lr"] == [0.1]
         assert info["ema"]["average"] == "<4 tensors>"  # not printed tensor by tensor

@@ -374,6 +374,8 @@ class Model(nn.Module):
             )
         name = config.get("optimizer")
         optimizer_cls = getattr(torch.optim, name, None) if name else None
+        if name and name.startswith("Keras") and name in optimizers.__all__:
+            optimizer_cls = getattr(optimizers, name)  # "adam" by name: KerasAdam
         self.compile(
             optimizer=None if optimizer_cls is None else optimizer_cls,
             loss=config.get("loss"),

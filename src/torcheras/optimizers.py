@@ -1,4 +1,6 @@
-"""Optimizer names to ``torch.optim`` optimizers, with Keras's default hyperparameters."""
+"""Keras's optimizers on torch: each Keras name (``"adam"``, ``"rmsprop"``, ``"sgd"``, ...) is
+a ``torch.optim.Optimizer`` that follows Keras 3's update formula and defaults; a
+``torch.optim`` instance passed to ``compile`` keeps torch's meaning."""
 
 from __future__ import annotations
 
@@ -11,7 +13,58 @@ import torch
 
 from torcheras.registry import lookup
 
-__all__ = ["OPTIMIZERS", "KerasAdam", "get", "get_learning_rate", "set_learning_rate"]
+__all__ = [
+    "OPTIMIZERS",
+    "KerasAdadelta",
+    "KerasAdagrad",
+    "KerasAdam",
+    "KerasAdamW",
+    "KerasAdamax",
+    "KerasLion",
+    "KerasNadam",
+    "KerasRMSprop",
+    "KerasSGD",
+    "get",
+    "get_learning_rate",
+    "set_learning_rate",
+]
+
+
+def _rate(group: dict[str, Any]) -> float:
+    lr = group["lr"]
+    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+
+
+def _buckets(params: Iterable[torch.Tensor], owner: str) -> list[list[torch.Tensor]]:
+    """The parameters that have a gradient, by device and dtype (one foreach call each)."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{owner} does not support sparse gradients.")
+        buckets.setdefault((p.device, p.dtype), []).append(p)
+    return list(buckets.values())
+
+
+def _decay(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Keras's weight decay, decoupled and before the update: ``w -= w * wd * lr``. Returns
+    each group's ``weight_decay`` and sets it to 0 for torch's step (torch's is L2)."""
+    saved = []
+    for group in optimizer.param_groups:
+        saved.append(wd := group["weight_decay"])
+        if wd:
+            for ps in _buckets(group["params"], type(optimizer).__name__):
+                torch._foreach_mul_(ps, 1 - _rate(group) * wd)
+        group["weight_decay"] = 0.0
+    return saved
+
+
+def _closure_loss(closure: Callable[[], Any] | None) -> Any:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class KerasAdam(torch.optim.Adam):
@@ -21,9 +74,9 @@ class KerasAdam(torch.optim.Adam):
     after 100 steps with Keras's ``eps=1e-7``; a Keras program ported with this one follows
     Keras's numbers. Keras's defaults, and torch's Adam otherwise (foreach, fused, amsgrad):
     each step runs torch's update with ``eps / sqrt(1 - b2^t)``, which is Keras's formula.
-    ``weight_decay`` is torch's (L2, added to the gradient); Keras's decay is decoupled, as
-    ``decoupled_weight_decay=True`` gives (torch 2.7 and later). Steps are counted per param
-    group, as Keras counts iterations.
+    ``weight_decay`` is Keras's, decoupled (``w -= w * wd * lr`` before the update: torch's
+    ``decoupled_weight_decay=True``). Steps are counted per param group, as Keras counts
+    iterations. ``"adam"`` by name is this class.
 
     Example:
         ```python
@@ -31,15 +84,21 @@ class KerasAdam(torch.optim.Adam):
         ```
     """
 
+    loads_state_of = ("Adam",)  # its state is torch's
+
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
+
     def __init__(
         self,
         params: Iterable[Any],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-7,
+        weight_decay: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, **kwargs)
+        kwargs.setdefault("decoupled_weight_decay", True)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -48,7 +107,10 @@ class KerasAdam(torch.optim.Adam):
         keras_eps = []
         for group in self.param_groups:
             keras_eps.append(group["eps"])
-            group["keras_steps"] = t = group.get("keras_steps", 0) + 1
+            if "keras_steps" not in group:  # new, or torch's Adam state loaded: its count
+                steps = [self.state[p]["step"] for p in group["params"] if "step" in self.state[p]]
+                group["keras_steps"] = int(max(steps)) if steps else 0
+            group["keras_steps"] = t = group["keras_steps"] + 1
             group["eps"] = group["eps"] / math.sqrt(1 - group["betas"][1] ** t)
         try:
             return super().step(closure)
@@ -57,21 +119,329 @@ class KerasAdam(torch.optim.Adam):
                 group["eps"] = eps
 
 
-# name -> (class, Keras's defaults expressed in torch's argument names)
+class KerasAdamW(KerasAdam):
+    """Keras's AdamW: :class:`KerasAdam` with ``weight_decay=0.004``, decoupled. ``"adamw"``
+    by name."""
+
+    loads_state_of = ("AdamW",)  # its state is torch's
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.004,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+class KerasSGD(torch.optim.SGD):
+    """Keras's SGD: ``m = momentum * m - lr * g; w += m`` (nesterov: ``w += momentum * m -
+    lr * g``), decoupled ``weight_decay``, ``lr=0.01``. ``"sgd"`` by name.
+
+    torch keeps ``buf = momentum * buf + g; w -= lr * buf``: the same while the rate is
+    constant, but a changed rate scales the whole history in torch and only the new gradient
+    in Keras. This class runs torch's step (foreach, fused) and, when a group's rate changes,
+    rescales its buffers once so that ``buf = -m / lr`` stays Keras's momentum; a rate of 0
+    (where Keras's weights still coast on ``m``) is stepped here, in Keras's form.
+    """
+
+    loads_state_of = ("SGD",)  # its state is torch's
+
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov and momentum > 0,
+            weight_decay=weight_decay,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = _closure_loss(closure)
+        decays = _decay(self)
+        coasting = []  # groups at rate 0: stepped here, hidden from torch's step
+        try:
+            for group in self.param_groups:
+                if not group["momentum"]:
+                    continue
+                lr, ref = _rate(group), group.get("keras_lr")
+                bufs = [
+                    self.state[p]["momentum_buffer"]
+                    for p in group["params"]
+                    if self.state[p].get("momentum_buffer") is not None
+                ]
+                if lr == 0:
+                    coasting.append((group, group["params"]))
+                    self._coast(group, ref)
+                    group["params"] = []
+                    continue
+                if ref is not None and ref != lr and bufs:
+                    torch._foreach_mul_(bufs, ref / lr)
+                group["keras_lr"] = lr
+            super().step()
+        finally:
+            for group, params in coasting:
+                group["params"] = params
+            for group, wd in zip(self.param_groups, decays):
+                group["weight_decay"] = wd
+        return loss
+
+    def _coast(self, group: dict[str, Any], ref: float | None) -> None:
+        momentum = group["momentum"]
+        for ps in _buckets(group["params"], type(self).__name__):
+            for p in ps:
+                if self.state[p].get("momentum_buffer") is None:  # Keras's m = 0 - 0 * g
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in ps]
+            torch._foreach_mul_(bufs, momentum)
+            if ref:  # m = -ref * buf; w += m (nesterov: w += momentum * m)
+                scale = ref * (momentum if group["nesterov"] else 1.0)
+                torch._foreach_add_(ps, bufs, alpha=-scale)
+
+
+class _KerasForeach(torch.optim.Optimizer):
+    """A Keras update written with torch's foreach ops, one call per device and dtype.
+    Per-parameter state under Keras's names, saved by ``state_dict``."""
+
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
+
+    def _state(self, p: torch.Tensor, name: str, fill: float = 0.0) -> torch.Tensor:
+        state = self.state[p]
+        if name not in state:
+            state[name] = torch.full_like(p, fill, memory_format=torch.preserve_format)
+        return state[name]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            group["keras_steps"] = group.get("keras_steps", 0) + 1
+            lr, wd = _rate(group), group["weight_decay"]
+            for ps in _buckets(group["params"], type(self).__name__):
+                if wd:
+                    torch._foreach_mul_(ps, 1 - lr * wd)
+                self._update(group, ps, [p.grad for p in ps], lr)
+        return loss
+
+    def _update(self, group: dict[str, Any], ps: list, grads: list, lr: float) -> None:
+        raise NotImplementedError
+
+
+class KerasRMSprop(_KerasForeach):
+    """Keras's RMSprop: ``v = rho * v + (1 - rho) * g^2; w -= lr * g / sqrt(v + eps)``, with
+    epsilon inside the square root (torch adds it outside: a step of a 1e-4 gradient is ten
+    times Keras's). ``centered`` subtracts the squared mean gradient inside the root;
+    ``momentum`` keeps ``b = momentum * b + lr * g / sqrt(...)``, ``w -= b``. torch's argument
+    names (``alpha`` is Keras's ``rho``), Keras's defaults. ``"rmsprop"`` by name.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        alpha: float = 0.9,
+        eps: float = 1e-7,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                        momentum=momentum, centered=centered)  # fmt: skip
+        super().__init__(params, defaults)
+
+    def _update(self, group: dict[str, Any], ps: list, grads: list, lr: float) -> None:
+        rho, eps, momentum = group["alpha"], group["eps"], group["momentum"]
+        vs = [self._state(p, "velocity") for p in ps]
+        torch._foreach_mul_(vs, rho)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - rho)
+        if group["centered"]:
+            avgs = [self._state(p, "average_gradient") for p in ps]
+            torch._foreach_lerp_(avgs, grads, 1 - rho)
+            denom = torch._foreach_addcmul(vs, avgs, avgs, value=-1)
+            torch._foreach_add_(denom, eps)
+        else:
+            denom = torch._foreach_add(vs, eps)
+        torch._foreach_sqrt_(denom)
+        if momentum > 0:
+            bufs = [self._state(p, "momentum") for p in ps]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_addcdiv_(bufs, grads, denom, value=lr)
+            torch._foreach_sub_(ps, bufs)
+        else:
+            torch._foreach_addcdiv_(ps, grads, denom, value=-lr)
+
+
+class KerasAdamax(_KerasForeach):
+    """Keras's Adamax: ``u = max(b2 * u, |g|); w -= lr / (1 - b1^t) * m / (u + eps)`` (torch
+    puts epsilon inside the max). Keras's defaults. ``"adamax"`` by name."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-7,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _update(self, group: dict[str, Any], ps: list, grads: list, lr: float) -> None:
+        (b1, b2), t = group["betas"], group["keras_steps"]
+        ms = [self._state(p, "m") for p in ps]
+        us = [self._state(p, "u") for p in ps]
+        torch._foreach_lerp_(ms, grads, 1 - b1)
+        torch._foreach_mul_(us, b2)
+        torch._foreach_maximum_(us, torch._foreach_abs(grads))
+        denom = torch._foreach_add(us, group["eps"])
+        torch._foreach_addcdiv_(ps, ms, denom, value=-lr / (1 - b1**t))
+
+
+class KerasLion(_KerasForeach):
+    """Keras's Lion (torch has none): ``w -= lr * sign(b1 * m + (1 - b1) * g); m = b2 * m +
+    (1 - b2) * g``, ``lr=1e-3``, ``betas=(0.9, 0.99)``. ``"lion"`` by name."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    def _update(self, group: dict[str, Any], ps: list, grads: list, lr: float) -> None:
+        b1, b2 = group["betas"]
+        ms = [self._state(p, "momentum") for p in ps]
+        update = torch._foreach_lerp(ms, grads, 1 - b1)
+        torch._foreach_sign_(update)
+        torch._foreach_add_(ps, update, alpha=-lr)
+        torch._foreach_lerp_(ms, grads, 1 - b2)
+
+
+class KerasAdagrad(torch.optim.Adagrad):
+    """Keras's Adagrad: ``a += g^2; w -= lr * g / sqrt(a + eps)``, ``a`` from 0.1 (torch adds
+    epsilon outside the root). torch's step (foreach, fused) keeps ``a + eps`` as its ``sum``
+    and runs with epsilon 0, which is Keras's formula. Decoupled ``weight_decay``. ``"adagrad"``
+    by name."""
+
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        initial_accumulator_value: float = 0.1,
+        eps: float = 1e-7,
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            initial_accumulator_value=initial_accumulator_value + eps,
+            eps=eps,
+            weight_decay=weight_decay,
+            **kwargs,
+        )
+        for group in self.param_groups:
+            group["initial_accumulator_value"] = initial_accumulator_value
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = _closure_loss(closure)
+        decays, eps = _decay(self), [g["eps"] for g in self.param_groups]
+        for group in self.param_groups:
+            group["eps"] = 0.0
+        try:
+            super().step()
+        finally:
+            for group, wd, e in zip(self.param_groups, decays, eps):
+                group["weight_decay"], group["eps"] = wd, e
+        return loss
+
+
+class KerasAdadelta(torch.optim.Adadelta):
+    """Keras's Adadelta, which is torch's formula, with Keras's defaults (``lr=1e-3``,
+    ``rho=0.95``, ``eps=1e-7``) and decoupled ``weight_decay``. ``"adadelta"`` by name."""
+
+    loads_state_of = ("Adadelta",)  # its state is torch's
+
+    compilable_step = False  # jit_compile steps it eagerly (it changes its groups)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        rho: float = 0.95,
+        eps: float = 1e-7,
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = _closure_loss(closure)
+        decays = _decay(self)
+        try:
+            super().step()
+        finally:
+            for group, wd in zip(self.param_groups, decays):
+                group["weight_decay"] = wd
+        return loss
+
+
+class KerasNadam(torch.optim.NAdam):
+    """Keras's Nadam: torch's NAdam with Keras's momentum schedule ``mu_t = b1 * (1 - 0.5 *
+    0.96^t)`` (torch's default is ``0.96^(0.004 t)``: ``momentum_decay=1``), ``eps=1e-7``,
+    ``lr=1e-3`` and decoupled ``weight_decay``. ``"nadam"`` by name."""
+
+    loads_state_of = ("NAdam",)  # its state is torch's
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-7,
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("momentum_decay", 1.0)
+        kwargs.setdefault("decoupled_weight_decay", True)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+
+
+# name -> (class, Keras's defaults expressed in the class's argument names). Each Keras name
+# follows Keras's update formula; "radam" is not a Keras optimizer and stays torch's.
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
-    "adam": (torch.optim.Adam, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7}),
-    "adamw": (
-        torch.optim.AdamW,
-        {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-7, "weight_decay": 0.004},
-    ),
-    "sgd": (torch.optim.SGD, {"lr": 0.01}),
-    "rmsprop": (torch.optim.RMSprop, {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7}),
-    "adagrad": (torch.optim.Adagrad, {"lr": 1e-3, "initial_accumulator_value": 0.1}),
-    "adadelta": (torch.optim.Adadelta, {"lr": 1e-3, "rho": 0.95, "eps": 1e-7}),
-    "adamax": (torch.optim.Adamax, {"lr": 1e-3, "eps": 1e-7}),
-    "nadam": (torch.optim.NAdam, {"lr": 1e-3, "eps": 1e-7}),
+    "adam": (KerasAdam, {}),
+    "adamw": (KerasAdamW, {}),
+    "sgd": (KerasSGD, {}),
+    "rmsprop": (KerasRMSprop, {}),
+    "adagrad": (KerasAdagrad, {}),
+    "adadelta": (KerasAdadelta, {}),
+    "adamax": (KerasAdamax, {}),
+    "nadam": (KerasNadam, {}),
+    "lion": (KerasLion, {}),
     "radam": (torch.optim.RAdam, {"lr": 1e-3}),
 }
+
+
+def _accepts_fused(cls: type) -> bool:
+    return any(
+        "fused" in inspect.signature(k.__init__).parameters
+        for k in cls.__mro__
+        if isinstance(k, type) and issubclass(k, torch.optim.Optimizer)
+    )
 
 
 def get(
@@ -88,7 +458,7 @@ def get(
 
     >>> net = torch.nn.Linear(2, 1)
     >>> type(get("adam", net.parameters())).__name__
-    'Adam'
+    'KerasAdam'
     """
     if isinstance(optimizer, torch.optim.Optimizer):
         if learning_rate is not None:
@@ -106,7 +476,7 @@ def get(
         kwargs = dict(defaults)
         if learning_rate is not None:
             kwargs["lr"] = learning_rate
-        if fused and "fused" in inspect.signature(cls).parameters:
+        if fused and _accepts_fused(cls):
             kwargs["fused"] = True
         return cls(parameters, **kwargs)
     if callable(optimizer):

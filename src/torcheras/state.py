@@ -79,6 +79,14 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _state_compatible(optimizer: torch.optim.Optimizer) -> set[str]:
+    """The optimizer classes whose saved state this one loads: its own, and the torch class
+    a Keras one keeps torch's state for (a file saved when ``"adam"`` was torch's Adam loads
+    into KerasAdam, which reads the step count from it)."""
+    cls = type(optimizer)
+    return {cls.__name__, *getattr(cls, "loads_state_of", ())}
+
+
 def _attributes_of_type(model: Any, kind: type) -> dict[str, Any]:
     """The model's attributes of a kind, by name: ``model.optimizer`` and any other optimizer
     (a GAN's two), or the LR schedulers a custom ``train_step`` keeps on the model."""
@@ -135,7 +143,7 @@ def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: 
             if name not in mine:
                 raise mismatch(f"it holds {key[:-1]} {name!r}", "this model has none")
             saved_class = classes.get(name) if key == "optimizers" else None
-            if saved_class is not None and saved_class != type(mine[name]).__name__:
+            if saved_class is not None and saved_class not in _state_compatible(mine[name]):
                 raise mismatch(
                     f"optimizer {name!r} is a {type(mine[name]).__name__} here",
                     f"saved from a {saved_class}",

@@ -101,6 +101,11 @@ class CompiledStep:
         optimizer = self.model.optimizer
         if optimizer is None:
             return
+        if not getattr(optimizer, "compilable_step", True):
+            # A Keras optimizer that adjusts its groups each step (KerasAdam's epsilon,
+            # KerasSGD's momentum on a changed rate): compiled, it would recompile every step.
+            optimizer.step()
+            return
         if self._step_of is not optimizer:
             for group in optimizer.param_groups:
                 if type(group["lr"]) is not Tensor:

@@ -40,7 +40,7 @@ def test_params_metrics_checkpoint_plot_and_stop_reason_reach_mlflow(blobs, tmp_
     assert run.info.status == "FINISHED" and run.info.run_name == "blobs"
     assert run.data.tags["stop_reason"] == history.stop_reason
     assert run.data.tags["team"] == "torcheras"
-    assert run.data.params["optimizer"] == "Adam" and run.data.params["epochs"] == "30"
+    assert run.data.params["optimizer"] == "KerasAdam" and run.data.params["epochs"] == "30"
     assert float(run.data.params["lr"]) == pytest.approx(0.02)
     for key, values in history.history.items():
         logged = client.get_metric_history(logger.run_id, key)
