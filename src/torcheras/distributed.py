@@ -9,8 +9,10 @@ same decisions.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import os
+import sys
 from typing import Any
 
 import torch
@@ -88,9 +90,20 @@ def _destroy_process_group() -> None:
     abort the process (SIGABRT, a failed exit code for a run that succeeded), and NCCL warns
     that the group was never destroyed."""
     global _HOST_GROUP
-    _HOST_GROUP = None
     if dist.is_initialized():
+        # A run that ends normally first waits for every rank: a rank that tears its group
+        # down while another still talks to it can abort either at exit (SIGABRT, about 1
+        # launch in 200 without the wait). A rank leaving on an uncaught error does not wait
+        # (the others may be inside a collective; torchrun stops them).
+        if not hasattr(sys, "last_value"):
+            with contextlib.suppress(Exception):
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                else:
+                    dist.barrier(group=_HOST_GROUP)
+        _HOST_GROUP = None
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def _host_group() -> Any:

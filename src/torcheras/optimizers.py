@@ -60,6 +60,14 @@ def _decay(optimizer: torch.optim.Optimizer) -> list[float]:
     return saved
 
 
+def _torch_step(cls: type[torch.optim.Optimizer]) -> Callable[..., Any]:
+    """torch's ``cls.step`` without the profiling wrapper torch puts on each optimizer class
+    it builds: our subclass's own step is wrapped already, and a second wrapper would add a
+    record_function and the hooks' bookkeeping to every step (~10 us)."""
+    step = cls.step
+    return step.__wrapped__ if getattr(step, "hooked", False) else step  # type: ignore[attr-defined]
+
+
 def _closure_loss(closure: Callable[[], Any] | None) -> Any:
     if closure is None:
         return None
@@ -113,7 +121,7 @@ class KerasAdam(torch.optim.Adam):
             group["keras_steps"] = t = group["keras_steps"] + 1
             group["eps"] = group["eps"] / math.sqrt(1 - group["betas"][1] ** t)
         try:
-            return super().step(closure)
+            return _torch_step(torch.optim.Adam)(self, closure)
         finally:
             for group, eps in zip(self.param_groups, keras_eps):
                 group["eps"] = eps
@@ -163,8 +171,13 @@ class KerasSGD(torch.optim.SGD):
             **kwargs,
         )
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if not any(g["momentum"] or g["weight_decay"] for g in self.param_groups):
+            return _torch_step(torch.optim.SGD)(self, closure)  # plain SGD: the same update
+        return self._keras_step(closure)
+
+    @torch.no_grad()
+    def _keras_step(self, closure: Callable[[], Any] | None) -> Any:
         loss = _closure_loss(closure)
         decays = _decay(self)
         coasting = []  # groups at rate 0: stepped here, hidden from torch's step
@@ -186,7 +199,7 @@ class KerasSGD(torch.optim.SGD):
                 if ref is not None and ref != lr and bufs:
                     torch._foreach_mul_(bufs, ref / lr)
                 group["keras_lr"] = lr
-            super().step()
+            _torch_step(torch.optim.SGD)(self)
         finally:
             for group, params in coasting:
                 group["params"] = params
@@ -361,7 +374,7 @@ class KerasAdagrad(torch.optim.Adagrad):
         for group in self.param_groups:
             group["eps"] = 0.0
         try:
-            super().step()
+            _torch_step(torch.optim.Adagrad)(self)
         finally:
             for group, wd, e in zip(self.param_groups, decays, eps):
                 group["weight_decay"], group["eps"] = wd, e
@@ -392,7 +405,7 @@ class KerasAdadelta(torch.optim.Adadelta):
         loss = _closure_loss(closure)
         decays = _decay(self)
         try:
-            super().step()
+            _torch_step(torch.optim.Adadelta)(self)
         finally:
             for group, wd in zip(self.param_groups, decays):
                 group["weight_decay"] = wd
