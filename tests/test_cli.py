@@ -36,7 +36,7 @@ def test_the_demo_command_trains_digits_to_95_percent_and_says_where_things_are(
     assert len(acc.Scalars("epoch_loss")) == len(rows)
     assert main(["inspect", str(tmp_path / "best.pt")]) == 0
     shown = capsys.readouterr().out
-    assert "kind: model" in shown and "optimizers:\n  optimizer:\n    class: Adam" in shown
+    assert "kind: model" in shown and "optimizers:\n  optimizer:\n    class: KerasAdam" in shown
 
 
 def test_version_prints_the_package_version(capsys):
