@@ -87,7 +87,9 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, every_rank: bool = False
+) -> Path:
     """Write a file so that readers only ever see the old or the complete new content.
 
     ``write`` receives a binary file object. The parent folder is created if missing; the file
@@ -97,7 +99,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     never touched.
     """
     target = Path(path)
-    if not distributed.is_main():  # under torchrun, rank 0 alone writes files
+    if not (every_rank or distributed.is_main()):  # under torchrun, rank 0 alone writes
+        # training's files; ``every_rank``: a file the user asked this rank for
         return target
     if target.is_dir():
         raise CheckpointError(

@@ -77,4 +77,4 @@ def save_png(grid: np.ndarray, path: str | os.PathLike[str], scale: int = 1) -> 
         grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
     buffer = io.BytesIO()
     imsave(buffer, np.ascontiguousarray(grid), format="png")
-    return checkpoint.atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return checkpoint.atomic_write(path, lambda f: f.write(buffer.getvalue()), every_rank=True)

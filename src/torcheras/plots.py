@@ -177,4 +177,4 @@ def save_figure(figure: Any, path: str | os.PathLike[str]) -> None:
     buffer = io.BytesIO()
     suffix = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
     figure.savefig(buffer, format=suffix, dpi=110)
-    checkpoint.atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    checkpoint.atomic_write(path, lambda f: f.write(buffer.getvalue()), every_rank=True)

@@ -188,4 +188,4 @@ def write_report(
         f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
     target = Path(output) if output is not None else run / "report.html"
-    return checkpoint.atomic_write(target, lambda f: f.write(page.encode("utf-8")))
+    return checkpoint.atomic_write(target, lambda f: f.write(page.encode("utf-8")), every_rank=True)

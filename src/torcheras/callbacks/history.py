@@ -81,7 +81,9 @@ class History(Callback):
             or (hyperparameters(self.model) if self._model is not None else {}),
         }
         text = json.dumps(record, indent=2, default=str)
-        return checkpoint.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+        return checkpoint.atomic_write(
+            path, lambda f: f.write(text.encode("utf-8")), every_rank=True
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": {k: list(v) for k, v in self.history.items()}, "epoch": list(self.epoch)}
