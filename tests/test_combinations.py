@@ -5,11 +5,13 @@ same global batch); ``gradient_accumulation_steps`` 1 / 3 (5 batches an epoch: g
 a short 2); precision ``"32"`` / ``"bf16-mixed"``; one output / two with ``loss_weights``; no
 EMA / ``ema_momentum``; no clipping / ``global_clipnorm``; ``torcheras.Model(net)`` / a
 subclass with its own layers, ``compute_loss`` (a penalty added) and ``optimizer_step``
-(counted) overridden. ``COVERING`` holds every pair of levels of every pair of factors in six
-rows. Each row's run (tests/combinations/combo_script.py) must end with the weights, the
-History and the number of optimizer steps of the plain loop of the same settings here: one
-process, eager, in order, accumulation, clipping and EMA written out by hand. Two one-process
-rows (COVERING's row 3 and one more) are also killed with SIGKILL mid-epoch and resumed by
+(counted) overridden, trained with Keras's SGD (``optimizers.KerasSGD``, whose step runs
+eagerly under ``jit_compile``; torch's momentum at a constant rate). ``COVERING`` holds
+every pair of levels of every pair of factors in six rows. Each row's run
+(tests/combinations/combo_script.py) must end with the weights, the History and the number
+of optimizer steps of the plain loop of the same settings here: one process, eager, in
+order, accumulation, clipping and EMA written out by hand. Two one-process rows (COVERING's
+row 3 and one more) are also killed with SIGKILL mid-epoch and resumed by
 BackupAndRestore: they must end as their uninterrupted run.
 
 The runs are grouped, all under one timeout: one process for the one-process rows, one

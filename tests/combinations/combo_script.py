@@ -113,8 +113,11 @@ def build(config: dict[str, Any]) -> torcheras.Model:
     two = bool(config["two_outputs"])
     torch.manual_seed(SEED)
     model = Subclassed(two) if config["subclass"] else torcheras.Model(Net(two))
+    # The subclass level trains with Keras's SGD (``"sgd"``'s class): at a constant rate its
+    # momentum is torch's, so the same reference holds, and every other factor meets it.
+    sgd = torcheras.optimizers.KerasSGD if config["subclass"] else torch.optim.SGD
     model.compile(
-        lambda params: torch.optim.SGD(params, lr=LEARNING_RATE, momentum=MOMENTUM),
+        lambda params: sgd(params, lr=LEARNING_RATE, momentum=MOMENTUM),
         ["mse", "mse"] if two else "mse",
         loss_weights=list(LOSS_WEIGHTS) if two else None,
         device="cpu",
