@@ -68,6 +68,29 @@ def _torch_step(cls: type[torch.optim.Optimizer]) -> Callable[..., Any]:
     return step.__wrapped__ if getattr(step, "hooked", False) else step  # type: ignore[attr-defined]
 
 
+@torch.no_grad()
+def _decayed_torch_step(
+    optimizer: torch.optim.Optimizer,
+    parent: type[torch.optim.Optimizer],
+    closure: Callable[[], Any] | None,
+    **settings: Any,
+) -> Any:
+    """``parent``'s step after Keras's decoupled weight decay, each group's ``settings``
+    overridden for torch's step only (Adagrad's epsilon 0)."""
+    loss = _closure_loss(closure)
+    decays = _decay(optimizer)
+    saved = [{key: group[key] for key in settings} for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(settings)
+    try:
+        _torch_step(parent)(optimizer)
+    finally:
+        for group, wd, kept in zip(optimizer.param_groups, decays, saved):
+            group["weight_decay"] = wd
+            group.update(kept)
+    return loss
+
+
 def _closure_loss(closure: Callable[[], Any] | None) -> Any:
     if closure is None:
         return None
@@ -367,18 +390,8 @@ class KerasAdagrad(torch.optim.Adagrad):
         for group in self.param_groups:
             group["initial_accumulator_value"] = initial_accumulator_value
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = _closure_loss(closure)
-        decays, eps = _decay(self), [g["eps"] for g in self.param_groups]
-        for group in self.param_groups:
-            group["eps"] = 0.0
-        try:
-            _torch_step(torch.optim.Adagrad)(self)
-        finally:
-            for group, wd, e in zip(self.param_groups, decays, eps):
-                group["weight_decay"], group["eps"] = wd, e
-        return loss
+        return _decayed_torch_step(self, torch.optim.Adagrad, closure, eps=0.0)
 
 
 class KerasAdadelta(torch.optim.Adadelta):
@@ -400,16 +413,8 @@ class KerasAdadelta(torch.optim.Adadelta):
     ) -> None:
         super().__init__(params, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, **kwargs)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        loss = _closure_loss(closure)
-        decays = _decay(self)
-        try:
-            _torch_step(torch.optim.Adadelta)(self)
-        finally:
-            for group, wd in zip(self.param_groups, decays):
-                group["weight_decay"] = wd
-        return loss
+        return _decayed_torch_step(self, torch.optim.Adadelta, closure)
 
 
 class KerasNadam(torch.optim.NAdam):
