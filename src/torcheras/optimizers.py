@@ -209,18 +209,19 @@ class KerasSGD(torch.optim.SGD):
                 if not group["momentum"]:
                     continue
                 lr, ref = _rate(group), group.get("keras_lr")
-                bufs = [
-                    self.state[p]["momentum_buffer"]
-                    for p in group["params"]
-                    if self.state[p].get("momentum_buffer") is not None
-                ]
                 if lr == 0:
                     coasting.append((group, group["params"]))
                     self._coast(group, ref)
                     group["params"] = []
                     continue
-                if ref is not None and ref != lr and bufs:
-                    torch._foreach_mul_(bufs, ref / lr)
+                if ref is not None and ref != lr:  # only when the rate changed
+                    bufs = [
+                        self.state[p]["momentum_buffer"]
+                        for p in group["params"]
+                        if self.state[p].get("momentum_buffer") is not None
+                    ]
+                    if bufs:
+                        torch._foreach_mul_(bufs, ref / lr)
                 group["keras_lr"] = lr
             _torch_step(torch.optim.SGD)(self)
         finally:
