@@ -104,3 +104,14 @@ def drive(
 
 def files_in(folder: str | os.PathLike[str]) -> list[str]:
     return sorted(os.listdir(folder))
+
+
+@pytest.fixture(scope="session")
+def keras() -> Any:
+    """Keras 3 on the torch backend (the ``bench`` extra), the reference Keras numbers come
+    from; the test is skipped where it is not installed or runs another backend."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    module = pytest.importorskip("keras")
+    if module.backend.backend() != "torch":
+        pytest.skip("Keras runs on another backend in this process")
+    return module

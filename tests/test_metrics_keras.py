@@ -12,7 +12,6 @@ within 5e-3 on 300 spread scores otherwise.
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -462,36 +461,27 @@ KERAS_CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def keras_metrics():
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "torch":
-        pytest.skip("Keras runs another backend")
-    return keras
-
-
 @pytest.mark.parametrize(
     "cls, kwargs, data",
     KERAS_CASES,
     ids=[f"{c}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for c, kw, _ in KERAS_CASES],
 )
 @pytest.mark.parametrize("weighted", [False, True], ids=["", "weighted"])
-def test_every_metric_gives_kerass_number(keras_metrics, cls, kwargs, data, weighted):
+def test_every_metric_gives_kerass_number(keras, cls, kwargs, data, weighted):
     y_true, y_pred = DATA[data]
     w = W if weighted else None
     extra = {"dtype": "float32"} if "IoU" in cls else {}
-    want = accumulate(getattr(keras_metrics.metrics, cls)(**kwargs, **extra), y_true, y_pred, w)
+    want = accumulate(getattr(keras.metrics, cls)(**kwargs, **extra), y_true, y_pred, w)
     got = accumulate(getattr(M, cls)(**kwargs), y_true, y_pred, w)
     rtol = 1e-5 if cls == "R2Score" else 1e-6  # Keras's float32 sums
     np.testing.assert_allclose(got, want, rtol=rtol, atol=ATOL)
 
 
-def test_keras_reads_ignore_class_into_its_weighted_mean_only(keras_metrics):
+def test_keras_reads_ignore_class_into_its_weighted_mean_only(keras):
     """Keras's unweighted SparseCategoricalCrossentropy(ignore_class=...) counts the ignored
     labels as 0s in its mean; weighted, it leaves them out. Here they are left out in both."""
     kwargs = {"from_logits": True, "ignore_class": 1}
-    keras_cls = keras_metrics.metrics.SparseCategoricalCrossentropy
+    keras_cls = keras.metrics.SparseCategoricalCrossentropy
     weighted = accumulate(keras_cls(**kwargs), LABELS, CLASS_LOGITS, W)
     ours = accumulate(M.SparseCategoricalCrossentropy(**kwargs), LABELS, CLASS_LOGITS, W)
     assert ours == pytest.approx(weighted, abs=ATOL)
@@ -503,13 +493,13 @@ def test_keras_reads_ignore_class_into_its_weighted_mean_only(keras_metrics):
 NOT_METRICS_OF_OUTPUTS = {"mean", "sum", "metric", "mean_metric_wrapper"}
 
 
-def test_every_keras_metric_class_is_here(keras_metrics):
-    names = [n for n in dir(keras_metrics.metrics) if n[0].isupper()]
+def test_every_keras_metric_class_is_here(keras):
+    names = [n for n in dir(keras.metrics) if n[0].isupper()]
     missing = [n for n in names if not hasattr(M, n)]
     assert not missing
 
 
-def test_every_name_keras_builds_is_known_with_kerass_direction(keras_metrics):
+def test_every_name_keras_builds_is_known_with_kerass_direction(keras):
     from keras.src.metrics import ALL_OBJECTS_DICT
 
     built = set()
@@ -517,7 +507,7 @@ def test_every_name_keras_builds_is_known_with_kerass_direction(keras_metrics):
         if name in NOT_METRICS_OF_OUTPUTS:
             continue
         try:
-            theirs = keras_metrics.metrics.get(name)
+            theirs = keras.metrics.get(name)
         except TypeError:  # a class with a required argument (num_classes, recall...)
             with pytest.raises(ValueError, match=r"needs .*torcheras\.metrics\.\w+\(\w+=\.\.\."):
                 M.get(name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import pytest
 import torch
@@ -50,11 +49,7 @@ def test_keras_adam_follows_keras_formula_where_torchs_adam_does_not(foreach):
     assert (torchs - expected).abs().max() > 1e-4  # epsilon after the bias correction
 
 
-def test_keras_adam_equals_keras_itself():
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "torch":
-        pytest.skip("Keras runs on another backend in this process")
+def test_keras_adam_equals_keras_itself(keras):
     w0, grads = torch.randn(5, generator=torch.Generator().manual_seed(2)), _gradients()
     variable, optimizer = keras.Variable(w0.numpy()), keras.optimizers.Adam()
     for g in grads:
@@ -205,8 +200,7 @@ def test_each_name_follows_keras_formula_step_by_step(name, keras_kwargs, kwargs
 
 
 @pytest.mark.parametrize(("name", "keras_kwargs", "kwargs"), CASES, ids=_IDS)
-def test_each_name_equals_keras_itself(name, keras_kwargs, kwargs):
-    keras = _keras()
+def test_each_name_equals_keras_itself(name, keras_kwargs, kwargs, keras):
     w0 = torch.randn(5, generator=torch.Generator().manual_seed(4))
     grads, factors = _varied(seed=1)
     base = _DEFAULT_LR.get(name, 1e-3)
@@ -220,20 +214,11 @@ def test_each_name_equals_keras_itself(name, keras_kwargs, kwargs):
     assert (ours - theirs).abs().max() < 2e-6  # float32 both, rounded in different orders
 
 
-def _keras():
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "torch":
-        pytest.skip("Keras runs on another backend in this process")
-    return keras
-
-
 @pytest.mark.parametrize(
     ("name", "kwargs"),
     [("sgd", {"momentum": 0.9}), ("rmsprop", {}), ("adam", {}), ("nadam", {}), ("adagrad", {})],
 )
-def test_fit_by_name_equals_keras_fit(name, kwargs):
-    keras = _keras()
+def test_fit_by_name_equals_keras_fit(name, kwargs, keras):
     import torcheras
 
     gen = torch.Generator().manual_seed(5)
