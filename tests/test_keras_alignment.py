@@ -392,3 +392,55 @@ def test_keras_py_dataset_instances_are_accepted():
 
     history = make_model().fit(Batches(), epochs=1, verbose=0)
     assert history.params["steps"] == 3
+
+
+class _DatasetOfBatches(torch.utils.data.Dataset):
+    """A map-style Dataset whose every item is already a batch of 8 samples: the mistake a
+    PyDataset exists for. Its DataLoader makes (30, 8, 8) inputs of the blobs."""
+
+    def __init__(self, x, y):
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+
+    def __len__(self):
+        return len(self.x) // 8
+
+    def __getitem__(self, i):
+        return self.x[i * 8 : (i + 1) * 8], self.y[i * 8 : (i + 1) * 8]
+
+
+@pytest.mark.parametrize("method", ["fit", "evaluate", "predict"])
+def test_a_dataset_of_batches_batched_again_is_refused_naming_py_dataset(blobs, method):
+    x, y = blobs
+    model = make_model()
+    model.fit(x, y, epochs=1, verbose=0)  # first called on (batch, 8)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        getattr(model, method)(_DatasetOfBatches(x, y), verbose=0)
+    message = str(error.value)
+    assert "(30, 8, 8) (rank 3)" in message and "rank 2" in message  # 30 items, batched
+    assert "torcheras.data.PyDataset" in message and "batch_size=None" in message
+    # refused before any step: the weights are untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_inputs_of_another_rank_than_the_first_call_are_refused(blobs):
+    x, y = blobs
+    model = make_model()
+    model.fit(x, y, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"the batch dimension first"):
+        model.predict(x[0][None, None], verbose=0)  # (1, 1, 8): one rank too many
+    # the same rank with another batch size, and sequences of samples, are fine
+    assert model.predict(x[:5], verbose=0).shape == (5, 3)
+
+
+def test_a_dataset_of_sequences_keeps_its_rank_and_trains():
+    """Items of (steps, features) per sample are samples, not batches: they batch to
+    (batch, steps, features) every pass, and nothing is refused."""
+    rng = np.random.default_rng(0)
+    xs = torch.from_numpy(rng.normal(size=(64, 5, 4)).astype("float32"))
+    ys = torch.from_numpy(rng.integers(0, 3, size=(64, 5)))
+    model = torcheras.Model(torch.nn.Linear(4, 3))
+    model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+    history = model.fit(TensorDataset(xs, ys), epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    assert model.predict(TensorDataset(xs), verbose=0).shape == (64, 5, 3)

@@ -344,3 +344,53 @@ def test_a_torchmetrics_result_in_batch_logs_is_computed_only_when_read(blobs):
     assert len(computes) == 2  # batch 2's read, and the epoch's result; not 8 times
     assert keep.kept[2]["counting_accuracy"] == read[2]  # read again later: same value
     assert keep.kept[5]["counting_accuracy"] != pytest.approx(0.0)
+
+
+class _RecordsLosses(torcheras.Model):
+    """Records each batch's loss and hits (read on the host: a test's reference) and logs a
+    parameter the optimizer changes in place."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.seen = []
+
+    def train_step(self, batch):
+        x, y, _ = batch[0], batch[1], None
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.module(x) * self.scale
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward()
+        self.optimizer.step()
+        self.update_metrics(out, y)
+        hits = int((out.argmax(1) == y).sum())
+        self.seen.append((loss.item(), hits, len(x), self.scale.item()))
+        return {"loss": loss, "scale": self.scale.detach()}  # shares the parameter's storage
+
+
+def test_running_means_over_many_batches_match_the_batches(blobs):
+    """Values are summed in groups (not one device op per batch): across group boundaries
+    (600 batches, a short last one), kept batch logs and the epoch's logs must still equal
+    the running means of the batches' own values, and a logged parameter that the optimizer
+    changes in place counts the value it had at each batch."""
+    x, y = blobs  # 240 samples
+    x, y = np.tile(x, (6, 1))[:1201], np.tile(y, 6)[:1201]  # 601 batches of 2, the last of 1
+    torch.manual_seed(0)
+    model = _RecordsLosses(nn.Sequential(nn.Linear(x.shape[1], 3)))
+    model.compile(torch.optim.SGD(model.parameters(), lr=0.05), "cross_entropy", ["accuracy"])
+    keep = KeepLogs()
+    history = model.fit(x, y, epochs=1, batch_size=2, verbose=0, callbacks=[keep])
+    seen = np.array(model.seen, dtype=np.float64)
+    loss, hits, sizes, scale = seen.T
+    assert len(keep.kept) == 601 and sizes[-1] == 1 and scale[0] != scale[-1]
+    seen_so_far = np.cumsum(sizes)
+    for k in (0, 254, 255, 256, 300, 511, 512, 600):
+        logs = keep.kept[k]
+        assert logs["loss"] == pytest.approx(np.cumsum(loss * sizes)[k] / seen_so_far[k], rel=1e-5)
+        assert logs["accuracy"] == pytest.approx(np.cumsum(hits)[k] / seen_so_far[k], rel=1e-6)
+        assert logs["scale"] == pytest.approx(
+            np.cumsum(scale * sizes)[k] / seen_so_far[k], rel=1e-6
+        )
+    assert history.history["loss"][0] == pytest.approx(np.average(loss, weights=sizes), rel=1e-5)
+    assert history.history["scale"][0] == pytest.approx(np.average(scale, weights=sizes), rel=1e-6)
+    assert history.history["accuracy"][0] == pytest.approx(hits.sum() / sizes.sum(), rel=1e-6)

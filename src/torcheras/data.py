@@ -132,7 +132,7 @@ def shard(batch: Structure, rank: int, world_size: int) -> Structure:
 
 def batch_size_of(obj: Structure) -> int:
     """The number of samples in a batch: the first dimension of its first tensor."""
-    if isinstance(obj, torch.Tensor):
+    if type(obj) is torch.Tensor or isinstance(obj, torch.Tensor):
         return obj.shape[0] if obj.dim() else 1
     found = leaves(obj)
     return found[0].shape[0] if found and found[0].dim() else 1
@@ -140,6 +140,8 @@ def batch_size_of(obj: Structure) -> int:
 
 def unpack(batch: Any) -> tuple[Any, Any, Any]:
     """Split a batch into ``(x, y, sample_weight)``; missing parts are None."""
+    if type(batch) is tuple and len(batch) == 2:  # the common case first (once per batch)
+        return batch[0], batch[1], None
     if isinstance(batch, (tuple, list)):
         if len(batch) == 1:
             return batch[0], None, None
@@ -429,6 +431,8 @@ class IterableSource:
     shuffle = False
     labels_may_pad = True  # batches not seen yet: accuracies mask padding labels per batch
 
+    batches_items = False  # a Dataset torcheras batches itself (its items taken for samples)
+
     def __init__(self, iterable: Iterable[Any], steps: int | None, name: str) -> None:
         self.iterable = iterable
         self.is_iterator = iter(iterable) is iterable if hasattr(iterable, "__iter__") else False
@@ -666,7 +670,9 @@ def make_source(
         if len(x) == 0:  # type: ignore[arg-type]
             raise ValueError(f"`{name}` is an empty Dataset.")
         loader = DataLoader(x, batch_size=batch_size or 32, shuffle=shuffle)
-        return IterableSource(loader, steps, name)
+        source = IterableSource(loader, steps, name)
+        source.batches_items = True  # each item is taken for one sample (see check_input_rank)
+        return source
     if isinstance(x, (DataLoader, IterableDataset)):
         _check_no_y(x, y, sample_weight, type(x).__name__)
         if batch_size is not None and isinstance(x, DataLoader):
@@ -675,7 +681,9 @@ def make_source(
                 " on the DataLoader."
             )
         if isinstance(x, IterableDataset):
-            x = DataLoader(x, batch_size=batch_size or 32)
+            source = IterableSource(DataLoader(x, batch_size=batch_size or 32), steps, name)
+            source.batches_items = True
+            return source
         return IterableSource(x, steps, name)
     if _is_structure(x) or _is_array_like(x):
         inputs = _structure_to_tensors(x, name)

@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
-from torcheras.metrics import result_of
+from torcheras.metrics import _LAST_RESULTS, result_of
 from torcheras.tensors import map_tensors, to_cpu
 
 __all__ = ["BatchLogs", "LogCollector", "RunningMeans", "to_float_logs"]
+
+_RESULT_IDS = _LAST_RESULTS.data  # ids of the tensors metrics' ``result`` returned last
 
 
 class RunningMeans:
@@ -269,7 +271,7 @@ class LogCollector:
         tracked = self.tracked
         for key, value in logs.items():
             metric = tracked.get(key) if tracked else None
-            if metric is None and type(value) is torch.Tensor:
+            if metric is None and type(value) is torch.Tensor and id(value) in _RESULT_IDS:
                 metric = result_of(value)
             if metric is not None:
                 self.returned[key] = metric

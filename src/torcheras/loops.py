@@ -352,7 +352,7 @@ class FitLoop:
     def _run_batches(self, batches: Any, start: int) -> int:
         model, loop, callbacks = self.model, self.loop, self.callbacks
         stepper = self.stepping
-        stage = self.stage
+        stage = None if model.device.type == "cpu" else self.stage  # on the CPU: nothing to move
         needs_begin = callbacks.needs("on_train_batch_begin")
         needs_end = callbacks.needs("on_train_batch_end")
         train_step = model.train_step
@@ -370,8 +370,12 @@ class FitLoop:
         vote: distributed.Vote | None = self.vote
         interrupt = 0
         step = start - 1
+        first = True
         for step, batch in enumerate(batches, start):
             loop.batch = step
+            if first:
+                first = False
+                check_input_rank(model, batch, self.train_source)
             if ranks > 1:  # this rank's part of the global batch; its loss counts its share
                 size = data.batch_size_of(batch[0])
                 batch = data.shard(batch, rank, ranks)
@@ -383,7 +387,8 @@ class FitLoop:
             if groups is not None:  # the rate this batch uses (a schedule may have set it)
                 lr = groups[0]["lr"]
                 batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
-            batch = stage(batch)
+            if stage is not None:
+                batch = stage(batch)
             self.current_batch = batch
             collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
             logs = train_step(batch) if run_step is None else run_step(train_step, batch)
@@ -408,6 +413,38 @@ class FitLoop:
                 self.stopped_in_epoch = True
                 break
         return step
+
+
+def check_input_rank(model: Any, batch: Any, source: Any) -> None:
+    """At the first batch of every pass: the inputs must have the ranks the model was first
+    called on. A Dataset whose items are already batches, batched again by its DataLoader,
+    gives inputs of one rank more, which layers such as ``nn.Linear`` accept silently."""
+    x = data.unpack(batch)[0]
+    found = tensors.leaves(x)
+    ranks = tuple(t.dim() for t in found)
+    expected = model._input_ranks
+    if expected is None:
+        model._input_ranks = (ranks, [tuple(t.shape) for t in found])
+        return
+    if ranks == expected[0]:
+        return
+
+    def shapes(values: list[tuple[int, ...]]) -> str:
+        return ", ".join(str(tuple(v)) for v in values)
+
+    hint = (
+        "Each item of this Dataset looks like a whole batch, which its DataLoader batched "
+        "again: make it a torcheras.data.PyDataset (one batch per item), or pass "
+        "DataLoader(dataset, batch_size=None)."
+        if getattr(source, "batches_items", False)
+        and any(r > e for r, e in zip(ranks, expected[0]))
+        else "Give inputs of the rank the model was built for (the batch dimension first)."
+    )
+    raise ValueError(
+        f"`{source.name}` gives inputs of shape {shapes([tuple(t.shape) for t in found])} "
+        f"(rank {', '.join(map(str, ranks))}), but the model was first called on inputs of "
+        f"shape {shapes(expected[1])} (rank {', '.join(map(str, expected[0]))}). {hint}"
+    )
 
 
 def check_ranks_agree(source: Any) -> None:
@@ -449,7 +486,10 @@ def evaluate(
     collector = model._collector()
     collector.reset()
     outer_log_to, model._log_to = model._log_to, collector  # Model.log in test_step
-    stage = stage or data.DeviceStager(model.device)
+    if model.device.type == "cpu":
+        stage = None  # nothing to move
+    elif stage is None:
+        stage = data.DeviceStager(model.device)
     needs_begin = callbacks.needs("on_test_batch_begin")
     needs_end = callbacks.needs("on_test_batch_end")
     outputs: list[Any] = []  # the model's outputs in test_step, for on_test_batch_outputs
@@ -466,9 +506,14 @@ def evaluate(
             for step, batch in enumerate(source.batches(source.new_order())):
                 if steps is not None and step >= steps:
                     break
+                if step == 0:
+                    check_input_rank(model, batch, source)
                 if needs_begin:
                     callbacks.on_test_batch_begin(step)
-                batch = stage(data.shard(batch, rank, shard_ranks))
+                if shard_ranks > 1:
+                    batch = data.shard(batch, rank, shard_ranks)
+                if stage is not None:
+                    batch = stage(batch)
                 collector.batch_size = size = data.batch_size_of(batch[0])
                 collector.add(model.test_step(batch), size)
                 if outputs:
@@ -515,6 +560,8 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
             for step, batch in enumerate(source.batches()):
                 if steps is not None and step >= steps:
                     break
+                if step == 0:
+                    check_input_rank(model, batch, source)
                 if needs_begin:
                     callbacks.on_predict_batch_begin(step)
                 batch = data.shard(batch, rank, shard_ranks)

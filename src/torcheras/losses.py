@@ -442,6 +442,8 @@ def _fused_sparse_cce(y_pred: Tensor, y_true: Tensor) -> Tensor:
 
 def _fused_cross_entropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
     """``F.cross_entropy`` itself: its mean over the labels kept (one kernel, one grad node)."""
+    if y_true.dtype is torch.int64 and y_true.ndim == 1 and y_pred.ndim == 2:  # the common case
+        return F.cross_entropy(y_pred, y_true)
     if y_true.is_floating_point() and y_true.shape == y_pred.shape:
         return F.cross_entropy(y_pred, y_true)
     return F.cross_entropy(y_pred, class_labels(y_pred, y_true))

@@ -99,6 +99,8 @@ class Model(nn.Module):
         self._compile_config: dict[str, Any] = {}
         self._fitting = False
         self._check_first_batch = False
+        # the ranks and shapes of the inputs the model was first called on (check_input_rank)
+        self._input_ranks: tuple[tuple[int, ...], list[tuple[int, ...]]] | None = None
         self.loop = LoopState()
         self._initial_epoch: int | None = None
         self.precision = Precision("32")
@@ -512,10 +514,11 @@ class Model(nn.Module):
             module is None
             or self._forward_hooks
             or self._forward_pre_hooks
-            or self._has_own_forward()
+            or type(self).forward is not Model.forward  # a subclass's own forward
         ):
             return _call(self, x)
-        return _call(module, x)  # the wrapped module itself: one module call, not two
+        # the wrapped module itself: one module call, not two
+        return module(x) if type(x) is Tensor else _call(module, x)
 
     def autocast(self) -> AbstractContextManager[None]:
         """The compiled precision's autocast (nothing under ``"32"``): wrap the forward pass
@@ -661,6 +664,9 @@ class Model(nn.Module):
         self._stepping.zero_grad()  # at a group's start (every batch without accumulation)
         if self._compiled is not None and y is not None:
             y_pred, loss = self._compiled.forward_loss(x, y, sample_weight)
+        elif self.precision.dtype is None:  # float32: no autocast context to enter per batch
+            y_pred = self.call_on(x)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
         else:
             with self.precision.autocast():
                 y_pred = self.call_on(x)
@@ -675,14 +681,23 @@ class Model(nn.Module):
     def test_step(self, batch: Any) -> dict[str, Any]:
         """Loss and metrics of one batch, without gradients."""
         x, y, sample_weight = data.unpack(batch)
-        with self.precision.autocast():
+        if self.precision.dtype is None:  # float32: no autocast context to enter per batch
             y_pred = self.call_on(x)
-            if self.compiled_loss is None:
-                self.update_metrics(y_pred, y, sample_weight)
-                return {}
-            loss = self.compute_loss(x, y, y_pred, sample_weight)
+            loss = (
+                None
+                if self.compiled_loss is None
+                else self.compute_loss(x, y, y_pred, sample_weight)
+            )
+        else:
+            with self.precision.autocast():
+                y_pred = self.call_on(x)
+                loss = (
+                    None
+                    if self.compiled_loss is None
+                    else self.compute_loss(x, y, y_pred, sample_weight)
+                )
         self.update_metrics(y_pred, y, sample_weight)
-        return {"loss": loss}
+        return {} if loss is None else {"loss": loss}
 
     def predict_step(self, batch: Any) -> Any:
         """The model's outputs for one batch."""

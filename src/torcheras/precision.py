@@ -125,8 +125,8 @@ class Precision:
 
     def clip(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip the optimizer's gradients as configured, on the device, without a sync."""
-        if not self.clips:
-            return
+        if self.clipnorm is None and self.global_clipnorm is None and self.clipvalue is None:
+            return  # (``clips`` spelled out: this runs every step)
         self.unscale(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
@@ -145,9 +145,9 @@ class Precision:
 
     def step(self, optimizer: torch.optim.Optimizer, step_fn: Any = None) -> None:
         """Apply the gradients: ``optimizer.step()``, or the scaler's step and update."""
-        if self.scaler is not None:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
+        if self.scaler is None:
             (step_fn or optimizer.step)()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
         self._unscaled.discard(id(optimizer))

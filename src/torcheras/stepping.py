@@ -193,7 +193,13 @@ class Stepping:
         loop, n = self.loop, self.accumulation
         if self.rank_share != 1.0:
             loss = loss * self.rank_share
-        self.model.precision.backward(loss / n if n > 1 else loss)
+        if n > 1:
+            loss = loss / n
+        precision = self.model.precision
+        if precision.scaler is None:
+            loss.backward()
+        else:
+            precision.backward(loss)
         self.open_group = True
         if not loop.accumulating:
             if self.group_size < n:  # a short last group: the mean of its own micro-batches
@@ -214,9 +220,9 @@ class Stepping:
         self.open_group = False
 
     def _gradients_ready(self) -> None:
-        optimizer = self.model.optimizer
-        if optimizer is not None:
-            self.model.precision.unscale(optimizer)
+        model = self.model
+        if model.optimizer is not None and model.precision.scaler is not None:
+            model.precision.unscale(model.optimizer)
         callbacks = self.callbacks
         if callbacks is not None and callbacks.needs("on_after_backward"):
             callbacks.on_after_backward(self.loop.batch)
