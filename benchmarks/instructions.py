@@ -149,7 +149,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--native-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
-    parser.add_argument("--only", default="", help="names containing this (e.g. tiny)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="names containing one of these, comma-separated (e.g. tiny or tiny-none,wide)",
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child, args.native_seconds)
@@ -157,7 +161,7 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         print("instructions.py: valgrind is not installed (apt install valgrind); skipped")
         return
-    names = [n for n in SETTINGS if args.only in n]
+    names = [n for n in SETTINGS if any(part in n for part in args.only.split(","))]
     folder = tempfile.mkdtemp()
     native = {n: native_epoch_seconds(n) if SETTINGS[n][2] == "verbose" else 0.0 for n in names}
     with ThreadPoolExecutor(max_workers=2) as pool:

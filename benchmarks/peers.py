@@ -1,19 +1,27 @@
 """torcheras against a raw PyTorch loop and its peers, each run in a fresh process.
 
 Every framework trains the same network on the same data with Adam (lr 1e-3) and a mean
-cross-entropy, batch for batch. "typical" adds the typical callbacks in each framework's own
-form (early stopping, a checkpoint every epoch, reduce-on-plateau, a CSV log, a NaN check)
-and a validation pass per epoch; the raw loop does the same work by hand (see overhead.py).
-Each (framework, workload, callbacks) runs in its own process: one warm-up epoch, then a timed
-``fit`` of several epochs. A round runs raw, peer, raw, peer, ..., raw, and each peer is rated
-against the raw runs just before and after it (the order of the peers alternates between
-rounds); the ratio reported is the median over rounds. Peers not installed are
-skipped (``pip install -e '.[bench]'`` installs them). Results go to
-``benchmarks/results.md``.
+cross-entropy, batch for batch, in three settings:
+
+- "none": the loss alone, no validation;
+- "common": the path most users take, the accuracy (each framework's own: Keras's and
+  Poutyne's ``"accuracy"``, torcheras's ``metrics=["accuracy"]``, torchmetrics in Lightning,
+  Ignite's ``Accuracy``, skorch's default ``valid_acc`` and a train accuracy) on the training
+  batches and a validation pass per epoch in batches of the training batch size;
+- "typical": "common" plus the typical callbacks in each framework's own form (early
+  stopping, a checkpoint every epoch, reduce-on-plateau, a CSV log, a NaN check).
+
+The raw loop does the same work by hand (see overhead.py), the cheapest correct way: sums on
+the device, read once per epoch. Each (framework, workload, setting) runs in its own process:
+one warm-up epoch, then a timed ``fit`` of several epochs. A round runs raw, peer, raw, peer,
+..., raw, and each peer is rated against the raw runs just before and after it (the order of
+the peers alternates between rounds); the ratio reported is the median over rounds, in CPU
+time (the process's, all threads) and in wall time. Peers not installed are skipped
+(``pip install -e '.[bench]'`` installs them). Results go to ``benchmarks/results.md``.
 
     python benchmarks/peers.py                 # everything (over an hour on 2 cores)
     python benchmarks/peers.py --quick         # one round, fewer frameworks' epochs
-    python benchmarks/peers.py --only raw,torcheras --workloads tiny
+    python benchmarks/peers.py --only raw,torcheras --workloads tiny --settings common
     python benchmarks/peers.py --in-process 10 --workloads cnn   # one process, alternating
 """
 
@@ -45,8 +53,20 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     },
     "cnn": {"label": "small CNN 3x32x32, batch 256", "samples": 5_000, "batch": 256, "epochs": 2},
 }
-FRAMEWORKS = ["raw", "torcheras", "lightning", "keras", "poutyne", "ignite"]
-MODULES = {"lightning": "lightning", "keras": "keras", "poutyne": "poutyne", "ignite": "ignite"}
+FRAMEWORKS = ["raw", "torcheras", "lightning", "keras", "poutyne", "ignite", "skorch"]
+MODULES = {
+    "lightning": "lightning",
+    "keras": "keras",
+    "poutyne": "poutyne",
+    "ignite": "ignite",
+    "skorch": "skorch",
+}
+SETTINGS = ("none", "common", "typical")
+SETTING_LABELS = {
+    "none": "loss only",
+    "common": "accuracy + validation",
+    "typical": "accuracy + validation + typical callbacks",
+}
 
 
 # ---- the shared problem ------------------------------------------------------------------------
@@ -91,7 +111,7 @@ def _tensors(workload: str, opts: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(torch.from_numpy(a).to(where) for a in make_data(workload))
 
 
-def run_raw(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
+def run_raw(workload: str, setting: str, folder: str, opts: dict[str, Any]) -> Any:
     import torch
 
     sys.path.insert(0, HERE)
@@ -107,15 +127,23 @@ def run_raw(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> 
         precision=opts["precision"],
     )
     batch = WORKLOADS[workload]["batch"]
+    common = setting != "none"
 
     def fit(epochs: int) -> None:
         for _ in range(epochs):
-            loop.epoch_(x, y, batch, (xv, yv) if typical else None)
+            loop.epoch_(
+                x,
+                y,
+                batch,
+                (xv, yv) if common else None,
+                accuracy=common,
+                callbacks=setting == "typical",
+            )
 
     return fit
 
 
-def run_torcheras(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
+def run_torcheras(workload: str, setting: str, folder: str, opts: dict[str, Any]) -> Any:
     import torch
 
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
@@ -128,6 +156,7 @@ def run_torcheras(workload: str, typical: bool, folder: str, opts: dict[str, Any
     model.compile(
         torch.optim.Adam(model.parameters(), lr=1e-3),
         "cross_entropy",
+        metrics=["accuracy"] if setting != "none" else None,
         device=opts["device"],
         precision=opts["precision"],
         jit_compile=opts["jit"],
@@ -140,7 +169,7 @@ def run_torcheras(workload: str, typical: bool, folder: str, opts: dict[str, Any
             cb.CSVLogger(os.path.join(folder, "log.csv"), append=True),
             cb.TerminateOnNaN(),
         ]
-        if typical
+        if setting == "typical"
         else []
     )
     batch = WORKLOADS[workload]["batch"]
@@ -153,36 +182,45 @@ def run_torcheras(workload: str, typical: bool, folder: str, opts: dict[str, Any
             epochs=epochs,
             verbose=verbose,
             callbacks=callbacks,
-            validation_data=(xv, yv) if typical else None,
-            validation_batch_size=len(xv),
+            validation_data=(xv, yv) if setting != "none" else None,
         )
 
     return fit
 
 
-def run_lightning(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
+def run_lightning(workload: str, setting: str, folder: str, opts: dict[str, Any]) -> Any:
     import lightning as L
     import torch
     import torch.nn.functional as F
     from lightning.pytorch import callbacks as lcb
     from lightning.pytorch.loggers import CSVLogger
+    from torchmetrics.classification import MulticlassAccuracy
 
     x, y, xv, yv = _tensors(workload, opts)
     batch = WORKLOADS[workload]["batch"]
+    common, typical = setting != "none", setting == "typical"
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = make_net(workload)
+            self.train_acc = MulticlassAccuracy(10, average="micro")
+            self.val_acc = MulticlassAccuracy(10, average="micro")
 
         def training_step(self, b: Any, i: int) -> Any:
-            loss = F.cross_entropy(self.net(b[0]), b[1])
-            if typical:
+            out = self.net(b[0])
+            loss = F.cross_entropy(out, b[1])
+            if common:  # Lightning's documented form: a torchmetrics metric logged per epoch
+                self.train_acc(out, b[1])
                 self.log("loss", loss, on_step=False, on_epoch=True)
+                self.log("accuracy", self.train_acc, on_step=False, on_epoch=True)
             return loss
 
         def validation_step(self, b: Any, i: int) -> None:
-            self.log("val_loss", F.cross_entropy(self.net(b[0]), b[1]))
+            out = self.net(b[0])
+            self.val_acc(out, b[1])
+            self.log("val_loss", F.cross_entropy(out, b[1]))
+            self.log("val_accuracy", self.val_acc)
 
         def configure_optimizers(self) -> Any:
             opt = torch.optim.Adam(self.parameters(), lr=1e-3)
@@ -195,7 +233,7 @@ def run_lightning(workload: str, typical: bool, folder: str, opts: dict[str, Any
     train = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=True
     )
-    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=len(xv))
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=batch)
 
     def fit(epochs: int) -> None:
         callbacks = (
@@ -218,12 +256,12 @@ def run_lightning(workload: str, typical: bool, folder: str, opts: dict[str, Any
             enable_model_summary=False,
             num_sanity_val_steps=0,
         )
-        trainer.fit(module, train, val if typical else None)
+        trainer.fit(module, train, val if common else None)
 
     return fit
 
 
-def run_keras(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
+def run_keras(workload: str, setting: str, folder: str, opts: dict[str, Any]) -> Any:
     os.environ["KERAS_BACKEND"] = "torch"
     import keras
 
@@ -241,7 +279,9 @@ def run_keras(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -
         layers += [keras.layers.Dense(n, activation="relu") for n in sizes[1:-1]]
         model = keras.Sequential([*layers, keras.layers.Dense(sizes[-1])])
     model.compile(
-        keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"] if setting != "none" else None,
     )
     callbacks = (
         [
@@ -251,7 +291,7 @@ def run_keras(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -
             keras.callbacks.CSVLogger(os.path.join(folder, "log.csv"), append=True),
             keras.callbacks.TerminateOnNaN(),
         ]
-        if typical
+        if setting == "typical"
         else []
     )
     batch = WORKLOADS[workload]["batch"]
@@ -264,20 +304,24 @@ def run_keras(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -
             epochs=epochs,
             verbose=0,
             callbacks=callbacks,
-            validation_data=(xv, yv) if typical else None,
-            validation_batch_size=len(xv),
+            validation_data=(xv, yv) if setting != "none" else None,
         )
 
     return fit
 
 
-def run_poutyne(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
+def run_poutyne(workload: str, setting: str, folder: str, opts: dict[str, Any]) -> Any:
     import poutyne
     import torch
 
     x, y, xv, yv = make_data(workload)
     net = make_net(workload)
-    model = poutyne.Model(net, torch.optim.Adam(net.parameters(), lr=1e-3), "cross_entropy")
+    model = poutyne.Model(
+        net,
+        torch.optim.Adam(net.parameters(), lr=1e-3),
+        "cross_entropy",
+        batch_metrics=["accuracy"] if setting != "none" else None,
+    )
     callbacks = (
         [
             poutyne.EarlyStopping(patience=10_000),
@@ -286,7 +330,7 @@ def run_poutyne(workload: str, typical: bool, folder: str, opts: dict[str, Any])
             poutyne.CSVLogger(os.path.join(folder, "log.csv"), append=True),
             poutyne.TerminateOnNaN(),
         ]
-        if typical
+        if setting == "typical"
         else []
     )
     batch = WORKLOADS[workload]["batch"]
@@ -295,7 +339,7 @@ def run_poutyne(workload: str, typical: bool, folder: str, opts: dict[str, Any])
         model.fit(
             x,
             y,
-            validation_data=(xv, yv) if typical else None,
+            validation_data=(xv, yv) if setting != "none" else None,
             epochs=epochs,
             batch_size=batch,
             verbose=False,
@@ -305,31 +349,41 @@ def run_poutyne(workload: str, typical: bool, folder: str, opts: dict[str, Any])
     return fit
 
 
-def run_ignite(workload: str, typical: bool, folder: str, opts: dict[str, Any]) -> Any:
+def run_ignite(workload: str, setting: str, folder: str, opts: dict[str, Any]) -> Any:
     import csv
 
     import torch
     import torch.nn.functional as F
     from ignite import handlers
     from ignite.engine import Events, create_supervised_evaluator, create_supervised_trainer
-    from ignite.metrics import Loss, RunningAverage
+    from ignite.metrics import Accuracy, Loss, RunningAverage
 
     x, y, xv, yv = (torch.from_numpy(a) for a in make_data(workload))
     net = make_net(workload)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    trainer = create_supervised_trainer(net, opt, F.cross_entropy)
+    common = setting != "none"
+    if common:  # the outputs too, for the accuracy (the loss read per batch: Ignite's default)
+        trainer = create_supervised_trainer(
+            net, opt, F.cross_entropy, output_transform=lambda x, y, o, loss: (o, y, loss.item())
+        )
+    else:
+        trainer = create_supervised_trainer(net, opt, F.cross_entropy)
     batch = WORKLOADS[workload]["batch"]
     train = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=True
     )
-    if typical:
-        val = torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(xv, yv), batch_size=len(xv)
+    if common:
+        val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xv, yv), batch_size=batch)
+        evaluator = create_supervised_evaluator(
+            net, metrics={"loss": Loss(F.cross_entropy), "accuracy": Accuracy()}
         )
-        evaluator = create_supervised_evaluator(net, metrics={"loss": Loss(F.cross_entropy)})
-        RunningAverage(output_transform=lambda out: out).attach(trainer, "loss")
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, handlers.TerminateOnNan())
+        RunningAverage(output_transform=lambda out: out[2]).attach(trainer, "loss")
+        Accuracy(output_transform=lambda out: out[:2]).attach(trainer, "accuracy")
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run(val))
+    if setting == "typical":
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED, handlers.TerminateOnNan(lambda out: out[2])
+        )
         score = lambda e: -e.state.metrics["loss"]  # noqa: E731
         evaluator.add_event_handler(
             Events.COMPLETED, handlers.EarlyStopping(10_000, score, trainer)
@@ -346,13 +400,66 @@ def run_ignite(workload: str, typical: bool, folder: str, opts: dict[str, Any]) 
 
         def csv_row(engine: Any) -> None:
             with open(os.path.join(folder, "log.csv"), "a", newline="") as f:
-                row = [trainer.state.epoch, engine.state.metrics["loss"]]
-                csv.writer(f).writerow([*row, evaluator.state.metrics["loss"]])
+                row = [trainer.state.epoch, *engine.state.metrics.values()]
+                csv.writer(f).writerow([*row, *evaluator.state.metrics.values()])
 
         trainer.add_event_handler(Events.EPOCH_COMPLETED, csv_row)
 
     def fit(epochs: int) -> None:
         trainer.run(train, max_epochs=(trainer.state.epoch or 0) + epochs)
+
+    return fit
+
+
+def run_skorch(workload: str, setting: str, folder: str, opts: dict[str, Any]) -> Any:
+    import csv
+    import math
+
+    import torch
+    from skorch import NeuralNetClassifier
+    from skorch import callbacks as scb
+    from skorch.dataset import Dataset
+    from skorch.helper import predefined_split
+
+    x, y, xv, yv = make_data(workload)
+    common, typical = setting != "none", setting == "typical"
+
+    class CSVRowAndNaNCheck(scb.Callback):  # skorch has neither built in
+        def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
+            row = net.history[-1]
+            if not math.isfinite(row["train_loss"]):
+                raise FloatingPointError("loss is not finite")
+            with open(os.path.join(folder, "log.csv"), "a", newline="") as f:
+                keys = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc")
+                csv.writer(f).writerow([row[k] for k in keys])
+
+    callbacks: list[Any] = []
+    if common:  # valid_acc is skorch's default; the train accuracy from the cached outputs
+        callbacks.append(scb.EpochScoring("accuracy", on_train=True, name="train_acc"))
+    if typical:
+        callbacks += [
+            scb.EarlyStopping(patience=10_000),
+            scb.Checkpoint(dirname=folder, monitor=None),  # every epoch
+            scb.LRScheduler(
+                torch.optim.lr_scheduler.ReduceLROnPlateau, monitor="valid_loss", patience=10_000
+            ),
+            CSVRowAndNaNCheck(),
+        ]
+    net = NeuralNetClassifier(
+        make_net(workload),
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=1e-3,
+        batch_size=WORKLOADS[workload]["batch"],
+        iterator_train__shuffle=True,
+        train_split=predefined_split(Dataset(xv, yv)) if common else None,
+        callbacks=callbacks,
+        warm_start=True,  # each fit call continues training
+        verbose=0,
+    )
+
+    def fit(epochs: int) -> None:
+        net.fit(x, y, epochs=epochs)
 
     return fit
 
@@ -364,27 +471,29 @@ RUNNERS = {
     "keras": run_keras,
     "poutyne": run_poutyne,
     "ignite": run_ignite,
+    "skorch": run_skorch,
 }
 
 
-def worker(framework: str, workload: str, typical: bool, epochs: int, opts: dict[str, Any]) -> None:
+def worker(framework: str, workload: str, setting: str, epochs: int, opts: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     folder = tempfile.mkdtemp()
-    fit = RUNNERS[framework](workload, typical, folder, opts)
+    fit = RUNNERS[framework](workload, setting, folder, opts)
     fit(1)  # warm-up: allocator, caches, first-call paths, compilation
     cuda = opts["device"] == "cuda"
     if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     fit(epochs)
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / epochs
+    cpu_seconds = (time.process_time() - cpu_start) / epochs
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds_per_epoch": seconds, "peak_rss_mib": rss_mib}))
+    print(json.dumps({"wall": seconds, "cpu": cpu_seconds, "peak_rss_mib": rss_mib}))
 
 
 DEFAULT_OPTS = {"device": "cpu", "on_device": False, "precision": "32", "jit": False}
@@ -414,30 +523,35 @@ def import_seconds(modules: tuple[str, ...], repeats: int) -> dict[str, float]:
     return {m: statistics.median(t) for m, t in times.items()}
 
 
+CLOCKS = ("cpu", "wall")
+
+
 def round_robin(
     frameworks: list[str], run: Any, rounds: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, float]]:
+) -> tuple[dict[str, list[float]], dict[str, dict[str, list[float]]], dict[str, float]]:
     """Each round runs raw, peer, raw, peer, ..., raw (the peers' order alternating between
     rounds) and rates each peer against the mean of the raw runs just before and after it: this
     machine's speed drifts over seconds, and the two neighbours cancel a steady drift. Returns
-    the seconds per epoch, the ratios to raw and the peak RSS of each framework."""
+    the wall seconds per epoch, the ratios to raw by clock ("cpu", "wall") and the peak RSS of
+    each framework."""
     peers = [f for f in frameworks if f != "raw"]
     times: dict[str, list[float]] = {f: [] for f in frameworks}
-    ratios: dict[str, list[float]] = {f: [] for f in peers}
+    ratios: dict[str, dict[str, list[float]]] = {c: {f: [] for f in peers} for c in CLOCKS}
     rss: dict[str, float] = {}
 
-    def one(fw: str) -> float:
+    def one(fw: str) -> dict[str, float]:
         out = run(fw)
-        times[fw].append(out["seconds_per_epoch"])
+        times[fw].append(out["wall"])
         rss[fw] = max(rss.get(fw, 0.0), out["peak_rss_mib"])
-        return out["seconds_per_epoch"]
+        return out
 
     for r in range(rounds):
         before = one("raw")
         for fw in peers if r % 2 == 0 else peers[::-1]:
             seconds = one(fw)
             after = one("raw")
-            ratios[fw].append(seconds / ((before + after) / 2))
+            for clock in CLOCKS:
+                ratios[clock][fw].append(seconds[clock] / ((before[clock] + after[clock]) / 2))
             before = after
     return times, ratios, rss
 
@@ -448,7 +562,7 @@ def available() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=4, metavar=("FW", "WORKLOAD", "TYPICAL", "EPOCHS"))
+    parser.add_argument("--worker", nargs=4, metavar=("FW", "WORKLOAD", "SETTING", "EPOCHS"))
     parser.add_argument("--opts", default="{}", help="worker options (JSON)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (implies --variants)")
     parser.add_argument(
@@ -458,6 +572,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one round")
     parser.add_argument("--only", default=None, help="comma-separated frameworks")
     parser.add_argument("--workloads", default="tiny,wide,cnn")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="none,common,typical")
     parser.add_argument("--output", default=os.path.join(HERE, "results.md"))
     parser.add_argument(
         "--in-process",
@@ -468,8 +583,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.worker:
-        fw, workload, typical, epochs = args.worker
-        worker(fw, workload, typical == "1", int(epochs), {**DEFAULT_OPTS, **json.loads(args.opts)})
+        fw, workload, setting, epochs = args.worker
+        worker(fw, workload, setting, int(epochs), {**DEFAULT_OPTS, **json.loads(args.opts)})
         return
     if args.in_process:
         in_process_table(args)
@@ -481,16 +596,19 @@ def main() -> None:
     frameworks = [f for f in available() if args.only is None or f in args.only.split(",")]
     rows = []
     for workload in args.workloads.split(","):
-        for typical in (False, True):
-            args_ = [workload, "1" if typical else "0", str(WORKLOADS[workload]["epochs"])]
+        for setting in args.settings.split(","):
+            args_ = [workload, setting, str(WORKLOADS[workload]["epochs"])]
             times, ratio_lists, rss = round_robin(
                 frameworks, lambda fw, a=args_: spawn([fw, *a], DEFAULT_OPTS), rounds
             )
-            ratios = {fw: statistics.median(r) for fw, r in ratio_lists.items()}
-            label = f"{WORKLOADS[workload]['label']}, {'typical' if typical else 'none'}"
+            ratios = {
+                c: {fw: statistics.median(r) for fw, r in by_fw.items()}
+                for c, by_fw in ratio_lists.items()
+            }
+            label = f"{WORKLOADS[workload]['label']}, {SETTING_LABELS[setting]}"
             medians = {fw: statistics.median(times[fw]) for fw in frameworks}
             rows.append((label, medians, ratios, rss))
-            print(label, {fw: round(v, 3) for fw, v in ratios.items()}, flush=True)
+            print(label, {fw: round(v, 3) for fw, v in ratios["cpu"].items()}, flush=True)
     imports = import_seconds(("torch", "torcheras"), 10)
     write_results(args.output, frameworks, rows, imports, rounds)
 
@@ -511,17 +629,17 @@ def in_process_table(args: Any) -> None:
     print(f"| workload, callbacks | {' | '.join(frameworks)} |")
     print(f"|---|{'---|' * len(frameworks)}")
     for workload in args.workloads.split(","):
-        for typical in (False, True):
-            raw = run_raw(workload, typical, tempfile.mkdtemp(), DEFAULT_OPTS)
+        for setting in args.settings.split(","):
+            raw = run_raw(workload, setting, tempfile.mkdtemp(), DEFAULT_OPTS)
             raw(1)
             cells = []
             for fw in frameworks:
                 torch.manual_seed(0)
-                fit = RUNNERS[fw](workload, typical, tempfile.mkdtemp(), DEFAULT_OPTS)
+                fit = RUNNERS[fw](workload, setting, tempfile.mkdtemp(), DEFAULT_OPTS)
                 fit(1)  # warm-up
                 r = interleave(lambda r=raw: r(1), lambda f=fit: f(1), args.in_process)
                 cells.append(f"{r.ratio:.3f} [{r.q1:.2f}, {r.q3:.2f}]")
-            label = f"{WORKLOADS[workload]['label']}, {'typical' if typical else 'none'}"
+            label = f"{WORKLOADS[workload]['label']}, {SETTING_LABELS[setting]}"
             print(f"| {label} | {' | '.join(cells)} |", flush=True)
 
 
@@ -541,22 +659,21 @@ def variants_table(args: Any) -> None:
     rows = []
     for workload in args.workloads.split(","):
         for name, variant in CUDA_VARIANTS:
-            for typical in (False, True):
+            for setting in ("none", "typical"):
                 opts = {**DEFAULT_OPTS, "device": args.device, **variant}
-                args_ = [workload, "1" if typical else "0", str(WORKLOADS[workload]["epochs"])]
+                args_ = [workload, setting, str(WORKLOADS[workload]["epochs"])]
                 runners = [f for f in frameworks if not (f == "lightning" and variant.get("jit"))]
                 times, ratio_lists, _ = round_robin(
                     runners,
                     lambda fw, a=args_, o=opts: spawn([fw, *a], o),
                     1 if args.quick else args.rounds,
                 )
+                by_fw = ratio_lists["wall"]  # a GPU's time is not this process's CPU time
                 cells = [
-                    f"{statistics.median(ratio_lists[f]):.2f}" if f in ratio_lists else "-"
+                    f"{statistics.median(by_fw[f]):.2f}" if f in by_fw else "-"
                     for f in frameworks[1:]
                 ]
-                label = (
-                    f"{WORKLOADS[workload]['label']}, {name}, {'typical' if typical else 'none'}"
-                )
+                label = f"{WORKLOADS[workload]['label']}, {name}, {SETTING_LABELS[setting]}"
                 rows.append(
                     f"| {label} | {statistics.median(times['raw']):.4f} | "
                     + " | ".join(cells)
@@ -591,18 +708,21 @@ def write_results(
         f"{THREADS} torch threads, CPU only; Python {platform.python_version()}, "
         f"torch {torch.__version__}. Command: `python benchmarks/peers.py` "
         f"({rounds} rounds, fresh process per run, each rated against the raw runs before and "
-        "after it, median over rounds).",
+        "after it, median over rounds). Each cell: the ratio of CPU time (the process's, all "
+        "its threads), then of wall time in brackets.",
         "",
-        "| workload, callbacks | raw s/epoch | "
+        "| workload, setting | raw s/epoch | "
         + " | ".join(f"{f} / raw" for f in frameworks[1:])
         + " |",
         "|---|---|" + "---|" * (len(frameworks) - 1),
     ]
     for label, seconds, ratios, _ in rows:
-        cells = " | ".join(f"{ratios[f]:.2f}" for f in frameworks[1:])
+        cells = " | ".join(
+            f"{ratios['cpu'][f]:.2f} [{ratios['wall'][f]:.2f}]" for f in frameworks[1:]
+        )
         lines.append(f"| {label} | {seconds['raw']:.3f} | {cells} |")
     lines += ["", "Peak RSS (MiB, largest over rounds):", ""]
-    lines.append("| workload, callbacks | " + " | ".join(frameworks) + " |")
+    lines.append("| workload, setting | " + " | ".join(frameworks) + " |")
     lines.append("|---|" + "---|" * len(frameworks))
     for label, _, _, rss in rows:
         lines.append(f"| {label} | " + " | ".join(f"{rss[f]:.0f}" for f in frameworks) + " |")
@@ -614,8 +734,13 @@ def write_results(
         f"`import torcheras` {imports['torcheras']:.2f} s ({ratio:.2f}x).",
         "",
     ]
+    rest = ""  # the sections after this one (other benchmarks' tables) are kept
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        rest = old[old.index("\n## ") :] if "\n## " in old else ""
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + rest)
     print("\n".join(lines))
 
 
