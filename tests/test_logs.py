@@ -394,3 +394,19 @@ def test_running_means_over_many_batches_match_the_batches(blobs):
     assert history.history["loss"][0] == pytest.approx(np.average(loss, weights=sizes), rel=1e-5)
     assert history.history["scale"][0] == pytest.approx(np.average(scale, weights=sizes), rel=1e-6)
     assert history.history["accuracy"][0] == pytest.approx(hits.sum() / sizes.sum(), rel=1e-6)
+
+
+def test_a_held_result_or_snapshot_keeps_its_value_when_the_metric_updates_in_place():
+    """Metric totals are added to in place (no new tensor per batch) only while nobody holds
+    them: a result or snapshot taken earlier keeps the value it had."""
+    total = metrics.Sum()
+    mean = metrics.Mean()
+    for metric in (total, mean):
+        for values in ([1.0, 2.0], [3.0], [4.0, 5.0]):  # 3 updates: the third is in place
+            metric.update_state(torch.tensor(values))
+    held_sum, held_mean = total.result(), mean.snapshot()
+    for metric in (total, mean):
+        metric.update_state(torch.tensor([10.0, 20.0]))
+        metric.update_state(torch.tensor([30.0]))
+    assert float(held_sum) == 15.0 and float(held_mean()) == 3.0
+    assert float(total.result()) == 75.0 and float(mean.result()) == pytest.approx(75.0 / 8)

@@ -34,13 +34,15 @@ class RunningMeans:
     def __init__(self) -> None:
         self._totals: dict[str, torch.Tensor | float] = {}
         self._weights: dict[str, float] = {}
+        # keys whose total tensor no snapshot holds: added to in place (no new tensor a batch)
+        self._unshared: set[str] = set()
 
     def add(self, values: Mapping[str, Any], weight: float = 1.0) -> None:
         """Add one step's values (tensors or numbers), each counted ``weight`` times.
 
-        Totals are replaced, never changed in place, so a snapshot taken earlier keeps its
-        values without a copy."""
-        totals, weights = self._totals, self._weights
+        A total a snapshot holds is replaced, not changed in place, so the snapshot keeps its
+        values without a copy; one no snapshot holds is added to in place."""
+        totals, weights, unshared = self._totals, self._weights, self._unshared
         if not weight:  # an empty batch (a rank's empty part of a short last batch): its
             values = dict.fromkeys(values, 0.0)  # mean of nothing is nan, and counts nothing
         for key, value in values.items():
@@ -49,10 +51,14 @@ class RunningMeans:
                 value = value.detach()
                 if value.ndim:
                     value = value.float().mean()
-                if type(total) is torch.Tensor:
+                if key in unshared:
+                    total.add_(value, alpha=weight)  # type: ignore[union-attr]
+                elif type(total) is torch.Tensor:
                     totals[key] = torch.add(total, value, alpha=weight)
+                    unshared.add(key)
                 else:
                     totals[key] = value.float() * weight + (total or 0.0)
+                    unshared.add(key)
             else:
                 totals[key] = (total if total is not None else 0.0) + float(value) * weight
             weights[key] = weights.get(key, 0.0) + weight
@@ -69,11 +75,13 @@ class RunningMeans:
 
     def snapshot(self) -> dict[str, Any]:
         """The current means, each computed only when read (no device work now)."""
+        self._unshared.clear()  # the snapshot holds every total: the next add replaces it
         return {key: _Quotient(total, self._weights[key]) for key, total in self._totals.items()}
 
     def reset(self) -> None:
         self._totals.clear()
         self._weights.clear()
+        self._unshared.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """Exact state (CPU tensors): a resumed epoch logs what an unbroken one would."""
@@ -85,6 +93,7 @@ class RunningMeans:
             for k, v in state["totals"].items()
         }
         self._weights = dict(state["weights"])
+        self._unshared.clear()  # the state's tensors are the caller's
 
 
 def _as_floats(values: list[torch.Tensor | float]) -> list[float]:
@@ -326,6 +335,7 @@ class LogCollector:
         keys = list(means._totals)
         sums = reduce_sum([means._totals[k] for k in keys] + [means._weights[k] for k in keys])
         means._totals = dict(zip(keys, sums[: len(keys)]))
+        means._unshared.clear()
         means._weights = {k: float(w) for k, w in zip(keys, sums[len(keys) :])}
         reduced: set[int] = set()  # a metric returned by the step may be tracked as well
         for metric in [*self.metrics, *self.tracked.values(), *self.returned.values()]:

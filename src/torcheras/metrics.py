@@ -253,6 +253,7 @@ class MeanMetric(Metric):
         self.padded_labels = True
         self._total: Tensor | None = None
         self._count: Tensor | float = 0.0
+        self._total_unshared = False  # no snapshot holds ``_total``: added to in place
 
     def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
         if type(y_pred) is Tensor:  # the common case: detached, no grad-mode switch per batch
@@ -298,7 +299,13 @@ class MeanMetric(Metric):
                 count = w.sum() * (values.numel() // w.numel())
             else:
                 total, count = values.sum(), float(values.numel())
-        self._total = total if self._total is None else self._total + total
+        current = self._total
+        if current is None:
+            self._total, self._total_unshared = total, False  # (total may be the caller's)
+        elif self._total_unshared and current.dtype is total.dtype:
+            current.add_(total)  # no new tensor a batch
+        else:
+            self._total, self._total_unshared = current + total, True
         self._count = self._count + count
 
     def result(self) -> Tensor | float:
@@ -313,6 +320,7 @@ class MeanMetric(Metric):
         total, count, transform = self._total, self._count, self.transform
         if total is None:
             return lambda: 0.0
+        self._total_unshared = False  # held from now on: the next update replaces it
 
         def compute() -> Tensor:
             mean = total / count
@@ -324,16 +332,19 @@ class MeanMetric(Metric):
         """Sum the state over every rank (distributed training): the global mean."""
         total = self._total if self._total is not None else 0.0
         self._total, self._count = reduce_sum([total, self._count])
+        self._total_unshared = False
 
     def reset(self) -> None:
         self._total = None
         self._count = 0.0
+        self._total_unshared = False
 
     def state_dict(self) -> dict[str, Any]:
         return to_cpu({"total": self._total, "count": self._count}, clone=True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._total, self._count = state["total"], state["count"]
+        self._total_unshared = False
 
     def __repr__(self) -> str:
         return f"MeanMetric(name={self.name!r}, direction={self.direction!r})"
@@ -989,10 +1000,11 @@ class Sum(Mean):
         super().__init__(name=name, direction=direction)
 
     def result(self) -> Tensor | float:
+        self._total_unshared = False  # the caller holds it now
         return 0.0 if self._total is None else self._total
 
     def snapshot(self) -> Callable[[], Tensor | float]:
-        total = self._total
+        total, self._total_unshared = self._total, False
         return lambda: 0.0 if total is None else total
 
 
