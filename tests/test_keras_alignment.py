@@ -444,3 +444,77 @@ def test_a_dataset_of_sequences_keeps_its_rank_and_trains():
     history = model.fit(TensorDataset(xs, ys), epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2
     assert model.predict(TensorDataset(xs), verbose=0).shape == (64, 5, 3)
+
+
+# ---- the differential program: Keras and torcheras on the same weights, data and order -------
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("sgd", {"momentum": 0.9}), ("rmsprop", {}), ("adam", {})]
+)
+def test_a_keras_program_with_callbacks_class_weights_and_a_split_gives_keras_numbers(
+    name, kwargs, keras
+):
+    """One program, as a Keras user writes it: a classifier, ``validation_split`` (103
+    samples, not a multiple of anything), ``class_weight``, ``"accuracy"``, EarlyStopping and
+    ReduceLROnPlateau that fire within the run. History (every key, learning rate included)
+    and the weights agree with Keras 3 to 1e-5."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(103, 6)).astype("float32")
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("int64") + (x[:, 2] > 1).astype("int64")
+    class_weight = {0: 1.0, 1: 2.0, 2: 0.5}
+    keras.utils.set_random_seed(0)
+    theirs = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(16, "relu"), keras.layers.Dense(3)]
+    )
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        for layer, linear in zip([theirs.layers[0], theirs.layers[1]], [net[0], net[2]]):
+            kernel, bias = (torch.as_tensor(keras.ops.convert_to_numpy(v)) for v in layer.weights)
+            linear.weight.copy_(kernel.T)
+            linear.bias.copy_(bias)
+
+    def their_callbacks():
+        plateau = keras.callbacks.ReduceLROnPlateau
+        return [
+            plateau(monitor="loss", factor=0.5, patience=1, min_delta=1e9),
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, min_delta=1e9),
+        ]
+
+    their_optimizer = keras.optimizers.get(name).__class__(learning_rate=0.05, **kwargs)
+    theirs.compile(
+        optimizer=their_optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    their_history = theirs.fit(
+        x, y, batch_size=16, epochs=8, shuffle=False, verbose=0, validation_split=0.3,
+        class_weight=class_weight, callbacks=their_callbacks(),
+    ).history  # fmt: skip
+
+    model = torcheras.Model(net)
+    model.compile(
+        optimizer=name,
+        loss=losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        learning_rate=0.05,
+    )
+    if kwargs:
+        model.optimizer = type(model.optimizer)(net.parameters(), lr=0.05, **kwargs)
+    history = model.fit(
+        x, y, batch_size=16, epochs=8, shuffle=False, verbose=0, validation_split=0.3,
+        class_weight=class_weight,
+        callbacks=[
+            ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1, min_delta=1e9),
+            EarlyStopping(monitor="val_loss", patience=3, min_delta=1e9),
+        ],
+    ).history  # fmt: skip
+
+    assert len(their_history["loss"]) == 4 < 8  # EarlyStopping fired; the rate was halved
+    assert sorted(history) == sorted(their_history)
+    for key, theirs_values in their_history.items():
+        np.testing.assert_allclose(history[key], theirs_values, rtol=0, atol=1e-5, err_msg=key)
+    for layer, linear in zip([theirs.layers[0], theirs.layers[1]], [net[0], net[2]]):
+        kernel, bias = (torch.as_tensor(keras.ops.convert_to_numpy(v)) for v in layer.weights)
+        torch.testing.assert_close(linear.weight.detach(), kernel.T, rtol=0, atol=1e-5)
+        torch.testing.assert_close(linear.bias.detach(), bias, rtol=0, atol=1e-5)
