@@ -412,25 +412,84 @@ class _DatasetOfBatches(torch.utils.data.Dataset):
 def test_a_dataset_of_batches_batched_again_is_refused_naming_py_dataset(blobs, method):
     x, y = blobs
     model = make_model()
-    model.fit(x, y, epochs=1, verbose=0)  # first called on (batch, 8)
+    model.fit(x, y, epochs=1, verbose=0)  # given (batch, 8) inputs
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError) as error:
         getattr(model, method)(_DatasetOfBatches(x, y), verbose=0)
     message = str(error.value)
-    assert "(30, 8, 8) (rank 3)" in message and "rank 2" in message  # 30 items, batched
+    assert "(30, 8, 8)" in message and "one rank more" in message  # 30 items, batched
     assert "torcheras.data.PyDataset" in message and "batch_size=None" in message
     # refused before any step: the weights are untouched
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
 
 
-def test_inputs_of_another_rank_than_the_first_call_are_refused(blobs):
-    x, y = blobs
-    model = make_model()
-    model.fit(x, y, epochs=1, verbose=0)
-    with pytest.raises(ValueError, match=r"the batch dimension first"):
-        model.predict(x[0][None, None], verbose=0)  # (1, 1, 8): one rank too many
-    # the same rank with another batch size, and sequences of samples, are fine
-    assert model.predict(x[:5], verbose=0).shape == (5, 3)
+class _Masked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x, mask=None):
+        return self.linear(x) if mask is None else self.linear(x) * mask
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 3))
+        self.table = torch.nn.Linear(5, 3)
+
+    def forward(self, image, table):
+        return self.image(image) + self.table(table)
+
+
+class _Generator(torcheras.Model):
+    """A custom train_step whose batch (real samples) is not the model's input (noise)."""
+
+    def __init__(self):
+        super().__init__(torch.nn.Linear(2, 8))
+
+    def train_step(self, batch):
+        real = batch[0]
+        self.optimizer.zero_grad()
+        fake = self.module(torch.randn(len(real), 2))
+        loss = (fake.mean(0) - real.reshape(len(real), -1).mean(0)).pow(2).sum()
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss}
+
+
+def test_inputs_of_another_form_than_before_still_work():
+    """Only a Dataset's items batched again are refused: a model that flattens takes (N, 28,
+    28) and (N, 1, 28, 28); an optional input may be left out; dict inputs come in any key
+    order; a custom train_step's batch need not be the model's input."""
+    rng = np.random.default_rng(0)
+    flat = torcheras.Model(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)))
+    flat.compile("adam", "cross_entropy")
+    images = rng.normal(size=(16, 28, 28)).astype("float32")
+    flat.fit(images, rng.integers(0, 10, 16), epochs=1, verbose=0)
+    assert flat.predict(images[:, None], verbose=0).shape == (16, 10)
+    assert flat.predict(TensorDataset(torch.from_numpy(images[:, None])), verbose=0).shape == (
+        16,
+        10,
+    )
+
+    masked = torcheras.Model(_Masked())
+    masked.compile("adam", "cross_entropy")
+    x = rng.normal(size=(32, 4)).astype("float32")
+    masked.fit((x, np.ones((32, 3), "float32")), rng.integers(0, 3, 32), epochs=1, verbose=0)
+    assert masked.predict(x, verbose=0).shape == (32, 3)
+
+    two = torcheras.Model(_TwoInputs())
+    two.compile("adam", "cross_entropy")
+    image, table = rng.normal(size=(16, 2, 3, 3)), rng.normal(size=(16, 5))
+    inputs = {"image": image.astype("float32"), "table": table.astype("float32")}
+    two.fit(inputs, rng.integers(0, 3, 16), epochs=1, verbose=0)
+    assert two.predict(dict(reversed(inputs.items())), verbose=0).shape == (16, 3)
+
+    generator = _Generator()
+    generator.compile("adam")
+    generator.fit(rng.normal(size=(32, 1, 2, 4)).astype("float32"), epochs=1, verbose=0)
+    assert generator.predict(rng.normal(size=(5, 2)).astype("float32"), verbose=0).shape == (5, 8)
 
 
 def test_a_dataset_of_sequences_keeps_its_rank_and_trains():

@@ -18,6 +18,7 @@ from torch import nn
 import torcheras
 from torcheras import metrics
 from torcheras.callbacks import Callback, LambdaCallback, LearningRateScheduler, TensorBoard
+from torcheras.logs import RunningMeans
 
 
 class KeepLogs(Callback):
@@ -356,7 +357,7 @@ class _RecordsLosses(torcheras.Model):
         self.seen = []
 
     def train_step(self, batch):
-        x, y, _ = batch[0], batch[1], None
+        x, y = batch
         self.optimizer.zero_grad(set_to_none=True)
         out = self.module(x) * self.scale
         loss = nn.functional.cross_entropy(out, y)
@@ -369,10 +370,10 @@ class _RecordsLosses(torcheras.Model):
 
 
 def test_running_means_over_many_batches_match_the_batches(blobs):
-    """Values are summed in groups (not one device op per batch): across group boundaries
-    (600 batches, a short last one), kept batch logs and the epoch's logs must still equal
-    the running means of the batches' own values, and a logged parameter that the optimizer
-    changes in place counts the value it had at each batch."""
+    """Over many batches (601, a short last one), kept batch logs and the epoch's logs
+    equal the running means of the batches' own values (totals are added to in place while
+    no snapshot holds them), and a logged tensor that shares a parameter's storage, which the
+    optimizer changes in place, counts the value it had at each batch."""
     x, y = blobs  # 240 samples
     x, y = np.tile(x, (6, 1))[:1201], np.tile(y, 6)[:1201]  # 601 batches of 2, the last of 1
     torch.manual_seed(0)
@@ -410,3 +411,14 @@ def test_a_held_result_or_snapshot_keeps_its_value_when_the_metric_updates_in_pl
         metric.update_state(torch.tensor([30.0]))
     assert float(held_sum) == 15.0 and float(held_mean()) == 3.0
     assert float(total.result()) == 75.0 and float(mean.result()) == pytest.approx(75.0 / 8)
+
+
+def test_running_means_of_float64_values_sum_in_float64():
+    """A float64 loss (``torch.set_default_dtype(torch.float64)``) keeps its precision in the
+    running mean: the in-place sum never narrows it to float32."""
+    means = RunningMeans()
+    means.add({"x": torch.tensor(1.0, dtype=torch.float64)}, 1)
+    for _ in range(2000):
+        means.add({"x": torch.tensor(1e-9, dtype=torch.float64)}, 1)
+    exact = (1 + 1e-9 * 2000) / 2001
+    assert means.result()["x"] == pytest.approx(exact, rel=1e-12)

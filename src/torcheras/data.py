@@ -140,7 +140,7 @@ def batch_size_of(obj: Structure) -> int:
 
 def unpack(batch: Any) -> tuple[Any, Any, Any]:
     """Split a batch into ``(x, y, sample_weight)``; missing parts are None."""
-    if type(batch) is tuple and len(batch) == 2:  # the common case first (once per batch)
+    if (type(batch) is tuple or type(batch) is list) and len(batch) == 2:  # the common case
         return batch[0], batch[1], None
     if isinstance(batch, (tuple, list)):
         if len(batch) == 1:

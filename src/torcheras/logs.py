@@ -51,7 +51,7 @@ class RunningMeans:
                 value = value.detach()
                 if value.ndim:
                     value = value.float().mean()
-                if key in unshared:
+                if key in unshared and total.dtype is value.dtype:  # type: ignore[union-attr]
                     total.add_(value, alpha=weight)  # type: ignore[union-attr]
                 elif type(total) is torch.Tensor:
                     totals[key] = torch.add(total, value, alpha=weight)

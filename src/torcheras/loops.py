@@ -367,6 +367,7 @@ class FitLoop:
         rank = distributed.rank()
         agree_per_batch = self.agree_per_batch
         stepper.rank_share = 1.0
+        default_train_step = model._uses_default_train_step()
         vote: distributed.Vote | None = self.vote
         interrupt = 0
         step = start - 1
@@ -375,7 +376,7 @@ class FitLoop:
             loop.batch = step
             if first:
                 first = False
-                check_input_rank(model, batch, self.train_source)
+                check_input_rank(model, batch, self.train_source, default_train_step)
             if ranks > 1:  # this rank's part of the global batch; its loss counts its share
                 size = data.batch_size_of(batch[0])
                 batch = data.shard(batch, rank, ranks)
@@ -415,36 +416,46 @@ class FitLoop:
         return step
 
 
-def check_input_rank(model: Any, batch: Any, source: Any) -> None:
-    """At the first batch of every pass: the inputs must have the ranks the model was first
-    called on. A Dataset whose items are already batches, batched again by its DataLoader,
-    gives inputs of one rank more, which layers such as ``nn.Linear`` accept silently."""
-    x = data.unpack(batch)[0]
-    found = tensors.leaves(x)
-    ranks = tuple(t.dim() for t in found)
-    expected = model._input_ranks
+def check_input_rank(model: Any, batch: Any, source: Any, default_step: bool) -> None:
+    """At the first batch of a pass: a Dataset whose items are already batches, batched again
+    by the DataLoader torcheras made for it, gives inputs of one rank more than the model was
+    given before, which layers such as ``nn.Linear`` accept silently. Refused then, naming
+    ``PyDataset``. Only the default steps' inputs are compared (a custom step's batch need not
+    be the model's input), only inputs of the same structure, and not items of one leading
+    element (torchvision's ``(1, 28, 28)`` images); other changes of rank (a model that
+    flattens what it gets) are the user's to make."""
+    if not default_step:
+        return
+    ranks = tensors.map_tensors(lambda t: t.dim(), data.unpack(batch)[0])
+    expected = model._first_input_ranks
     if expected is None:
-        model._input_ranks = (ranks, [tuple(t.shape) for t in found])
+        model._first_input_ranks = ranks
         return
-    if ranks == expected[0]:
+    if not getattr(source, "batches_items", False) or not _one_rank_more(ranks, expected):
         return
-
-    def shapes(values: list[tuple[int, ...]]) -> str:
-        return ", ".join(str(tuple(v)) for v in values)
-
-    hint = (
-        "Each item of this Dataset looks like a whole batch, which its DataLoader batched "
-        "again: make it a torcheras.data.PyDataset (one batch per item), or pass "
-        "DataLoader(dataset, batch_size=None)."
-        if getattr(source, "batches_items", False)
-        and any(r > e for r, e in zip(ranks, expected[0]))
-        else "Give inputs of the rank the model was built for (the batch dimension first)."
-    )
+    found = [t.shape for t in tensors.leaves(data.unpack(batch)[0])]
+    if any(shape[1] == 1 for shape in found):  # items of (1, ...): a channel, not a batch
+        return
     raise ValueError(
-        f"`{source.name}` gives inputs of shape {shapes([tuple(t.shape) for t in found])} "
-        f"(rank {', '.join(map(str, ranks))}), but the model was first called on inputs of "
-        f"shape {shapes(expected[1])} (rank {', '.join(map(str, expected[0]))}). {hint}"
+        f"`{source.name}` gives inputs of shape {', '.join(str(tuple(s)) for s in found)}: one "
+        "rank more than the inputs fit / evaluate / predict gave this model before. Each item "
+        "of this Dataset looks like a whole batch, which its DataLoader batched again: make it "
+        "a torcheras.data.PyDataset (one batch per item), or pass DataLoader(dataset, "
+        "batch_size=None)."
     )
+
+
+def _one_rank_more(ranks: Any, expected: Any) -> bool:
+    """Whether two structures of ranks match except that every rank of ``ranks`` is one more."""
+    if isinstance(ranks, int) and isinstance(expected, int):
+        return ranks == expected + 1
+    if isinstance(ranks, dict) and isinstance(expected, dict):
+        return ranks.keys() == expected.keys() and all(
+            _one_rank_more(ranks[k], expected[k]) for k in ranks
+        )
+    if isinstance(ranks, (tuple, list)) and isinstance(expected, (tuple, list)):
+        return len(ranks) == len(expected) and all(map(_one_rank_more, ranks, expected))
+    return False
 
 
 def check_ranks_agree(source: Any) -> None:
@@ -507,7 +518,7 @@ def evaluate(
                 if steps is not None and step >= steps:
                     break
                 if step == 0:
-                    check_input_rank(model, batch, source)
+                    check_input_rank(model, batch, source, model._uses_default_test_step())
                 if needs_begin:
                     callbacks.on_test_batch_begin(step)
                 if shard_ranks > 1:
@@ -561,7 +572,7 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
                 if steps is not None and step >= steps:
                     break
                 if step == 0:
-                    check_input_rank(model, batch, source)
+                    check_input_rank(model, batch, source, model._uses_default_predict_step())
                 if needs_begin:
                     callbacks.on_predict_batch_begin(step)
                 batch = data.shard(batch, rank, shard_ranks)

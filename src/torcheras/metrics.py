@@ -315,8 +315,8 @@ class MeanMetric(Metric):
         return self.transform(mean) if self.transform is not None else mean
 
     def snapshot(self) -> Callable[[], Tensor | float]:
-        """The result as of now, computed only when called (the state is never changed in
-        place, so nothing is copied)."""
+        """The result as of now, computed only when called. Nothing is copied: the total it
+        holds is replaced, not changed in place, by the updates after it."""
         total, count, transform = self._total, self._count, self.transform
         if total is None:
             return lambda: 0.0

@@ -99,8 +99,8 @@ class Model(nn.Module):
         self._compile_config: dict[str, Any] = {}
         self._fitting = False
         self._check_first_batch = False
-        # the ranks and shapes of the inputs the model was first called on (check_input_rank)
-        self._input_ranks: tuple[tuple[int, ...], list[tuple[int, ...]]] | None = None
+        # the ranks of the inputs fit / evaluate / predict first gave it (loops.check_input_rank)
+        self._first_input_ranks: Any = None
         self.loop = LoopState()
         self._initial_epoch: int | None = None
         self.precision = Precision("32")
@@ -240,6 +240,7 @@ class Model(nn.Module):
             },
         }
         self._is_compiled = True
+        self._first_input_ranks = None
 
     def _resolve_metrics(self, metrics: Any, argument: str) -> list[metrics_lib.Metric]:
         if isinstance(self.compiled_loss, losses.MultiOutputLoss) and metrics is not None:
@@ -756,6 +757,9 @@ class Model(nn.Module):
 
     def _uses_default_test_step(self) -> bool:
         return type(self).test_step is Model.test_step
+
+    def _uses_default_predict_step(self) -> bool:
+        return type(self).predict_step is Model.predict_step
 
     def fit(
         self,
