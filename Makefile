@@ -33,7 +33,7 @@ dist: $(VENV)/.installed
 	rm -rf dist
 	$(PY) -m build --wheel --outdir dist .
 
-# The peers (Lightning, Keras 3, Ignite, Poutyne) come with the `bench` extra, torch pinned.
+# The peers (Lightning, Keras 3, Ignite, Poutyne, skorch) come with the `bench` extra, torch pinned.
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[dev,bench]" "$(TORCH_PIN)"
 	touch $@
