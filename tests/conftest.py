@@ -115,3 +115,27 @@ def keras() -> Any:
     if module.backend.backend() != "torch":
         pytest.skip("Keras runs on another backend in this process")
     return module
+
+
+def dense_pairs(keras: Any, theirs: Any, linears: list[Any]) -> list[tuple[Any, Any, Any]]:
+    """(linear, kernel, bias) for each Keras Dense layer of ``theirs`` and its ``nn.Linear``:
+    Keras's weights as torch tensors, the kernel transposed to torch's (out, in)."""
+    pairs = []
+    for layer, linear in zip([each for each in theirs.layers if each.weights], linears):
+        kernel, bias = (torch.as_tensor(keras.ops.convert_to_numpy(v)) for v in layer.weights)
+        pairs.append((linear, kernel.T, bias))
+    return pairs
+
+
+def copy_keras_weights(keras: Any, theirs: Any, linears: list[Any]) -> None:
+    """Start the torch layers from the Keras model's initial weights (same numbers)."""
+    with torch.no_grad():
+        for linear, kernel, bias in dense_pairs(keras, theirs, linears):
+            linear.weight.copy_(kernel)
+            linear.bias.copy_(bias)
+
+
+def assert_same_weights(keras: Any, theirs: Any, linears: list[Any], atol: float) -> None:
+    for linear, kernel, bias in dense_pairs(keras, theirs, linears):
+        torch.testing.assert_close(linear.weight.detach(), kernel, rtol=0, atol=atol)
+        torch.testing.assert_close(linear.bias.detach(), bias, rtol=0, atol=atol)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model
+from conftest import assert_same_weights, copy_keras_weights, make_model
 from torch.utils.data import TensorDataset
 
 import torcheras
@@ -527,11 +527,7 @@ def test_a_keras_program_with_callbacks_class_weights_and_a_split_gives_keras_nu
         [keras.Input((6,)), keras.layers.Dense(16, "relu"), keras.layers.Dense(3)]
     )
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    with torch.no_grad():
-        for layer, linear in zip([theirs.layers[0], theirs.layers[1]], [net[0], net[2]]):
-            kernel, bias = (torch.as_tensor(keras.ops.convert_to_numpy(v)) for v in layer.weights)
-            linear.weight.copy_(kernel.T)
-            linear.bias.copy_(bias)
+    copy_keras_weights(keras, theirs, [net[0], net[2]])
 
     def their_callbacks():
         plateau = keras.callbacks.ReduceLROnPlateau
@@ -573,7 +569,4 @@ def test_a_keras_program_with_callbacks_class_weights_and_a_split_gives_keras_nu
     assert sorted(history) == sorted(their_history)
     for key, theirs_values in their_history.items():
         np.testing.assert_allclose(history[key], theirs_values, rtol=0, atol=1e-5, err_msg=key)
-    for layer, linear in zip([theirs.layers[0], theirs.layers[1]], [net[0], net[2]]):
-        kernel, bias = (torch.as_tensor(keras.ops.convert_to_numpy(v)) for v in layer.weights)
-        torch.testing.assert_close(linear.weight.detach(), kernel.T, rtol=0, atol=1e-5)
-        torch.testing.assert_close(linear.bias.detach(), bias, rtol=0, atol=1e-5)
+    assert_same_weights(keras, theirs, [net[0], net[2]], atol=1e-5)

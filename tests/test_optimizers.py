@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_same_weights, copy_keras_weights
 
 from torcheras.optimizers import KerasAdam, set_learning_rate
 from torcheras.optimizers import get as get_optimizer
@@ -228,11 +229,7 @@ def test_fit_by_name_equals_keras_fit(name, kwargs, keras):
         [keras.Input((4,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(1)]
     )
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    with torch.no_grad():
-        for layer, linear in zip([theirs.layers[0], theirs.layers[1]], [net[0], net[2]]):
-            kernel, bias = (torch.as_tensor(keras.ops.convert_to_numpy(v)) for v in layer.weights)
-            linear.weight.copy_(kernel.T)
-            linear.bias.copy_(bias)
+    copy_keras_weights(keras, theirs, [net[0], net[2]])
     optimizer = keras.optimizers.get(name).__class__(learning_rate=0.05, **kwargs)
     theirs.compile(optimizer=optimizer, loss="mse")
     their_history = theirs.fit(x.numpy(), y.numpy(), batch_size=16, epochs=4, shuffle=False,
@@ -243,10 +240,7 @@ def test_fit_by_name_equals_keras_fit(name, kwargs, keras):
         model.optimizer = type(model.optimizer)(net.parameters(), lr=0.05, **kwargs)
     history = model.fit(x, y, batch_size=16, epochs=4, shuffle=False, verbose=0).history
     assert max(abs(a - b) for a, b in zip(history["loss"], their_history["loss"])) < 1e-5
-    for layer, linear in zip([theirs.layers[0], theirs.layers[1]], [net[0], net[2]]):
-        kernel, bias = (torch.as_tensor(keras.ops.convert_to_numpy(v)) for v in layer.weights)
-        torch.testing.assert_close(linear.weight.detach(), kernel.T, rtol=0, atol=1e-5)
-        torch.testing.assert_close(linear.bias.detach(), bias, rtol=0, atol=1e-5)
+    assert_same_weights(keras, theirs, [net[0], net[2]], atol=1e-5)
 
 
 def test_sgd_state_resumes_exactly(tmp_path):
