@@ -431,10 +431,12 @@ class IterableSource:
     shuffle = False
     labels_may_pad = True  # batches not seen yet: accuracies mask padding labels per batch
 
-    batches_items = False  # a Dataset torcheras batches itself (its items taken for samples)
-
-    def __init__(self, iterable: Iterable[Any], steps: int | None, name: str) -> None:
+    def __init__(
+        self, iterable: Iterable[Any], steps: int | None, name: str, batches_items: bool = False
+    ) -> None:
         self.iterable = iterable
+        # a Dataset torcheras batches itself, its items taken for samples (check_input_rank)
+        self.batches_items = batches_items
         self.is_iterator = iter(iterable) is iterable if hasattr(iterable, "__iter__") else False
         self.name = name
         self.continues = False  # set by fit for training with steps_per_epoch
@@ -670,9 +672,7 @@ def make_source(
         if len(x) == 0:  # type: ignore[arg-type]
             raise ValueError(f"`{name}` is an empty Dataset.")
         loader = DataLoader(x, batch_size=batch_size or 32, shuffle=shuffle)
-        source = IterableSource(loader, steps, name)
-        source.batches_items = True  # each item is taken for one sample (see check_input_rank)
-        return source
+        return IterableSource(loader, steps, name, batches_items=True)
     if isinstance(x, (DataLoader, IterableDataset)):
         _check_no_y(x, y, sample_weight, type(x).__name__)
         if batch_size is not None and isinstance(x, DataLoader):
@@ -681,9 +681,8 @@ def make_source(
                 " on the DataLoader."
             )
         if isinstance(x, IterableDataset):
-            source = IterableSource(DataLoader(x, batch_size=batch_size or 32), steps, name)
-            source.batches_items = True
-            return source
+            loader = DataLoader(x, batch_size=batch_size or 32)
+            return IterableSource(loader, steps, name, batches_items=True)
         return IterableSource(x, steps, name)
     if _is_structure(x) or _is_array_like(x):
         inputs = _structure_to_tensors(x, name)

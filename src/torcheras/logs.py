@@ -83,6 +83,15 @@ class RunningMeans:
         self._weights.clear()
         self._unshared.clear()
 
+    def all_reduce(self, reduce_sum: Any) -> None:
+        """Replace the sums and counts by their sums over every rank (``reduce_sum``: a list
+        of values -> the list of their sums)."""
+        keys = list(self._totals)
+        sums = reduce_sum([self._totals[k] for k in keys] + [self._weights[k] for k in keys])
+        self._totals = dict(zip(keys, sums[: len(keys)]))
+        self._weights = {k: float(w) for k, w in zip(keys, sums[len(keys) :])}
+        self._unshared.clear()  # the reduced tensors may be the ones given
+
     def state_dict(self) -> dict[str, Any]:
         """Exact state (CPU tensors): a resumed epoch logs what an unbroken one would."""
         return {"totals": to_cpu(self._totals, clone=True), "weights": dict(self._weights)}
@@ -331,12 +340,7 @@ class LogCollector:
         """Replace this rank's sums and counts by their sums over every rank (``reduce_sum``:
         a list of values -> the list of their sums), so that ``result`` gives global means, not
         means of means. Metrics with their own sync (torchmetrics) sync in ``compute``."""
-        means = self.means
-        keys = list(means._totals)
-        sums = reduce_sum([means._totals[k] for k in keys] + [means._weights[k] for k in keys])
-        means._totals = dict(zip(keys, sums[: len(keys)]))
-        means._unshared.clear()
-        means._weights = {k: float(w) for k, w in zip(keys, sums[len(keys) :])}
+        self.means.all_reduce(reduce_sum)
         reduced: set[int] = set()  # a metric returned by the step may be tracked as well
         for metric in [*self.metrics, *self.tracked.values(), *self.returned.values()]:
             if id(metric) not in reduced and hasattr(metric, "all_reduce"):

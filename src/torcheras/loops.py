@@ -426,14 +426,15 @@ def check_input_rank(model: Any, batch: Any, source: Any, default_step: bool) ->
     flattens what it gets) are the user's to make."""
     if not default_step:
         return
-    ranks = tensors.map_tensors(lambda t: t.dim(), data.unpack(batch)[0])
+    x = data.unpack(batch)[0]
+    ranks = tensors.map_tensors(lambda t: t.dim(), x)
     expected = model._first_input_ranks
     if expected is None:
         model._first_input_ranks = ranks
         return
     if not getattr(source, "batches_items", False) or not _one_rank_more(ranks, expected):
         return
-    found = [t.shape for t in tensors.leaves(data.unpack(batch)[0])]
+    found = [t.shape for t in tensors.leaves(x)]
     if any(shape[1] == 1 for shape in found):  # items of (1, ...): a channel, not a batch
         return
     raise ValueError(

@@ -193,13 +193,7 @@ class Stepping:
         loop, n = self.loop, self.accumulation
         if self.rank_share != 1.0:
             loss = loss * self.rank_share
-        if n > 1:
-            loss = loss / n
-        precision = self.model.precision
-        if precision.scaler is None:
-            loss.backward()
-        else:
-            precision.backward(loss)
+        self.model.precision.backward(loss / n if n > 1 else loss)
         self.open_group = True
         if not loop.accumulating:
             if self.group_size < n:  # a short last group: the mean of its own micro-batches
@@ -220,9 +214,9 @@ class Stepping:
         self.open_group = False
 
     def _gradients_ready(self) -> None:
-        model = self.model
-        if model.optimizer is not None and model.precision.scaler is not None:
-            model.precision.unscale(model.optimizer)
+        optimizer = self.model.optimizer
+        if optimizer is not None:
+            self.model.precision.unscale(optimizer)
         callbacks = self.callbacks
         if callbacks is not None and callbacks.needs("on_after_backward"):
             callbacks.on_after_backward(self.loop.batch)
