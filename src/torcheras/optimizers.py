@@ -47,6 +47,7 @@ def _buckets(params: Iterable[torch.Tensor], owner: str) -> list[list[torch.Tens
     return list(buckets.values())
 
 
+@torch.no_grad()
 def _decay(optimizer: torch.optim.Optimizer) -> list[float]:
     """Keras's weight decay, decoupled and before the update: ``w -= w * wd * lr``. Returns
     each group's ``weight_decay`` and sets it to 0 for torch's step (torch's is L2)."""
@@ -68,27 +69,42 @@ def _torch_step(cls: type[torch.optim.Optimizer]) -> Callable[..., Any]:
     return step.__wrapped__ if getattr(step, "hooked", False) else step  # type: ignore[attr-defined]
 
 
-@torch.no_grad()
+# torch's steps, unwrapped once (our subclasses' steps carry the profiling wrapper)
+_ADAM_STEP = _torch_step(torch.optim.Adam)
+_SGD_STEP = _torch_step(torch.optim.SGD)
+_ADAGRAD_STEP = _torch_step(torch.optim.Adagrad)
+_ADADELTA_STEP = _torch_step(torch.optim.Adadelta)
+
+
 def _decayed_torch_step(
-    optimizer: torch.optim.Optimizer,
-    parent: type[torch.optim.Optimizer],
-    closure: Callable[[], Any] | None,
-    **settings: Any,
-) -> Any:
-    """``parent``'s step after Keras's decoupled weight decay, each group's ``settings``
-    overridden for torch's step only (Adagrad's epsilon 0)."""
-    loss = _closure_loss(closure)
-    decays = _decay(optimizer)
-    saved = [{key: group[key] for key in settings} for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group.update(settings)
+    optimizer: torch.optim.Optimizer, step: Callable[..., Any], closure: Callable[[], Any] | None,
+    eps: float | None = None,
+) -> Any:  # fmt: skip
+    """torch's ``step`` after Keras's decoupled weight decay, each group's epsilon set to
+    ``eps`` for torch's step only (Adagrad's 0). Without weight decay it is torch's step
+    itself, closure included, plus a loop over the groups."""
+    groups = optimizer.param_groups
+    decays = None
+    for group in groups:
+        if group["weight_decay"]:  # the gradients first, then the decay, then the update
+            loss, closure = _closure_loss(closure), None
+            decays = _decay(optimizer)
+            break
+    epsilons = None
+    if eps is not None:
+        epsilons = [group["eps"] for group in groups]
+        for group in groups:
+            group["eps"] = eps
     try:
-        _torch_step(parent)(optimizer)
+        result = step(optimizer, closure)
     finally:
-        for group, wd, kept in zip(optimizer.param_groups, decays, saved):
-            group["weight_decay"] = wd
-            group.update(kept)
-    return loss
+        if decays is not None:
+            for group, wd in zip(groups, decays):
+                group["weight_decay"] = wd
+        if epsilons is not None:
+            for group, kept in zip(groups, epsilons):
+                group["eps"] = kept
+    return result if decays is None else loss
 
 
 def _closure_loss(closure: Callable[[], Any] | None) -> Any:
@@ -131,7 +147,6 @@ class KerasAdam(torch.optim.Adam):
         kwargs.setdefault("decoupled_weight_decay", True)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         # Keras's iteration count, per group, as a plain number (saved with the groups): no
         # read of torch's step tensor, which fused / capturable Adam keeps on the device.
@@ -144,7 +159,7 @@ class KerasAdam(torch.optim.Adam):
             group["keras_steps"] = t = group["keras_steps"] + 1
             group["eps"] = group["eps"] / math.sqrt(1 - group["betas"][1] ** t)
         try:
-            return _torch_step(torch.optim.Adam)(self, closure)
+            return _ADAM_STEP(self, closure)
         finally:
             for group, eps in zip(self.param_groups, keras_eps):
                 group["eps"] = eps
@@ -195,9 +210,15 @@ class KerasSGD(torch.optim.SGD):
         )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        if not any(g["momentum"] or g["weight_decay"] for g in self.param_groups):
-            return _torch_step(torch.optim.SGD)(self, closure)  # plain SGD: the same update
-        return self._keras_step(closure)
+        # torch's step is Keras's update while no group decays and no momentum group's rate
+        # changed since the last step (``keras_lr`` is the very float object of ``lr`` then:
+        # an identity test, no value read, so a tensor rate always takes the full path).
+        for group in self.param_groups:
+            if group["weight_decay"] or (
+                group["momentum"] and group["lr"] is not group.get("keras_lr")
+            ):
+                return self._keras_step(closure)
+        return _SGD_STEP(self, closure)
 
     @torch.no_grad()
     def _keras_step(self, closure: Callable[[], Any] | None) -> Any:
@@ -223,7 +244,7 @@ class KerasSGD(torch.optim.SGD):
                     if bufs:
                         torch._foreach_mul_(bufs, ref / lr)
                 group["keras_lr"] = lr
-            _torch_step(torch.optim.SGD)(self)
+            _SGD_STEP(self)
         finally:
             for group, params in coasting:
                 group["params"] = params
@@ -392,7 +413,7 @@ class KerasAdagrad(torch.optim.Adagrad):
             group["initial_accumulator_value"] = initial_accumulator_value
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        return _decayed_torch_step(self, torch.optim.Adagrad, closure, eps=0.0)
+        return _decayed_torch_step(self, _ADAGRAD_STEP, closure, eps=0.0)
 
 
 class KerasAdadelta(torch.optim.Adadelta):
@@ -415,7 +436,7 @@ class KerasAdadelta(torch.optim.Adadelta):
         super().__init__(params, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, **kwargs)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        return _decayed_torch_step(self, torch.optim.Adadelta, closure)
+        return _decayed_torch_step(self, _ADADELTA_STEP, closure)
 
 
 class KerasNadam(torch.optim.NAdam):
