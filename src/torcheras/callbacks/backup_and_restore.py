@@ -39,7 +39,8 @@ class BackupAndRestore(Callback):
     (EarlyStopping's wait, ReduceLROnPlateau's cooldown, ModelCheckpoint's best, CSVLogger's
     and TensorBoard's positions, the History). A resumed run ends with the same weights, the
     same History and the same files as one that was never interrupted. Backups are written
-    atomically: a kill during a save leaves the previous backup intact.
+    atomically: a kill during a save leaves the previous backup intact (to a URL: each backup
+    is one object, sent in one PUT, which the store replaces whole).
 
     SIGTERM (a preemption) and Ctrl-C make ``fit`` finish the current batch, write a backup
     and stop: SIGTERM raises :class:`Preempted` (a ``SystemExit``, exit code 143),
@@ -133,7 +134,11 @@ class BackupAndRestore(Callback):
         state = tensors.snapshot(self.model.loop.training_state())
 
         def write() -> None:
-            if self.double_checkpoint and checkpoint.exists(self.latest_path):
+            if (  # rank 0 alone: another rank would move rank 0's new backup
+                self.double_checkpoint
+                and distributed.is_main()
+                and checkpoint.exists(self.latest_path)
+            ):
                 checkpoint.copy_over(self.latest_path, self.previous_path)
             checkpoint.save(state, self.latest_path)
 
