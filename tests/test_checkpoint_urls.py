@@ -355,3 +355,50 @@ def test_local_paths_never_import_fsspec_and_a_url_without_it_names_the_extra(tm
     assert "s3://bucket/model.pt" in result.stdout
     assert "pip install 'torcheras[fsspec]'" in result.stdout
     assert np.isfinite(json.loads((tmp_path / "history.json").read_text())["history"]["loss"][0])
+
+
+DDP_SCRIPT = """
+import sys, numpy as np, torch, torcheras
+from torcheras import callbacks as cb, distributed
+url, epochs = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(128, 8)).astype("float32"); y = (x.sum(1) > 0).astype("int64")
+model = torcheras.Model(torch.nn.Sequential(torch.nn.Linear(8, 2)))
+model.compile("sgd", "sparse_categorical_crossentropy", device="cpu")
+backup = cb.BackupAndRestore(url + "/backup", save_freq=2, double_checkpoint=True,
+                             delete_checkpoint=False)
+history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0,
+                    callbacks=[backup, cb.ModelCheckpoint(url + "/last.pt")])
+print(distributed.rank(), backup.resumed_from, len(history.history["loss"]), flush=True)
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_torchrun_backs_up_to_the_bucket_from_rank_zero_and_resumes_from_it(s3, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    url = f"s3://{BUCKET}/ddp"
+
+    def torchrun(epochs: int) -> str:
+        env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1",
+               "TORCHERAS_DIST_TIMEOUT": "30"}  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", str(script), url, str(epochs)],
+            capture_output=True, text=True, env=env, timeout=180,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    first = torchrun(1)  # 8 steps of 16 samples (8 a rank): backups after steps 2, 4, 6, 8
+    assert sorted(first.split("\n")[:2]) == ["0 None 1", "1 None 1"]
+    latest, previous = (_torch_object(s3, f"ddp/backup/{n}.pt") for n in ("latest", "previous"))
+    assert latest["world_size"] == 2 and len(latest["ranks"]) == 2  # both ranks' RNG and data
+    assert (latest["epoch"], latest["batch"], latest["global_step"]) == (0, 8, 8)
+    assert (previous["batch"], previous["global_step"]) == (6, 6)  # kept by rank 0 alone
+    last = _torch_object(s3, "ddp/last.pt")
+    _same_weights(last["model"], latest["model"])
+    second = torchrun(2)  # resumes at epoch 2 from the bucket, on both ranks
+    assert sorted(second.split("\n")[:2]) == [f"{r} {url}/backup/latest.pt 2" for r in (0, 1)]
+    assert _torch_object(s3, "ddp/backup/latest.pt")["global_step"] == 16
