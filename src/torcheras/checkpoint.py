@@ -12,12 +12,18 @@ then a writer thread writes it. A second save waits for the first; ``fit`` retur
 exception leaves, only once the last write has landed or failed (:func:`wait_for_writes`).
 Each thread that trains has its own writer: fits in several threads (Optuna's ``n_jobs``, a
 thread pool) neither wait for nor raise each other's writes.
+
+A path that is a URL (``s3://``, ``gs://``, ``memory://``...) goes through fsspec (the
+``fsspec`` extra): written whole in one PUT on object stores, read whole into memory and
+loaded the same safe way (:func:`is_url`). ``file://`` URLs are local paths; local paths never
+import fsspec.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import pickle
 import re
@@ -45,6 +51,10 @@ __all__ = [
     "load_weights_into",
     "state_dict_of",
     "describe",
+    "is_url",
+    "location",
+    "read_bytes",
+    "ObjectAppender",
 ]
 
 FORMAT = "torcheras.checkpoint"
@@ -89,7 +99,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write(
     path: str | os.PathLike[str], write: Callable[[IO[bytes]], None], *, every_rank: bool = False
-) -> Path:
+) -> Path | str:
     """Write a file so that readers only ever see the old or the complete new content.
 
     ``write`` receives a binary file object. The parent folder is created if missing; the file
@@ -97,11 +107,19 @@ def atomic_write(
     earlier, interrupted writes to the same target left behind are removed once the new file
     is in place — only those older than this process, so a concurrent writer's temp file is
     never touched.
+
+    A URL (``s3://bucket/run/best.pt``, ``gs://``, ``memory://``) is written through fsspec:
+    the content is built in memory, then sent in one PUT on object stores (S3, GCS, Azure,
+    ``memory://``: a reader sees the old object or the new one whole, a killed writer leaves
+    the old one), elsewhere to a temp key moved over the target. Returns the local ``Path``,
+    or the URL.
     """
-    target = Path(path)
+    target = location(path)
     if not (every_rank or distributed.is_main()):  # under torchrun, rank 0 alone writes
         # training's files; ``every_rank``: a file the user asked this rank for
         return target
+    if isinstance(target, str):
+        return _write_url(target, write)
     if target.is_dir():
         raise CheckpointError(
             errno.EISDIR,
@@ -135,6 +153,17 @@ def atomic_write(
             if stale.stat().st_mtime < _PROCESS_START:
                 stale.unlink()
     return target
+
+
+def _write_url(url: str, write: Callable[[IO[bytes]], None]) -> str:
+    fs, path = _filesystem(url)  # fsspec missing: its ImportError, as it is
+    buffer = io.BytesIO()
+    write(buffer)
+    try:
+        _put(fs, path, buffer.getvalue())
+    except Exception as exc:
+        raise _store_error(url, exc, "save", "What was saved there before is unchanged.") from exc
+    return url
 
 
 def _create_temp(folder: Path, name: str) -> tuple[int, str]:
@@ -242,7 +271,14 @@ def file_error(
 
 
 def append_whole(path: str | os.PathLike[str], data: bytes) -> None:
-    """Append ``data`` to a file whole or not at all (:func:`write_whole`)."""
+    """Append ``data`` to a file whole or not at all (:func:`write_whole`). A URL has no
+    append: the object is read and written back whole (:class:`ObjectAppender`)."""
+    if is_url(path):
+        where = location(path)
+        if isinstance(where, str):
+            write_whole(ObjectAppender(where, create=False), data, where)  # type: ignore[arg-type]
+            return
+        path = where
     with naming_file_errors(path, "open"):
         handle = open(path, "ab", buffering=0)  # noqa: SIM115 - closed below
     with handle:
@@ -262,6 +298,8 @@ def write_whole(handle: IO[bytes], data: bytes, path: str | os.PathLike[str]) ->
         with contextlib.suppress(OSError):
             handle.truncate(start)
             handle.seek(start)
+        if isinstance(exc, CheckpointError):  # already names the path (a URL's store)
+            raise
         raise file_error(path, exc, "write", "What was written before is kept whole.") from exc
 
 
@@ -296,7 +334,251 @@ def is_safetensors(path: str | os.PathLike[str]) -> bool:
     return str(path).endswith(".safetensors")
 
 
-def save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+# --- URLs (fsspec) -------------------------------------------------------------------------------
+# A path such as ``s3://bucket/run/best.pt`` goes through fsspec; ``file://`` URLs become local
+# paths (and keep the local, rename-based atomicity); every other path never imports fsspec.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+://")  # two letters at least: not C:\ or C:/
+# Stores where one PUT (or a multipart upload, completed at its end) replaces an object whole:
+# readers see the old object or the new one. Elsewhere: a temp key, then a move.
+OBJECT_STORES = frozenset(
+    {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2", "memory"}
+)
+
+
+def is_url(path: Any) -> bool:
+    """Whether ``path`` is a URL (``scheme://...``) that fsspec handles rather than a local
+    path. ``pathlib.Path`` objects are always local."""
+    return isinstance(path, str) and "://" in path and _URL.match(path) is not None
+
+
+def location(path: str | os.PathLike[str]) -> Path | str:
+    """A local ``Path``, or the URL as a string (``Path`` would fold its ``//``); a
+    ``file://`` URL is its local path."""
+    if is_url(path):
+        text = str(path)
+        if not text.lower().startswith("file://"):
+            return text
+        from urllib.parse import urlsplit
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlsplit(text).path))
+    return Path(path)
+
+
+def local_folder(path: str | os.PathLike[str], what: str) -> Path:
+    """A folder that must be local (TensorBoard's event files are appended to as training
+    goes); a URL is refused, naming ``what`` and the fix."""
+    where = location(path)
+    if isinstance(where, str):
+        raise ValueError(
+            f"{what}: {where!r} is a URL, but TensorBoard logs are written to a local folder "
+            "(event files grow as training goes). Pass a local folder, and copy it to the "
+            "store after training (or point TensorBoard at the local folder)."
+        )
+    return where
+
+
+def join(folder: Path | str, name: str) -> Path | str:
+    """``folder / name`` for a local folder or a URL."""
+    if isinstance(folder, str):
+        return f"{folder.rstrip('/')}/{name}"
+    return folder / name
+
+
+def parent(path: Path | str) -> str:
+    """The folder of a local path or a URL, for messages."""
+    return path.rsplit("/", 1)[0] if isinstance(path, str) else str(path.parent)
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    """fsspec's filesystem for ``url`` and the path inside it. Options (endpoint, credentials)
+    come from the store's own environment variables (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``...) or ``fsspec.config.conf[protocol]``."""
+    try:
+        import fsspec.core
+    except ImportError:
+        raise ImportError(
+            f"{url!r} is a URL: saving to and loading from URLs needs fsspec: "
+            "pip install 'torcheras[fsspec]' (and the store's own package, e.g. "
+            "'torcheras[s3]' for s3://)."
+        ) from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        raise ImportError(
+            f"{url!r} needs a package fsspec does not have: {exc} (for s3://: "
+            "pip install 'torcheras[s3]')."
+        ) from exc
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: fsspec cannot use this URL ({exc}).") from exc
+
+
+def _store_error(url: str, exc: BaseException, action: str, after: str = "") -> CheckpointError:
+    """The error a failed read or write of ``url`` raises: the URL, the store's reason and
+    what to check."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        code, hint = (
+            errno.EACCES,
+            (
+                "Check the credentials for this store (for S3: AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their rights on the bucket."
+            ),
+        )
+    elif isinstance(exc, FileNotFoundError):
+        code, hint = errno.ENOENT, "Check the URL: does its bucket (or container) exist?"
+    else:
+        code, hint = getattr(exc, "errno", None) or errno.EIO, ""
+    text = f"Could not {action} {url!r}: {reason} ({type(exc).__name__})."
+    error_class = CheckpointNotFoundError if code == errno.ENOENT else CheckpointError
+    return error_class(code, " ".join(p for p in (text, hint, after) if p))
+
+
+def _put(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` at ``path`` of the fsspec filesystem ``fs`` so that readers see the old
+    object or the new one whole."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & OBJECT_STORES:
+        fs.pipe_file(path, data)  # one PUT (a multipart upload is completed in one call too)
+        return
+    folder, _, name = path.rpartition("/")
+    temp = (
+        f"{folder}/{TEMP_PREFIX}{name}.{os.urandom(6).hex()}" if folder else f"{TEMP_PREFIX}{name}"
+    )
+    try:
+        fs.pipe_file(temp, data)
+        fs.mv(temp, path)
+    finally:
+        with contextlib.suppress(Exception):
+            if fs.exists(temp):
+                fs.rm(temp)
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The whole content of a local file or a URL; a failure names the path or URL."""
+    where = location(path)
+    if isinstance(where, Path):
+        with naming_file_errors(where, "read"):
+            return where.read_bytes()
+    fs, inner = _filesystem(where)
+    try:
+        return fs.cat_file(inner)
+    except Exception as exc:
+        raise _store_error(where, exc, "read") from exc
+
+
+def exists(path: Path | str) -> bool:
+    """Whether a file exists at a local path or a URL."""
+    if isinstance(path, Path):
+        return path.exists()
+    fs, inner = _filesystem(path)
+    try:
+        return bool(fs.exists(inner))
+    except Exception as exc:
+        raise _store_error(path, exc, "look for") from exc
+
+
+def remove(path: Path | str) -> None:
+    """Delete a file (local or URL) if it is there."""
+    if isinstance(path, Path):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    fs, inner = _filesystem(path)
+    try:
+        if fs.exists(inner):
+            fs.rm_file(inner)
+    except Exception as exc:
+        raise _store_error(path, exc, "delete") from exc
+
+
+def copy_over(source: Path | str, target: Path | str) -> None:
+    """Keep ``source`` as ``target``: a rename for local files; a server-side copy for URLs
+    (``source`` stays, whole, until it is overwritten)."""
+    if isinstance(source, Path):
+        os.replace(source, target)
+        return
+    fs, inner = _filesystem(source)
+    _, target_inner = _filesystem(str(target))
+    try:
+        fs.copy(inner, target_inner)
+    except Exception as exc:
+        raise _store_error(str(target), exc, "copy a backup to") from exc
+
+
+def download_folder(url: str, folder: Path) -> None:
+    """Copy every file under the URL ``url`` into the local ``folder`` (their modification
+    times kept where the store gives them): what ``torcheras report`` reads a run from."""
+    fs, root = _filesystem(url)
+    try:
+        if not fs.isdir(root):
+            raise FileNotFoundError(f"no folder (prefix) {root!r} in this store")
+        prefix = root.rstrip("/") + "/"
+        for name in fs.find(root):
+            if not name.startswith(prefix):
+                continue
+            dest = folder.joinpath(*name[len(prefix) :].split("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(name, str(dest))
+            with contextlib.suppress(Exception):  # not every store tells
+                stamp = fs.modified(name).timestamp()
+                os.utime(dest, (stamp, stamp))
+    except Exception as exc:
+        raise _store_error(url, exc, "read the run folder") from exc
+
+
+class ObjectAppender:
+    """A file opened for appending on a store that cannot append (S3 and the like): its
+    content is kept in memory and every write replaces the object whole, with one PUT. Opening
+    it writes the object at once, so a missing bucket or wrong credentials fail before
+    training starts. For logs of one row per epoch (CSVLogger); the object is rewritten whole
+    each time, so it suits small files."""
+
+    def __init__(self, url: str, create: bool = True) -> None:
+        self.url = url
+        self._fs, self._path = _filesystem(url)
+        try:
+            data = read_bytes(url)
+        except CheckpointNotFoundError:
+            data = b""
+        self._data = bytearray(data)
+        self._position = len(data)
+        if create:
+            try:
+                _put(self._fs, self._path, bytes(self._data))
+            except Exception as exc:
+                raise _store_error(url, exc, "open") from exc
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int) -> int:
+        self._position = position
+        return position
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._position if size is None else size
+        del self._data[size:]
+        return size
+
+    def write(self, data: bytes | memoryview) -> int:
+        end = self._position + len(data)
+        self._data[self._position : end] = data
+        self._position = end
+        try:
+            _put(self._fs, self._path, bytes(self._data))
+        except Exception as exc:  # write_whole cuts the buffer back and raises this
+            raise _store_error(self.url, exc, "write") from exc
+        return len(data)
+
+    def getvalue(self) -> bytes:
+        return bytes(self._data)
+
+    def close(self) -> None:
+        """Nothing to flush: every write reached the store."""
+
+
+def save(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path | str:
     """Save a dict of tensors and plain values atomically (``torch.save`` format), streamed
     straight into the temp file."""
     state = dict(obj)
@@ -307,7 +589,7 @@ def save_weights(
     state_dict: Mapping[str, torch.Tensor],
     path: str | os.PathLike[str],
     metadata: Mapping[str, Any] | None = None,
-) -> Path:
+) -> Path | str:
     """Save weights: safetensors for ``.safetensors`` names; otherwise the bare state_dict
     (``torch.save(net.state_dict())``'s format, what ``torch.load`` users expect), or, given
     ``metadata`` (the epoch and logs of a ModelCheckpoint file), our format around it."""
@@ -337,8 +619,18 @@ def save_weights(
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a state file safely. Raises :class:`CheckpointError` naming the path and the cause."""
-    target = Path(path)
+    """Load a state file safely. Raises :class:`CheckpointError` naming the path and the cause.
+
+    A URL is read whole through fsspec into memory, then loaded the same way."""
+    target = location(path)
+    if isinstance(target, str):
+        try:
+            data = read_bytes(target)
+        except CheckpointNotFoundError as exc:
+            raise CheckpointNotFoundError(
+                errno.ENOENT, f"No checkpoint at {target!r}: {exc}"
+            ) from exc
+        return _load_from(target, io.BytesIO(data), data[:4])
     if not target.exists():
         raise CheckpointNotFoundError(errno.ENOENT, f"No checkpoint at {str(target)!r}.")
     if target.is_dir():
@@ -349,11 +641,18 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{str(target)!r} is not a regular file (a named pipe, socket or device?), not a "
             "checkpoint: pass the path of a saved file.",
         )
+    return _load_from(target, target, None)
+
+
+def _load_from(target: Path | str, source: Path | IO[bytes], head: bytes | None) -> dict[str, Any]:
+    """Load from a local file or a buffer (a URL's bytes); ``target`` names it in errors."""
     if is_safetensors(target):
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
         try:
-            return {"format": "safetensors", "model": load_file(str(target))}
+            if isinstance(source, Path):
+                return {"format": "safetensors", "model": load_file(str(source))}
+            return {"format": "safetensors", "model": load(source.read())}
         except Exception as exc:
             raise CheckpointError(
                 errno.EIO, f"{str(target)!r} is not a readable safetensors file ({exc})."
@@ -361,11 +660,11 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # torch's own advice to pass weights_only=False
             warnings.simplefilter("ignore")
-            obj = torch.load(target, map_location="cpu", weights_only=True)
+            obj = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         forbidden = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if forbidden is None:
-            raise _not_a_checkpoint(target, exc) from exc
+            raise _not_a_checkpoint(target, exc, head) from exc
         raise CheckpointError(
             errno.EPERM,
             f"Refusing to load {str(target)!r}: it holds a Python object "
@@ -374,7 +673,7 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
             "save state with torcheras or torch.save(model.state_dict()).",
         ) from exc
     except Exception as exc:  # truncated zips, text files, random bytes...
-        raise _not_a_checkpoint(target, exc) from exc
+        raise _not_a_checkpoint(target, exc, head) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(errno.EINVAL, f"{str(target)!r} does not hold a dict of state.")
     version = obj.get("version") if obj.get("format") == FORMAT else None
@@ -388,9 +687,14 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     return obj
 
 
-def _not_a_checkpoint(target: Path, exc: BaseException) -> CheckpointError:
-    with contextlib.suppress(OSError), open(target, "rb") as handle:
-        head = handle.read(4)
+def _not_a_checkpoint(
+    target: Path | str, exc: BaseException, head: bytes | None = None
+) -> CheckpointError:
+    if head is None:
+        head = b""
+        with contextlib.suppress(OSError), open(target, "rb") as handle:
+            head = handle.read(4)
+    if head:
         legacy_torch = head == b"\x80\x02\x8a\x0a"  # torch's pre-zip format: its magic number
         if (
             len(head) >= 2
@@ -454,7 +758,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         if is_safetensors(path)
         else state.get("format", "torch state_dict"),
         "kind": state.get("kind", "weights"),
-        "size_bytes": os.path.getsize(path),
+        "size_bytes": _size(path),
         "tensors": len(weights),
         "parameters": int(sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))),
     }
@@ -491,6 +795,14 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     if "history" in state:
         info["history"] = state["history"]
     return info
+
+
+def _size(path: str | os.PathLike[str]) -> int:
+    where = location(path)
+    if isinstance(where, Path):
+        return os.path.getsize(where)
+    fs, inner = _filesystem(where)
+    return int(fs.size(inner))
 
 
 def _plain(value: Any) -> Any:

@@ -64,7 +64,7 @@ def make_grid(
     return grid.permute(1, 2, 0).numpy()
 
 
-def save_png(grid: np.ndarray, path: str | os.PathLike[str], scale: int = 1) -> Path:
+def save_png(grid: np.ndarray, path: str | os.PathLike[str], scale: int = 1) -> Path | str:
     """Write an ``H x W x 3`` array in [0, 1] as a PNG (``scale``: nearest-neighbour
     enlargement, for small images such as 8 x 8 digits). Needs matplotlib."""
     try:

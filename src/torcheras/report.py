@@ -122,8 +122,12 @@ border-left: 4px solid #4a4; } img { max-width: 100%; } code { background: #f4f4
 
 def write_report(
     run_dir: str | os.PathLike[str], output: str | os.PathLike[str] | None = None
-) -> Path:
+) -> Path | str:
     """Write ``RUN_DIR/report.html`` (or ``output``) and return its path.
+
+    ``run_dir`` (and ``output``) may be URLs, such as ``s3://bucket/run`` (through fsspec):
+    the run's files are copied into a temporary folder, read there, and the page is written
+    to ``RUN_DIR/report.html`` in the store (or ``output``).
 
     Example:
         ```python
@@ -133,9 +137,25 @@ def write_report(
         write_report("runs/a")               # or: torcheras report runs/a
         ```
     """
-    run = Path(run_dir)
+    where = checkpoint.location(run_dir)
+    if isinstance(where, str):  # a URL: read from a local copy, written back to the store
+        import tempfile
+
+        target = output if output is not None else checkpoint.join(where, "report.html")
+        with tempfile.TemporaryDirectory(prefix="torcheras-report-") as local:
+            checkpoint.download_folder(where, Path(local))
+            name = where.rstrip("/").rsplit("/", 1)[-1]
+            return _write(Path(local), target, name, where)
+    run = where
     if not run.is_dir():
         raise FileNotFoundError(f"{str(run)!r} is not a folder: give the run's output folder.")
+    target = output if output is not None else run / "report.html"
+    return _write(run, target, run.resolve().name, str(run))
+
+
+def _write(run: Path, target: str | os.PathLike[str], name: str, shown: str) -> Path | str:
+    """The page for the run in the local folder ``run`` (``name`` and ``shown``: how the
+    page names it), written to ``target``."""
     curves, record, source = _load_run(run)
     stop_reason = record.get("stop_reason")
     figure = plots.plot_curves(curves, stop_reason=stop_reason)
@@ -143,7 +163,7 @@ def write_report(
     last_epoch = max(max(xs) for xs, _ in curves.values())
     final = [(k, ys[-1], xs[-1]) for k, (xs, ys) in sorted(curves.items())]
     parts = [
-        f"<h1>Training report: {html.escape(run.resolve().name)}</h1>",
+        f"<h1>Training report: {html.escape(name)}</h1>",
         f"<p>{last_epoch} epoch{'' if last_epoch == 1 else 's'}, "
         f"logs from <code>{html.escape(source)}</code>; "
         f"written {datetime.datetime.now().isoformat(' ', 'seconds')}.</p>",
@@ -180,12 +200,11 @@ def write_report(
         parts.append(
             "<h2>TensorBoard</h2><p>Event files in "
             + ", ".join(f"<code>{html.escape(f)}</code>" for f in folders)
-            + f": <code>tensorboard --logdir {html.escape(str(run))}</code></p>"
+            + f": <code>tensorboard --logdir {html.escape(shown)}</code></p>"
         )
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>torcheras report: {html.escape(run.resolve().name)}</title>"
+        f"<title>torcheras report: {html.escape(name)}</title>"
         f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
-    target = Path(output) if output is not None else run / "report.html"
     return checkpoint.atomic_write(target, lambda f: f.write(page.encode("utf-8")), every_rank=True)

@@ -197,7 +197,7 @@ def save_model(
     epoch: int | None = None,
     logs: Mapping[str, Any] | None = None,
     background: bool = False,
-) -> Path:
+) -> Path | str:
     """Save ``model`` (a torcheras Model or any nn.Module) for ModelCheckpoint and friends:
     the weights alone (safetensors for ``.safetensors`` names), or a saved model that
     ``Model.load`` continues training from. ``background``: copy the state now, write it on
@@ -212,12 +212,12 @@ def save_model(
             checkpoint.save_in_background(
                 lambda: checkpoint.save_weights(copy, path, meta), str(path)
             )
-            return Path(path)
+            return checkpoint.location(path)
         return checkpoint.save_weights(weights, path, meta)
     state = model_file_state(model, epoch=epoch, logs=logs, copy=background)
     if background:  # copied once, now; written while training goes on
         checkpoint.save_in_background(lambda: checkpoint.save(state, path), str(path))
-        return Path(path)
+        return checkpoint.location(path)
     return checkpoint.save(state, path)
 
 
@@ -299,7 +299,7 @@ def restore_training_state(
         raise CheckpointError(
             errno.EINVAL, f"This file is not a training-state backup (kind={state.get('kind')!r})."
         )
-    folder = str(Path(path).parent)
+    folder = checkpoint.parent(checkpoint.location(path))
     saved_world = state.get("world_size", 1)
     if saved_world != distributed.world_size():
         raise CheckpointError(

@@ -26,7 +26,8 @@ class BackupAndRestore(Callback):
 
     Args:
         backup_dir: where the backups live (``latest.pt``, and ``previous.pt`` with
-            ``double_checkpoint``).
+            ``double_checkpoint``): a folder, or a URL such as ``s3://bucket/run/backup``
+            (through fsspec; each backup is one object, written whole by one PUT).
         save_freq: ``"epoch"`` (after every epoch) or N: every N training batches.
         double_checkpoint: keep the previous backup too, to fall back on if the newest is
             unreadable.
@@ -38,7 +39,8 @@ class BackupAndRestore(Callback):
     (EarlyStopping's wait, ReduceLROnPlateau's cooldown, ModelCheckpoint's best, CSVLogger's
     and TensorBoard's positions, the History). A resumed run ends with the same weights, the
     same History and the same files as one that was never interrupted. Backups are written
-    atomically: a kill during a save leaves the previous backup intact.
+    atomically: a kill during a save leaves the previous backup intact (to a URL: each backup
+    is one object, sent in one PUT, which the store replaces whole).
 
     SIGTERM (a preemption) and Ctrl-C make ``fit`` finish the current batch, write a backup
     and stop: SIGTERM raises :class:`Preempted` (a ``SystemExit``, exit code 143),
@@ -71,13 +73,13 @@ class BackupAndRestore(Callback):
                 f"Invalid value for argument `save_freq`. Received: save_freq="
                 f"{save_freq!r}. Expected either 'epoch' or a positive integer."
             )
-        self.backup_dir = Path(backup_dir)
+        self.backup_dir = checkpoint.location(backup_dir)
         self.save_freq = save_freq
         self.double_checkpoint = double_checkpoint
         self.delete_checkpoint = delete_checkpoint
-        self.latest_path = self.backup_dir / "latest.pt"
-        self.previous_path = self.backup_dir / "previous.pt"
-        self.resumed_from: Path | None = None
+        self.latest_path = checkpoint.join(self.backup_dir, "latest.pt")
+        self.previous_path = checkpoint.join(self.backup_dir, "previous.pt")
+        self.resumed_from: Path | str | None = None
         self._resume_state: dict[str, Any] | None = None
         self._batches_since_save = 0
         self._old_handlers: dict[int, Any] = {}
@@ -88,7 +90,7 @@ class BackupAndRestore(Callback):
 
     # --- loading --------------------------------------------------------------------------------
     def _load(self) -> dict[str, Any] | None:
-        candidates = [p for p in (self.latest_path, self.previous_path) if p.exists()]
+        candidates = [p for p in (self.latest_path, self.previous_path) if checkpoint.exists(p)]
         if not candidates:
             return None
         errors = []
@@ -132,8 +134,12 @@ class BackupAndRestore(Callback):
         state = tensors.snapshot(self.model.loop.training_state())
 
         def write() -> None:
-            if self.double_checkpoint and self.latest_path.exists():
-                os.replace(self.latest_path, self.previous_path)
+            if (  # rank 0 alone: another rank would move rank 0's new backup
+                self.double_checkpoint
+                and distributed.is_main()
+                and checkpoint.exists(self.latest_path)
+            ):
+                checkpoint.copy_over(self.latest_path, self.previous_path)
             checkpoint.save(state, self.latest_path)
 
         checkpoint.save_in_background(write, str(self.latest_path))
@@ -166,8 +172,9 @@ class BackupAndRestore(Callback):
         checkpoint.wait_for_writes()  # a backup still being written would come back
         if self.delete_checkpoint and not self._keep and distributed.is_main():  # rank 0's
             for path in (self.latest_path, self.previous_path):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                checkpoint.remove(path)
+            if isinstance(self.backup_dir, str):  # a URL: no folder to remove
+                return
             for stale in self.backup_dir.glob(f"{checkpoint.TEMP_PREFIX}*"):
                 with contextlib.suppress(OSError):
                     stale.unlink()

@@ -22,7 +22,9 @@ class CSVLogger(Callback):
     """Write each epoch's logs to a CSV file, flushed row by row.
 
     Args:
-        filename: the CSV file (folders are created).
+        filename: the CSV file (folders are created), or a URL such as
+            ``"s3://bucket/run/log.csv"`` (through fsspec). An object store cannot append: the
+            log is kept in memory and the object rewritten whole, by one PUT, at each epoch.
         separator: the field separator. Default ``","``.
         append: add to an existing file (no second header). Default False: overwrite.
 
@@ -71,13 +73,17 @@ class CSVLogger(Callback):
         self._close()
         self.keys = None
         self._resume_offset = None
-        folder = os.path.dirname(self.filename)
-        with checkpoint.naming_file_errors(self.filename, "open"):
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-            # Unbuffered: a row reaches the file whole or, cut short by a full disk, is cut
-            # back off; nothing is left in a buffer to be written half later.
-            self._file = open(self.filename, "ab", buffering=0)  # noqa: SIM115 - see _close
+        where = checkpoint.location(self.filename)
+        if isinstance(where, str):  # a URL: read (if there) and written back at once
+            self._file = checkpoint.ObjectAppender(where)  # type: ignore[assignment]
+        else:
+            folder = os.path.dirname(where)
+            with checkpoint.naming_file_errors(self.filename, "open"):
+                if folder:
+                    os.makedirs(folder, exist_ok=True)
+                # Unbuffered: a row reaches the file whole or, cut short by a full disk, is
+                # cut back off; nothing is left in a buffer to be written half later.
+                self._file = open(where, "ab", buffering=0)  # noqa: SIM115 - see _close
         self._start_offset = self._file.tell() if self.append else 0
         self._started = False
         self._hyperparameters = hyperparameters(self.model) if self.model is not None else {}
@@ -88,7 +94,7 @@ class CSVLogger(Callback):
         with checkpoint.naming_file_errors(self.filename):
             self._file.truncate(offset)  # type: ignore[union-attr]
             self._file.seek(offset)  # type: ignore[union-attr]
-            header = offset == 0 or not _first_line(self.filename)
+            header = offset == 0 or not _first_line(self._file, self.filename)
         self._buffer = io.StringIO()
         self._writer = csv.DictWriter(
             self._buffer,
@@ -169,8 +175,10 @@ def _is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def _first_line(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
+def _first_line(handle: Any, path: str) -> str:
+    if isinstance(handle, checkpoint.ObjectAppender):  # a URL's content, kept in memory
+        return handle.getvalue().split(b"\n", 1)[0].decode("utf-8").strip()
+    with open(checkpoint.location(path), encoding="utf-8") as f:
         return f.readline().strip()
 
 

@@ -68,10 +68,11 @@ class History(Callback):
         curves = plots.curves_from_history(self.history, self.epoch)
         return plots.plot_curves(curves, monitor=monitor, stop_reason=self.stop_reason, path=path)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path | str:
         """Write the logs, the stop reason, ``fit``'s parameters and the model's
         hyper-parameters (compile settings, optimizer settings, parameter count) as JSON:
-        what ``torcheras report`` reads besides the CSV and the checkpoints."""
+        what ``torcheras report`` reads besides the CSV and the checkpoints. ``path`` may be
+        a URL (``"s3://bucket/run/history.json"``, through fsspec)."""
         record = {
             "history": self.history,
             "epoch": self.epoch,

@@ -26,7 +26,9 @@ class ImageLogger(Callback):
     Args:
         make_images: ``model -> images``; e.g. the generator on noise fixed once, so the grids
             of successive epochs show the same samples improving.
-        directory: where the PNGs go.
+        directory: where the PNGs go: a folder, or a URL such as
+            ``"s3://bucket/run/images"`` (through fsspec). ``log_dir`` (TensorBoard) stays
+            local.
         every_n_epochs: how often.
         log_dir: a TensorBoard folder (the TensorBoard callback's, to see them side by side).
         nrow: images per row of the grid.
@@ -64,11 +66,15 @@ class ImageLogger(Callback):
                 f"ImageLogger: `every_n_epochs` must be a positive integer; got {every_n_epochs!r}."
             )
         self.make_images = make_images
-        self.directory = Path(directory)
+        self.directory = checkpoint.location(directory)
         self.every_n_epochs = every_n_epochs
-        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.log_dir = (
+            None
+            if log_dir is None
+            else checkpoint.local_folder(log_dir, "ImageLogger(log_dir=...)")
+        )
         self.nrow, self.value_range, self.scale, self.name = nrow, value_range, scale, name
-        self.saved: list[Path] = []
+        self.saved: list[Path | str] = []
         self._writer: Any = None
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -92,7 +98,7 @@ class ImageLogger(Callback):
                 "return a tensor of images, N x C x H x W or N x H x W."
             )
         grid = images.make_grid(batch, nrow=self.nrow, value_range=self.value_range)
-        path = self.directory / f"{self.name}_epoch{epoch + 1:03d}.png"
+        path = checkpoint.join(self.directory, f"{self.name}_epoch{epoch + 1:03d}.png")
         self.saved.append(images.save_png(grid, path, scale=self.scale))
         if self.log_dir is not None:
             with checkpoint.naming_file_errors(self.log_dir / "images", "write images to"):

@@ -19,7 +19,8 @@ class ModelCheckpoint(Callback):
     Args:
         filepath: any file name; formatted with ``epoch`` (1-based), ``batch`` and any log key,
             e.g. ``"ckpt/{epoch:02d}-{val_loss:.2f}.pt"``. Folders are created. A
-            ``.safetensors`` name needs ``save_weights_only=True``.
+            ``.safetensors`` name needs ``save_weights_only=True``. A URL such as
+            ``"s3://bucket/run/best.pt"`` is written through fsspec, whole, by one PUT.
         monitor: the log key for ``save_best_only``. Default ``"val_loss"``.
         verbose: 1 prints each save.
         save_best_only: save only when ``monitor`` improves; if it is missing from the logs,

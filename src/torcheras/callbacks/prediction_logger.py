@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +38,9 @@ class PredictionLogger(Callback):
     the best other one, negative when wrong; regression: the mean absolute error).
 
     Args:
-        directory: where ``predictions.csv`` and the image grids go.
+        directory: where ``predictions.csv`` and the image grids go: a folder, or a URL
+            such as ``"s3://bucket/run/predictions"`` (through fsspec; the CSV object is
+            rewritten whole at each logged epoch). TensorBoard's ``log_dir`` stays local.
         every_n_epochs: log every N-th validation.
         num_samples: the first N validation samples, the same ones every epoch.
         num_worst: how many of the worst samples.
@@ -77,13 +78,17 @@ class PredictionLogger(Callback):
                             ("num_worst", num_worst)):  # fmt: skip
             if not isinstance(value, int) or value < (1 if name == "every_n_epochs" else 0):
                 raise ValueError(f"PredictionLogger: `{name}` must be a non-negative integer.")
-        self.directory = Path(directory)
+        self.directory = checkpoint.location(directory)
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self.num_worst = num_worst
         self.task = task
-        self.log_dir = None if log_dir is None else Path(log_dir)
-        self.csv_path = self.directory / "predictions.csv"
+        self.log_dir = (
+            None
+            if log_dir is None
+            else checkpoint.local_folder(log_dir, "PredictionLogger(log_dir=...)")
+        )
+        self.csv_path = checkpoint.join(self.directory, "predictions.csv")
         self._in_fit = False
         self._collecting = False  # this validation pass is one to log
         self._writer: Any = None
@@ -104,9 +109,9 @@ class PredictionLogger(Callback):
         """A new fit starts the file anew; a resumed one keeps the rows written before its
         backup and drops those of the epochs it runs again."""
         kept: list[list[str]] = []
-        if self._resumed and self.csv_path.exists():
-            with open(self.csv_path, newline="") as f:
-                kept = list(csv.reader(f))[1 : 1 + self._rows_written]
+        if self._resumed and checkpoint.exists(self.csv_path):
+            text = checkpoint.read_bytes(self.csv_path).decode("utf-8")
+            kept = list(csv.reader(io.StringIO(text, newline="")))[1 : 1 + self._rows_written]
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(FIELDS)
@@ -241,7 +246,7 @@ class PredictionLogger(Callback):
 
     def _write_images(self, epoch: int, inputs: Tensor, labels: list[str]) -> None:
         grid = images.make_grid(inputs, nrow=8)
-        images.save_png(grid, self.directory / f"worst_epoch{epoch + 1:03d}.png",
+        images.save_png(grid, checkpoint.join(self.directory, f"worst_epoch{epoch + 1:03d}.png"),
                         scale=max(1, 64 // inputs.shape[-1]))  # fmt: skip
         if self.log_dir is not None:
             with checkpoint.naming_file_errors(self.log_dir / "predictions", "write images to"):

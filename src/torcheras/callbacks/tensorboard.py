@@ -67,6 +67,8 @@ class TensorBoard(Callback):
 
     Args:
         log_dir: the root folder; runs go to ``log_dir/train`` and ``log_dir/validation``.
+            A local folder: URLs (``s3://``) are refused, since event files grow as training
+            goes; copy the folder to the store after training.
         histogram_freq: every N epochs, histograms of the weights and of their gradients
             (0: never).
         write_graph: the model's graph, traced from a training batch at the end of epoch 1.
@@ -133,6 +135,8 @@ class TensorBoard(Callback):
                 f"integer; got {update_freq!r}."
             )
         self.log_dir = os.fspath(log_dir)
+        if checkpoint.is_url(self.log_dir):  # event files stay local (a file:// URL: its path)
+            self.log_dir = str(checkpoint.local_folder(self.log_dir, "TensorBoard"))
         self.histogram_freq = histogram_freq
         self.write_graph = write_graph
         self.write_images = write_images
