@@ -7,6 +7,12 @@ weights of that step (float32, same batches: rel 1e-6)."""
 from __future__ import annotations
 
 import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,3 +345,66 @@ def test_csv_and_tensorboard_record_each_validation_at_its_step(data, tmp_path):
     assert [p.step for p in points] == vh["step"]
     assert [p.value for p in points] == pytest.approx(vh["val_loss"], rel=1e-7)  # float32
     assert [p.step for p in acc.Scalars("epoch_loss")] == [0, 1]
+
+
+# ---- exact resume: a real script killed with SIGKILL, then run again ---------------------------
+SCRIPT = Path(__file__).parent / "resume" / "train_script.py"
+
+
+def run_script(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(workdir), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+INTERVAL = 5
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> Path:
+    """train_script.py uninterrupted: 5 epochs of 10 batches, validating every 5 steps, with
+    EarlyStopping / ReduceLROnPlateau / ModelCheckpoint on val_loss, CSVLogger, TensorBoard."""
+    workdir = tmp_path_factory.mktemp("unbroken")
+    done = run_script(workdir, "--validation-interval", str(INTERVAL))
+    assert done.returncode == 0, done.stderr
+    return workdir
+
+
+@pytest.mark.parametrize(
+    ("save_freq", "kill_at"),
+    [
+        (3, 17),  # the backup at step 15 was written after step 15's validation
+        (5, 21),  # the backup at step 20 ends epoch 1 (10 batches): its validation comes after
+    ],
+)
+def test_sigkill_mid_epoch_resumes_with_the_same_weights_and_validations(
+    tmp_path, unbroken, save_freq, kill_at
+):
+    args = ["--validation-interval", str(INTERVAL), "--save-freq", str(save_freq)]
+    killed = run_script(tmp_path, *args, "--kill-at", str(kill_at))
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_script(tmp_path, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    final, expected = (torch.load(d / "final.pt", weights_only=True) for d in (tmp_path, unbroken))
+    for key in expected:
+        assert torch.equal(final[key], expected[key]), key
+    got, want = (json.loads((d / "history.json").read_text()) for d in (tmp_path, unbroken))
+    assert want["validation_history"]["step"] == list(range(5, 51, 5))
+    assert got["validation_history"] == want["validation_history"]  # the same, none twice
+    assert (got["history"], got["epoch"]) == (want["history"], want["epoch"])
+    last_backup = kill_at // save_freq * save_freq
+    assert got["batches_run"] == 50 - last_backup  # resumed there, not restarted
+    for name in ("log.csv", "log.validation.csv"):
+        assert (tmp_path / name).read_text() == (unbroken / name).read_text(), name
+    for run_name in ("train", "validation"):
+        assert _scalars(tmp_path / "tb" / run_name) == _scalars(unbroken / "tb" / run_name)
