@@ -253,3 +253,20 @@ def test_ranks_given_data_of_different_lengths_stop_naming_both_counts(tmp_path)
     assert "rank 0: 256 samples, rank 1: 200 samples" in done.stderr
     assert "give every process the whole data" in done.stderr
     assert "Timeout" not in done.stderr and "mismatch" not in done.stderr.lower()
+
+
+def test_validation_interval_stops_every_rank_at_the_same_step_inside_an_epoch(tmp_path):
+    """fit(validation_interval=5), 8 batches an epoch: validations at steps 5, 8 (epoch 0's
+    end) and 10; rank 1's labels are wrong, so only the all-reduced val_loss agrees. Early
+    stopping on the validation at step 10 (epoch 1, batch 1) stops both ranks there."""
+    run(tmp_path, "--case", "early_stop", "--validation-interval", "5")
+    (a, ha), (b, hb) = result(tmp_path, 0), result(tmp_path, 1)
+    assert ha["validation_history"]["step"] == [5, 8, 10]
+    assert ha["validation_history"] == hb["validation_history"]  # global, not per rank
+    assert ha["global_step"] == hb["global_step"] == ha["trained"] == hb["trained"] == 10
+    assert ha["epoch"] == hb["epoch"] == [0, 1]
+    assert "did not improve for 1 validation" in ha["stop_reason"]
+    assert ha["stop_reason"] == hb["stop_reason"]
+    assert ha["history"]["val_loss"] == [ha["validation_history"]["val_loss"][i] for i in (1, 2)]
+    for key in a["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key

@@ -74,6 +74,7 @@ class FitLoop:
         initial_epoch: int,
         validation_freq: int | Sequence[int],
         validation_steps: int | None,
+        validation_interval: int | None = None,
     ) -> None:
         self.model = model
         self.train_source = train_source
@@ -83,6 +84,11 @@ class FitLoop:
         self.initial_epoch = initial_epoch
         self.validation_freq = validation_freq
         self.validation_steps = validation_steps
+        # Validate every N optimizer steps besides the epochs' ends (0: off); the last pass's
+        # step and results, so that no step is validated twice (the epoch's end reuses it).
+        self.validation_interval = validation_interval or 0
+        self.validated: tuple[int, dict[str, float]] | None = None
+        self.train_labels_may_pad = True
         self.loop = LoopState()
         self.collector = model._collector()
         self.current_batch: Any = None
@@ -145,6 +151,7 @@ class FitLoop:
                 "collector": self.collector.state_dict(),
                 "batch_lrs": list(self.batch_lrs),
                 "pass": self._pass_shape(),
+                "validated": self._validated_now(),
             },
         )
 
@@ -275,6 +282,9 @@ class FitLoop:
         loop.global_step = position["global_step"]
         loop.optimizer_steps = position.get("optimizer_steps", loop.global_step)
         loop.last_logs = dict(position.get("logs") or {})
+        validated = position.get("validated")  # a validation at the backup's very step
+        if validated is not None:
+            self.validated = (validated["step"], dict(validated["logs"]))
         if "data" in position and hasattr(self.train_source, "load_state_dict"):
             self.train_source.load_state_dict(position["data"])
         return position["epoch"], position
@@ -304,9 +314,11 @@ class FitLoop:
         model.train()
         order, start = self._start_epoch(epoch, position)
         self.order = order
-        model._expect_padded_labels(  # a custom train_step may make labels of -100 itself
+        # a custom train_step may make labels of -100 itself
+        self.train_labels_may_pad = (
             self.train_source.labels_may_pad or not model._uses_default_train_step()
         )
+        model._expect_padded_labels(self.train_labels_may_pad)
         last = self._train_batches(self.train_source.batches(order, start), start)
         if last < 0 and start == 0 and not self.train_source.ran_out:
             raise ValueError("The training data yielded no batch: `x` is empty.")
@@ -324,15 +336,11 @@ class FitLoop:
             collector.all_reduce(distributed.all_reduce_sum)  # global sums, not means of means
         logs = collector.result()
         if self.val_source is not None and _should_validate(epoch, self.validation_freq):
-            val_logs = evaluate(
-                model,
-                self.val_source,
-                callbacks,
-                self.validation_steps,
-                nested=True,
-                stage=self.stage,
-            )
+            done = self._validated_now()  # the last batch's interval validation: reused
+            val_logs = self._validate() if done is None else done["logs"]
             logs.update({f"val_{k}": v for k, v in val_logs.items()})
+        elif self._validation_due():  # the step of a short last accumulation group
+            self._validate()
         if self.batch_lrs:
             logs["learning_rate"] = float(self.batch_lrs[-1])
         elif model.optimizer is not None:
@@ -341,6 +349,50 @@ class FitLoop:
         loop.epoch_done, loop.last_logs = True, logs
         callbacks.on_epoch_end(epoch, logs)
         return logs
+
+    def _validation_due(self) -> bool:
+        """``validation_interval``: the step just taken is one of its multiples, and was not
+        validated yet."""
+        interval, loop = self.validation_interval, self.loop
+        return (
+            interval > 0
+            and self.val_source is not None
+            and loop.optimizer_steps % interval == 0
+            and self._validated_now() is None
+        )
+
+    def _validated_now(self) -> dict[str, Any] | None:
+        """The validation run at the current optimizer step, if one was (None otherwise)."""
+        validated = self.validated
+        if validated is None or validated[0] != self.loop.optimizer_steps:
+            return None
+        return {"step": validated[0], "logs": validated[1]}
+
+    def _validate(self) -> dict[str, float]:
+        """One validation pass (``on_test_*`` as Keras's); with ``validation_interval`` it is
+        remembered at its step and told to ``on_validation_end``, ``val_``-prefixed."""
+        model, loop = self.model, self.loop
+        val_logs = evaluate(
+            model,
+            self.val_source,
+            self.callbacks,
+            self.validation_steps,
+            nested=True,
+            stage=self.stage,
+        )
+        model._expect_padded_labels(self.train_labels_may_pad)  # evaluate's were its own
+        if self.validation_interval:
+            self.validated = (loop.optimizer_steps, dict(val_logs))
+            prefixed = {f"val_{k}": v for k, v in sorted(val_logs.items())}
+            self.callbacks.on_validation_end(loop.optimizer_steps, prefixed)
+        return val_logs
+
+    def _validate_within_epoch(self) -> None:
+        """A ``validation_interval`` pass after a training batch. A callback that stops
+        training on it (EarlyStopping) ends the epoch after this batch, on every rank."""
+        self._validate()
+        if distributed.is_active():
+            self.model.stop_training = distributed.agree(self.model.stop_training)
 
     def _train_batches(self, batches: Any, start: int) -> int:
         """Run the training batches of one epoch; the last batch index (start - 1 if none)."""
@@ -369,6 +421,10 @@ class FitLoop:
         stepper.rank_share = 1.0
         default_train_step = model._uses_default_train_step()
         vote: distributed.Vote | None = self.vote
+        interval = self.validation_interval  # 0: off (one integer test per batch)
+        # The epoch's known last batch leaves a validation due to the epoch's end when that
+        # validates anyway: once, in Keras's place (after on_train_batches_end).
+        at_epoch_end = last_known if _should_validate(loop.epoch, self.validation_freq) else None
         interrupt = 0
         step = start - 1
         first = True
@@ -397,6 +453,13 @@ class FitLoop:
             stepper.end_batch()
             if needs_end:
                 callbacks.on_train_batch_end(step, collector.snapshot())
+            if (
+                interval
+                and not loop.accumulating
+                and loop.optimizer_steps % interval == 0
+                and step != at_epoch_end
+            ):
+                self._validate_within_epoch()  # before a backup, which then holds its outcome
             if boundary_work and not loop.accumulating:  # backups only between steps
                 self._run_boundary_work()
             if vote is not None:

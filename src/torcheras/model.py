@@ -779,6 +779,7 @@ class Model(nn.Module):
         validation_steps: int | None = None,
         validation_batch_size: int | None = None,
         validation_freq: int | Sequence[int] = 1,
+        validation_interval: int | None = None,
     ) -> History:
         """Train for ``epochs`` epochs (``epochs`` is the index of the final epoch, as Keras).
 
@@ -786,6 +787,24 @@ class Model(nn.Module):
         tensors, a pandas DataFrame, a tuple/dict of them, a ``Dataset``, a ``DataLoader`` or
         an iterable of batches. With ``steps_per_epoch``, a loader or generator continues
         where the last epoch stopped and restarts only when exhausted.
+
+        ``validation_interval=N`` (beyond Keras): also validate every N optimizer steps
+        (counted across epochs; with ``gradient_accumulation_steps`` a step is a whole group,
+        never a micro-batch), inside the epochs. Epoch ends still validate as
+        ``validation_freq`` says, and a step is never validated twice (an epoch ending on a
+        multiple of N validates once). Each validation fires ``on_test_begin`` /
+        ``on_test_end`` and ``on_validation_end(step, logs)``; EarlyStopping,
+        ReduceLROnPlateau and ModelCheckpoint(save_best_only=True) watching a ``val_*`` key
+        decide after each one (their ``patience`` counts validations), so a stop ends
+        training after that batch. ``history.validation_history`` and CSVLogger's
+        ``<name>.validation.csv`` hold every validation with its ``step`` and ``epoch``.
+
+        Example:
+            ```python
+            history = model.fit(x, y, epochs=3, validation_split=0.2, validation_interval=50,
+                                callbacks=[EarlyStopping(patience=4)])
+            history.validation_history["step"]  # [50, 100, ...]
+            ```
         """
         self._check_compiled("fit")
         self._check_not_fitting()
@@ -802,6 +821,8 @@ class Model(nn.Module):
         initial_epoch = data.as_int(initial_epoch, "initial_epoch")
         if steps_per_epoch is not None:
             steps_per_epoch = data.as_int(steps_per_epoch, "steps_per_epoch", minimum=1)
+        if validation_interval is not None:
+            validation_interval = data.as_int(validation_interval, "validation_interval", 1)
         train_source, val_source = data.make_fit_sources(
             x,
             y,
@@ -819,6 +840,15 @@ class Model(nn.Module):
             need_y=default_step,
             one_hot_targets=getattr(self.compiled_loss, "target", None) == "categorical",
         )
+        if validation_interval is not None and val_source is None:
+            raise ValueError(
+                f"fit(validation_interval={validation_interval}) validates every "
+                f"{validation_interval} steps, but there is no validation data: pass "
+                "validation_data or validation_split, or drop validation_interval."
+            )
+        interval = (
+            {} if validation_interval is None else {"validation_interval": validation_interval}
+        )
         callback_list = CallbackList(
             callbacks,
             add_history=True,
@@ -827,6 +857,7 @@ class Model(nn.Module):
             verbose=verbose,
             epochs=epochs,
             steps=train_source.steps,
+            **interval,  # in params only when given: Keras's params otherwise
         )
         self._fitting = True
         try:
@@ -839,6 +870,7 @@ class Model(nn.Module):
                 initial_epoch=initial_epoch,
                 validation_freq=validation_freq,
                 validation_steps=validation_steps,
+                validation_interval=validation_interval,
             )
         finally:
             self._fitting = False

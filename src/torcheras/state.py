@@ -261,7 +261,8 @@ def capture_training_state(
     """The whole training state at a batch boundary of ``fit``: resuming from it continues
     exactly where the run was (weights, optimizers, data order, RNG, every callback).
     ``data_position``: the data source's own (a loader's pass); ``epoch_position``: inside an
-    epoch, its sample ``order``, running sums (``collector``) and ``batch_lrs``."""
+    epoch, its sample ``order``, running sums (``collector``), ``batch_lrs`` and the
+    ``validated`` results of a validation run at this step."""
     loop = model.loop
     done = loop.epoch_done
     state: dict[str, Any] = {
@@ -285,6 +286,8 @@ def capture_training_state(
         state["batch_lrs"] = list(epoch_position["batch_lrs"])
         if epoch_position.get("pass"):  # what the position is counted in: checked on resume
             state["pass"] = dict(epoch_position["pass"])
+        if epoch_position.get("validated"):  # fit(validation_interval=N) at this very step
+            state["validated"] = dict(epoch_position["validated"])
     state.update(own)  # rank 0's (or the only process's) at the top level
     if distributed.is_active():  # every rank's, gathered into the file rank 0 writes
         state["ranks"] = distributed.gather_objects(own)

@@ -34,6 +34,7 @@ parser.add_argument("--iterable", action="store_true", help="batches of unknown 
 parser.add_argument("--no-shuffle", action="store_true")
 parser.add_argument("--accumulate", type=int, default=1)
 parser.add_argument("--kill-at", type=int, default=-1, help="kill the whole job at this step")
+parser.add_argument("--validation-interval", type=int, default=None)
 args = parser.parse_args()
 rank = int(os.environ.get("RANK", "0"))
 torch.manual_seed(0)
@@ -176,6 +177,7 @@ else:
     validation = (xv, yv)
 history = model.fit(
     **train, epochs=6, verbose=args.verbose, validation_data=validation, callbacks=callbacks,
+    validation_interval=args.validation_interval,
 )  # fmt: skip
 os.makedirs(os.path.join(args.out, f"result{rank}"), exist_ok=True)
 torch.save(
@@ -197,6 +199,9 @@ summary = {
     "seen": seen,
     "reductions": len(reductions),
     "evaluate": model.evaluate(**evaluation, verbose=0, return_dict=True),
+    "validation_history": history.validation_history,
+    "global_step": model.loop.global_step,
+    "stop_reason": history.stop_reason,
 }
 with open(os.path.join(args.out, f"result{rank}", "history.json"), "w") as f:
     json.dump(summary, f)

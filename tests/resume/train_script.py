@@ -1,7 +1,7 @@
 """A training script for the resume tests: run it, kill it, run it again.
 
 python train_script.py WORKDIR [--kill-at N] [--kill-how batch|epoch|save|sigterm|sigint]
-                       [--save-freq epoch|N] [--double]
+                       [--save-freq epoch|N] [--double] [--validation-interval N]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ parser.add_argument("--kill-at", type=int, default=-1)
 parser.add_argument("--kill-how", default="batch")
 parser.add_argument("--save-freq", default="1")
 parser.add_argument("--double", action="store_true")
+parser.add_argument("--validation-interval", type=int, default=None)
 args = parser.parse_args()
 save_freq = "epoch" if args.save_freq == "epoch" else int(args.save_freq)
 work = args.workdir
@@ -109,13 +110,22 @@ callbacks = [
     cb.TensorBoard(os.path.join(work, "tb"), update_freq=3, write_graph=False),
     Killer(),
 ]
+interval = (
+    {} if args.validation_interval is None else {"validation_interval": args.validation_interval}
+)
 history = model.fit(
-    x, y, epochs=5, batch_size=16, validation_split=0.2, verbose=0, callbacks=callbacks
+    x, y, epochs=5, batch_size=16, validation_split=0.2, verbose=0, callbacks=callbacks, **interval
 )
 torch.save(model.state_dict(), os.path.join(work, "final.pt"))
 with open(os.path.join(work, "history.json"), "w") as f:
     json.dump(
-        {"history": history.history, "epoch": history.epoch, "batches_run": Killer.batches_run}, f
+        {
+            "history": history.history,
+            "epoch": history.epoch,
+            "batches_run": Killer.batches_run,
+            "validation_history": history.validation_history,
+        },
+        f,
     )
 print("finished", flush=True)
 sys.exit(0)

@@ -19,6 +19,7 @@ class Callback:
     Beyond Keras: ``on_after_backward(batch)`` fires when the gradients are ready,
     ``on_train_batches_end(epoch)`` after an epoch's last training batch,
     ``on_test_batch_outputs(batch, x, y, y_pred)`` with each evaluation batch's outputs,
+    ``on_validation_end(step, logs)`` after each validation of ``fit(validation_interval=N)``,
     ``on_exception(exc)`` before an exception leaves ``fit``, and ``state_dict`` /
     ``load_state_dict`` make a resumed run decide exactly as an uninterrupted one.
     ``unused_hooks`` names the hooks an instance's settings leave idle, so that the loop
@@ -114,6 +115,15 @@ class Callback:
 
     def on_exception(self, exception: BaseException) -> None:
         """Called when an exception (KeyboardInterrupt too) is about to leave fit and co."""
+
+    def on_validation_end(self, step: int, logs: dict[str, Any] | None = None) -> None:
+        """Called after each validation pass of ``fit(validation_interval=N)``: every N
+        optimizer steps inside the epochs and at the epochs' ends, each pass once. ``step``
+        is the number of optimizer steps done (``model.loop.optimizer_steps``; the epoch is
+        ``model.loop.epoch``); ``logs`` hold the validation results, ``val_``-prefixed.
+        Never called without ``validation_interval`` (Keras's epoch-end validations go to
+        ``on_epoch_end`` alone). EarlyStopping, ModelCheckpoint(save_best_only=True) and
+        ReduceLROnPlateau watching a ``val_*`` key decide here then, not at epoch end."""
 
     # --- evaluation and prediction ------------------------------------------------------------
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:

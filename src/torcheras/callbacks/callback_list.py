@@ -30,6 +30,7 @@ HOOKS = (
     "on_train_batches_end",
     "on_test_batch_outputs",
     "on_exception",
+    "on_validation_end",
 )
 _ALIASES = {"on_train_batch_begin": "on_batch_begin", "on_train_batch_end": "on_batch_end"}
 
@@ -238,6 +239,9 @@ class CallbackList(Callback):
     def on_test_batch_outputs(self, batch: int, x: Any, y: Any, y_pred: Any) -> None:
         for fn in self._active["on_test_batch_outputs"]:
             fn(batch, x, y, y_pred)
+
+    def on_validation_end(self, step: int, logs: dict[str, Any] | None = None) -> None:
+        self._call_indexed("on_validation_end", step, logs)
 
     def on_exception(self, exception: BaseException) -> None:
         """Tell every callback, even if one of them fails; the original exception wins."""

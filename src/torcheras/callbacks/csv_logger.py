@@ -38,6 +38,11 @@ class CSVLogger(Callback):
     training stopped (``History.stop_reason``, null when every epoch ran), ``fit``'s parameters
     and the model's hyper-parameters: ``torcheras report`` shows them.
 
+    With ``fit(validation_interval=N)``, every validation (mid-epoch ones and the epochs'
+    ends) is also written to ``validation_filename``, ``<name>.validation.csv`` beside it
+    (``log.csv`` -> ``log.validation.csv``): columns ``step`` (optimizer steps done),
+    ``epoch`` (0-based) and the ``val_*`` keys, one row per validation, resumed exactly too.
+
     Example:
         ```python
         model.fit(x, y, epochs=10, validation_split=0.2, callbacks=[CSVLogger("log.csv")])
@@ -66,6 +71,10 @@ class CSVLogger(Callback):
         self._resume_offset: int | None = None
         self._start_offset = 0
         self._started = False
+        root, ext = os.path.splitext(self.filename)
+        self.validation_filename = f"{root}.validation{ext or '.csv'}"
+        self._index = "epoch"  # the first column: "step" for the validation file
+        self._validations: CSVLogger | None = None  # fit(validation_interval=N)'s rows
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         """Open the file now, so an unwritable path fails before the first batch. It is
@@ -87,6 +96,12 @@ class CSVLogger(Callback):
         self._start_offset = self._file.tell() if self.append else 0
         self._started = False
         self._hyperparameters = hyperparameters(self.model) if self.model is not None else {}
+        self._validations = None
+        if self.params.get("validation_interval"):
+            rows = CSVLogger(self.validation_filename, self.sep, self.append)
+            rows._index = "step"
+            rows.on_train_begin()
+            self._validations = rows
 
     def _start(self) -> None:
         """Before the first row: cut the file to where this run (or the resumed one) began."""
@@ -98,7 +113,7 @@ class CSVLogger(Callback):
         self._buffer = io.StringIO()
         self._writer = csv.DictWriter(
             self._buffer,
-            fieldnames=["epoch", *self.keys],  # type: ignore[misc]
+            fieldnames=[self._index, *self.keys],  # type: ignore[misc]
             delimiter=self.sep,
             extrasaction="ignore",
         )
@@ -125,15 +140,22 @@ class CSVLogger(Callback):
             self.on_train_begin()
         if not self._started:
             self._start()
-        row = {"epoch": epoch, **{k: _cell(logs[k]) if k in logs else "NA" for k in self.keys}}
+        row = {self._index: epoch, **{k: _cell(logs[k]) if k in logs else "NA" for k in self.keys}}
         self._writer.writerow(row)  # type: ignore[union-attr]
         self._write_whole()
+
+    def on_validation_end(self, step: int, logs: dict[str, Any] | None = None) -> None:
+        if self._validations is not None:
+            epoch = getattr(getattr(self.model, "loop", None), "epoch", None)
+            self._validations.on_epoch_end(step, {"epoch": epoch, **(logs or {})})
 
     def _close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
             self._writer = None
+        if self._validations is not None:
+            self._validations._close()
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._close()
@@ -163,12 +185,17 @@ class CSVLogger(Callback):
             offset = self._resume_offset
         else:
             offset = getattr(self, "_start_offset", 0)
-        return {"keys": self.keys, "offset": offset}
+        state: dict[str, Any] = {"keys": self.keys, "offset": offset}
+        if self._validations is not None:
+            state["validations"] = self._validations.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.keys = state["keys"]
         self._resume_offset = state["offset"]
         self._started = False
+        if self._validations is not None and "validations" in state:
+            self._validations.load_state_dict(state["validations"])
 
 
 def _is_plain(value: Any) -> bool:

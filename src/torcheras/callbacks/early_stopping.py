@@ -41,6 +41,12 @@ class EarlyStopping(Callback):
     After training: ``stopped_epoch`` (0-based, 0 if it never stopped), ``best``,
     ``best_epoch`` and ``wait``.
 
+    With ``fit(validation_interval=N)`` and a ``val_*`` monitor it decides after every
+    validation (``on_validation_end``), mid-epoch ones included: ``patience`` counts
+    validations, the first validation never stops training, ``start_from_epoch`` still
+    counts epochs, and ``stopped_step`` / ``best_step`` give the optimizer steps (None
+    otherwise). A stop ends training after the batch that validated.
+
     Example:
         ```python
         stop = EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True)
@@ -87,11 +93,29 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.best_weights: Any = None
         self.best_epoch = 0
+        self.best_step: int | None = None
+        self.stopped_step: int | None = None
+        self.validations = 0
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._reset()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.monitor_state.per_validation(self.params):
+            return  # decided after each validation (on_validation_end)
+        self._check(epoch, epoch, logs)
+
+    def on_validation_end(self, step: int, logs: dict[str, Any] | None = None) -> None:
+        if not self.monitor_state.per_validation(self.params):
+            return  # a training key: watched per epoch
+        epoch = getattr(getattr(self.model, "loop", None), "epoch", 0)
+        self._check(self.validations, epoch, logs, step)
+        self.validations += 1
+
+    def _check(
+        self, index: int, epoch: int, logs: dict[str, Any] | None, step: int | None = None
+    ) -> None:
+        """Keras's epoch-end rule; ``index``: the epoch, or the validation's number."""
         monitor = self.monitor_state
         monitor.resolve(self.model, logs)  # Keras's order: a typo raises, it is never ignored
         current = monitor.get(logs, warn_prefix="Early stopping conditioned on metric")
@@ -99,42 +123,48 @@ class EarlyStopping(Callback):
             return
         if self.restore_best_weights and self.best_weights is None:
             self.best_weights = get_weights(self.model)  # so there is always something to restore
-            self.best_epoch = epoch
+            self.best_epoch, self.best_step = epoch, step
         self.wait += 1
         if monitor.is_improvement(current, self.best):
             self.best = current
-            self.best_epoch = epoch
+            self.best_epoch, self.best_step = epoch, step
             if self.restore_best_weights:
                 self.best_weights = get_weights(self.model)
             if monitor.improves_on_baseline(current):
                 self.wait = 0
             return
-        if self.wait >= self.patience and epoch > 0:
-            self.stopped_epoch = epoch
+        if self.wait >= self.patience and index > 0:
+            self.stopped_epoch, self.stopped_step = epoch, step
             self.stop_training(self._reason())
 
     def _reason(self) -> str:
-        epochs = "epoch" if self.wait == 1 else "epochs"
+        unit = "epoch" if self.stopped_step is None else "validation"
+        epochs = unit if self.wait == 1 else f"{unit}s"
         if self.best is None or not self.monitor_state.improves_on_baseline(self.best):
             why = f"{self.monitor} did not improve on the baseline {self.baseline:g} for "
             why += f"{self.wait} {epochs}"
         else:
             why = f"{self.monitor} did not improve for {self.wait} {epochs}"
+        best_at = f"epoch {self.best_epoch + 1}"
+        if self.best_step is not None:
+            best_at = f"step {self.best_step} ({best_at})"
         if self.best is not None:
-            why += f"; best {self.best:.4g} at epoch {self.best_epoch + 1}"
+            why += f"; best {self.best:.4g} at {best_at}"
         if self.restore_best_weights and self.best_weights is not None:
-            why += f"; weights restored from epoch {self.best_epoch + 1}"
+            why += f"; weights restored from {best_at}"
         return why
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self.stopped_epoch > 0 and self.verbose > 0:
+        if self.verbose > 0 and self.stopped_step is not None:
+            print(f"Step {self.stopped_step} (epoch {self.stopped_epoch + 1}): early stopping")
+        elif self.stopped_epoch > 0 and self.verbose > 0:
             print(f"Epoch {self.stopped_epoch + 1}: early stopping")
         if self.restore_best_weights and self.best_weights is not None:
             if self.verbose > 0:
-                print(
-                    "Restoring model weights from the end of the best epoch: "
-                    f"{self.best_epoch + 1}."
-                )
+                where = f"the end of the best epoch: {self.best_epoch + 1}"
+                if self.best_step is not None:
+                    where = f"the best validation: step {self.best_step}"
+                print(f"Restoring model weights from {where}.")
             set_weights(self.model, self.best_weights)
 
     def state_dict(self) -> dict[str, Any]:
@@ -145,6 +175,12 @@ class EarlyStopping(Callback):
             "best_epoch": self.best_epoch,
             "monitor": self.monitor_state.state_dict(),
         }
+        if self.validations:  # fit(validation_interval=N)
+            state.update(
+                validations=self.validations,
+                best_step=self.best_step,
+                stopped_step=self.stopped_step,
+            )
         if self.best_weights is not None:
             state["best_weights"] = {k: v.detach().cpu() for k, v in self.best_weights.items()}
         return state
@@ -154,3 +190,5 @@ class EarlyStopping(Callback):
         self.best, self.best_epoch = state["best"], state["best_epoch"]
         self.monitor_state.load_state_dict(state.get("monitor", {}))
         self.best_weights = state.get("best_weights")
+        self.validations = state.get("validations", 0)
+        self.best_step, self.stopped_step = state.get("best_step"), state.get("stopped_step")

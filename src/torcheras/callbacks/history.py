@@ -23,6 +23,11 @@ class History(Callback):
     (``"EarlyStopping: val_loss did not improve for 3 epochs; best 0.412 at epoch 7"``), or is
     None when every epoch ran.
 
+    With ``fit(validation_interval=N)``, ``history.validation_history`` records every
+    validation (mid-epoch ones and the epochs' ends) in the same shape: ``"step"`` (optimizer
+    steps done), ``"epoch"`` (0-based) and the ``val_*`` keys, one value per validation, so
+    ``pandas.DataFrame(history.validation_history)`` is a table of them. Empty otherwise.
+
     Example:
         ```python
         history = model.fit(x, y, epochs=5, validation_split=0.2)
@@ -33,6 +38,7 @@ class History(Callback):
     def __init__(self) -> None:
         self.history: dict[str, list[Any]] = {}
         self.epoch: list[int] = []
+        self.validation_history: dict[str, list[Any]] = {}
         self.stop_reason: str | None = None
         self._hyperparameters: dict[str, Any] = {}
 
@@ -50,6 +56,11 @@ class History(Callback):
         self.epoch.append(epoch)
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(value)
+
+    def on_validation_end(self, step: int, logs: dict[str, Any] | None = None) -> None:
+        epoch = getattr(getattr(self.model, "loop", None), "epoch", None)
+        for key, value in {"step": step, "epoch": epoch, **(logs or {})}.items():
+            self.validation_history.setdefault(key, []).append(value)
 
     def plot(self, path: str | os.PathLike[str] | None = None, monitor: str | None = None) -> Any:
         """Draw loss and every metric (train against validation), the learning rate on its
@@ -77,6 +88,7 @@ class History(Callback):
             "history": self.history,
             "epoch": self.epoch,
             "stop_reason": self.stop_reason,
+            **({"validation_history": self.validation_history} if self.validation_history else {}),
             "params": {k: v for k, v in self.params.items() if _is_plain(v)},
             "hyperparameters": self._hyperparameters
             or (hyperparameters(self.model) if self._model is not None else {}),
@@ -87,11 +99,19 @@ class History(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {k: list(v) for k, v in self.history.items()}, "epoch": list(self.epoch)}
+        state = {
+            "history": {k: list(v) for k, v in self.history.items()},
+            "epoch": list(self.epoch),
+        }
+        if self.validation_history:
+            state["validation_history"] = {k: list(v) for k, v in self.validation_history.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.epoch = list(state["epoch"])
+        saved = state.get("validation_history", {})
+        self.validation_history = {k: list(v) for k, v in saved.items()}
 
 
 def _is_plain(value: Any) -> bool:

@@ -36,6 +36,11 @@ class ModelCheckpoint(Callback):
     ``model.load_weights(path)``, or (full files) ``model.load(path)``, which continues
     training from them. ``best`` is kept across fits, as in Keras.
 
+    With ``fit(validation_interval=N)``, ``save_best_only=True``, ``save_freq="epoch"`` and a
+    ``val_*`` monitor, it compares after every validation (``on_validation_end``), mid-epoch
+    ones included, instead of at epoch ends: the best validation is the one saved (``{batch}``
+    in the name is then the batch it followed, 1-based; the logs hold the ``val_*`` keys).
+
     Example:
         ```python
         ckpt = ModelCheckpoint("ckpt/best.pt", monitor="val_accuracy", save_best_only=True)
@@ -110,8 +115,17 @@ class ModelCheckpoint(Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.monitor_state.resolve(self.model, logs)  # as Keras: even when saving every epoch
-        if self.save_freq == "epoch":
+        if self.save_freq == "epoch" and not self._per_validation():
             self._save(epoch, None, logs or {})
+
+    def _per_validation(self) -> bool:
+        """The best of every validation (fit's ``validation_interval``), not of epochs."""
+        return self.save_best_only and self.monitor_state.per_validation(self.params)
+
+    def on_validation_end(self, step: int, logs: dict[str, Any] | None = None) -> None:
+        if self.save_freq == "epoch" and self._per_validation():
+            loop = self.model.loop
+            self._save(loop.epoch, max(loop.batch, 0), logs or {})
 
     def _format(self, epoch: int, batch: int | None, logs: Any) -> str:
         values = dict(logs)

@@ -114,6 +114,12 @@ class Monitor:
             f"{','.join(keys)}.{hint}{extra}"
         )
 
+    def per_validation(self, params: Mapping[str, Any] | None) -> bool:
+        """Whether the owner decides after each validation (``on_validation_end``) rather
+        than at each epoch's end: ``fit(validation_interval=N)`` runs and the monitored key
+        is a validation one (``val_*``). A training key is still watched per epoch."""
+        return bool((params or {}).get("validation_interval")) and self.monitor.startswith("val_")
+
     def state_dict(self) -> dict[str, Any]:
         return {"direction": self.direction}
 

@@ -52,6 +52,10 @@ class ReduceLROnPlateau(Callback):
     keep their ratio to it (:func:`torcheras.optimizers.set_learning_rate`). The epoch logs'
     ``learning_rate`` is the rate used during the epoch, before any reduction.
 
+    With ``fit(validation_interval=N)`` and a ``val_*`` monitor it decides after every
+    validation (``on_validation_end``), mid-epoch ones included: ``patience`` and
+    ``cooldown`` count validations and a reduction applies from the next batch.
+
     Example:
         ```python
         reduce = ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-5)
@@ -104,6 +108,14 @@ class ReduceLROnPlateau(Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         log_learning_rate(self.model, logs)  # before any reduction, as Keras's
+        if not self.monitor_state.per_validation(self.params):
+            self._check(epoch, logs)
+
+    def on_validation_end(self, step: int, logs: dict[str, Any] | None = None) -> None:
+        if self.monitor_state.per_validation(self.params):  # else a training key: per epoch
+            self._check(getattr(getattr(self.model, "loop", None), "epoch", 0), logs)
+
+    def _check(self, epoch: int, logs: dict[str, Any] | None) -> None:
         monitor = self.monitor_state
         monitor.resolve(self.model, logs)  # Keras's order: a typo raises, it is never ignored
         current = monitor.get(logs, warn_prefix="Learning rate reduction is conditioned on metric")

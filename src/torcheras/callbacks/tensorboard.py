@@ -154,6 +154,7 @@ class TensorBoard(Callback):
         self._state: dict[str, Any] = {}
         self._global_step = 0
         self._epochs_logged = 0
+        self._evaluated_step = -1  # the step of the last evaluation logged
         self._trim: tuple[int, int, int] | None = None
         self._graph_written = False
         self._profiler: Any = None
@@ -346,6 +347,7 @@ class TensorBoard(Callback):
             for key, value in logs.items():
                 if isinstance(value, (int, float)):
                     writer.add_scalar(f"evaluation_{key}_vs_iterations", value, self._loop_step())
+            self._evaluated_step = self._loop_step()
         if not self._in_fit:  # a standalone evaluate: nothing else will close the writer
             self._close()
 
@@ -452,8 +454,10 @@ class TensorBoard(Callback):
     def _own_state(self, loop: Any) -> dict[str, Any]:
         step = loop.global_step if loop is not None else self._global_step
         # Validation of the current epoch is logged at this step too, but only once the epoch
-        # is done; a backup taken before that must not keep it.
-        evaluated = step if loop is None or loop.epoch_done else step - 1
+        # is done; a backup taken before that must not keep it. A validation already logged
+        # at this step (fit's validation_interval, mid-epoch) is kept.
+        done = loop is None or loop.epoch_done or self._evaluated_step == step
+        evaluated = step if done else step - 1
         return {
             "global_step": step,
             "epochs_logged": self._epochs_logged,
