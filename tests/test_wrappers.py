@@ -247,3 +247,16 @@ def test_transformer_in_a_pipeline(digits):
     features = pipe[0].transform(x)
     assert features.shape == (400, 1) and pipe[-1].n_features_in_ == 1
     np.testing.assert_array_equal(pipe.predict(x), pipe[-1].predict(features))
+
+
+def test_import_torcheras_loads_neither_scikit_learn_nor_the_exporters():
+    import subprocess
+
+    code = (
+        "import sys, torcheras\n"
+        "print(sorted(m for m in ('sklearn', 'onnx', 'onnxscript', 'onnxruntime') "
+        "if m in sys.modules))\n"
+        "print(torcheras.wrappers.SKLearnClassifier.__name__, 'sklearn' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "SKLearnClassifier True"]
