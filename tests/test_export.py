@@ -173,3 +173,13 @@ def test_bad_arguments_say_what_to_pass(tmp_path):
         model.export(tmp_path / "m.tflite", format="tflite", input_example=torch.zeros(2, 8))
     with pytest.raises(ValueError, match="at least one tensor"):
         model.export(tmp_path / "m.pt2", input_example=[1, 2])
+
+
+def test_the_guide_snippet_runs(tmp_path, monkeypatch, capsys):
+    from conftest import guide_snippet
+
+    monkeypatch.chdir(tmp_path)
+    snippet = guide_snippet("integrations.md", "Export (torch.export, ONNX)")
+    exec(compile(snippet, "integrations.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == ["torch.Size([5, 3])", "True"]
+    assert (tmp_path / "model.pt2").is_file() and (tmp_path / "model.onnx").is_file()

@@ -260,3 +260,13 @@ def test_import_torcheras_loads_neither_scikit_learn_nor_the_exporters():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:2] == ["[]", "SKLearnClassifier True"]
+
+
+def test_the_guide_snippet_runs(tmp_path, monkeypatch, capsys):
+    from conftest import guide_snippet
+
+    monkeypatch.chdir(tmp_path)
+    exec(compile(guide_snippet("integrations.md", "scikit-learn"), "integrations.md", "exec"), {})
+    best, predicted = capsys.readouterr().out.splitlines()
+    assert "'sklearnclassifier__model__hidden'" in best and float(best.split()[-1]) > 0.8
+    assert predicted.endswith("(5, 10)")

@@ -369,8 +369,9 @@ class SKLearnTransformer(TransformerMixin, _SKLearnBase):
     ``keras.wrappers.SKLearnTransformer``): ``fit`` trains the network on ``(X, y)`` (on
     ``(X, X)`` without ``y``: an autoencoder), ``transform`` returns its outputs.
 
-    Args: as :class:`SKLearnRegressor` (the model function may name ``X``, ``y``,
-    ``n_features_in`` and ``n_outputs``; the default loss is ``"mse"``).
+    Its arguments are :class:`SKLearnRegressor`'s: the model function may name ``X``, ``y``,
+    ``n_features_in`` and ``n_outputs``; the default loss is ``"mse"``; the outputs are
+    float32, the network's dtype.
 
     Example:
         ```python
