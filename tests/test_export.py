@@ -97,6 +97,32 @@ def test_a_subclass_with_two_inputs_exports_in_eval_mode(format, tmp_path):
         np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=ONNX_ATOL)
 
 
+def test_keyword_inputs_after_fit_export_from_fits_own_batch(tmp_path):
+    model = TwoInputs()  # forward(a, b): fit gives it a dict, by keyword
+    model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
+    a, b = torch.randn(64, 4), torch.randn(64, 3)
+    model.fit({"b": b, "a": a}, (a[:, 0] > 0).long(), epochs=1, batch_size=16, verbose=0)
+    reloaded = torch.export.load(model.export(tmp_path / "kw.pt2")).module()
+    a, b = torch.randn(6, 4), torch.randn(6, 3)
+    torch.testing.assert_close(
+        reloaded(a=a, b=b), model.predict({"a": a, "b": b}, verbose=0), **TORCH_TOL
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_the_gpu_is_exported_from_a_cpu_copy_and_stays_there(blobs, tmp_path):
+    x, y = blobs
+    model = make_model(device="cuda")
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    program = torch.export.load(model.export(tmp_path / "gpu.pt2"))
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {t.device.type for t in program.state_dict.values()} == {"cpu"}
+    got = program.module()(torch.from_numpy(x[:9]))
+    # CUDA and CPU kernels sum in different orders: float32, a few ulps apart
+    torch.testing.assert_close(got, torch.from_numpy(model.predict(x[:9], verbose=0)),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
 class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
