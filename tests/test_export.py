@@ -197,6 +197,9 @@ def test_bad_arguments_say_what_to_pass(tmp_path):
         model.export(tmp_path / "m.pt2")  # never fitted: no example batch
     with pytest.raises(ValueError, match="`format` must be 'torch' or 'onnx'; got 'tflite'"):
         model.export(tmp_path / "m.tflite", format="tflite", input_example=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"ends in \.onnx but format='torch': pass format='onnx'"):
+        model.export(tmp_path / "m.onnx", input_example=torch.zeros(2, 8))
+    assert not (tmp_path / "m.onnx").exists()
     with pytest.raises(ValueError, match="at least one tensor"):
         model.export(tmp_path / "m.pt2", input_example=[1, 2])
 

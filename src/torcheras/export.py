@@ -23,7 +23,7 @@ __all__ = ["ExportError", "export_module"]
 
 FORMATS = ("torch", "onnx")
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_FILE = os.path.abspath(__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))  # torcheras's own frames are not yours
 
 
 class ExportError(RuntimeError):
@@ -44,6 +44,12 @@ def export_module(
     if format not in FORMATS:
         raise ValueError(f"`format` must be 'torch' or 'onnx'; got {format!r}.")
     path = Path(filepath)
+    other = {"torch": ".onnx", "onnx": ".pt2"}[format]
+    if path.suffix.lower() == other:
+        raise ValueError(
+            f"{str(path)!r} ends in {other} but format={format!r}: pass "
+            f"format={'onnx' if format == 'torch' else 'torch'!r}, or change the file name."
+        )
     args, kwargs = _as_call(example)
     module = _on_cpu(module)
     dynamic = _batch_shapes(args, kwargs) if dynamic_batch else None
@@ -146,8 +152,10 @@ _FIX_DATA_DEPENDENT = (
 
 
 def _explain(exc: BaseException, exporter: str, dynamic_batch: bool, program: Any = None) -> str:
-    text = str(exc)
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # no terminal colours in the message
+    summary = text.split("## Exception summary", 1)[-1]  # the ONNX exporter's own summary
+    lines = [line.strip() for line in summary.splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
     where = _user_frame(exc)
     at = f" at {where}" if where else ""
     name = type(exc).__name__
@@ -172,10 +180,14 @@ def _explain(exc: BaseException, exporter: str, dynamic_batch: bool, program: An
             "compute it with other operations in forward(), register a translation with "
             "torch.onnx.export(custom_translation_table=...), or export with format='torch'."
         )
+    hint = (
+        "torch.export.draft_export lists every problem at once"
+        if exporter == "torch.export"
+        else "format='torch' may take the network as it is"
+    )
     return (
         f"{exporter} could not export the network ({name}){at}: {first} "
-        "See the chained error above for torch's full report; torch.export.draft_export lists "
-        "every problem at once."
+        f"See the chained error above for torch's full report; {hint}."
     )
 
 
@@ -187,7 +199,7 @@ def _user_frame(exc: BaseException) -> str | None:
         return f"{file}:{line} in {func}: `{code.strip()}`"
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         file = os.path.abspath(frame.filename)
-        if file.startswith(_TORCH_DIR) or file == _OWN_FILE or "site-packages" in file:
+        if file.startswith((_TORCH_DIR, _OWN_DIR)) or "site-packages" in file:
             continue
         return f"{frame.filename}:{frame.lineno} in {frame.name}: `{(frame.line or '').strip()}`"
     return None

@@ -411,7 +411,8 @@ class Model(nn.Module):
         ``dynamic_batch=False``.
 
         Args:
-            filepath: the file to write (``.pt2`` or ``.onnx`` by convention).
+            filepath: the file to write: ``.pt2`` for ``"torch"``, ``.onnx`` for ``"onnx"`` (a
+                name ending in the other format's suffix is refused).
             format: ``"torch"`` or ``"onnx"``.
             input_example: a batch of inputs as ``fit`` takes them (tensor, numpy array, tuple
                 or dict); default: two samples of the last batch ``fit`` ran.
