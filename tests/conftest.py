@@ -139,3 +139,13 @@ def assert_same_weights(keras: Any, theirs: Any, linears: list[Any], atol: float
     for linear, kernel, bias in dense_pairs(keras, theirs, linears):
         torch.testing.assert_close(linear.weight.detach(), kernel, rtol=0, atol=atol)
         torch.testing.assert_close(linear.bias.detach(), bias, rtol=0, atol=atol)
+
+
+def guide_snippet(page: str, section: str) -> str:
+    """The first ``python`` block of a ``## section`` of ``docs/guide/<page>``."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "guide" / page).read_text(encoding="utf-8")
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", body, re.S).group(1)

@@ -115,3 +115,13 @@ def test_gan_example_saves_a_grid_every_epoch(tmp_path):
     for png in pngs:
         assert Image.open(png).size == (8 * (4 * 8 + 2 * 4) + 2 * 4, 4 * (4 * 8 + 2 * 4) + 2 * 4)
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 4
+
+
+def test_sklearn_grid_search_example_tunes_a_pipeline_in_two_processes():
+    result = _run(str(EXAMPLES / "sklearn_grid_search.py"), "--smoke")
+    assert result.returncode == 0, result.stderr
+    best = re.search(r"best parameters: (\{.*\})", result.stdout).group(1)
+    assert "'net__model__hidden': 64" in best or "'net__model__hidden': 16" in best
+    assert float(re.search(r"test accuracy: ([\d.]+)", result.stdout).group(1)) > 0.8
+    scores = re.search(r"cross_val_score of the best pipeline: (.*)", result.stdout).group(1)
+    assert len(scores.split(", ")) == 2

@@ -27,3 +27,13 @@ __all__ = [
     "unfreeze",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``torcheras.wrappers`` (scikit-learn) and ``torcheras.export`` load on first use, so
+    ``import torcheras`` imports neither scikit-learn nor the exporters."""
+    if name in ("wrappers", "export"):
+        import importlib
+
+        return importlib.import_module(f"torcheras.{name}")
+    raise AttributeError(f"module 'torcheras' has no attribute {name!r}")

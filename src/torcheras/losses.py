@@ -449,23 +449,27 @@ def _fused_cross_entropy(y_pred: Tensor, y_true: Tensor) -> Tensor:
     return F.cross_entropy(y_pred, class_labels(y_pred, y_true))
 
 
-def _fused(fn: Callable[..., Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    def mean(y_pred: Tensor, y_true: Tensor) -> Tensor:
-        if y_pred.shape == y_true.shape:
-            return fn(y_pred, y_true.to(y_pred.dtype))
-        return fn(y_pred, _match_shape(y_pred, y_true))
+class _FusedMean:
+    """The batch mean of a torch loss function, ``y_true`` shaped like ``y_pred``; a class, not
+    a closure, so that a compiled model pickles (scikit-learn's estimators, joblib)."""
 
-    return mean
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        self.fn = fn
+
+    def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
+        if y_pred.shape == y_true.shape:
+            return self.fn(y_pred, y_true.to(y_pred.dtype))
+        return self.fn(y_pred, _match_shape(y_pred, y_true))
 
 
 # Batch-mean forms of the common losses: one fused kernel when no sample weights are given.
 FUSED: dict[LossFn, LossFn] = {
     sparse_categorical_crossentropy: _fused_sparse_cce,
     cross_entropy: _fused_cross_entropy,
-    mean_squared_error: _fused(F.mse_loss),
-    mean_absolute_error: _fused(F.l1_loss),
-    binary_crossentropy: _fused(F.binary_cross_entropy_with_logits),
-    huber: _fused(F.huber_loss),
+    mean_squared_error: _FusedMean(F.mse_loss),
+    mean_absolute_error: _FusedMean(F.l1_loss),
+    binary_crossentropy: _FusedMean(F.binary_cross_entropy_with_logits),
+    huber: _FusedMean(F.huber_loss),
 }
 
 # torch loss modules: what they say of y_pred, and which take class labels.

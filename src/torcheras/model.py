@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -394,6 +395,51 @@ class Model(nn.Module):
         if mode:
             keep_frozen_in_eval(self)
         return self
+
+    def export(
+        self,
+        filepath: str | os.PathLike[str],
+        format: str = "torch",
+        *,
+        input_example: Any = None,
+        dynamic_batch: bool = True,
+    ) -> Path:
+        """Export the network for serving, in eval mode on the CPU, without the optimizer,
+        loss or metrics: ``format="torch"`` writes a ``torch.export`` program (reload it with
+        ``torch.export.load(path).module()``), ``format="onnx"`` an ONNX file (the ``onnx``
+        extra) through torch's exporter. The batch dimension stays dynamic unless
+        ``dynamic_batch=False``.
+
+        Args:
+            filepath: the file to write: ``.pt2`` for ``"torch"``, ``.onnx`` for ``"onnx"`` (a
+                name ending in the other format's suffix is refused).
+            format: ``"torch"`` or ``"onnx"``.
+            input_example: a batch of inputs as ``fit`` takes them (tensor, numpy array, tuple
+                or dict); default: two samples of the last batch ``fit`` ran.
+            dynamic_batch: export the batch dimension as dynamic.
+
+        Returns the path written. A network torch cannot trace raises
+        :class:`torcheras.export.ExportError` naming the construct (data-dependent control
+        flow, an operator without ONNX translation...) and the line of your code.
+
+        Example:
+            ```python
+            model.fit(x, y, epochs=5)
+            model.export("model.pt2")                 # torch.export.load("model.pt2").module()
+            model.export("model.onnx", format="onnx")  # onnxruntime.InferenceSession(...)
+            ```
+        """
+        from torcheras.export import export_module
+
+        example = input_example if input_example is not None else self._example_input
+        if example is None:
+            raise ValueError(
+                "export() needs an example batch to trace the network: pass "
+                "input_example=x[:2] (inputs as fit takes them), or fit the model first."
+            )
+        module = self._modules.get("module")
+        network = module if module is not None and not self._has_own_forward() else self
+        return export_module(network, filepath, example, format=format, dynamic_batch=dynamic_batch)
 
     def load_weights(self, filepath: str | os.PathLike[str], strict: bool = True) -> None:
         """Load weights saved by torcheras, safetensors or ``torch.save(state_dict)``.
