@@ -115,3 +115,16 @@ def test_gan_example_saves_a_grid_every_epoch(tmp_path):
     for png in pngs:
         assert Image.open(png).size == (8 * (4 * 8 + 2 * 4) + 2 * 4, 4 * (4 * 8 + 2 * 4) + 2 * 4)
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 4
+
+
+def test_optuna_search_example_keeps_its_study_and_prunes(tmp_path):
+    import optuna
+
+    result = _run(str(EXAMPLES / "optuna_search.py"), str(tmp_path), "--smoke")
+    assert result.returncode == 0, result.stderr
+    assert "trials: 5 (" in result.stdout
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path}/study.db")
+    states = [t.state for t in study.trials]
+    assert len(states) == 5 and optuna.trial.TrialState.PRUNED in states  # seeded sampler
+    assert f"best val_loss: {study.best_value:.4f}" in result.stdout
+    assert study.best_value < 1.5  # ten classes: chance is ln(10) = 2.30
