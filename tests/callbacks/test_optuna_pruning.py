@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_model
+from docs_snippets import first_python_block
 
 from torcheras import callbacks as cb
 
@@ -169,3 +170,16 @@ def test_under_torchrun_rank_0_decides_and_both_ranks_stop_at_the_same_epoch(tmp
         ranks[0]["history"]["val_loss"], rel=TOL
     )
     assert run.summary["stop_reason"] == ranks[0]["stop_reason"]
+
+
+def test_the_guides_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(
+        compile(
+            first_python_block("guide/integrations.md", "## Optuna"), "integrations.md", "exec"
+        ),
+        namespace,
+    )
+    study = namespace["study"]
+    assert len(study.trials) == 8 and set(study.best_params) == {"width", "lr"}

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 from conftest import make_model
+from docs_snippets import first_python_block
 from wandb_files import offline_runs
 
 from torcheras import callbacks as cb
@@ -156,3 +157,18 @@ def test_a_run_of_your_own_is_logged_into_and_left_open(blobs, tmp_path):
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cb.WandbLogger("tests", **kwargs)
+
+
+def test_the_guides_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(
+        compile(
+            first_python_block("guide/integrations.md", "## Weights & Biases"),
+            "integrations.md",
+            "exec",
+        ),
+        namespace,
+    )
+    assert namespace["model"].history.epoch == [0, 1, 2, 3, 4]
+    assert (tmp_path / "best.pt").exists()
