@@ -131,6 +131,35 @@ def test_a_crashed_fit_fails_its_run_and_the_resumed_fit_continues_it(blobs, tmp
         assert [row[key] for row in rows] == pytest.approx(values, rel=TOL), key
 
 
+def test_a_fit_resumed_from_a_backup_taken_before_the_first_row_continues_the_run(blobs, tmp_path):
+    x, y = blobs  # 6 batches per epoch, backups every 2 batches, a crash at batch 4
+
+    def crash(batch, logs):
+        if batch == 4:
+            raise RuntimeError("boom")
+
+    backup, first = tmp_path / "backup", cb.WandbLogger("tests", dir=tmp_path / "first")
+    with pytest.raises(RuntimeError, match="boom"):
+        make_model().fit(
+            x, y, epochs=2, batch_size=40, verbose=0,
+            callbacks=[cb.BackupAndRestore(backup, save_freq=2), first,
+                       cb.LambdaCallback(on_train_batch_end=crash)],
+        )  # fmt: skip
+    second = cb.WandbLogger("tests", dir=tmp_path / "second")
+    history = make_model().fit(
+        x, y, epochs=2, batch_size=40, verbose=0,
+        callbacks=[cb.BackupAndRestore(backup, save_freq=2), second],
+    )  # fmt: skip
+    (failed,) = offline_runs(tmp_path / "first")
+    (resumed,) = offline_runs(tmp_path / "second")
+    assert failed.exit_code == 1 and epoch_rows(failed) == [] and not failed.resumed
+    assert resumed.id == failed.id == second.run_id and resumed.resumed
+    assert [row["_step"] for row in epoch_rows(resumed)] == [6, 12]
+    assert [row["loss"] for row in epoch_rows(resumed)] == pytest.approx(
+        history.history["loss"], rel=TOL
+    )
+
+
 def test_a_run_of_your_own_is_logged_into_and_left_open(blobs, tmp_path):
     x, y = blobs
     run = wandb.init(project="tests", dir=tmp_path, settings=wandb.Settings(reinit="create_new"))

@@ -4,6 +4,8 @@ a fit, in a Weights & Biases run (W&B's own client; no TensorFlow)."""
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,7 @@ class WandbLogger(Callback):
         self.run: Any = run
         self._own_run = run is None
         self._given_id = run_id
+        self._resume = False
         self._config: dict[str, Any] = {}
         if log_freq == 0:
             self.unused_hooks = ("on_train_batch_end",)
@@ -114,14 +117,15 @@ class WandbLogger(Callback):
         }
         if self._own_run:
             self.run = None  # opened at the first log: a resumed fit loads its id first
-            self.run_id = self._given_id
+            self.run_id = self._given_id or _new_id()  # in every backup, even before a row
+            self._resume = self._given_id is not None
         else:
             self.run.config.update(self._config, allow_val_change=True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A resumed fit (BackupAndRestore) goes on logging into the run it started."""
         if self._own_run and self.run is None and state.get("run_id"):
-            self.run_id = state["run_id"]
+            self.run_id, self._resume = state["run_id"], True
 
     def state_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id}
@@ -136,7 +140,7 @@ class WandbLogger(Callback):
         settings = self.settings or wandb.Settings(reinit="create_new")
         if self.dir is not None:
             os.makedirs(self.dir, exist_ok=True)
-        kwargs = {"resume": "allow"} if self.run_id else {}
+        kwargs = {"resume": "allow"} if self._resume else {}
         self.run = wandb.init(
             project=self.project,
             name=self.name,
@@ -208,6 +212,11 @@ class WandbLogger(Callback):
                 if path is not None and os.path.exists(path):
                     found.append(Path(path))
         return found
+
+
+def _new_id() -> str:
+    """A run id as W&B draws them: 8 base-36 digits."""
+    return "".join(secrets.choice(string.digits + string.ascii_lowercase) for _ in range(8))
 
 
 def _is_number(value: Any) -> bool:
