@@ -125,3 +125,16 @@ def test_sklearn_grid_search_example_tunes_a_pipeline_in_two_processes():
     assert float(re.search(r"test accuracy: ([\d.]+)", result.stdout).group(1)) > 0.8
     scores = re.search(r"cross_val_score of the best pipeline: (.*)", result.stdout).group(1)
     assert len(scores.split(", ")) == 2
+
+
+def test_optuna_search_example_keeps_its_study_and_prunes(tmp_path):
+    import optuna
+
+    result = _run(str(EXAMPLES / "optuna_search.py"), str(tmp_path), "--smoke")
+    assert result.returncode == 0, result.stderr
+    assert "trials: 5 (" in result.stdout
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path}/study.db")
+    states = [t.state for t in study.trials]
+    assert len(states) == 5 and optuna.trial.TrialState.PRUNED in states  # seeded sampler
+    assert f"best val_loss: {study.best_value:.4f}" in result.stdout
+    assert study.best_value < 1.5  # ten classes: chance is ln(10) = 2.30

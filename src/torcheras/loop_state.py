@@ -34,8 +34,9 @@ class LoopState:
 
     While ``fit`` runs (``running`` is True) a callback can also ask the loop for work at the
     right moment: :meth:`at_step_boundary`, :meth:`request_interrupt` with an
-    ``interrupt_handler``, and :meth:`training_state`. When ``fit`` returns or raises, the loop
-    lets go of everything it held (data, callbacks, the last batch); the counters stay.
+    ``interrupt_handler``, :meth:`after_fit` and :meth:`training_state`. When ``fit`` returns
+    or raises, the loop lets go of everything it held (data, callbacks, the last batch); the
+    counters stay.
 
     Example:
         ```python
@@ -91,6 +92,13 @@ class LoopState:
         when asked from an epoch hook. Every callback has run its hook by then, so a state
         captured there is consistent (BackupAndRestore saves this way)."""
         self._running_fit("at_step_boundary").boundary_work.append(work)
+
+    def after_fit(self, work: Callable[[], None]) -> None:
+        """Run ``work()`` once ``fit`` has ended cleanly: every ``on_train_end`` has run and
+        the checkpoints have landed, just before ``fit`` returns. An exception it raises
+        leaves ``fit`` (OptunaPruning raises Optuna's ``TrialPruned`` this way); nothing runs
+        if ``fit`` raised earlier."""
+        self._running_fit("after_fit").after_fit.append(work)
 
     def request_interrupt(self, code: int) -> None:
         """Ask the loop to call ``interrupt_handler(code)`` at the next step boundary (every

@@ -95,6 +95,7 @@ class FitLoop:
         self.order: Tensor | None = None  # the epoch's sample order
         self.batch_lrs: list[Any] = []  # the rate each batch of the epoch used
         self.boundary_work: list[Callable[[], None]] = []  # LoopState.at_step_boundary
+        self.after_fit: list[Callable[[], None]] = []  # LoopState.after_fit
         self.interrupt_handler: Callable[[int], None] | None = None
         rank, ranks = distributed.rank(), distributed.world_size()
         if ranks > 1:  # DataLoaders: each rank loads its own part
@@ -127,6 +128,7 @@ class FitLoop:
         self.train_source = self.val_source = self.callbacks = self.collector = None
         self.current_batch = self.order = self.stage = self.vote = None
         self.batch_lrs, self.boundary_work, self.interrupt_handler = [], [], None
+        self.after_fit = []
         for source in sources:
             if source is not None:
                 with contextlib.suppress(Exception):  # cleanup: the fit's outcome stands
@@ -248,6 +250,8 @@ class FitLoop:
             if model.ema is not None and model.ema.updates:  # Keras: fit ends on the average
                 model.ema.finalize()
             model.history.stop_reason = self._stop_reason()
+        for work in self.after_fit:  # fit ended cleanly: every on_train_end has run
+            work()
         return model.history
 
     def _stop_reason(self) -> str | None:

@@ -12,6 +12,7 @@ from torcheras.callbacks.lambda_callback import LambdaCallback
 from torcheras.callbacks.learning_rate_scheduler import LearningRateScheduler
 from torcheras.callbacks.mlflow_logger import MLflowLogger
 from torcheras.callbacks.model_checkpoint import ModelCheckpoint
+from torcheras.callbacks.optuna_pruning import OptunaPruning
 from torcheras.callbacks.prediction_logger import PredictionLogger
 from torcheras.callbacks.progbar_logger import ProgbarLogger
 from torcheras.callbacks.reduce_lr_on_plateau import ReduceLROnPlateau
@@ -20,6 +21,7 @@ from torcheras.callbacks.swap_ema_weights import SwapEMAWeights
 from torcheras.callbacks.tensorboard import TensorBoard
 from torcheras.callbacks.terminate_on_nan import TerminateOnNaN
 from torcheras.callbacks.timer import Timer
+from torcheras.callbacks.wandb_logger import WandbLogger
 
 __all__ = [
     "BackupAndRestore",
@@ -43,4 +45,6 @@ __all__ = [
     "TensorBoard",
     "TerminateOnNaN",
     "Timer",
+    "OptunaPruning",
+    "WandbLogger",
 ]
