@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
-from docs_snippets import first_python_block
+from conftest import guide_snippet, make_model
 
 from torcheras import callbacks as cb
 
@@ -177,7 +176,7 @@ def test_the_guides_snippet_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(
         compile(
-            first_python_block("guide/integrations.md", "## Optuna"), "integrations.md", "exec"
+            guide_snippet("integrations.md", "Optuna"), "integrations.md", "exec"
         ),
         namespace,
     )

@@ -9,8 +9,7 @@ import sys
 import warnings
 
 import pytest
-from conftest import make_model
-from docs_snippets import first_python_block
+from conftest import guide_snippet, make_model
 from wandb_files import offline_runs
 
 from torcheras import callbacks as cb
@@ -193,7 +192,7 @@ def test_the_guides_snippet_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(
         compile(
-            first_python_block("guide/integrations.md", "## Weights & Biases"),
+            guide_snippet("integrations.md", "Weights & Biases"),
             "integrations.md",
             "exec",
         ),
