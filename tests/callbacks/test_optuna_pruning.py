@@ -174,11 +174,6 @@ def test_under_torchrun_rank_0_decides_and_both_ranks_stop_at_the_same_epoch(tmp
 def test_the_guides_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(
-        compile(
-            guide_snippet("integrations.md", "Optuna"), "integrations.md", "exec"
-        ),
-        namespace,
-    )
+    exec(compile(guide_snippet("integrations.md", "Optuna"), "integrations.md", "exec"), namespace)
     study = namespace["study"]
     assert len(study.trials) == 8 and set(study.best_params) == {"width", "lr"}

@@ -191,11 +191,7 @@ def test_the_guides_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(
-        compile(
-            guide_snippet("integrations.md", "Weights & Biases"),
-            "integrations.md",
-            "exec",
-        ),
+        compile(guide_snippet("integrations.md", "Weights & Biases"), "integrations.md", "exec"),
         namespace,
     )
     assert namespace["model"].history.epoch == [0, 1, 2, 3, 4]
