@@ -73,3 +73,75 @@ def test_wandb_has_every_validation_at_its_global_step(offline_wandb, tmp_path):
     assert [row["val_loss"] for row in epoch_rows] == pytest.approx(
         history.history["val_loss"], rel=TOL
     )
+
+
+# --- scikit-learn: fit's validation, callbacks and validation_interval through the wrapper -----
+def test_a_parallel_grid_search_keeps_validation_callbacks_and_interval_per_fit():
+    pytest.importorskip("sklearn")
+    from sklearn.model_selection import GridSearchCV
+
+    from torcheras.wrappers import SKLearnClassifier
+
+    x, y = blobs()
+    labels = np.array(["ant", "bee", "cat"])[y]
+    stop = cb.EarlyStopping(patience=2, restore_best_weights=True)
+    clf = SKLearnClassifier(
+        build_net, fit__epochs=4, fit__batch_size=16, fit__validation_split=0.25,
+        fit__validation_interval=4, fit__callbacks=[stop], random_state=0,
+    )  # fmt: skip
+    search = GridSearchCV(clf, {"model__hidden": [4, 16]}, cv=2, n_jobs=2).fit(x, labels)
+    best = search.best_estimator_
+    history = best.model_.history
+    # 150 samples, the last 25% held out as Keras does: 112 training samples, 7 batches an
+    # epoch; a validation every 4 steps and at each epoch's end, each step once
+    steps = history.validation_history["step"]
+    due = sorted({s for s in range(1, 29) if s % 4 == 0 or s % 7 == 0})
+    assert steps == due[: len(steps)] and steps[-1] == 7 * len(history.epoch)
+    assert best.history_ == history.history
+    assert len(history.history["val_loss"]) == len(history.epoch)
+    # the refit's callback is a clone's: the estimator's own EarlyStopping never ran
+    (fitted_stop,) = best.get_params()["fit__callbacks"]
+    assert fitted_stop is not stop and stop.model is None and fitted_stop.model is best.model_
+    # score is the accuracy of predict, predict the labels of predict_proba's argmax
+    proba = best.predict_proba(x)
+    assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-6)
+    assert list(best.classes_) == ["ant", "bee", "cat"]
+    predicted = best.predict(x)
+    assert (predicted == best.classes_[proba.argmax(axis=1)]).all()
+    assert search.score(x, labels) == pytest.approx((predicted == labels).mean())
+
+
+def build_net(n_features_in, n_classes, hidden=16):
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_features_in, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, n_classes)
+    )
+
+
+# --- export after mixed precision, jit_compile and EMA -----------------------------------------
+@pytest.mark.parametrize(
+    "settings",
+    [{"precision": "bf16-mixed"}, {"jit_compile": True}, {"ema_momentum": 0.9}],
+    ids=["bf16-mixed", "jit_compile", "ema"],
+)
+def test_export_after_fit_holds_the_live_weights_in_float32(settings, tmp_path):
+    x, y = blobs()
+    model = build(**settings)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    live = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+    path = model.export(tmp_path / "model.pt2")
+    program = torch.export.load(path)
+    exported = program.state_dict
+    assert exported.keys() == live.keys()
+    for name, value in live.items():
+        assert exported[name].dtype == torch.float32
+        assert torch.equal(exported[name], value), name
+    sample = torch.from_numpy(x[:7])  # a batch size fit never saw
+    with torch.no_grad():
+        eager = model.module.eval()(sample)
+        torch.testing.assert_close(program.module()(sample), eager, atol=1e-6, rtol=1e-6)
+    predicted = torch.from_numpy(model.predict(x[:7], verbose=0))
+    # predict runs under the compiled precision; the export is the float32 network
+    tolerance = 2e-2 if "precision" in settings else 1e-6
+    torch.testing.assert_close(predicted, eager, atol=tolerance, rtol=tolerance)
+    if "ema_momentum" in settings:
+        assert model.ema is not None and model.ema.updates > 0  # fit ended on the average
