@@ -5,6 +5,7 @@ jit_compile and EMA."""
 
 from __future__ import annotations
 
+import io
 import sys
 import warnings
 from pathlib import Path
@@ -145,3 +146,26 @@ def test_export_after_fit_holds_the_live_weights_in_float32(settings, tmp_path):
     torch.testing.assert_close(predicted, eager, atol=tolerance, rtol=tolerance)
     if "ema_momentum" in settings:
         assert model.ema is not None and model.ema.updates > 0  # fit ended on the average
+
+
+def test_export_to_a_url_writes_the_object_not_a_local_folder(tmp_path, monkeypatch):
+    """The guide says every path may be a URL; export wrote ``memory:/...`` locally before."""
+    fsspec = pytest.importorskip("fsspec")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    x, y = blobs()
+    model = build()
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    root = f"memory://{tmp_path.name}"
+    assert model.export(f"{root}/model.pt2") == f"{root}/model.pt2"
+    assert model.export(f"{root}/model.onnx", format="onnx") == f"{root}/model.onnx"
+    assert list(tmp_path.iterdir()) == []  # nothing local
+    memory = fsspec.filesystem("memory")
+    sample = torch.from_numpy(x[:5])
+    with torch.no_grad():
+        eager = model.module.eval()(sample)
+    program = torch.export.load(io.BytesIO(memory.cat_file(f"/{tmp_path.name}/model.pt2")))
+    torch.testing.assert_close(program.module()(sample), eager, atol=1e-6, rtol=1e-6)
+    session = onnxruntime.InferenceSession(memory.cat_file(f"/{tmp_path.name}/model.onnx"))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x[:5]})
+    np.testing.assert_allclose(out, eager.numpy(), atol=1e-5, rtol=0)  # the issue's 1e-5
