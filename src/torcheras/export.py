@@ -40,10 +40,23 @@ def export_module(
     dynamic_batch: bool = True,
 ) -> Path:
     """Export ``module`` called on ``example`` (a tensor, a tuple of positional inputs or a dict
-    of keyword inputs) to ``filepath``; returns the path written."""
+    of keyword inputs) to ``filepath`` (a local path, or a URL written through fsspec);
+    returns the path written (the URL as a string)."""
     if format not in FORMATS:
         raise ValueError(f"`format` must be 'torch' or 'onnx'; got {format!r}.")
-    path = Path(filepath)
+    from torcheras import checkpoint
+
+    target = checkpoint.location(filepath)
+    if isinstance(target, str):  # a URL: exported to a local file, then sent whole (fsspec)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / target.rsplit("/", 1)[-1]
+            export_module(module, local, example, format=format, dynamic_batch=dynamic_batch)
+            data = local.read_bytes()
+        checkpoint.atomic_write(target, lambda f: f.write(data), every_rank=True)
+        return target  # type: ignore[return-value]
+    path = target
     other = {"torch": ".onnx", "onnx": ".pt2"}[format]
     if path.suffix.lower() == other:
         raise ValueError(

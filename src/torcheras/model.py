@@ -412,7 +412,8 @@ class Model(nn.Module):
 
         Args:
             filepath: the file to write: ``.pt2`` for ``"torch"``, ``.onnx`` for ``"onnx"`` (a
-                name ending in the other format's suffix is refused).
+                name ending in the other format's suffix is refused); a URL such as
+                ``"s3://bucket/model.pt2"`` is written through fsspec, whole.
             format: ``"torch"`` or ``"onnx"``.
             input_example: a batch of inputs as ``fit`` takes them (tensor, numpy array, tuple
                 or dict); default: two samples of the last batch ``fit`` ran.

@@ -25,6 +25,8 @@ class WandbLogger(Callback):
       ``epoch`` (0-based, as ``History.epoch``);
     - with ``log_freq=N``: every N training batches, the batch logs (running means over the
       epoch so far) and the batch's learning rate as ``batch/<key>``;
+    - with ``fit(validation_interval=N)``: every validation's ``val_*`` keys, mid-epoch ones
+      included, at the global batch step where it ran;
     - at the end: the stop reason as the summary's ``stop_reason``, and with
       ``log_checkpoints=True`` the files the ModelCheckpoint callbacks of this fit wrote last
       (the best one with ``save_best_only``) as a ``model`` artifact; the run is finished with
@@ -169,6 +171,10 @@ class WandbLogger(Callback):
         row = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
         row["epoch"] = epoch
         self._open().log(row, step=self.model.loop.global_step)
+
+    def on_validation_end(self, step: int, logs: dict[str, Any] | None = None) -> None:
+        row = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}
+        self._open().log(row, step=self.model.loop.global_step)  # an epoch end's: one row
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         run = self._open()
