@@ -19,6 +19,7 @@ from torcheras.callbacks.remote_monitor import RemoteMonitor
 from torcheras.callbacks.swap_ema_weights import SwapEMAWeights
 from torcheras.callbacks.tensorboard import TensorBoard
 from torcheras.callbacks.terminate_on_nan import TerminateOnNaN
+from torcheras.callbacks.throughput_monitor import ThroughputMonitor
 from torcheras.callbacks.timer import Timer
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "TensorBoard",
     "TerminateOnNaN",
     "Timer",
+    "ThroughputMonitor",
 ]
