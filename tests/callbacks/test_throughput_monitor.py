@@ -245,3 +245,71 @@ def test_outside_fit_it_says_so():
     CallbackList([monitor], model=torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="inside torcheras Model.fit only"):
         monitor.on_train_begin()
+
+
+def test_a_second_fit_of_the_same_model_does_not_count_again(blobs, monkeypatch):
+    x, y = blobs
+    model, monitor = make_model(), ThroughputMonitor()
+    model.fit(x, y, epochs=1, batch_size=40, verbose=0, callbacks=[monitor])
+    counted = monitor.flops_per_batch
+    monkeypatch.setattr(ThroughputMonitor, "_start_counting", lambda self: pytest.fail("again"))
+    history = model.fit(x, y, epochs=1, batch_size=40, verbose=0, callbacks=[monitor])
+    assert history.history["flops_per_batch"] == [counted]
+
+
+DDP_SCRIPT = """
+import json, os, sys
+import torch
+import torcheras
+from torcheras.callbacks import Callback, ThroughputMonitor, throughput_monitor
+
+now = [0.0]
+throughput_monitor.clock = lambda: now[0]
+
+class Tick(Callback):  # a batch takes 0.5 s on every rank
+    def on_train_batch_end(self, batch, logs=None):
+        now[0] += 0.5
+
+torch.manual_seed(0)
+model = torcheras.Model(torch.nn.Linear(5, 2))
+model.compile("sgd", "mse", device="cpu")
+monitor = ThroughputMonitor(peak_flops=1e6)
+history = model.fit(torch.randn(80, 5), torch.randn(80, 2), batch_size=8, verbose=0,
+                    callbacks=[monitor, Tick()])
+with open(os.path.join(sys.argv[1], f"h{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"history": history.history, "counted": monitor.flops_per_batch}, f)
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_under_torchrun_the_rates_are_those_of_every_process_together(tmp_path):
+    """2 processes, 10 batches of 8 (4 on each), 0.5 s a batch: 80 samples in 5 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "script.py"
+    script.write_text(DDP_SCRIPT)
+    env = {
+        **os.environ,
+        "TORCHERAS_DIST_TIMEOUT": "30",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).parents[2] / "src"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads((tmp_path / f"h{r}.json").read_text()) for r in (0, 1)]
+    assert runs[0]["history"] == runs[1]["history"]
+    h, per_process = runs[0]["history"], runs[0]["counted"]
+    assert per_process == 2 * 4 * 5 * 2 * 2  # Linear(5, 2) on 4 samples: forward + weight grad
+    assert h["samples_per_second"] == pytest.approx([80 / 5.0])
+    assert h["batches_per_second"] == pytest.approx([10 / 5.0])
+    assert h["flops_per_batch"] == [2 * per_process]  # a batch of both processes
+    assert h["flops_per_second"] == pytest.approx([2 * per_process * 2.0])
+    assert h["mfu"] == pytest.approx([per_process * 2.0 / 1e6])  # per device

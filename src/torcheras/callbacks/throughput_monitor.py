@@ -55,11 +55,11 @@ class ThroughputMonitor(Callback):
       (validation excluded); samples of every process under torchrun, batches of one.
     - ``tokens_per_second``: when the inputs are integer tensors of shape (N, T) (token ids,
       or a dict's ``"input_ids"``): N * T tokens a batch; or what ``tokens_fn(batch)`` says.
-    - ``flops_per_batch``: counted once per ``fit`` with ``torch.utils.flop_counter
-      .FlopCounterMode`` around the whole first training step (forward, backward and the
-      optimizer step, as it really ran: not 3x a forward); matrix products, convolutions
-      and attention count, elementwise operations do not. Later batches count in proportion
-      to their samples (their tokens, with tokens).
+    - ``flops_per_batch``: counted once with ``torch.utils.flop_counter.FlopCounterMode``
+      around the whole first training step of a model (forward, backward and the optimizer
+      step, as it really ran: not 3x a forward); matrix products, convolutions and attention
+      count, elementwise operations do not. Later batches (and fits) count in proportion to
+      their samples (their tokens, with tokens); a fit of another model counts again.
     - ``flops_per_second``: the FLOP/s achieved; ``mfu``: that over the peak of the devices,
       ``peak_flops`` per device, or for known GPUs (A100, H100, H200, L4, L40S, T4, V100...)
       their dense bf16/fp16 figure (:data:`PEAK_FLOPS`); no ``mfu`` without a peak.
@@ -124,6 +124,7 @@ class ThroughputMonitor(Callback):
         self.flops_per_batch: int | None = None  # this process's first batch, as counted
         self._counter: Any = None  # the FlopCounterMode while it counts
         self._per_unit: float | None = None  # FLOPs per sample (per token with tokens)
+        self._counted_model: Any = None
 
     # --- counting -------------------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -144,7 +145,9 @@ class ThroughputMonitor(Callback):
                     "precision, from its data sheet).",
                     stacklevel=2,
                 )
-        self.flops_per_batch, self._per_unit = None, None  # counted again: the model may differ
+        if self._counted_model is not model:  # counted once per model: again for another
+            self.flops_per_batch, self._per_unit = None, None
+            self._counted_model = model
         self._tokens_seen: bool | None = None if self.tokens_fn is None else True
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
