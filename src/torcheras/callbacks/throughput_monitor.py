@@ -63,7 +63,8 @@ class ThroughputMonitor(Callback):
     - ``flops_per_second``: the FLOP/s achieved; ``mfu``: that over the peak of the devices,
       ``peak_flops`` per device, or for known GPUs (A100, H100, H200, L4, L40S, T4, V100...)
       their dense bf16/fp16 figure (:data:`PEAK_FLOPS`); no ``mfu`` without a peak.
-    - ``peak_memory_gib``: the most CUDA memory allocated during the epoch (on CUDA).
+    - ``peak_memory_gib``: the most CUDA memory allocated during the epoch (on CUDA; the
+      mean over the processes under torchrun).
 
     No value is read from the device per batch: samples and tokens come from the shapes of
     each batch, time from ``time.perf_counter`` at batch boundaries, and the values join the
