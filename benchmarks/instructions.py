@@ -54,6 +54,11 @@ SETTINGS = {
     "tiny-typical": ("tiny MLP 32-64-10, batch 64 + typical callbacks", TINY, "typical"),
     "tiny-verbose": ("tiny MLP 32-64-10, batch 64: verbose=1 / verbose=0", TINY, "verbose"),
     "tiny-accuracy": ("tiny MLP 32-64-10, batch 64, accuracy + validation", TINY, "common"),
+    "tiny-throughput": (
+        "tiny MLP 32-64-10, batch 64: ThroughputMonitor / none",
+        TINY,
+        "throughput",
+    ),
     "wide-typical": (
         "wide MLP 256-1024-1024-10, batch 256 + typical callbacks, an epoch of 5 batches",
         WIDE_5,
@@ -61,7 +66,13 @@ SETTINGS = {
     ),
     "wide-typical-3": ("the same, an epoch of 3 batches", WIDE_3, "typical"),
 }
-TARGETS = {"tiny-typical": 1.03, "tiny-verbose": 1.02, "tiny-accuracy": 1.05, "wide-typical": 1.01}
+TARGETS = {
+    "tiny-throughput": 1.01,
+    "tiny-typical": 1.03,
+    "tiny-verbose": 1.02,
+    "tiny-accuracy": 1.05,
+    "wide-typical": 1.01,
+}
 MARK = os.getppid  # the phase boundary callgrind dumps at
 
 
@@ -79,6 +90,12 @@ def child(name: str, native_seconds: float) -> None:
         base()
         slowdown = (time.perf_counter() - start) / native_seconds
         base, other = overhead.quiet_and_bar(w, refresh_interval=0.1 * slowdown)
+        base()
+        other()
+        count_phases(base, other)
+        return
+    if setting == "throughput":
+        base, other = overhead.plain_and_monitored(w)
         base()
         other()
         count_phases(base, other)

@@ -25,6 +25,7 @@ benchmark.
     python benchmarks/overhead.py --jit        # the tiny MLP, eager and jit_compile rows only
     python benchmarks/overhead.py --common     # metrics=["accuracy"] + validation every epoch
     python benchmarks/overhead.py --verbose    # the verbose=1 / verbose=0 row only
+    python benchmarks/overhead.py --throughput # ThroughputMonitor / no callback
 
 ``--jit`` rates ``fit(jit_compile=True)`` against a raw loop compiled the same way (the
 forward pass and the loss through ``torch.compile``, and the optimizer step with its learning
@@ -554,6 +555,34 @@ def run_verbose(w: Workload, repeats: int) -> Result:
     return interleave(quiet, bar, repeats)
 
 
+def plain_and_monitored(
+    w: Workload, **monitor: Any
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """An epoch of ``fit`` without callbacks and one with a ThroughputMonitor, on one model
+    (the monitor counts the FLOPs of a step once per model: in the first monitored epoch)."""
+    x, y = make_data(w)
+    torch.manual_seed(0)
+    model = torcheras.Model(make_net(w.sizes))
+    model.compile(torch.optim.Adam(model.parameters(), lr=1e-3), "cross_entropy", device="cpu")
+    callbacks = [cb.ThroughputMonitor(peak_flops=1e12, **monitor)]
+
+    def plain() -> None:
+        model.fit(x, y, batch_size=w.batch_size, epochs=1, verbose=0)
+
+    def monitored() -> None:
+        model.fit(x, y, batch_size=w.batch_size, epochs=1, verbose=0, callbacks=callbacks)
+
+    return plain, monitored
+
+
+def run_throughput(w: Workload, repeats: int, **monitor: Any) -> Result:
+    """``fit`` with a ThroughputMonitor against ``fit`` without, after a warm-up epoch of each."""
+    plain, monitored = plain_and_monitored(w, **monitor)
+    plain()
+    monitored()
+    return interleave(plain, monitored, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -562,6 +591,9 @@ def main() -> None:
     parser.add_argument("--jit", action="store_true", help="eager and jit_compile rows only")
     parser.add_argument("--common", action="store_true", help="the accuracy + validation rows only")
     parser.add_argument("--verbose", action="store_true", help="the verbose=1 / verbose=0 row only")
+    parser.add_argument(
+        "--throughput", action="store_true", help="the ThroughputMonitor / none rows only"
+    )
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="cpu", help="what is timed (default: cpu)"
     )
@@ -590,6 +622,15 @@ def main() -> None:
         print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
         r = run_verbose(WORKLOADS[0], 4 if args.quick else WORKLOADS[0].runs)
         _print_row(WORKLOADS[0].name + ": verbose=1 (live bar) / verbose=0", r, "<=1.02")
+        return
+    if args.throughput:
+        print(f"{'setting':<62} {'none s/ep':>9} {'with s/ep':>9} {'ratio':>7} {'IQR':>13}")
+        w, repeats = WORKLOADS[0], 4 if args.quick else WORKLOADS[0].runs
+        for label, monitor in (("ThroughputMonitor()", {}),
+                               ("ThroughputMonitor(log_every_n_steps=50)",
+                                {"log_every_n_steps": 50})):  # fmt: skip
+            r = run_throughput(w, repeats, **monitor)
+            _print_row(f"{w.name}: {label} / none", r, "<=1.01")
         return
     if args.jit:
         print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")

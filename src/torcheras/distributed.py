@@ -26,6 +26,7 @@ __all__ = [
     "average_",
     "barrier",
     "broadcast",
+    "decide_on_main",
     "is_active",
     "is_main",
     "launched_by_torchrun",
@@ -171,6 +172,16 @@ def agree_max(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group())
     return int(tensor.item())
+
+
+def decide_on_main(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (a save rank 0's clock asks for). Over the host group:
+    no GPU synchronisation."""
+    if not is_active():
+        return flag
+    tensor = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.broadcast(tensor, src=0, group=_host_group())
+    return bool(tensor.item())
 
 
 class Vote:

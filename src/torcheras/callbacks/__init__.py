@@ -20,6 +20,7 @@ from torcheras.callbacks.remote_monitor import RemoteMonitor
 from torcheras.callbacks.swap_ema_weights import SwapEMAWeights
 from torcheras.callbacks.tensorboard import TensorBoard
 from torcheras.callbacks.terminate_on_nan import TerminateOnNaN
+from torcheras.callbacks.throughput_monitor import ThroughputMonitor
 from torcheras.callbacks.timer import Timer
 from torcheras.callbacks.wandb_logger import WandbLogger
 
@@ -47,4 +48,5 @@ __all__ = [
     "Timer",
     "OptunaPruning",
     "WandbLogger",
+    "ThroughputMonitor",
 ]

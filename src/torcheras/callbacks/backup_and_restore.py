@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import signal
 import threading
@@ -12,6 +13,7 @@ from typing import Any
 
 from torcheras import checkpoint, distributed, tensors
 from torcheras.callbacks.callback import Callback
+from torcheras.callbacks.save_schedule import ACCEPTED, SaveTimer, parse_save_freq
 from torcheras.loop_state import TIME_UP, StopFit
 
 __all__ = ["BackupAndRestore", "Preempted"]
@@ -28,7 +30,11 @@ class BackupAndRestore(Callback):
         backup_dir: where the backups live (``latest.pt``, and ``previous.pt`` with
             ``double_checkpoint``): a folder, or a URL such as ``s3://bucket/run/backup``
             (through fsspec; each backup is one object, written whole by one PUT).
-        save_freq: ``"epoch"`` (after every epoch) or N: every N training batches.
+        save_freq: ``"epoch"`` (after every epoch), N: every N training batches, or an
+            amount of training time, a ``datetime.timedelta`` or a string such as ``"30min"``,
+            ``"2h"``, ``"90s"``, ``"1h30min"``: a backup once that much time has passed since
+            the last one (checked between optimizer steps; a resumed run counts on from the
+            time recorded in its backup).
         double_checkpoint: keep the previous backup too, to fall back on if the newest is
             unreadable.
         delete_checkpoint: delete the backups when training ends normally. Default True.
@@ -60,21 +66,21 @@ class BackupAndRestore(Callback):
     def __init__(
         self,
         backup_dir: str | os.PathLike[str],
-        save_freq: str | int = "epoch",
+        save_freq: str | int | datetime.timedelta = "epoch",
         double_checkpoint: bool = False,
         delete_checkpoint: bool = True,
     ) -> None:
         if not backup_dir:
             raise ValueError("Empty `backup_dir` argument passed")
-        if save_freq != "epoch" and not (
-            isinstance(save_freq, int) and save_freq > 0 and not isinstance(save_freq, bool)
-        ):
+        schedule = parse_save_freq(save_freq)
+        if schedule is None:
             raise ValueError(
                 f"Invalid value for argument `save_freq`. Received: save_freq="
-                f"{save_freq!r}. Expected either 'epoch' or a positive integer."
+                f"{save_freq!r}. Expected {ACCEPTED}."
             )
         self.backup_dir = checkpoint.location(backup_dir)
         self.save_freq = save_freq
+        self._timer = schedule if isinstance(schedule, SaveTimer) else None
         self.double_checkpoint = double_checkpoint
         self.delete_checkpoint = delete_checkpoint
         self.latest_path = checkpoint.join(self.backup_dir, "latest.pt")
@@ -149,6 +155,8 @@ class BackupAndRestore(Callback):
         if not hasattr(self.model, "loop"):
             raise RuntimeError("BackupAndRestore works inside torcheras Model.fit only.")
         self._batches_since_save = 0
+        if self._timer is not None:
+            self._timer.start()
         self.resumed_from = None
         self._resume_state = self._load()
         self._install_signal_handlers()
@@ -157,6 +165,10 @@ class BackupAndRestore(Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self.model.loop.accumulating:  # save_freq counts optimizer steps
+            return
+        if self._timer is not None:
+            if self._timer.due():
+                self._request_save()
             return
         self._batches_since_save += 1
         if self._batches_since_save >= self.save_freq:  # type: ignore[operator]
@@ -218,7 +230,10 @@ class BackupAndRestore(Callback):
         raise KeyboardInterrupt
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches_since_save": self._batches_since_save}
+        timer = {} if self._timer is None else {"timer": self._timer.state_dict()}
+        return {"batches_since_save": self._batches_since_save, **timer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._batches_since_save = state["batches_since_save"]
+        if self._timer is not None and "timer" in state:
+            self._timer.load_state_dict(state["timer"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import string
 import warnings
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from torcheras import checkpoint, state
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.monitor import Monitor
+from torcheras.callbacks.save_schedule import ACCEPTED, SaveTimer, parse_save_freq
 
 __all__ = ["ModelCheckpoint"]
 
@@ -29,7 +31,10 @@ class ModelCheckpoint(Callback):
             writes it (weights, every optimizer, the schedulers, the scaler, the weight
             average, the compile names) with the epoch and its logs.
         mode: ``"auto"``, ``"min"`` or ``"max"``.
-        save_freq: ``"epoch"`` or a number of batches (counted across epochs).
+        save_freq: ``"epoch"``, a number of batches (counted across epochs), or an amount of
+            training time, a ``datetime.timedelta`` or a string such as ``"30min"``, ``"2h"``,
+            ``"90s"``, ``"1h30min"``: a save once that much time has passed since the last
+            one (checked after each batch, with the batch logs; see ``save_schedule``).
         initial_value_threshold: a value the first saved model must beat.
 
     Files are written atomically and load with ``torch.load(weights_only=True)``,
@@ -59,7 +64,7 @@ class ModelCheckpoint(Callback):
         save_best_only: bool = False,
         save_weights_only: bool = False,
         mode: str = "auto",
-        save_freq: str | int = "epoch",
+        save_freq: str | int | datetime.timedelta = "epoch",
         initial_value_threshold: float | None = None,
     ) -> None:
         filepath = str(filepath)
@@ -67,12 +72,10 @@ class ModelCheckpoint(Callback):
             raise ValueError(
                 "ModelCheckpoint: `filepath` is empty; pass a file name such as 'ckpt/best.pt'."
             )
-        if save_freq != "epoch" and not (
-            isinstance(save_freq, int) and save_freq > 0 and not isinstance(save_freq, bool)
-        ):
+        schedule = parse_save_freq(save_freq)
+        if schedule is None:
             raise ValueError(
-                f"Unrecognized save_freq: {save_freq!r}. Expected save_freq are "
-                "'epoch' or a positive integer (a number of batches)."
+                f"Unrecognized save_freq: {save_freq!r}. Expected save_freq are {ACCEPTED}."
             )
         _check_template(filepath)
         if checkpoint.is_safetensors(filepath) and not save_weights_only:
@@ -87,6 +90,7 @@ class ModelCheckpoint(Callback):
         self.save_best_only = save_best_only
         self.save_weights_only = save_weights_only
         self.save_freq = save_freq
+        self._timer = schedule if isinstance(schedule, SaveTimer) else None
         self.best: float | None = initial_value_threshold
         self.last_saved: str | None = None
         self._batches_seen_since_last_saving = 0
@@ -98,8 +102,16 @@ class ModelCheckpoint(Callback):
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._current_epoch = epoch
 
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self._timer is not None:
+            self._timer.start()
+
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self.save_freq == "epoch":
+            return
+        if self._timer is not None:
+            if self._timer.due():
+                self._save(self._current_epoch, batch, logs or {})
             return
         if batch <= self._last_batch_seen:  # a new epoch started
             self._batches_seen_since_last_saving += batch + 1
@@ -200,6 +212,7 @@ class ModelCheckpoint(Callback):
             "last_batch_seen": self._last_batch_seen,
             "current_epoch": self._current_epoch,
             "monitor": self.monitor_state.state_dict(),
+            **({"timer": self._timer.state_dict()} if self._timer is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -208,6 +221,8 @@ class ModelCheckpoint(Callback):
         self._last_batch_seen = state["last_batch_seen"]
         self._current_epoch = state["current_epoch"]
         self.monitor_state.load_state_dict(state.get("monitor", {}))
+        if self._timer is not None and "timer" in state:
+            self._timer.load_state_dict(state["timer"])
 
 
 def _check_template(filepath: str, part: str | None = None) -> None:
