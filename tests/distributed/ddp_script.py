@@ -2,6 +2,7 @@
 
     python ddp_script.py OUT [--case same|early_stop|nan]
     torchrun --standalone --nproc_per_node=2 ddp_script.py OUT [--case ...]
+    torchrun --nnodes=2 --rdzv-backend=c10d ... ddp_script.py OUT  (two agents: test_multinode.py)
 
 Each rank saves what it ended with (weights, History) under OUT/rank<r>/ with torch.save, so
 the test can compare ranks; torcheras itself writes files on rank 0 only.
