@@ -8,6 +8,7 @@ the device per batch: logs stay on the device until a callback reads them (see `
 from __future__ import annotations
 
 import contextlib
+import errno
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -275,6 +276,7 @@ class FitLoop:
     def _resume_or_start(self) -> tuple[int, dict[str, Any] | None]:
         model, loop = self.model, self.loop
         resume = self.callbacks.take_resume_state()  # BackupAndRestore's, after train_begin
+        check_ranks_resume_alike(resume)
         if resume is None:
             if model._initial_epoch is not None:  # Keras's hook for callbacks that set it
                 return model._initial_epoch, None
@@ -545,6 +547,30 @@ def check_ranks_agree(source: Any) -> None:
             f"differ ({sizes}). Each process takes its own part of every batch: give every "
             "process the whole data (not a per-rank shard), or a DataLoader over the whole "
             "Dataset (torcheras adds the DistributedSampler)."
+        )
+
+
+def check_ranks_resume_alike(resume: Mapping[str, Any] | None) -> None:
+    """Under torchrun, every process must resume from the same backup (or none): a backup
+    folder on a node's own disk is seen by that node alone (rank 0 writes it), and ranks
+    resuming at different steps would hang or diverge. Refused on every rank at once."""
+    if not distributed.is_active():
+        return
+    mine = None
+    if resume is not None:
+        mine = (resume.get("global_step"), resume.get("created"), resume.get("path"))
+    every = distributed.gather_objects(mine)
+    if len({seen and seen[:2] for seen in every}) > 1:
+        found = ", ".join(
+            f"rank {rank}: " + ("no backup" if seen is None else f"step {seen[0]} in {seen[2]}")
+            for rank, seen in enumerate(every)
+        )
+        raise checkpoint.CheckpointError(
+            errno.EINVAL,
+            f"BackupAndRestore found different backups on different processes ({found})."
+            " Every process must read the backup rank 0 wrote: on several nodes, put "
+            "`backup_dir` on storage every node shares (a network filesystem, or a URL such "
+            "as 's3://bucket/run/backup'), not on a node's local disk.",
         )
 
 

@@ -2,6 +2,7 @@
 
     python ddp_script.py OUT [--case same|early_stop|nan]
     torchrun --standalone --nproc_per_node=2 ddp_script.py OUT [--case ...]
+    torchrun --nnodes=2 --rdzv-backend=c10d ... ddp_script.py OUT  (two agents: test_multinode.py)
 
 Each rank saves what it ended with (weights, History) under OUT/rank<r>/ with torch.save, so
 the test can compare ranks; torcheras itself writes files on rank 0 only.
@@ -35,6 +36,9 @@ parser.add_argument("--no-shuffle", action="store_true")
 parser.add_argument("--accumulate", type=int, default=1)
 parser.add_argument("--kill-at", type=int, default=-1, help="kill the whole job at this step")
 parser.add_argument("--validation-interval", type=int, default=None)
+parser.add_argument("--epochs", type=int, default=6)
+parser.add_argument("--backup", action="store_true", help="BackupAndRestore in any case")
+parser.add_argument("--kill-node-at", type=int, default=-1, help="kill the last node's agent")
 args = parser.parse_args()
 rank = int(os.environ.get("RANK", "0"))
 torch.manual_seed(0)
@@ -86,7 +90,7 @@ if args.torchmetrics and rank == 0:
     callbacks.append(read_on_rank_0)
 trained = []  # the batches this process really trained (a resumed run: only what was left)
 callbacks.append(cb.LambdaCallback(on_train_batch_end=lambda batch, logs: trained.append(batch)))
-if args.case in ("backup", "sigterm"):
+if args.case in ("backup", "sigterm") or args.backup:
     callbacks.append(cb.BackupAndRestore(os.path.join(args.out, "backup"), save_freq=3))
 if args.kill_at >= 0 and rank == 0:  # kill -9 of the whole job: every worker and torchrun
     import signal
@@ -109,6 +113,36 @@ if args.kill_at >= 0 and rank == 0:  # kill -9 of the whole job: every worker an
             os.kill(os.getpid(), signal.SIGKILL)
 
     callbacks.append(cb.LambdaCallback(on_train_batch_end=kill_job))
+if args.kill_node_at >= 0:  # a node lost: kill -9 of its torchrun agent and its processes
+    import signal
+
+    from torcheras import checkpoint
+
+    killed = os.path.join(args.out, "node-killed")  # once: the restarted job goes on
+    last_node = (
+        int(os.environ["GROUP_RANK"])
+        == int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"]) - 1
+    )
+
+    def kill_node(batch, logs):
+        if model.loop.global_step == args.kill_node_at and not os.path.exists(killed):
+            checkpoint.wait_for_writes()
+            torch.distributed.barrier()  # the backup before this step has landed everywhere
+            if last_node and int(os.environ["LOCAL_RANK"]) == 0:
+                open(killed, "w").close()
+                agent = os.getppid()
+                for pid in os.listdir("/proc"):  # this node's other workers, then its agent
+                    if pid.isdigit() and int(pid) != os.getpid():
+                        try:
+                            with open(f"/proc/{pid}/stat") as f:
+                                if int(f.read().rsplit(")", 1)[1].split()[1]) == agent:
+                                    os.kill(int(pid), signal.SIGKILL)
+                        except (OSError, ValueError, IndexError):
+                            pass
+                os.kill(agent, signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks.append(cb.LambdaCallback(on_train_batch_end=kill_node))
 if args.case == "sigterm" and rank == 1:  # a preemption notice reaching this rank only
     import signal
 
@@ -176,8 +210,8 @@ else:
     train = {"x": x, "y": y, "batch_size": args.batch_size, "shuffle": shuffle}
     validation = (xv, yv)
 history = model.fit(
-    **train, epochs=6, verbose=args.verbose, validation_data=validation, callbacks=callbacks,
-    validation_interval=args.validation_interval,
+    **train, epochs=args.epochs, verbose=args.verbose, validation_data=validation,
+    callbacks=callbacks, validation_interval=args.validation_interval,
 )  # fmt: skip
 os.makedirs(os.path.join(args.out, f"result{rank}"), exist_ok=True)
 torch.save(
