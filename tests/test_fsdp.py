@@ -144,3 +144,56 @@ def test_each_rank_holds_one_nth_of_ddps_parameters_gradients_and_optimizer_stat
         for mine in held:  # 64-row layers split evenly: exactly 1/N
             assert mine == pytest.approx(whole / ranks, rel=0.01), (kind, held)
         assert sum(held) == pytest.approx(whole, rel=0.01)  # every byte held once
+
+
+# ---- one process: no torchrun -------------------------------------------------------------------
+def test_a_strategy_that_does_not_exist_is_refused_naming_the_choices():
+    import torcheras
+
+    model = torcheras.Model(torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="'auto', 'ddp', 'fsdp'.*got 'zero3'"):
+        model.compile("sgd", "mse", device="cpu", strategy="zero3")
+
+
+def test_fsdp_settings_are_checked_when_made():
+    from torcheras.distributed import FSDP
+
+    with pytest.raises(TypeError, match=r"blocks=\(MyBlock,\).*got 'Linear'"):
+        FSDP(blocks="Linear")
+    with pytest.raises(ValueError, match="reshard_after_forward.*got 0"):
+        FSDP(reshard_after_forward=0)
+
+
+def test_the_default_blocks_are_transformer_layers_else_the_children_with_parameters():
+    from torcheras.distributed import FSDP
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    assert FSDP().select(mlp) == [mlp[0], mlp[2]]  # not the ReLU
+    stack = torch.nn.Module()
+    stack.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+    assert FSDP().select(stack) == list(stack.layers)  # into the list, not the list
+    encoder = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2
+    )
+    assert FSDP().select(encoder) == list(encoder.layers)
+    linear = FSDP(blocks=(torch.nn.Linear,)).select(encoder)
+    assert len(linear) == 4  # linear1 and linear2 of each layer; never MultiheadAttention's
+
+
+def test_fsdp_in_one_process_trains_exactly_as_without_a_strategy():
+    import numpy as np
+
+    import torcheras
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    weights = {}
+    for strategy in ("auto", "fsdp"):
+        torch.manual_seed(0)
+        model = torcheras.Model(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)))
+        model.compile("adam", "mse", device="cpu", strategy=strategy, gradient_accumulation_steps=2)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        assert model._fsdp is None  # nothing to shard over
+        weights[strategy] = model.state_dict()
+    for key, value in weights["auto"].items():
+        assert torch.equal(weights["fsdp"][key], value)
