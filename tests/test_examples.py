@@ -125,3 +125,20 @@ def test_sklearn_grid_search_example_tunes_a_pipeline_in_two_processes():
     assert float(re.search(r"test accuracy: ([\d.]+)", result.stdout).group(1)) > 0.8
     scores = re.search(r"cross_val_score of the best pipeline: (.*)", result.stdout).group(1)
     assert len(scores.split(", ")) == 2
+
+
+def test_fsdp_example_runs_alone_and_sharded_under_torchrun(tmp_path):
+    import os
+
+    alone = _run(str(EXAMPLES / "fsdp_train.py"), "--smoke")
+    assert alone.returncode == 0, alone.stderr
+    assert "rank 0: holds 18,178 of 18,178 parameters; trained 2 epochs" in alone.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EXAMPLE_OUT": str(tmp_path)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    sharded = subprocess.run([*torchrun, str(EXAMPLES / "fsdp_train.py"), "--smoke"],
+                             capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    for rank in (0, 1):  # each rank holds half of every parameter
+        assert f"rank {rank}: holds 9,089 of 18,178 parameters" in sharded.stdout
+    assert sharded.stdout.count("Total params: 18,178") == 1  # printed by rank 0
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 3  # header + 2 epochs, once
