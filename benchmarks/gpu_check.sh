@@ -29,5 +29,8 @@ for r in range(ranks):
     diff = max((got[k] - single[k]).abs().max().item() for k in got)
     print(f"NCCL, {ranks} rank(s): rank {r} max |w - one process| = {diff:.2e}")
 EOF
+# FSDP2 on NCCL: the example under torchrun (2 GPUs: sharded over 2 ranks; 1 GPU: 1 rank)
+timeout 120 python -m torch.distributed.run --standalone --nproc_per_node=$ranks \
+    examples/fsdp_train.py --smoke --device cuda 2>&1 | tail -3
 timeout 260 python benchmarks/peers.py --device cuda --workloads tiny --quick \
     --output "$out/results_cuda.md" 2>&1 | tail -25

@@ -138,3 +138,20 @@ def test_optuna_search_example_keeps_its_study_and_prunes(tmp_path):
     assert len(states) == 5 and optuna.trial.TrialState.PRUNED in states  # seeded sampler
     assert f"best val_loss: {study.best_value:.4f}" in result.stdout
     assert study.best_value < 1.5  # ten classes: chance is ln(10) = 2.30
+
+
+def test_fsdp_example_runs_alone_and_sharded_under_torchrun(tmp_path):
+    import os
+
+    alone = _run(str(EXAMPLES / "fsdp_train.py"), "--smoke")
+    assert alone.returncode == 0, alone.stderr
+    assert "rank 0: holds 18,178 of 18,178 parameters; trained 2 epochs" in alone.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EXAMPLE_OUT": str(tmp_path)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    sharded = subprocess.run([*torchrun, str(EXAMPLES / "fsdp_train.py"), "--smoke"],
+                             capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    for rank in (0, 1):  # each rank holds half of every parameter
+        assert f"rank {rank}: holds 9,089 of 18,178 parameters" in sharded.stdout
+    assert sharded.stdout.count("Total params: 18,178") == 1  # printed by rank 0
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 3  # header + 2 epochs, once

@@ -1,4 +1,4 @@
-"""torchrun / DistributedDataParallel: rank, world size, reductions, agreement, rank-zero I/O.
+"""torchrun: rank, world size, reductions, agreement, rank-zero I/O; the strategies.
 
 Everything here is a no-op in a single process. Under ``torchrun`` (``WORLD_SIZE`` > 1),
 ``fit`` joins the process group (gloo on the CPU, NCCL on CUDA) unless the script already
@@ -13,12 +13,15 @@ import contextlib
 import datetime
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "FSDP",
+    "STRATEGIES",
     "agree",
     "agree_max",
     "Vote",
@@ -29,6 +32,9 @@ __all__ = [
     "decide_on_main",
     "is_active",
     "is_main",
+    "norms",
+    "original_class",
+    "resolve_strategy",
     "launched_by_torchrun",
     "rank",
     "gather_objects",
@@ -242,3 +248,174 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ---- strategies --------------------------------------------------------------------------------
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+# The layers sharded on their own by default when the network holds any: torch's transformer
+# layers (each is a natural unit of all-gather and free).
+_TRANSFORMER_LAYERS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+
+
+class FSDP:
+    """``compile(strategy=FSDP(...))``: shard the parameters, gradients and optimizer state
+    over the ranks with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+    ``strategy="fsdp"`` is ``FSDP()``.
+
+    Each block is sharded on its own (its parameters are gathered just before it runs and
+    freed after), then the root, which holds what is left. In a single process (no
+    ``torchrun``) nothing is sharded and the model trains as it does without a strategy.
+
+    Args:
+        blocks: which modules are blocks: a tuple of module classes (``(MyBlock,)``), or a
+            callable ``policy(module) -> bool``. Default: torch's transformer layers if the
+            network holds any; otherwise each direct child of the network that holds
+            parameters (the children of a ``ModuleList`` / ``ModuleDict`` rather than the
+            list itself). A block must be called as a module (its ``forward`` runs): the
+            layers inside ``nn.MultiheadAttention``, whose weights it uses directly, are
+            never taken as blocks.
+        reshard_after_forward: free each block's gathered parameters after its forward pass
+            (``True``: least memory, gathered again for the backward) or keep them until the
+            backward (``False``: less communication). An ``int`` reshards to that many ranks,
+            as FSDP2 does.
+
+    Example:
+        ```python
+        from torcheras.distributed import FSDP
+
+        model.compile("adamw", "cross_entropy", strategy="fsdp")
+        model.compile("adamw", "cross_entropy",
+                      strategy=FSDP(blocks=(Block,), reshard_after_forward=False))
+        ```
+    """
+
+    name = "fsdp"
+
+    def __init__(
+        self,
+        blocks: tuple[type[torch.nn.Module], ...] | Callable[[torch.nn.Module], bool] | None = None,
+        *,
+        reshard_after_forward: bool | int = True,
+    ) -> None:
+        if isinstance(blocks, type):
+            blocks = (blocks,)
+        if blocks is not None and not callable(blocks):
+            if not isinstance(blocks, (tuple, list)) or not all(
+                isinstance(b, type) and issubclass(b, torch.nn.Module) for b in blocks
+            ):
+                raise TypeError(
+                    "FSDP(blocks=...) takes a tuple of nn.Module classes, e.g. "
+                    f"blocks=(MyBlock,), or a callable policy(module) -> bool; got {blocks!r}."
+                )
+            blocks = tuple(blocks)
+        if isinstance(reshard_after_forward, bool):
+            pass
+        elif not isinstance(reshard_after_forward, int) or reshard_after_forward < 1:
+            raise ValueError(
+                "FSDP(reshard_after_forward=...) takes True, False or a positive number of "
+                f"ranks; got {reshard_after_forward!r}."
+            )
+        self.blocks = blocks
+        self.reshard_after_forward = reshard_after_forward
+
+    def __repr__(self) -> str:
+        return f"FSDP(blocks={self.blocks!r}, reshard_after_forward={self.reshard_after_forward!r})"
+
+    def select(self, root: torch.nn.Module) -> list[torch.nn.Module]:
+        """The blocks of ``root`` (never ``root`` itself), parents before their children."""
+        blocks = self.blocks
+        if blocks is None:
+            found = [m for m in root.modules() if isinstance(m, _TRANSFORMER_LAYERS)]
+            return found or _children_with_parameters(root)
+        chosen: Callable[[torch.nn.Module], bool] = (
+            blocks if not isinstance(blocks, tuple) else (lambda m: isinstance(m, blocks))
+        )
+        # A block's forward must run for FSDP to gather it: MultiheadAttention uses its
+        # out_proj's weights without calling it, so nothing inside it can be a block.
+        inside = {
+            id(sub)
+            for m in root.modules()
+            if isinstance(m, torch.nn.MultiheadAttention)
+            for sub in m.modules()
+            if sub is not m
+        }
+        return [m for m in root.modules() if m is not root and id(m) not in inside and chosen(m)]
+
+    def shard(self, root: torch.nn.Module, param_dtype: torch.dtype | None) -> torch.nn.Module:
+        """``fully_shard`` each block, children first, then ``root``; in place (the modules
+        become FSDP modules, their parameters DTensors). ``param_dtype``: the mixed
+        precision's dtype (``MixedPrecisionPolicy``, gradients reduced in float32)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = (
+            MixedPrecisionPolicy()
+            if param_dtype is None
+            else MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        )
+        for block in reversed(self.select(root)):  # the innermost first
+            if any(p.numel() for p in block.parameters()):
+                fully_shard(
+                    block, reshard_after_forward=self.reshard_after_forward, mp_policy=policy
+                )
+        # The root's own parameters are gathered at the start of the forward pass and kept
+        # for the backward (FSDP2's default for the root).
+        fully_shard(root, reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
+        return root
+
+
+def _children_with_parameters(root: torch.nn.Module) -> list[torch.nn.Module]:
+    found: list[torch.nn.Module] = []
+    for child in root.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            found += _children_with_parameters(child)
+        elif any(True for _ in child.parameters()):
+            found.append(child)
+    return found
+
+
+def resolve_strategy(strategy: str | FSDP) -> str | FSDP:
+    """``"auto"`` / ``"ddp"`` as given, ``"fsdp"`` as :class:`FSDP` ``()``; anything else is
+    refused naming the choices."""
+    if isinstance(strategy, FSDP):
+        return strategy
+    if strategy == "fsdp":
+        return FSDP()
+    if strategy in ("auto", "ddp"):
+        return strategy
+    raise ValueError(
+        f"`strategy` must be one of {', '.join(repr(s) for s in STRATEGIES)}, or "
+        f"torcheras.distributed.FSDP(...); got {strategy!r}."
+    )
+
+
+def original_class(module: torch.nn.Module) -> type:
+    """The class the user wrote: ``fully_shard`` swaps a module's class for a subclass named
+    ``FSDP<Name>``."""
+    cls = type(module)
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and issubclass(cls, fsdp.FSDPModule):
+        for base in cls.__mro__[1:]:
+            if base is not fsdp.FSDPModule and not issubclass(base, fsdp.FSDPModule):
+                return base
+    return cls
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's L2 norm, in float32: over the whole tensor when it is sharded over the
+    ranks (FSDP's DTensors: one all-reduce of the squared local norms for all of them, so
+    every rank must call it at the same point), plain tensors as they are."""
+    if not any(_is_sharded(t) for t in tensors):
+        return [n.float() for n in torch._foreach_norm(tensors)]
+    local = [t.to_local() if _is_sharded(t) else t for t in tensors]  # type: ignore[attr-defined]
+    squares = torch.stack([n.float() for n in torch._foreach_norm(local)]).square()
+    shards = torch.tensor([_is_sharded(t) for t in tensors], device=squares.device)
+    summed = squares.where(shards, torch.zeros_like(squares))
+    if is_active():
+        dist.all_reduce(summed)
+    return list(squares.where(~shards, summed).sqrt().unbind())

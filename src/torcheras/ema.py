@@ -18,6 +18,12 @@ from torcheras.tensors import to_cpu
 __all__ = ["ExponentialMovingAverage"]
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: writing to it writes the parameter); else itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
+
+
 class ExponentialMovingAverage:
     """The moving average of ``params``; :meth:`swap` exchanges it with the weights in place
     (for validation or checkpoints on the averaged weights), :meth:`finalize` leaves the
@@ -31,12 +37,14 @@ class ExponentialMovingAverage:
             )
         self.params = params
         self.momentum = float(momentum)
-        self.average = [p.detach().clone() for p in params]
+        self.average = [w.clone() for w in self._weights()]
         self.updates = 0
         self.swapped = False  # True while the average is in the model
 
     def _weights(self) -> list[torch.Tensor]:
-        return [p.detach() for p in self.params]
+        """The weights this process holds: under ``strategy="fsdp"`` its shard of each
+        parameter (the average is sharded as the weights are: every rank averages its part)."""
+        return [_local(p.detach()) for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:

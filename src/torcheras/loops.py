@@ -414,7 +414,8 @@ class FitLoop:
         needs_begin = callbacks.needs("on_train_batch_begin")
         needs_end = callbacks.needs("on_train_batch_end")
         train_step = model.train_step
-        run_step = stepper.run if stepper.ddp is not None else None  # no_sync inside groups
+        # no synchronisation inside groups
+        run_step = stepper.run if stepper.ddp is not None or stepper.fsdp is not None else None
         collector = self.collector
         boundary_work = self.boundary_work
         groups = None if model.optimizer is None else model.optimizer.param_groups
@@ -633,6 +634,7 @@ def evaluate(
                 collector.all_reduce(distributed.all_reduce_sum)
             result["logs"] = logs = collector.result()
     finally:
+        stepping.reshard(model)  # FSDP: only the shards again
         model.train(was_training)
         model._log_to = outer_log_to
         model._expect_padded_labels(True)
@@ -684,6 +686,7 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
             if on_device:
                 on_host.append(tensors.to_cpu(tensors.concat_batches(on_device)))
     finally:
+        stepping.reshard(model)  # FSDP: only the shards again
         model.train(was_training)
     if ranks > 1:  # every rank predicted its part of each batch: put them back in order
         return _gather_in_order(on_host)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torcheras import checkpoint, data, distributed, loops, losses, optimizers, tensors
+from torcheras import checkpoint, data, distributed, loops, losses, optimizers, stepping, tensors
 from torcheras import metrics as metrics_lib
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.callback_list import CallbackList
@@ -110,6 +110,8 @@ class Model(nn.Module):
         self.jit_compile = False
         self._compiled: CompiledStep | None = None
         self._ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
+        self._fsdp: nn.Module | None = None  # the FSDP root under torchrun (strategy="fsdp")
+        self.strategy: str | distributed.FSDP = "auto"
         # How losses become optimizer steps (stepping.py): fit makes its own; this one serves
         # train_step run outside fit.
         self._stepping = Stepping(self, self.loop)
@@ -141,6 +143,7 @@ class Model(nn.Module):
         clipvalue: float | None = None,
         gradient_accumulation_steps: int = 1,
         ema_momentum: float | None = None,
+        strategy: str | distributed.FSDP = "auto",
     ) -> None:
         """Configure training.
 
@@ -174,13 +177,21 @@ class Model(nn.Module):
                 ``use_ema=True, ema_momentum=...``; 0.99 is Keras's default), updated on the
                 device after each optimizer step; at the end of ``fit`` the weights become
                 the average. ``SwapEMAWeights`` validates and checkpoints on it meanwhile.
+            strategy: how several processes under ``torchrun`` share the work. ``"auto"``
+                and ``"ddp"``: DistributedDataParallel (each rank holds the whole model);
+                ``"fsdp"``: FSDP2, each rank holds 1/N of the parameters, gradients and
+                optimizer state (``torcheras.distributed.FSDP(blocks=...,
+                reshard_after_forward=...)`` to choose the blocks). In a single process
+                every strategy trains as one process, so one script runs both ways.
 
         Example:
             ```python
             model.compile(optimizer="adam", loss="mse", metrics=["mae"])
             model.compile("adamw", "cross_entropy", precision="bf16-mixed", global_clipnorm=1.0)
+            model.compile("adamw", "cross_entropy", strategy="fsdp")  # under torchrun
             ```
         """
+        strategy = distributed.resolve_strategy(strategy)
         self.device = distributed.setup(resolve_device(device))  # torchrun: this rank's device
         self.precision = Precision(
             precision,
@@ -193,6 +204,14 @@ class Model(nn.Module):
             gradient_accumulation_steps, "gradient_accumulation_steps", minimum=1
         )
         self.to(self.device)
+        self.strategy = strategy
+        if isinstance(strategy, distributed.FSDP):  # before the optimizer sees the parameters
+            stepping.shard_for_ranks(self, strategy)
+        elif self._fsdp is not None:
+            raise ValueError(
+                f"This model's parameters are sharded (compiled with strategy='fsdp'); "
+                f"strategy={strategy!r} needs whole ones: build the model anew."
+            )
         self.ema = (
             None
             if ema_momentum is None
@@ -207,7 +226,7 @@ class Model(nn.Module):
                 optimizer,
                 self.parameters(),
                 learning_rate,
-                fused=self.device.type == "cuda" and not jit_compile,
+                fused=self.device.type == "cuda" and not jit_compile and self._fsdp is None,
             )
         )
         self.scaler = self.precision.scaler  # saved with the model and in backups
@@ -475,7 +494,8 @@ class Model(nn.Module):
             if name and not list(module.children()):
                 count = sum(p.numel() for p in module.parameters(recurse=False))
                 shown = name.removeprefix("module.")
-                rows.append((f"{shown} ({type(module).__name__})", shapes.get(name, "?"),
+                kind = distributed.original_class(module).__name__  # not FSDP<Name>
+                rows.append((f"{shown} ({kind})", shapes.get(name, "?"),
                              f"{count:,}"))  # fmt: skip
         if not shapes:
             rows = [(layer, count) for layer, _, count in rows]  # type: ignore[misc]
@@ -489,7 +509,7 @@ class Model(nn.Module):
             rows = [(*row, flag) for row, flag in zip(rows, flags)]  # type: ignore[misc]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         line = "-" * (sum(widths) + 3 * (len(widths) - 1))
-        print_fn(f'Model: "{type(self).__name__}"')
+        print_fn(f'Model: "{distributed.original_class(self).__name__}"')
         print_fn(line)
         for i, row in enumerate(rows):
             cells = [f"{c:<{w}}" for c, w in zip(row[:-1], widths)] + [f"{row[-1]:>{widths[-1]}}"]
@@ -545,6 +565,7 @@ class Model(nn.Module):
                 plain = module is not None and not self._has_own_forward()
                 _call(module if plain else self, example)
         finally:
+            stepping.reshard(self)  # FSDP: only the shards again
             self.train(was_training)
             for handle in handles:
                 handle.remove()

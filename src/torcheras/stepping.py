@@ -2,9 +2,12 @@
 
 One :class:`Stepping` per ``fit`` (and one for steps run outside it) owns, in this order:
 
-- wrapping for the ranks (DistributedDataParallel under torchrun, once per model);
+- wrapping for the ranks under torchrun, once per model: DistributedDataParallel
+  (``strategy="auto"`` / ``"ddp"``), or FSDP2's ``fully_shard`` (``strategy="fsdp"``, at
+  ``compile``: the optimizer must see the sharded parameters);
 - accumulation groups: where a micro-batch falls, the short last group of an epoch, and
-  ``no_sync`` inside a group so that ranks all-reduce once per optimizer step;
+  no gradient synchronisation inside a group (DDP's ``no_sync``, FSDP's
+  ``set_requires_gradient_sync(False)``) so that ranks reduce once per optimizer step;
 - loss scaling: a rank's share of an uneven global batch, the group's mean, the AMP scale;
 - backward -> unscale -> ``on_after_backward`` -> clipping -> the optimizer step (eager or
   compiled) -> the weight average (EMA).
@@ -23,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torcheras import distributed
+from torcheras import data, distributed, tensors
 
-__all__ = ["CompiledStep", "Stepping", "wrap_for_ranks"]
+__all__ = ["CompiledStep", "Stepping", "reshard", "shard_for_ranks", "wrap_for_ranks"]
 
 
 def wrap_for_ranks(model: Any) -> nn.Module | None:
@@ -33,15 +36,50 @@ def wrap_for_ranks(model: Any) -> nn.Module | None:
     the wrapped module, or the model itself when it is a subclass with its own ``forward``.
     A custom ``train_step`` gets synchronised gradients as long as it calls
     ``self.call_on(x)`` (or ``self(x)`` on a wrapping Model) rather than submodules."""
-    if model._ddp is not None or not distributed.is_active():
+    if model._ddp is not None or model._fsdp is not None or not distributed.is_active():
         return model._ddp
     from torch.nn.parallel import DistributedDataParallel
 
-    module = model._modules.get("module")
-    target = module if module is not None and not model._has_own_forward() else model
+    target = _root(model)
     ids = [model.device.index] if model.device.type == "cuda" else None
     model.__dict__["_ddp"] = DistributedDataParallel(target, device_ids=ids)  # not a submodule
     return model._ddp
+
+
+def _root(model: Any) -> nn.Module:
+    """What ``forward`` runs: the wrapped module, or a subclass with its own ``forward``."""
+    module = model._modules.get("module")
+    return module if module is not None and not model._has_own_forward() else model
+
+
+def shard_for_ranks(model: Any, strategy: distributed.FSDP) -> nn.Module | None:
+    """``compile(strategy="fsdp")`` under torchrun: ``fully_shard`` the blocks, then what
+    ``forward`` runs (see :class:`torcheras.distributed.FSDP`), once per model, before the
+    optimizer is made. In one process, nothing (returns None)."""
+    if model._fsdp is not None:
+        return model._fsdp
+    if not distributed.is_active():
+        return None
+    if model._ddp is not None:
+        raise ValueError(
+            "This model was already trained with DistributedDataParallel: FSDP shards the "
+            "parameters in place, and DDP's buckets point at them. Build the model anew, then "
+            "compile(strategy='fsdp') before the first fit."
+        )
+    root = strategy.shard(_root(model), model.precision.dtype)
+    model.__dict__["_fsdp"] = root  # not a submodule: the root is the model or its module
+    return root
+
+
+def reshard(model: Any) -> None:
+    """After a pass without backward (evaluate, predict, summary) under FSDP: free the
+    gathered parameters that ``reshard_after_forward=False`` (and the root) keep for a
+    backward that will not come, so every rank again holds only its shards."""
+    if model._fsdp is None:
+        return
+    for module in model.modules():
+        if hasattr(module, "reshard") and hasattr(module, "set_requires_gradient_sync"):
+            module.reshard()
 
 
 class _LogBuffer:
@@ -130,11 +168,13 @@ class Stepping:
         self.callbacks = callbacks  # for on_after_backward; dropped when fit ends
         self.accumulation: int = model.gradient_accumulation_steps
         self.ddp = model._ddp  # fit wraps the model first (wrap_for_ranks)
+        self.fsdp = model._fsdp  # compile sharded it (shard_for_ranks)
         # Under torchrun, this rank's share of the global batch times the number of ranks:
         # DDP averages gradients over ranks, so uneven shards weigh by their sizes.
         self.rank_share = 1.0
         self.group_size = 1  # micro-batches in the current group (fewer for a short last one)
         self.open_group = False  # a backward ran in a group whose update is not applied yet
+        self._fsdp_syncs = True  # FSDP reduces gradients in each backward (its default)
 
     # ---- the loop's side ----------------------------------------------------------------------
     def start_epoch(self) -> None:
@@ -153,11 +193,20 @@ class Stepping:
         self.group_size = loop.micro_step + 1 if closes else n
 
     def run(self, train_step: Callable[[Any], Any], batch: Any) -> Any:
-        """``train_step(batch)``; inside an accumulation group without DDP's all-reduce."""
+        """``train_step(batch)``; inside an accumulation group without the ranks' reduction
+        (DDP's all-reduce, FSDP's reduce-scatter)."""
+        if self.fsdp is not None:
+            self._sync_fsdp(not self.loop.accumulating)
+            return train_step(batch)
         if self.ddp is not None and self.loop.accumulating:
             with self.ddp.no_sync():
                 return train_step(batch)
         return train_step(batch)
+
+    def _sync_fsdp(self, sync: bool) -> None:
+        if self.fsdp is not None and sync != self._fsdp_syncs:
+            self.fsdp.set_requires_gradient_sync(sync)  # type: ignore[operator]
+            self._fsdp_syncs = sync
 
     def end_batch(self) -> None:
         loop = self.loop
@@ -169,17 +218,21 @@ class Stepping:
         """Apply the group the epoch (or a stop) cut short: the mean of its micro-batches."""
         loop = self.loop
         if not loop.accumulating:
+            self._sync_fsdp(True)  # as FSDP's default between epochs and after fit
             return
         if self.open_group:
             loop.accumulating = False
             self.group_size = loop.micro_step + 1
             if self.ddp is not None:  # its micro-batches ran under no_sync: reduce them now
                 distributed.average_(self._grads())
+            if self.fsdp is not None:
+                self._reduce_fsdp_group()
             self._scale_grads(self.accumulation / self.group_size)
             self._gradients_ready()
             self.model.optimizer_step()
             loop.optimizer_steps += 1
         loop.micro_step, loop.accumulating = 0, False
+        self._sync_fsdp(True)
 
     # ---- the model's side ---------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -212,6 +265,31 @@ class Stepping:
         if model.ema is not None:
             model.ema.update()
         self.open_group = False
+
+    def _reduce_fsdp_group(self) -> None:
+        """A group cut short under FSDP: its gradients wait, unsharded and unreduced, inside
+        FSDP, which reduces them only in a backward. Run one that adds nothing: the last
+        micro-batch again in eval mode (no dropout, no running statistics, no RNG drawn),
+        its outputs times zero, with synchronisation on."""
+        model, root = self.model, self.fsdp
+        assert root is not None
+        self._sync_fsdp(True)
+        x, _, _ = data.unpack(self.loop.current_batch)
+        was_training = model.training
+        model.eval()
+        try:
+            with model.autocast():
+                if isinstance(x, dict):
+                    out = root(**x)
+                elif isinstance(x, (tuple, list)):
+                    out = root(*x)
+                else:
+                    out = root(x)
+            leaves = [t for t in tensors.leaves(out) if t.requires_grad]
+            zero = torch.stack([t.float().sum() for t in leaves]).sum() * 0.0
+            model.precision.backward(zero)
+        finally:
+            model.train(was_training)
 
     def _gradients_ready(self) -> None:
         optimizer = self.model.optimizer

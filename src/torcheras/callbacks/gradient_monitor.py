@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from torcheras import distributed
 from torcheras.callbacks.callback import Callback
 
 __all__ = ["GradientMonitor"]
@@ -93,7 +94,7 @@ class GradientMonitor(Callback):
             return
         self._sampled = sampled
         grads = [p.grad.detach() for _, p in sampled]  # type: ignore[union-attr]
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        norms = torch.stack(distributed.norms(grads))  # FSDP: over the whole parameters
         log = self.model.log
         log("grad_norm", torch.linalg.vector_norm(norms), 1)
         if self.per_layer:
@@ -102,9 +103,9 @@ class GradientMonitor(Callback):
         if self.weights and self.per_layer:  # weight norms now, update ratios after the step
             params = [p.detach() for _, p in sampled]
             self._before = [t.clone() for t in params]
-            self._weight_norms = torch._foreach_norm(params)
+            self._weight_norms = distributed.norms(params)
             for (name, _), norm in zip(sampled, self._weight_norms):
-                log(f"weight_norm/{name}", norm.float(), 1)
+                log(f"weight_norm/{name}", norm, 1)
         self._check(sampled, norms.tolist(), batch)  # the one read per sampled step
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -112,7 +113,7 @@ class GradientMonitor(Callback):
         if before is None:
             return
         after = [p.detach() for _, p in self._sampled]
-        changes = torch._foreach_norm(torch._foreach_sub(after, before))
+        changes = distributed.norms(torch._foreach_sub(after, before))
         for (name, _), change, size in zip(self._sampled, changes, self._weight_norms):
             self.model.log(f"update_ratio/{name}", (change / size.clamp_min(1e-12)).float(), 1)
 
