@@ -54,6 +54,9 @@ def clock(monkeypatch) -> FakeClock:
         ("1h30min", 5400),
         ("1.5h", 5400),
         ("1d12h", 129600),
+        ("30m", 1800),  # Timer's forms too: one reading of durations
+        ("1h30m", 5400),
+        ("01:30:00", 5400),
         (datetime.timedelta(minutes=30), 1800),
     ],
 )
@@ -72,11 +75,11 @@ def test_epoch_and_batch_counts_keep_their_meaning():
 
 @pytest.mark.parametrize(
     "value",
-    ["30m", "30 min", "30", "min", "", "30min1h", "1h1h", "-5s", "0s", "batch", 0.5, True, 0,
+    ["30", "min", "", "30 minutes", "-5s", "0s", "batch", 0.5, True, 0,
      datetime.timedelta(0), datetime.timedelta(seconds=-3)],
 )  # fmt: skip
 def test_bad_save_freq_names_the_accepted_forms(value):
-    accepted = r"'30min', '2h', '90s' or '1h30min'"
+    accepted = r"'30min', '2h', '90s' or '1h30m'"
     with pytest.raises(
         ValueError, match=rf"Unrecognized save_freq: .*datetime\.timedelta.*{accepted}"
     ):

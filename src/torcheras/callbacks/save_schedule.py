@@ -18,11 +18,11 @@ test replaces it to move time on without sleeping, e.g.
 from __future__ import annotations
 
 import datetime
-import re
 import time
 from typing import Any
 
 from torcheras import distributed
+from torcheras.callbacks.timer import parse_duration
 
 __all__ = ["SYNC_EVERY", "SaveTimer", "clock", "parse_save_freq"]
 
@@ -31,21 +31,11 @@ clock = time.monotonic  # the seam: the time in seconds (a test puts a fake cloc
 # Under torchrun, rank 0's decision is broadcast every this many checks (training batches).
 SYNC_EVERY = 10
 
-_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "min": 60.0, "s": 1.0}
-_NUMBER = r"(\d+(?:\.\d+)?)"
-# Each unit at most once, largest first: "1h30min", "2h", "90s", "1.5h", "1d12h".
-_DURATION = re.compile("".join(rf"(?:{_NUMBER}{unit})?" for unit in _UNIT_SECONDS))
 ACCEPTED = (
     "'epoch', a positive integer (a number of batches), a datetime.timedelta, or a duration "
-    "string such as '30min', '2h', '90s' or '1h30min' (units d, h, min, s, largest first)"
+    "string such as '30min', '2h', '90s' or '1h30m' (Timer's forms: units w, d, h, min or m, "
+    "s; or 'HH:MM:SS')"
 )
-
-
-def _seconds(value: str) -> float | None:
-    match = _DURATION.fullmatch(value)
-    if not value or match is None:
-        return None
-    return sum(float(n) * s for n, s in zip(match.groups(), _UNIT_SECONDS.values()) if n)
 
 
 def parse_save_freq(save_freq: Any) -> str | int | SaveTimer | None:
@@ -55,13 +45,12 @@ def parse_save_freq(save_freq: Any) -> str | int | SaveTimer | None:
         return "epoch"
     if isinstance(save_freq, int) and not isinstance(save_freq, bool):
         return save_freq if save_freq > 0 else None
-    if isinstance(save_freq, datetime.timedelta):
-        seconds: float | None = save_freq.total_seconds()
-    elif isinstance(save_freq, str):
-        seconds = _seconds(save_freq)
-    else:
+    if not isinstance(save_freq, (str, datetime.timedelta)):
         return None
-    return SaveTimer(seconds) if seconds is not None and seconds > 0 else None
+    try:
+        return SaveTimer(parse_duration(save_freq))  # one reading of durations: Timer's
+    except ValueError:
+        return None
 
 
 class SaveTimer:

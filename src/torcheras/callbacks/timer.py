@@ -13,12 +13,13 @@ from torcheras.loop_state import TIME_UP
 
 __all__ = ["Timer", "parse_duration"]
 
-_UNITS = {"w": 604800.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-_COMPACT = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*[wdhms]\s*)+$")
+_UNITS = {"w": 604800.0, "d": 86400.0, "h": 3600.0, "min": 60.0, "m": 60.0, "s": 1.0}
+_PART = r"(\d+(?:\.\d+)?)\s*(min|[wdhms])"
+_COMPACT = re.compile(rf"^\s*(?:{_PART}\s*)+$")
 
 
 def parse_duration(duration: str | float | datetime.timedelta | Mapping[str, float]) -> float:
-    """Seconds in ``duration``: ``"1h30m"``, ``"45m"``, ``"2d"``, ``"00:01:30:00"``
+    """Seconds in ``duration``: ``"1h30m"``, ``"45m"`` (or ``"45min"``), ``"2d"``, ``"00:01:30:00"``
     (DD:HH:MM:SS, as Lightning) or ``"01:30:00"``, a number of seconds, a ``timedelta``, or a
     dict of ``timedelta`` arguments (``{"hours": 1, "minutes": 30}``)."""
     if isinstance(duration, datetime.timedelta):
@@ -28,7 +29,7 @@ def parse_duration(duration: str | float | datetime.timedelta | Mapping[str, flo
     elif isinstance(duration, (int, float)) and not isinstance(duration, bool):
         seconds = float(duration)
     elif isinstance(duration, str) and _COMPACT.match(duration.lower()):
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([wdhms])", duration.lower())
+        parts = re.findall(_PART, duration.lower())
         seconds = sum(float(n) * _UNITS[unit] for n, unit in parts)
     elif isinstance(duration, str) and re.fullmatch(r"\d+(:\d+){1,3}", duration.strip()):
         fields = [int(f) for f in duration.strip().split(":")]
