@@ -65,3 +65,24 @@ def test_a_failed_fit_closes_its_run_as_failed(blobs, store):
         failing = cb.LambdaCallback(on_train_batch_end=boom)
         make_model().fit(x, y, epochs=1, verbose=0, callbacks=[logger, failing])
     assert MlflowClient(tracking_uri=uri).get_run(logger.run_id).info.status == "FAILED"
+
+
+def test_a_checkpoint_at_a_url_is_uploaded_as_the_bytes_in_the_store(blobs, tmp_path, store):
+    pytest.importorskip("fsspec")
+    from mlflow.tracking import MlflowClient
+
+    from torcheras import checkpoint
+
+    uri, artifacts = store
+    x, y = blobs
+    url = "memory://mlflow-test/run/best.pt"
+    logger = cb.MLflowLogger("tests", tracking_uri=uri, artifact_location=artifacts)
+    make_model().fit(x, y, epochs=2, validation_split=0.25, verbose=0,
+                     callbacks=[cb.ModelCheckpoint(url, save_best_only=True), logger])  # fmt: skip
+    client = MlflowClient(tracking_uri=uri)
+    assert [a.path for a in client.list_artifacts(logger.run_id, "checkpoints")] == [
+        "checkpoints/best.pt"
+    ]
+    local = client.download_artifacts(logger.run_id, "checkpoints/best.pt", str(tmp_path))
+    with open(local, "rb") as f:
+        assert f.read() == checkpoint.read_bytes(url)

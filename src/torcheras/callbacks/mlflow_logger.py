@@ -3,7 +3,6 @@ reason of a fit, in an MLflow tracking store."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.history import hyperparameters
+from torcheras.callbacks.model_checkpoint import files_written
 
 __all__ = ["MLflowLogger"]
 
@@ -145,8 +145,9 @@ class MLflowLogger(Callback):
         reason = getattr(history, "stop_reason", None)
         client.set_tag(self.run_id, "stop_reason", reason or "all epochs ran")
         if self.log_checkpoints:
-            for path in self._checkpoints():
-                client.log_artifact(self.run_id, str(path), "checkpoints")
+            with files_written(self.model) as files:
+                for path in files:
+                    client.log_artifact(self.run_id, str(path), "checkpoints")
         if self.log_plots and history is not None and history.history:
             try:
                 with tempfile.TemporaryDirectory() as folder:
@@ -165,17 +166,3 @@ class MLflowLogger(Callback):
         if self._client is not None and self._own_run:
             self._client.set_terminated(self.run_id, status=status)
         self._client = None
-
-    def _checkpoints(self) -> list[Path]:
-        """The files the ModelCheckpoint callbacks of this fit wrote last."""
-        from torcheras.callbacks.model_checkpoint import ModelCheckpoint
-
-        loop = getattr(self.model, "loop", None)
-        callbacks = getattr(getattr(loop, "callbacks", None), "callbacks", [])
-        found = []
-        for callback in callbacks:
-            if isinstance(callback, ModelCheckpoint):
-                path = getattr(callback, "last_saved", None)
-                if path is not None and os.path.exists(path):
-                    found.append(Path(path))
-        return found

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import string
+import tempfile
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from torcheras import checkpoint, state
@@ -248,3 +252,29 @@ def _check_template(filepath: str, part: str | None = None) -> None:
             )
         if spec and "{" in spec:
             _check_template(filepath, spec)
+
+
+@contextlib.contextmanager
+def files_written(model: Any) -> Iterator[list[Path]]:
+    """The files the ModelCheckpoint callbacks of ``model``'s fit wrote last, as local paths
+    for the trackers that upload them (MLflowLogger, WandbLogger): a checkpoint at a URL is
+    copied into a temporary folder that lasts as long as the ``with`` block."""
+    callbacks = getattr(getattr(getattr(model, "loop", None), "callbacks", None), "callbacks", [])
+    saved = [
+        cb.last_saved
+        for cb in callbacks
+        if isinstance(cb, ModelCheckpoint) and getattr(cb, "last_saved", None) is not None
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        found = []
+        for path in saved:
+            where = checkpoint.location(path)
+            if isinstance(where, Path):
+                if where.exists():
+                    found.append(where)
+            elif checkpoint.exists(where):
+                local = Path(folder) / str(len(found)) / where.rstrip("/").rsplit("/", 1)[-1]
+                local.parent.mkdir()
+                local.write_bytes(checkpoint.read_bytes(where))
+                found.append(local)
+        yield found

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import secrets
 import string
-from pathlib import Path
 from typing import Any
 
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.history import hyperparameters
+from torcheras.callbacks.model_checkpoint import files_written
 
 __all__ = ["WandbLogger"]
 
@@ -198,26 +198,13 @@ class WandbLogger(Callback):
     def _log_checkpoints(self, run: Any) -> None:
         import wandb
 
-        files = self._checkpoints()
-        if not files:
-            return
-        artifact = wandb.Artifact(f"model-{run.id}", type="model")
-        for path in files:
-            artifact.add_file(str(path), name=path.name)
-        run.log_artifact(artifact, aliases=["latest"])
-
-    def _checkpoints(self) -> list[Path]:  # as MLflowLogger's
-        """The files the ModelCheckpoint callbacks of this fit wrote last."""
-        from torcheras.callbacks.model_checkpoint import ModelCheckpoint
-
-        callbacks = getattr(getattr(self.model, "loop", None), "callbacks", None) or []
-        found = []
-        for callback in callbacks:
-            if isinstance(callback, ModelCheckpoint):
-                path = getattr(callback, "last_saved", None)
-                if path is not None and os.path.exists(path):
-                    found.append(Path(path))
-        return found
+        with files_written(self.model) as files:
+            if not files:
+                return
+            artifact = wandb.Artifact(f"model-{run.id}", type="model")
+            for path in files:
+                artifact.add_file(str(path), name=path.name)  # copied into W&B's staging
+            run.log_artifact(artifact, aliases=["latest"])
 
 
 def _new_id() -> str:
