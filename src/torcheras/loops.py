@@ -107,6 +107,7 @@ class FitLoop:
         self.stage = data.DeviceStager(model.device)  # its pinned buffers serve the whole fit
         self.steps_known = getattr(train_source, "steps", None)
         self.stopped_in_epoch = False  # a batch hook stopped training before the epoch's end
+        self.rng_mark: list[Tensor] | None = None  # the RNG once the epoch's order was drawn
 
     def run(self) -> Any:
         try:
@@ -137,12 +138,15 @@ class FitLoop:
                 lambda t: t.detach().cpu(), tensors.head(x, 2)
             )
 
-    def training_state(self) -> dict[str, Any]:
-        """Everything an exact resume needs, as it stands now (``LoopState.training_state``)."""
+    def training_state(self, sharded: bool = False) -> dict[str, Any]:
+        """Everything an exact resume needs, as it stands now (``LoopState.training_state``);
+        ``sharded``: without the weights and optimizers (a sharded backup saves those)."""
         loop = self.loop
         return state.capture_training_state(
             self.model,
             self.callbacks,
+            rng_since=self.rng_mark,
+            sharded=sharded,
             data_position=getattr(self.train_source, "state_dict", dict)(),
             epoch_position=None
             if loop.epoch_done
@@ -319,7 +323,9 @@ class FitLoop:
             self.train_source.labels_may_pad or not model._uses_default_train_step()
         )
         model._expect_padded_labels(self.train_labels_may_pad)
-        last = self._train_batches(self.train_source.batches(order, start), start)
+        batches = self.train_source.batches(order, start)
+        self.rng_mark = state.rng_mark()  # did training draw random numbers? (resharding)
+        last = self._train_batches(batches, start)
         if last < 0 and start == 0 and not self.train_source.ran_out:
             raise ValueError("The training data yielded no batch: `x` is empty.")
         self.stepping.end_epoch()  # a group the epoch (or a stop) cut short
