@@ -280,6 +280,8 @@ class FitLoop:
                 return model._initial_epoch, None
             return self.initial_epoch, None
         path = resume.get("path", "backup")
+        if resume.get("world_size", 1) != distributed.world_size():  # refused first, saying why
+            state.reshard_position(resume, distributed.world_size(), path, Path(path).parent)
         if resume.get("batch", 0) > 0:  # inside an epoch
             self._check_pass(resume.get("pass"), path)
         position = state.restore_training_state(model, self.callbacks, resume, path)

@@ -471,13 +471,13 @@ def reshard_position(
             "backup of an older torcheras), and each process draws from its own random "
             f"stream, which {world} process(es) cannot reproduce. {redo}",
         )
-    if "data" in ranks[0] and ranks[0]["data"].get("per_rank_batches"):
+    if "sampler_seed" in (ranks[0].get("data") or {}):
         raise CheckpointError(
             errno.EINVAL,
             f"The backup {path!r} was written by a run of {saved} process(es); this run has "
-            f"{world}. Its DataLoader has its own DistributedSampler, whose batch_size is per "
-            f"process: on {world} process(es) the global batch and the samples of each batch "
-            f"would change. {redo}",
+            f"{world}. Its training DataLoader was read through a DistributedSampler, whose "
+            f"batches change with the number of processes, so {world} process(es) cannot "
+            f"continue its data order exactly (arrays and other iterables can). {redo}",
         )
     moved = []
     for rank in range(world):
@@ -511,10 +511,10 @@ def _add_up(states: list[Any], path: str, redo: str) -> Any:
         return type(first)(sum(states))
     if isinstance(first, Mapping):
         return {k: _add_up([s[k] for s in states], path, redo) for k in first}
-    if isinstance(first, list):  # gathered states (torchmetrics' "cat"): all of them
-        return [item for s in states for item in s]
-    if isinstance(first, tuple):
-        return tuple(_add_up(list(parts), path, redo) for parts in zip(*states))
+    if isinstance(first, list) and all(isinstance(t, torch.Tensor) for s in states for t in s):
+        return [t for s in states for t in s]  # gathered values (torchmetrics' "cat" states)
+    if isinstance(first, (list, tuple)) and len({len(s) for s in states}) == 1:
+        return type(first)(_add_up(list(parts), path, redo) for parts in zip(*states))
     raise CheckpointError(
         errno.EINVAL,
         f"The running metrics in {path!r} hold a {type(first).__name__}, which cannot be "
@@ -531,6 +531,6 @@ def _zeros(state: Any) -> Any:
         return type(state)(0)
     if isinstance(state, Mapping):
         return {k: _zeros(v) for k, v in state.items()}
-    if isinstance(state, list):
+    if isinstance(state, list) and all(isinstance(t, torch.Tensor) for t in state):
         return []
-    return tuple(_zeros(v) for v in state)
+    return type(state)(_zeros(v) for v in state)
