@@ -175,16 +175,6 @@ def test_sigterm_on_one_rank_backs_up_and_stops_every_rank_at_the_same_batch(tmp
         assert hist["trained"] == 48 - 11
 
 
-def test_resuming_a_dataloader_run_with_another_number_of_processes_is_refused(tmp_path):
-    """Arrays resume on another number of processes (test_resharding.py); a DataLoader read
-    through a DistributedSampler cannot continue its order exactly: refused, saying why."""
-    run(tmp_path, "--case", "backup", "--loader", "--kill-at", "4", check=False)
-    alone = run(tmp_path, "--case", "backup", "--loader", ranks=1, check=False)
-    assert alone.returncode != 0
-    assert "written by a run of 2 process(es); this run has 1" in alone.stderr
-    assert "DistributedSampler" in alone.stderr and "--nproc_per_node=2" in alone.stderr
-
-
 EXIT_SCRIPT = """
 import atexit, os, sys
 import torch, torch.distributed as dist

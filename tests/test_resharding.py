@@ -103,6 +103,26 @@ def test_a_backup_taken_on_2_processes_resumes_on_1_and_on_4_exactly(tmp_path, u
         assert rank3["history"] == result(tmp_path / "job4", 0)[1]["history"]
 
 
+def test_a_dataloader_backup_taken_on_2_processes_resumes_alone_on_the_same_samples(tmp_path):
+    """Under torchrun a DataLoader is read through a DistributedSampler (8 of the global 16 per
+    process); resumed alone it goes on with one over 1 process, seeded alike: every batch
+    left loads the samples the 2 processes would have loaded, and the weights match theirs."""
+    run(tmp_path / "unbroken", "--loader", ranks=2)
+    killed = run(tmp_path / "job", "--loader", "--kill-at", "9", ranks=2, check=False)
+    assert killed.returncode != 0
+    run(tmp_path / "job", "--loader")
+    weights, hist = result(tmp_path / "job")
+    want, expected = result(tmp_path / "unbroken")
+    for key in want:
+        torch.testing.assert_close(weights[key], want[key], rtol=1e-5, atol=1e-6)
+    for key, values in expected["history"].items():
+        assert hist["history"][key] == pytest.approx(values, rel=1e-6, abs=1e-7), key
+    assert hist["trained"] == list(range(9, STEPS + 1))
+    both = [result(tmp_path / "unbroken", rank)[1]["seen"] for rank in (0, 1)]
+    for step in map(str, range(9, STEPS)):  # (step 8's loads include the replayed pass)
+        assert sorted(hist["seen"][step]) == sorted(both[0][step] + both[1][step]), step
+
+
 def test_resuming_on_another_number_of_processes_is_refused_when_training_draws_randomly(tmp_path):
     """Dropout draws from each process's own random stream: 2 processes cannot draw what 1
     did, so its backup is refused there, saying why and how to resume."""

@@ -471,13 +471,13 @@ def reshard_position(
             "backup of an older torcheras), and each process draws from its own random "
             f"stream, which {world} process(es) cannot reproduce. {redo}",
         )
-    if "sampler_seed" in (ranks[0].get("data") or {}):
+    if (ranks[0].get("data") or {}).get("per_process_batches"):
         raise CheckpointError(
             errno.EINVAL,
             f"The backup {path!r} was written by a run of {saved} process(es); this run has "
-            f"{world}. Its training DataLoader was read through a DistributedSampler, whose "
-            f"batches change with the number of processes, so {world} process(es) cannot "
-            f"continue its data order exactly (arrays and other iterables can). {redo}",
+            f"{world}. Its training DataLoader has its own DistributedSampler, whose "
+            f"batch_size is per process: on {world} process(es) the global batch and the "
+            f"samples of each batch would change. {redo}",
         )
     moved = []
     for rank in range(world):

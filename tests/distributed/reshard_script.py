@@ -88,10 +88,20 @@ def kill_job(batch, logs):
 
 
 callbacks.append(cb.LambdaCallback(on_train_batch_end=kill_job))
-if args.loader:
-    data = {"x": torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(torch.as_tensor(x), torch.as_tensor(y)),
-        batch_size=16, shuffle=True)}  # fmt: skip
+seen: dict[int, list[int]] = {}  # steps done when a sample was loaded -> the samples
+
+
+class Recorded(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(x)
+
+    def __getitem__(self, i):
+        seen.setdefault(model.loop.global_step, []).append(int(i))
+        return torch.as_tensor(x[i]), torch.as_tensor(y[i])
+
+
+if args.loader:  # the global batch of 16: a DistributedSampler's 16 / N per process
+    data = {"x": torch.utils.data.DataLoader(Recorded(), batch_size=16, shuffle=True)}
 else:
     data = {"x": x, "y": y, "batch_size": 16}  # the global batch, whatever the processes
 history = model.fit(**data, epochs=3, verbose=0, callbacks=callbacks)
@@ -99,4 +109,4 @@ weights = state.own_weights(model)  # gathered whole when sharded (rank 0's)
 os.makedirs(os.path.join(args.out, f"result{rank}"), exist_ok=True)
 torch.save({"weights": weights}, os.path.join(args.out, f"result{rank}", "final.pt"))
 with open(os.path.join(args.out, f"result{rank}", "history.json"), "w") as f:
-    json.dump({"history": history.history, "trained": trained}, f)
+    json.dump({"history": history.history, "trained": trained, "seen": seen}, f)
