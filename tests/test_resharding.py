@@ -281,3 +281,25 @@ def test_a_sharded_model_saves_one_consolidated_file_that_one_process_loads(tmp_
 
 def _shape(module: torch.nn.Module) -> tuple[int, ...]:
     return (module.in_features, module.out_features) if isinstance(module, torch.nn.Linear) else ()
+
+
+def test_a_sharded_backup_of_another_model_is_refused_naming_the_folder(tmp_path):
+    class Crash(cb.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.model.loop.global_step == 3:
+                raise RuntimeError("crash")
+
+    def fit(width: int, optimizer: str, *extra: cb.Callback) -> None:
+        net = torch.nn.Sequential(torch.nn.Linear(5, width), torch.nn.Linear(width, 1))
+        model = torcheras.Model(net)
+        model.compile(optimizer, "mse", device="cpu")
+        backup = cb.BackupAndRestore(tmp_path / "backup", save_freq=2, sharded=True)
+        x, y = torch.randn(64, 5), torch.randn(64, 1)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[backup, *extra])
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(8, "adam", Crash())
+    with pytest.raises(checkpoint.CheckpointError, match=r"Size mismatch.*Move or delete"):
+        fit(9, "adam")
+    with pytest.raises(checkpoint.CheckpointError, match="is a KerasAdam, this model's KerasSGD"):
+        fit(8, "sgd")

@@ -944,13 +944,16 @@ def load_sharded(folder: Path, template: dict[str, Any], group: Any = None) -> N
     """Read a sharded folder's tensors into ``template`` in place (every rank calls it): DCP
     gives each rank its part of every tensor, whatever the number of ranks that wrote it."""
     from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with _quiet_dcp():
             load(template, storage_reader=FileSystemReader(folder), process_group=group)
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # DCP's carries every rank's traceback
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        detail = lines[-1] if lines else type(exc).__name__
         raise CheckpointError(
-            errno.EIO, f"Could not read the sharded checkpoint {str(folder)!r}: {exc}"
+            errno.EIO, f"Could not read the sharded checkpoint {str(folder)!r}: {detail}."
         ) from exc
 
 

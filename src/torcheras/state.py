@@ -225,7 +225,7 @@ def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: 
 
     by_names = state.get("optimizer_keys") == "names"  # a sharded model's consolidated file
     try:
-        if "model" not in state:  # a sharded backup: its tensors were loaded with DCP
+        if "sharded" in state and "model" not in state:  # its tensors were loaded with DCP
             pass
         elif by_names or is_sharded(model):
             from torch.distributed.checkpoint.state_dict import (
@@ -428,7 +428,24 @@ def restore_training_state(
     if saved_world != world:
         state = reshard_position(state, world, str(path), folder)
     if "sharded" in state:  # a sharded folder: DCP reads each rank's part of every tensor
-        load_sharded_tensors(model, Path(state["sharded"]))
+        mine = _attributes_of_type(model, torch.optim.Optimizer)
+        for name, saved_class in state.get("optimizer_classes", {}).items():
+            if name not in mine or saved_class not in _state_compatible(mine[name]):
+                raise CheckpointError(
+                    errno.EINVAL,
+                    f"The backup {str(path)!r} does not fit this model: its optimizer "
+                    f"{name!r} is a {saved_class}, this model's "
+                    f"{type(mine.get(name)).__name__}. It was written by another run: move or "
+                    f"delete the folder {folder!r} to start over.",
+                )
+        try:
+            load_sharded_tensors(model, Path(state["sharded"]))
+        except CheckpointError as exc:
+            raise CheckpointError(
+                errno.EINVAL,
+                f"{exc.strerror} It was written by another run? Move or delete the folder "
+                f"{folder!r} to start over.",
+            ) from exc
     restore_model_state(
         model,
         state,
