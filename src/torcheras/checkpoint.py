@@ -889,7 +889,7 @@ def save_sharded(
     folder: Path,
     name: str,
     *,
-    keep: int = 1,
+    keep: int | None = 1,
     group: Any = None,
 ) -> Path:
     """Write a sharded folder ``folder/name`` in the background; every rank calls it at the
@@ -897,7 +897,9 @@ def save_sharded(
     holds: DTensor shards, or whole tensors that DCP writes once); ``meta``: the rest, written
     by rank 0 (its tensors already copied). DCP copies the tensors now (``async_save``); the
     ranks write while training goes on; rank 0 then renames the folder to its final name and
-    removes the older ones beyond ``keep``. Returns the final path."""
+    removes the older backups beyond ``keep`` (None: none). A folder already there under
+    that name is replaced (two renames: a kill between them leaves it under a temp name).
+    Returns the final path."""
     from torch.distributed.checkpoint import FileSystemWriter, async_save
 
     wait_for_writes()  # one DCP save at a time: its collectives run on ``group``
@@ -918,14 +920,16 @@ def save_sharded(
         if not distributed.is_main():
             return
         atomic_write(temp / SHARDED_META, lambda f: torch.save(state, f))
-        if final.exists():  # the same position saved again (a resumed run stopped at once)
-            _remove_tree(temp)
-        else:
-            os.rename(temp, final)
-            _fsync_dir(folder)
-        for old in sharded_folders(folder)[keep:]:
+        replaced = folder / f"{TEMP_PREFIX}{name}.{token}.old"
+        if final.exists():  # ModelCheckpoint's same name again, or a backup's same position
+            os.rename(final, replaced)
+        os.rename(temp, final)
+        _fsync_dir(folder)
+        _remove_tree(replaced)
+        for old in [] if keep is None else sharded_folders(folder)[keep:]:
             _remove_tree(old)
-        for stale in folder.glob(f"{TEMP_PREFIX}{SHARDED_PREFIX}*"):  # killed saves' leftovers
+        pattern = f"{TEMP_PREFIX}{name}.*" if keep is None else f"{TEMP_PREFIX}{SHARDED_PREFIX}*"
+        for stale in folder.glob(pattern):  # killed saves' leftovers
             with contextlib.suppress(OSError):
                 if stale.stat().st_mtime < _PROCESS_START:
                     _remove_tree(stale)

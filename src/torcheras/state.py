@@ -224,8 +224,10 @@ def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: 
         )
 
     by_names = state.get("optimizer_keys") == "names"  # a sharded model's consolidated file
+    if "sharded" in state and "model" not in state:  # a sharded folder
+        _load_sharded_folder(model, state, source, fix)
     try:
-        if "sharded" in state and "model" not in state:  # its tensors were loaded with DCP
+        if "sharded" in state and "model" not in state:  # its tensors came from DCP, above
             pass
         elif by_names or is_sharded(model):
             from torch.distributed.checkpoint.state_dict import (
@@ -273,6 +275,23 @@ def restore_model_state(model: Any, state: Mapping[str, Any], source: str, fix: 
             raise mismatch("the weight average differs", exc) from exc
 
 
+def _load_sharded_folder(model: Any, state: Mapping[str, Any], source: str, fix: str) -> None:
+    """Read a sharded folder's tensors into ``model`` (every rank): DCP gives each rank its
+    part of every tensor, whatever the number of ranks that wrote them."""
+    mine = _attributes_of_type(model, torch.optim.Optimizer)
+    for name, saved_class in state.get("optimizer_classes", {}).items():
+        if name not in mine or saved_class not in _state_compatible(mine[name]):
+            raise CheckpointError(
+                errno.EINVAL,
+                f"{source} does not fit this model: its optimizer {name!r} is a "
+                f"{saved_class}, this model's {type(mine.get(name)).__name__}. {fix}",
+            )
+    try:
+        load_sharded_tensors(model, Path(state["sharded"]))
+    except CheckpointError as exc:
+        raise CheckpointError(errno.EINVAL, f"{exc.strerror} {fix}") from exc
+
+
 def _load_optimizer_by_names(
     model: Any, optimizer: torch.optim.Optimizer, saved: Any, full: bool
 ) -> None:
@@ -316,11 +335,13 @@ def save_model(
     epoch: int | None = None,
     logs: Mapping[str, Any] | None = None,
     background: bool = False,
+    sharded: bool = False,
 ) -> Path | str:
     """Save ``model`` (a torcheras Model or any nn.Module) for ModelCheckpoint and friends:
     the weights alone (safetensors for ``.safetensors`` names), or a saved model that
     ``Model.load`` continues training from. ``background``: copy the state now, write it on
-    the writer thread."""
+    the writer thread. ``sharded`` (a saved model): a folder of DCP shards, each rank its
+    own, written in the background; a sharded model's file is otherwise gathered whole."""
     if weights_only:
         meta: dict[str, Any] = {} if epoch is None else {"epoch": epoch}
         if not checkpoint.is_safetensors(path):
@@ -333,6 +354,20 @@ def save_model(
             )
             return checkpoint.location(path)
         return checkpoint.save_weights(weights, path, meta)
+    if sharded:
+        where = checkpoint.local_only(checkpoint.location(path), "A sharded checkpoint")
+        meta = {**_header("model"), **capture_model_state(model, copy=True, tensors=False)}
+        meta.update({} if epoch is None else {"epoch": epoch})
+        meta.update({} if logs is None else {"logs": _plain_logs(logs)})
+        parent = where.parent if str(where.parent) else Path(".")
+        return checkpoint.save_sharded(
+            sharded_tensors(model),
+            meta,
+            parent,
+            where.name,
+            keep=None,
+            group=distributed.checkpoint_group(),
+        )
     state = model_file_state(model, epoch=epoch, logs=logs, copy=background)
     if background:  # copied once, now; written while training goes on
         checkpoint.save_in_background(lambda: checkpoint.save(state, path), str(path))
@@ -357,7 +392,12 @@ MODEL_KINDS = ("model", "training_state", "checkpoint")
 def read_model_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a file that holds a model to continue training (``Model.load``): a saved model,
     a full ModelCheckpoint file (format 1's ``"checkpoint"`` too) or a backup."""
-    state = checkpoint.load(path)
+    folder = checkpoint.location(path)
+    if isinstance(folder, Path) and (folder / checkpoint.SHARDED_META).is_file():
+        state = checkpoint.load(folder / checkpoint.SHARDED_META)  # a sharded folder
+        state["sharded"] = str(folder)
+    else:
+        state = checkpoint.load(path)
     kind = state.get("kind")
     if kind not in MODEL_KINDS:
         raise ValueError(
@@ -427,25 +467,6 @@ def restore_training_state(
     saved_world, world = state.get("world_size", 1), distributed.world_size()
     if saved_world != world:
         state = reshard_position(state, world, str(path), folder)
-    if "sharded" in state:  # a sharded folder: DCP reads each rank's part of every tensor
-        mine = _attributes_of_type(model, torch.optim.Optimizer)
-        for name, saved_class in state.get("optimizer_classes", {}).items():
-            if name not in mine or saved_class not in _state_compatible(mine[name]):
-                raise CheckpointError(
-                    errno.EINVAL,
-                    f"The backup {str(path)!r} does not fit this model: its optimizer "
-                    f"{name!r} is a {saved_class}, this model's "
-                    f"{type(mine.get(name)).__name__}. It was written by another run: move or "
-                    f"delete the folder {folder!r} to start over.",
-                )
-        try:
-            load_sharded_tensors(model, Path(state["sharded"]))
-        except CheckpointError as exc:
-            raise CheckpointError(
-                errno.EINVAL,
-                f"{exc.strerror} It was written by another run? Move or delete the folder "
-                f"{folder!r} to start over.",
-            ) from exc
     restore_model_state(
         model,
         state,
