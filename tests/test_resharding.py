@@ -334,3 +334,39 @@ def test_model_checkpoint_sharded_writes_a_folder_that_model_load_reads(tmp_path
             assert torch.equal(got[index][name], want[index][name]), (index, name)
     with pytest.raises(ValueError, match="Pass one of them"):
         cb.ModelCheckpoint("x", sharded=True, save_weights_only=True)
+
+
+def test_a_one_process_backup_gives_its_running_sums_to_process_0_only_on_2(tmp_path):
+    """Resharding 1 -> 2 in the middle of an epoch: process 0 continues the epoch's sums, the
+    other starts from zero, so that the epoch's all-reduce counts every batch once; both
+    take the one RNG state (it drew only the orders, which process 0 draws for both)."""
+    from torcheras import state
+
+    class Crash(cb.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if self.model.loop.global_step == 3:
+                raise RuntimeError("crash")
+
+    model = torcheras.Model(torch.nn.Linear(5, 1))
+    model.compile("sgd", "mse", metrics=["mae"], device="cpu")
+    backup = cb.BackupAndRestore(tmp_path, save_freq=2)
+    with pytest.raises(RuntimeError):
+        model.fit(
+            torch.randn(64, 5), torch.randn(64, 1), batch_size=16, callbacks=[backup, Crash()]
+        )
+    saved = checkpoint.load(tmp_path / "latest.pt")
+    assert (saved["batch"], saved["rng_drawn"]) == (2, False)
+    moved = state.reshard_position(saved, 2, "latest.pt", tmp_path)
+    assert moved["world_size"] == 2 and moved["resharded_from"] == 1
+    zero, one = moved["ranks"]
+    assert torch.equal(
+        zero["collector"]["means"]["totals"]["loss"], saved["collector"]["means"]["totals"]["loss"]
+    )
+    assert (
+        zero["collector"]["means"]["weights"]
+        == saved["collector"]["means"]["weights"]
+        == {"loss": 32.0}
+    )
+    assert one["collector"]["means"]["weights"] == {"loss": 0.0}
+    assert torch.equal(one["collector"]["means"]["totals"]["loss"], torch.tensor(0.0))
+    assert torch.equal(one["rng"]["torch"], saved["rng"]["torch"])

@@ -498,7 +498,8 @@ def reshard_position(
         f"Resume with {saved} process(es) (torchrun --nproc_per_node={saved}), or move "
         f"{str(folder)!r} away to start over."
     )
-    ranks = list(state.get("ranks") or [{k: state[k] for k in ("rng", "rng_drawn") if k in state}])
+    own_keys = ("rng", "rng_drawn", "data", "collector")  # one process's own, at the top
+    ranks = list(state.get("ranks") or [{k: state[k] for k in own_keys if k in state}])
     drawn = [r for r, own in enumerate(ranks) if own.get("rng_drawn", True)]
     if drawn:
         raise CheckpointError(
