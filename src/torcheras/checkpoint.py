@@ -833,3 +833,139 @@ def _summarize(value: Any) -> Any:
     if isinstance(value, (list, tuple)) and len(value) > 8:
         return f"<list of {len(value)}>"
     return value
+
+
+# --- sharded folders (torch.distributed.checkpoint) ----------------------------------------------
+# A sharded backup is a folder: every rank writes its own shard of the tensors with DCP (which
+# can load them on any number of processes: it reshards), and rank 0 adds ``torcheras.pt``, the
+# rest of the state. Written under a temp name and renamed to its final one by rank 0 once
+# every rank's shard has landed, so a folder under its final name is always complete.
+SHARDED_PREFIX = "sharded-"
+SHARDED_META = "torcheras.pt"
+_SHARDED_NAME = re.compile(r"sharded-e(\d+)-b(\d+)$")
+
+
+def sharded_name(epoch: int, batch: int) -> str:
+    """The final name of the sharded folder of a backup taken at ``(epoch, batch)``."""
+    return f"{SHARDED_PREFIX}e{epoch:06d}-b{batch:09d}"
+
+
+def local_only(path: Path | str, what: str) -> Path:
+    """``path`` as a local folder; a URL is refused, naming ``what`` and the fix."""
+    if isinstance(path, str):
+        raise ValueError(
+            f"{what}: {path!r} is a URL, but sharded (DCP) checkpoints are written to a local "
+            "or shared filesystem folder, each rank its own file. Pass a folder path (a mount "
+            "every node sees), or use the single-file format (sharded=False)."
+        )
+    return path
+
+
+def sharded_folders(folder: Path | str) -> list[Path]:
+    """The complete sharded folders in ``folder``, newest (latest position) first."""
+    if isinstance(folder, str) or not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _SHARDED_NAME.match(child.name)
+        if match and child.is_dir():
+            found.append(((int(match.group(1)), int(match.group(2))), child))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+@contextlib.contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """DCP warns that it assumes a single process when no group runs: that is the intent.
+    Filtered for good (its background save warns on another thread, after this returns)."""
+    warnings.filterwarnings(
+        "ignore", message=r".*uninitialized, assuming the intent is to (save|load) in a single"
+    )
+    yield
+
+
+def save_sharded(
+    tensors: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    folder: Path,
+    name: str,
+    *,
+    keep: int | None = 1,
+    group: Any = None,
+) -> Path:
+    """Write a sharded folder ``folder/name`` in the background; every rank calls it at the
+    same point. ``tensors``: a state dict for ``torch.distributed.checkpoint`` (what each rank
+    holds: DTensor shards, or whole tensors that DCP writes once); ``meta``: the rest, written
+    by rank 0 (its tensors already copied). DCP copies the tensors now (``async_save``); the
+    ranks write while training goes on; rank 0 then renames the folder to its final name and
+    removes the older backups beyond ``keep`` (None: none). A folder already there under
+    that name is replaced (two renames: a kill between them leaves it under a temp name).
+    Returns the final path."""
+    from torch.distributed.checkpoint import FileSystemWriter, async_save
+
+    wait_for_writes()  # one DCP save at a time: its collectives run on ``group``
+    token = distributed.gather_objects(os.urandom(6).hex())[0]  # one temp name for every rank
+    final = folder / name
+    temp = folder / f"{TEMP_PREFIX}{name}.{token}"
+    with naming_file_errors(temp, "save"):
+        temp.mkdir(parents=True, exist_ok=True)
+    with _quiet_dcp():
+        future = async_save(
+            dict(tensors), storage_writer=FileSystemWriter(temp), process_group=group
+        )
+    state = dict(meta)
+
+    def finish() -> None:
+        with _quiet_dcp():
+            future.result()  # on rank 0: once every rank's shard and DCP's metadata are written
+        if not distributed.is_main():
+            return
+        atomic_write(temp / SHARDED_META, lambda f: torch.save(state, f))
+        replaced = folder / f"{TEMP_PREFIX}{name}.{token}.old"
+        if final.exists():  # ModelCheckpoint's same name again, or a backup's same position
+            os.rename(final, replaced)
+        os.rename(temp, final)
+        _fsync_dir(folder)
+        _remove_tree(replaced)
+        for old in [] if keep is None else sharded_folders(folder)[keep:]:
+            _remove_tree(old)
+        pattern = f"{TEMP_PREFIX}{name}.*" if keep is None else f"{TEMP_PREFIX}{SHARDED_PREFIX}*"
+        for stale in folder.glob(pattern):  # killed saves' leftovers
+            with contextlib.suppress(OSError):
+                if stale.stat().st_mtime < _PROCESS_START:
+                    _remove_tree(stale)
+
+    save_in_background(finish, str(final))
+    return final
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def load_sharded(folder: Path, template: dict[str, Any], group: Any = None) -> None:
+    """Read a sharded folder's tensors into ``template`` in place (every rank calls it): DCP
+    gives each rank its part of every tensor, whatever the number of ranks that wrote it."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet_dcp():
+            load(template, storage_reader=FileSystemReader(folder), process_group=group)
+    except (Exception, CheckpointException) as exc:  # DCP's carries every rank's traceback
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        detail = lines[-1] if lines else type(exc).__name__
+        raise CheckpointError(
+            errno.EIO, f"Could not read the sharded checkpoint {str(folder)!r}: {detail}."
+        ) from exc
+
+
+def remove_sharded(folder: Path | str) -> None:
+    """Remove every sharded folder in ``folder``, complete or not (rank 0, at a fit's end)."""
+    if isinstance(folder, str) or not folder.is_dir():
+        return
+    for path in sharded_folders(folder):
+        _remove_tree(path)
+    for stale in folder.glob(f"{TEMP_PREFIX}{SHARDED_PREFIX}*"):
+        _remove_tree(stale)

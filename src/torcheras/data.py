@@ -449,11 +449,14 @@ class IterableSource:
         self.ran_out = False
         self.per_rank = False  # batches are already this rank's part (a DistributedSampler)
         self.sampler: DistributedSampler | None = None
+        self.own_sampler = False  # the DistributedSampler is torcheras's (the batch is global)
 
     def new_order(self) -> None:
         return None
 
-    def distribute(self, rank: int, world_size: int, *, training: bool, seed: int) -> None:
+    def distribute(
+        self, rank: int, world_size: int, *, training: bool, seed: int, force: bool = False
+    ) -> None:
         """Under torchrun, let each rank load only its part of the data, once per source.
 
         A ``DataLoader`` that already has a ``DistributedSampler`` is used as it is (its
@@ -464,10 +467,11 @@ class IterableSource:
         of the epoch's permutation, so each global batch is ``batch_size`` samples of it. For
         evaluation and prediction, each rank loads its contiguous slice of every batch (exact
         results: no sample padded or dropped). Any other iterable is read whole by every
-        rank, which keeps its slice of each batch.
+        rank, which keeps its slice of each batch. ``force``: a ``DistributedSampler`` even
+        for one process (a backup of several resumed alone continues their sampler's order).
         """
         loader = self.iterable
-        if self.per_rank or world_size == 1 or not isinstance(loader, DataLoader):
+        if self.per_rank or (world_size == 1 and not force) or not isinstance(loader, DataLoader):
             return
         if isinstance(loader.sampler, DistributedSampler):
             self.per_rank, self.sampler = True, loader.sampler
@@ -491,6 +495,7 @@ class IterableSource:
                     f"{world_size}, or give the DataLoader your own DistributedSampler (its "
                     "batch_size is then per process)."
                 )
+            self.own_sampler = True
             self.sampler = DistributedSampler(
                 loader.dataset,
                 num_replicas=world_size,
@@ -510,6 +515,14 @@ class IterableSource:
         self.per_rank = True
         if self.steps is None or self.steps == _safe_len(loader):
             self.steps = _safe_len(self.iterable)
+
+    @property
+    def global_batch_size(self) -> int | None:
+        """The batch of all processes together, where torcheras split it (its sampler)."""
+        size = getattr(self.iterable, "batch_size", None)
+        if size is None or self.sampler is None or not self.own_sampler:
+            return size
+        return size * self.sampler.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         """A ``DistributedSampler``'s shuffle depends on the epoch: set it before the pass."""
@@ -587,6 +600,9 @@ class IterableSource:
         state: dict[str, Any] = {"pass_rng": self._pass_rng, "consumed": self._consumed}
         if self.sampler is not None:
             state["sampler_seed"] = self.sampler.seed
+            state["shuffle"] = self.sampler.shuffle
+            if not self.own_sampler:  # the user's: its batch_size is per process
+                state["per_process_batches"] = True
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

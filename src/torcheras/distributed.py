@@ -30,6 +30,7 @@ __all__ = [
     "barrier",
     "broadcast",
     "decide_on_main",
+    "checkpoint_group",
     "is_active",
     "is_main",
     "norms",
@@ -111,12 +112,28 @@ def _destroy_process_group() -> None:
         _HOST_GROUP = None
         dist.destroy_process_group()
     _HOST_GROUP = None
+    _CHECKPOINT_GROUP.clear()
 
 
 def _host_group() -> Any:
     """The group for small host-side agreements: the default group on gloo; on NCCL a gloo
     group created at :func:`setup` (every rank creates it at the same point)."""
     return _HOST_GROUP if dist.get_backend() == "nccl" else None
+
+
+_CHECKPOINT_GROUP: list[Any] = []  # the group made for DCP's sharded checkpoints, once
+
+
+def checkpoint_group() -> Any:
+    """A gloo group of every rank for ``torch.distributed.checkpoint``, made at the first call
+    (every rank must call it at the same point: a backup's first save or load). A save in the
+    background talks to the other ranks over this group while training's own collectives
+    (DDP's gradient reductions, the logs) use the default one; None in a single process."""
+    if not is_active():
+        return None
+    if not _CHECKPOINT_GROUP:
+        _CHECKPOINT_GROUP.append(dist.new_group(backend="gloo", timeout=TIMEOUT))
+    return _CHECKPOINT_GROUP[0]
 
 
 def _device_of_group() -> torch.device:

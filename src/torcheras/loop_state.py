@@ -132,10 +132,11 @@ class LoopState:
         a schedule may change it per batch)."""
         return [] if self._fit is None else self._fit.batch_lrs
 
-    def training_state(self) -> dict[str, Any]:
+    def training_state(self, sharded: bool = False) -> dict[str, Any]:
         """Everything an exact resume needs, captured now (see ``state.py``); inside fit,
-        at a step boundary (:meth:`at_step_boundary`)."""
-        return self._running_fit("training_state()").training_state()
+        at a step boundary (:meth:`at_step_boundary`). ``sharded``: without the weights and
+        optimizers, which a sharded backup writes with ``torch.distributed.checkpoint``."""
+        return self._running_fit("training_state()").training_state(sharded)
 
     def counters(self) -> dict[str, int]:
         """The counters a backup records."""

@@ -109,6 +109,7 @@ class FitLoop:
         self.stage = data.DeviceStager(model.device)  # its pinned buffers serve the whole fit
         self.steps_known = getattr(train_source, "steps", None)
         self.stopped_in_epoch = False  # a batch hook stopped training before the epoch's end
+        self.rng_mark: list[Tensor] | None = None  # the RNG once the epoch's order was drawn
 
     def run(self) -> Any:
         try:
@@ -140,12 +141,15 @@ class FitLoop:
                 lambda t: t.detach().cpu(), tensors.head(x, 2)
             )
 
-    def training_state(self) -> dict[str, Any]:
-        """Everything an exact resume needs, as it stands now (``LoopState.training_state``)."""
+    def training_state(self, sharded: bool = False) -> dict[str, Any]:
+        """Everything an exact resume needs, as it stands now (``LoopState.training_state``);
+        ``sharded``: without the weights and optimizers (a sharded backup saves those)."""
         loop = self.loop
         return state.capture_training_state(
             self.model,
             self.callbacks,
+            rng_since=self.rng_mark,
+            sharded=sharded,
             data_position=getattr(self.train_source, "state_dict", dict)(),
             epoch_position=None
             if loop.epoch_done
@@ -167,6 +171,7 @@ class FitLoop:
             "samples": getattr(source, "num_samples", None)
             or data._safe_len(getattr(iterable, "dataset", None)),
             "batch_size": getattr(source, "batch_size", None)
+            or getattr(source, "global_batch_size", None)
             or getattr(iterable, "batch_size", None),
             "batches": source.steps,
             "world_size": distributed.world_size(),
@@ -282,6 +287,9 @@ class FitLoop:
                 return model._initial_epoch, None
             return self.initial_epoch, None
         path = resume.get("path", "backup")
+        if resume.get("world_size", 1) != distributed.world_size():  # refused first, saying why
+            state.reshard_position(resume, distributed.world_size(), path, Path(path).parent)
+            self._reshard_data(resume, path)
         if resume.get("batch", 0) > 0:  # inside an epoch
             self._check_pass(resume.get("pass"), path)
         position = state.restore_training_state(model, self.callbacks, resume, path)
@@ -294,6 +302,29 @@ class FitLoop:
         if "data" in position and hasattr(self.train_source, "load_state_dict"):
             self.train_source.load_state_dict(position["data"])
         return position["epoch"], position
+
+    def _reshard_data(self, resume: Mapping[str, Any], path: str) -> None:
+        """A DataLoader resumed on another number of processes goes on with the sampler the
+        backup's processes used (seeded alike), so that batch k holds the same samples: a
+        ``DistributedSampler`` over every process, the batch split among them (one process
+        too). Refused where the order was another sampler's (a shuffled DataLoader in one
+        process draws a ``RandomSampler``'s order)."""
+        source, saved = self.train_source, resume.get("data") or {}
+        if not isinstance(getattr(source, "iterable", None), torch.utils.data.DataLoader):
+            return
+        if "sampler_seed" in saved and source.sampler is None:  # several, resumed alone
+            source.distribute(0, 1, training=True, seed=saved["sampler_seed"], force=True)
+            self.steps_known = source.steps
+        shuffled = source.sampler is not None and source.sampler.shuffle
+        if "sampler_seed" not in saved and (shuffled or saved.get("shuffle")):
+            raise ValueError(
+                f"The backup {path!r} was written by a run of {resume.get('world_size', 1)} "
+                f"process(es); this run has {distributed.world_size()}. Its shuffled "
+                "DataLoader drew its order from a RandomSampler in one process, which "
+                "a DistributedSampler over several cannot continue. Resume with "
+                f"{resume.get('world_size', 1)} process(es), or move {str(Path(path).parent)!r} "
+                "away to start over."
+            )
 
     def _start_epoch(self, epoch: int, position: dict[str, Any] | None) -> tuple[Any, int]:
         """The epoch's sample order and first batch: fresh, or where a backup left it."""
@@ -325,7 +356,9 @@ class FitLoop:
             self.train_source.labels_may_pad or not model._uses_default_train_step()
         )
         model._expect_padded_labels(self.train_labels_may_pad)
-        last = self._train_batches(self.train_source.batches(order, start), start)
+        batches = self.train_source.batches(order, start)
+        self.rng_mark = state.rng_mark()  # did training draw random numbers? (resharding)
+        last = self._train_batches(batches, start)
         if last < 0 and start == 0 and not self.train_source.ran_out:
             raise ValueError("The training data yielded no batch: `x` is empty.")
         self.stepping.end_epoch()  # a group the epoch (or a stop) cut short

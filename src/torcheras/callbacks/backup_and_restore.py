@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from torcheras import checkpoint, distributed, tensors
+from torcheras import checkpoint, distributed, state, tensors
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.save_schedule import ACCEPTED, SaveTimer, parse_save_freq
 from torcheras.loop_state import TIME_UP, StopFit
@@ -38,6 +38,13 @@ class BackupAndRestore(Callback):
         double_checkpoint: keep the previous backup too, to fall back on if the newest is
             unreadable.
         delete_checkpoint: delete the backups when training ends normally. Default True.
+        sharded: write each backup as a sharded folder (``torch.distributed.checkpoint``):
+            every process writes its own shard in the background, and the folder appears
+            under its final name (``sharded-e<epoch>-b<batch>``) only once every shard is
+            written. ``None`` (the default): sharded when the model's parameters are
+            (FSDP), one file otherwise. Either format resumes on another number of
+            processes where that is exact (see below); the sharded one never gathers the
+            whole model on one process.
 
     Unlike Keras, which restarts the interrupted epoch from its start with the weights alone,
     a backup holds the model, every optimizer, the epoch and batch, the data order of the epoch,
@@ -52,6 +59,13 @@ class BackupAndRestore(Callback):
     and stop: SIGTERM raises :class:`Preempted` (a ``SystemExit``, exit code 143),
     Ctrl-C ``KeyboardInterrupt``; a second Ctrl-C interrupts at once. Exactness needs the same
     script, device and thread count; with a ``DataLoader``, ``num_workers`` must not change.
+
+    A backup taken on N processes resumes on M (``torchrun --nproc_per_node=M``): the global
+    batch (``batch_size``) stays, each process takes 1/M of it, and the next batch holds the
+    samples it would have held on N. Refused, saying why, where it cannot be exact: when
+    training drew random numbers (dropout, random augmentation: each process has its own
+    random stream) or a DataLoader brings its own ``DistributedSampler`` (its batch is per
+    process).
 
     Example:
         ```python
@@ -69,6 +83,7 @@ class BackupAndRestore(Callback):
         save_freq: str | int | datetime.timedelta = "epoch",
         double_checkpoint: bool = False,
         delete_checkpoint: bool = True,
+        sharded: bool | None = None,
     ) -> None:
         if not backup_dir:
             raise ValueError("Empty `backup_dir` argument passed")
@@ -79,6 +94,14 @@ class BackupAndRestore(Callback):
                 f"{save_freq!r}. Expected {ACCEPTED}."
             )
         self.backup_dir = checkpoint.location(backup_dir)
+        if sharded is not None and not isinstance(sharded, bool):
+            raise ValueError(
+                f"Invalid value for argument `sharded`. Received: sharded={sharded!r}. "
+                "Expected True, False or None (sharded when the model is)."
+            )
+        if sharded:
+            checkpoint.local_only(self.backup_dir, "BackupAndRestore(sharded=True)")
+        self.sharded = sharded
         self.save_freq = save_freq
         self._timer = schedule if isinstance(schedule, SaveTimer) else None
         self.double_checkpoint = double_checkpoint
@@ -95,15 +118,30 @@ class BackupAndRestore(Callback):
             self.unused_hooks = ("on_train_batch_end",)
 
     # --- loading --------------------------------------------------------------------------------
+    def _is_sharded(self) -> bool:
+        if self.sharded is not None:
+            return self.sharded
+        if state.is_sharded(self.model):
+            checkpoint.local_only(self.backup_dir, "BackupAndRestore of a sharded model")
+            return True
+        return False
+
     def _load(self) -> dict[str, Any] | None:
-        candidates = [p for p in (self.latest_path, self.previous_path) if checkpoint.exists(p)]
+        folders = checkpoint.sharded_folders(self.backup_dir)
+        files = [p for p in (self.latest_path, self.previous_path) if checkpoint.exists(p)]
+        candidates: list[Path | str] = (
+            [*folders, *files] if self._is_sharded() else [*files, *folders]
+        )
         if not candidates:
             return None
         errors = []
         for path in candidates:
             try:
-                state = checkpoint.load(path)
-                if state.get("kind") != "training_state":
+                is_folder = path in folders
+                saved = checkpoint.load(Path(path) / checkpoint.SHARDED_META if is_folder else path)
+                if is_folder:
+                    saved["sharded"] = str(path)
+                if saved.get("kind") != "training_state":
                     raise checkpoint.CheckpointError(
                         22, f"{str(path)!r} is not a training-state backup."
                     )
@@ -118,8 +156,8 @@ class BackupAndRestore(Callback):
                     stacklevel=3,
                 )
             self.resumed_from = path
-            state["path"] = str(path)
-            return state
+            saved["path"] = str(path)
+            return saved
         details = "; ".join(f"{p}: {e.strerror or e}" for p, e in errors)
         raise checkpoint.CheckpointError(
             5,
@@ -129,15 +167,18 @@ class BackupAndRestore(Callback):
         )
 
     def take_resume_state(self) -> dict[str, Any] | None:
-        state, self._resume_state = self._resume_state, None
-        return state
+        resume, self._resume_state = self._resume_state, None
+        return resume
 
     # --- saving ---------------------------------------------------------------------------------
     def _request_save(self) -> None:
         self.model.loop.at_step_boundary(self._save)
 
     def _save(self) -> None:
-        state = tensors.snapshot(self.model.loop.training_state())
+        if self._is_sharded():
+            self._save_sharded()
+            return
+        snap = tensors.snapshot(self.model.loop.training_state())
 
         def write() -> None:
             if (  # rank 0 alone: another rank would move rank 0's new backup
@@ -146,9 +187,23 @@ class BackupAndRestore(Callback):
                 and checkpoint.exists(self.latest_path)
             ):
                 checkpoint.copy_over(self.latest_path, self.previous_path)
-            checkpoint.save(state, self.latest_path)
+            checkpoint.save(snap, self.latest_path)
 
         checkpoint.save_in_background(write, str(self.latest_path))
+
+    def _save_sharded(self) -> None:
+        """Every rank writes its shard of the weights and optimizers (DCP, in the background);
+        rank 0 adds the rest (position, RNG of every rank, callbacks) and names the folder."""
+        folder = checkpoint.local_only(self.backup_dir, "BackupAndRestore(sharded=True)")
+        meta = tensors.snapshot(self.model.loop.training_state(sharded=True))
+        checkpoint.save_sharded(
+            state.sharded_tensors(self.model),
+            meta,
+            folder,
+            checkpoint.sharded_name(meta["epoch"], meta["batch"]),
+            keep=2 if self.double_checkpoint else 1,
+            group=distributed.checkpoint_group(),
+        )
 
     # --- hooks ----------------------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -187,6 +242,7 @@ class BackupAndRestore(Callback):
                 checkpoint.remove(path)
             if isinstance(self.backup_dir, str):  # a URL: no folder to remove
                 return
+            checkpoint.remove_sharded(self.backup_dir)
             for stale in self.backup_dir.glob(f"{checkpoint.TEMP_PREFIX}*"):
                 with contextlib.suppress(OSError):
                     stale.unlink()
@@ -233,7 +289,7 @@ class BackupAndRestore(Callback):
         timer = {} if self._timer is None else {"timer": self._timer.state_dict()}
         return {"batches_since_save": self._batches_since_save, **timer}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: A002 - the module's name
         self._batches_since_save = state["batches_since_save"]
         if self._timer is not None and "timer" in state:
             self._timer.load_state_dict(state["timer"])

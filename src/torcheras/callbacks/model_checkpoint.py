@@ -40,6 +40,12 @@ class ModelCheckpoint(Callback):
             ``"90s"``, ``"1h30min"``: a save once that much time has passed since the last
             one (checked after each batch, with the batch logs; see ``save_schedule``).
         initial_value_threshold: a value the first saved model must beat.
+        sharded: a full checkpoint (not ``save_weights_only``) as a folder of
+            ``torch.distributed.checkpoint`` shards at ``filepath``: each process writes its
+            own, in the background, and the folder appears under its name once complete;
+            ``model.load(folder)`` reads it on any number of processes. ``None`` (the
+            default): sharded when the model's parameters are (FSDP); a weights-only file of
+            a sharded model is gathered into one file, which one process loads.
 
     Files are written atomically and load with ``torch.load(weights_only=True)``,
     ``model.load_weights(path)``, or (full files) ``model.load(path)``, which continues
@@ -70,6 +76,7 @@ class ModelCheckpoint(Callback):
         mode: str = "auto",
         save_freq: str | int | datetime.timedelta = "epoch",
         initial_value_threshold: float | None = None,
+        sharded: bool | None = None,
     ) -> None:
         filepath = str(filepath)
         if not filepath:
@@ -87,6 +94,19 @@ class ModelCheckpoint(Callback):
                 f"ModelCheckpoint: {filepath!r} is a .safetensors file, which holds weights only; "
                 "pass save_weights_only=True, or use a '.pt' name for a full checkpoint."
             )
+        if sharded is not None and not isinstance(sharded, bool):
+            raise ValueError(
+                f"ModelCheckpoint: invalid sharded={sharded!r}. Expected True, False or None "
+                "(sharded when the model is)."
+            )
+        if sharded and save_weights_only:
+            raise ValueError(
+                "ModelCheckpoint: sharded=True writes a full checkpoint folder; with "
+                "save_weights_only=True the weights are one consolidated file. Pass one of them."
+            )
+        if sharded:
+            checkpoint.local_only(checkpoint.location(filepath), "ModelCheckpoint(sharded=True)")
+        self.sharded = sharded
         self.monitor_state = Monitor("ModelCheckpoint", monitor, mode)
         self.monitor = monitor
         self.filepath = filepath
@@ -205,6 +225,8 @@ class ModelCheckpoint(Callback):
             epoch=epoch,
             logs=dict(logs),
             background=True,
+            sharded=not self.save_weights_only
+            and (self.sharded if self.sharded is not None else state.is_sharded(self.model)),
         )
         self.last_saved = path
 
