@@ -436,3 +436,37 @@ def norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if is_active():
         dist.all_reduce(summed)
     return list(squares.where(~shards, summed).sqrt().unbind())
+
+
+def whole(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole tensor: a DTensor gathered from every rank (every rank must call it at the
+    same point), or ``tensor`` itself. ``like``: a DTensor parameter whose local shard
+    ``tensor`` is (as the weight average keeps them): gathered as that parameter is sharded."""
+    if like is not None and _is_sharded(like) and not _is_sharded(tensor):
+        from torch.distributed.tensor import DTensor
+
+        tensor = DTensor.from_local(
+            tensor, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+        )  # type: ignore[attr-defined]
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a whole tensor, cut as the DTensor ``like`` is sharded (no
+    communication: every rank holds ``full``); ``full`` itself when ``like`` is not sharded."""
+    if not _is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    placed = distribute_tensor(
+        full.to(like.device),
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        src_data_rank=None,
+    )
+    return placed.to_local()
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (a shard of a tensor spread over the ranks)."""
+    return _is_sharded(tensor)

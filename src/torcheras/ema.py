@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torcheras.tensors import to_cpu
+from torcheras import distributed
 
 __all__ = ["ExponentialMovingAverage"]
 
@@ -79,8 +79,14 @@ class ExponentialMovingAverage:
             torch._foreach_copy_(self._weights(), self.average)
 
     def state_dict(self) -> dict[str, Any]:
+        """The average of the whole parameters, on the CPU: under ``strategy="fsdp"`` each
+        rank's shards are gathered (every rank must call it), so the state loads on any
+        number of processes."""
         return {
-            "average": to_cpu(self.average, clone=True),
+            "average": [
+                distributed.whole(a, like=p).detach().cpu().clone()
+                for a, p in zip(self.average, self.params)
+            ],
             "updates": self.updates,
             "swapped": self.swapped,
         }
@@ -91,7 +97,14 @@ class ExponentialMovingAverage:
                 f"The saved EMA holds {len(state['average'])} tensors; this model has "
                 f"{len(self.average)} trainable parameters."
             )
+        for i, (saved, p) in enumerate(zip(state["average"], self.params)):
+            if tuple(saved.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"The saved EMA's tensor {i} has shape {tuple(saved.shape)}; this model's "
+                    f"parameter has {tuple(p.shape)} (a file of another network, or one part "
+                    "of a sharded average)."
+                )
         with torch.no_grad():
-            for mine, saved in zip(self.average, state["average"]):
-                mine.copy_(saved)
+            for mine, saved, p in zip(self.average, state["average"], self.params):
+                mine.copy_(distributed.local_part(saved.to(p.dtype), p.detach()))
         self.updates, self.swapped = int(state["updates"]), bool(state.get("swapped", False))

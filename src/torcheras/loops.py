@@ -8,6 +8,7 @@ the device per batch: logs stay on the device until a callback reads them (see `
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -428,8 +429,12 @@ class FitLoop:
 
     def _validate_within_epoch(self) -> None:
         """A ``validation_interval`` pass after a training batch. A callback that stops
-        training on it (EarlyStopping) ends the epoch after this batch, on every rank."""
+        training on it (EarlyStopping) ends the epoch after this batch, on every rank. The
+        metric objects are the training's too: their running state is put back after it, so
+        the epoch's training metrics count every batch of the epoch."""
+        kept = copy.deepcopy(self.collector.state_dict())
         self._validate()
+        self.collector.load_state_dict(kept)
         if distributed.is_active():
             self.model.stop_training = distributed.agree(self.model.stop_training)
 

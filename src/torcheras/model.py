@@ -22,7 +22,13 @@ from torcheras.freezing import keep_frozen_in_eval
 from torcheras.logs import LogCollector
 from torcheras.loop_state import LoopState
 from torcheras.precision import Precision
-from torcheras.state import model_file_state, own_weights, read_model_file, restore_model_state
+from torcheras.state import (
+    is_sharded,
+    model_file_state,
+    own_weights,
+    read_model_file,
+    restore_model_state,
+)
 from torcheras.stepping import CompiledStep, Stepping
 
 __all__ = ["Model", "resolve_device"]
@@ -335,6 +341,15 @@ class Model(nn.Module):
                     f"{len(keys)} tensors in its state_dict."
                 )
             weights = {k: torch.as_tensor(np.asarray(w)) for k, w in zip(keys, weights)}
+        if is_sharded(self) and not all(distributed.is_dtensor(w) for w in weights.values()):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            # whole tensors into a sharded model: each rank keeps its part of each
+            set_model_state_dict(self, dict(weights), StateDictOptions(full_state_dict=True))
+            return
         self.load_state_dict(weights)
 
     def save_weights(self, filepath: str | os.PathLike[str]) -> None:
@@ -451,6 +466,13 @@ class Model(nn.Module):
         """
         from torcheras.export import export_module
 
+        if is_sharded(self):
+            raise ValueError(
+                "export() needs the whole weights, and this model's are sharded over the "
+                "processes (compile(strategy='fsdp')): save them gathered with "
+                "model.save_weights('w.pt') (every process calls it), then in one process "
+                "load them into a Model of the same network and export that one."
+            )
         example = input_example if input_example is not None else self._example_input
         if example is None:
             raise ValueError(

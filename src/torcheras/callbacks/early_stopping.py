@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torcheras import distributed
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.monitor import Monitor
 
@@ -182,7 +183,9 @@ class EarlyStopping(Callback):
                 stopped_step=self.stopped_step,
             )
         if self.best_weights is not None:
-            state["best_weights"] = {k: v.detach().cpu() for k, v in self.best_weights.items()}
+            state["best_weights"] = {  # whole tensors (FSDP's shards gathered): any world size
+                k: distributed.whole(v).detach().cpu() for k, v in self.best_weights.items()
+            }
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
