@@ -149,3 +149,25 @@ def guide_snippet(page: str, section: str) -> str:
     text = (Path(__file__).parent.parent / "docs" / "guide" / page).read_text(encoding="utf-8")
     body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", body, re.S).group(1)
+
+
+def launch_script(
+    script: Any, out: Any, *args: str, ranks: int = 1, check: bool = True, timeout: float = 240
+) -> Any:
+    """Run a test script alone (``ranks=1``) or under torchrun's module on the CPU with
+    ``ranks`` processes, one thread each and a short rendezvous timeout, under ``timeout`` so
+    that a hang fails the test. With ``check``, a non-zero exit fails it with stderr's tail."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    done = subprocess.run(
+        [*launcher, str(script), str(out), *args],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )  # fmt: skip
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -5,14 +5,13 @@ Each run is under a timeout, so a hang fails the test instead of the CI."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_script
 
 SCRIPT = Path(__file__).parent / "distributed" / "ddp_script.py"
 TIMEOUT = 180
@@ -25,22 +24,7 @@ pytestmark = pytest.mark.skipif(
 def run(
     out: Path, *args: str, ranks: int = 2, check: bool = True, script: Path = SCRIPT
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-        if ranks > 1
-        else [sys.executable]
-    )
-    done = subprocess.run(
-        [*launcher, str(script), str(out), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-    )
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return launch_script(script, out, *args, ranks=ranks, check=check, timeout=TIMEOUT)
 
 
 def result(out: Path, rank: int) -> tuple[dict, dict]:

@@ -13,13 +13,11 @@ last-bit differences of summing a batch in two halves).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_script
 
 SCRIPT = Path(__file__).parent / "distributed" / "fsdp_script.py"
 MLP_BLOCKS = ["module", "module.0", "module.2", "module.4"]
@@ -30,17 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def launch(out: Path, *args: str, ranks: int = 2) -> None:
-    """As test_distributed.py launches: torchrun's module on the CPU, under a timeout so
-    that a hang fails the test."""
-    env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    done = subprocess.run(
-        [*launcher, str(SCRIPT), str(out), *args],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_script(SCRIPT, out, *args, ranks=ranks, timeout=300)
 
 
 def load(out: Path, ranks: int) -> list[dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_script
 
 import torcheras
 from torcheras import callbacks as cb
@@ -28,20 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def run(out: Path, *args: str, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    done = subprocess.run(
-        [*launcher, str(SCRIPT), str(out), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-    )
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    return launch_script(SCRIPT, out, *args, ranks=ranks, check=check, timeout=TIMEOUT)
 
 
 def result(out: Path, rank: int = 0) -> tuple[dict, dict]:

@@ -12,13 +12,11 @@ weights (2 processes sum a batch in two halves), History to 1e-6.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_script
 
 SCRIPT = Path(__file__).parents[1] / "distributed" / "combo_script.py"
 
@@ -28,14 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def launch(out: Path, ranks: int) -> None:
-    env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
-    if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    done = subprocess.run(
-        [*launcher, str(SCRIPT), str(out)], capture_output=True, text=True, env=env, timeout=240
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_script(SCRIPT, out, ranks=ranks, timeout=240)
 
 
 @pytest.fixture(scope="module")
