@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,7 +145,6 @@ def assert_same_weights(keras: Any, theirs: Any, linears: list[Any], atol: float
 def guide_snippet(page: str, section: str) -> str:
     """The first ``python`` block of a ``## section`` of ``docs/guide/<page>``."""
     import re
-    from pathlib import Path
 
     text = (Path(__file__).parent.parent / "docs" / "guide" / page).read_text(encoding="utf-8")
     body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
@@ -152,22 +152,48 @@ def guide_snippet(page: str, section: str) -> str:
 
 
 def launch_script(
-    script: Any, out: Any, *args: str, ranks: int = 1, check: bool = True, timeout: float = 240
+    script: Any,
+    *args: Any,
+    ranks: int = 1,
+    check: bool = True,
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
 ) -> Any:
     """Run a test script alone (``ranks=1``) or under torchrun's module on the CPU with
     ``ranks`` processes, one thread each and a short rendezvous timeout, under ``timeout`` so
-    that a hang fails the test. With ``check``, a non-zero exit fails it with stderr's tail."""
+    that a hang fails the test; ``args`` are its command line, ``env`` adds to the environment.
+    With ``check``, a non-zero exit fails the test with stderr's tail, except the one abort
+    torch's gloo threads cause at interpreter exit after every rank's script has returned
+    (``run_to_end.py``): a warning names it, and the test goes on to check what the run wrote."""
     import subprocess
     import sys
+    import warnings
 
-    env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
+    from run_to_end import FINISHED
+
+    env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1",
+           "PYTHONFAULTHANDLER": "1", **(env or {})}  # fmt: skip
+    command = [sys.executable, str(script)]
     if ranks > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        runner = str(Path(__file__).parent / "run_to_end.py")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={ranks}", runner, str(script)]  # fmt: skip
     done = subprocess.run(
-        [*launcher, str(script), str(out), *args],
-        capture_output=True, text=True, env=env, timeout=timeout,
-    )  # fmt: skip
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
+        [*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    finished = done.stdout.count(FINISHED + "\n")
+    done.stdout = done.stdout.replace(FINISHED + "\n", "")  # the script's output alone
+    if check and done.returncode != 0:
+        aborted_at_exit = (
+            ranks > 1
+            and finished == ranks
+            and "terminate called without an active exception" in done.stderr
+        )
+        assert aborted_at_exit, done.stderr[-3000:]
+        warnings.warn(
+            f"{Path(str(script)).name}: every rank finished, then torch's gloo threads aborted "
+            "a process at interpreter exit (pytorch/pytorch#179291)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return done

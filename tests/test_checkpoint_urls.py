@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
+from conftest import launch_script, make_model
 
 from torcheras import callbacks as cb
 from torcheras import checkpoint, cli
@@ -381,14 +381,7 @@ def test_torchrun_backs_up_to_the_bucket_from_rank_zero_and_resumes_from_it(s3, 
     url = f"s3://{BUCKET}/ddp"
 
     def torchrun(epochs: int) -> str:
-        env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1",
-               "TORCHERAS_DIST_TIMEOUT": "30"}  # fmt: skip
-        done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             "--nproc_per_node=2", str(script), url, str(epochs)],
-            capture_output=True, text=True, env=env, timeout=180,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
+        done = launch_script(script, url, epochs, ranks=2, timeout=180, env={"PYTHONPATH": SRC})
         return done.stdout
 
     first = torchrun(1)  # 8 steps of 16 samples (8 a rank): backups after steps 2, 4, 6, 8

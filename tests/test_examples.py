@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import launch_script
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
@@ -94,11 +96,8 @@ def test_ddp_example_runs_alone_and_under_torchrun(tmp_path):
         [sys.executable, script, "--smoke"], capture_output=True, text=True, timeout=120, env=env
     )
     assert alone.returncode == 0, alone.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    both = subprocess.run(
-        [*launcher, script, "--smoke"], capture_output=True, text=True, timeout=180, env=env
-    )
-    assert both.returncode == 0, both.stderr[-3000:]
+    out = {"EXAMPLE_OUT": str(tmp_path)}
+    both = launch_script(script, "--smoke", ranks=2, timeout=180, env=out)
     ranks = re.findall(r"rank (\d): (trained \d+ epochs, val_accuracy [\d.]+)", both.stdout)
     assert sorted(r for r, _ in ranks) == ["0", "1"]
     assert ranks[0][1] == ranks[1][1]  # both ranks end with the same result
@@ -141,16 +140,12 @@ def test_optuna_search_example_keeps_its_study_and_prunes(tmp_path):
 
 
 def test_fsdp_example_runs_alone_and_sharded_under_torchrun(tmp_path):
-    import os
 
     alone = _run(str(EXAMPLES / "fsdp_train.py"), "--smoke")
     assert alone.returncode == 0, alone.stderr
     assert "rank 0: holds 18,178 of 18,178 parameters; trained 2 epochs" in alone.stdout
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EXAMPLE_OUT": str(tmp_path)}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    sharded = subprocess.run([*torchrun, str(EXAMPLES / "fsdp_train.py"), "--smoke"],
-                             capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    sharded = launch_script(EXAMPLES / "fsdp_train.py", "--smoke", ranks=2, timeout=180,
+                            env={"EXAMPLE_OUT": str(tmp_path)})  # fmt: skip
     for rank in (0, 1):  # each rank holds half of every parameter
         assert f"rank {rank}: holds 9,089 of 18,178 parameters" in sharded.stdout
     assert sharded.stdout.count("Total params: 18,178") == 1  # printed by rank 0

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -239,14 +237,8 @@ def test_a_sharded_model_saves_one_consolidated_file_that_one_process_loads(tmp_
     on one process, equal to the state FSDP's own full_state_dict gives."""
     script = tmp_path / "consolidate.py"
     script.write_text(CONSOLIDATE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     src = str(Path(__file__).parents[1] / "src")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*launcher, str(script), str(tmp_path), src],
-        capture_output=True, text=True, env=env, timeout=TIMEOUT,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_script(script, tmp_path, src, ranks=2, timeout=TIMEOUT)
     expected = torch.load(tmp_path / "expected.pt", weights_only=True)
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     net.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))  # plain torch

@@ -4,14 +4,11 @@ trained by 2 ranks under torchrun."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import guide_snippet, make_model
+from conftest import guide_snippet, launch_script, make_model
 
 from torcheras import callbacks as cb
 
@@ -141,16 +138,11 @@ def test_under_torchrun_rank_0_decides_and_both_ranks_stop_at_the_same_epoch(tmp
     pytest.importorskip("wandb")
     from wandb_files import offline_runs
 
-    env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1",
-           "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_X_DISABLE_STATS": "true",
+    env = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_X_DISABLE_STATS": "true",
            "WANDB_DISABLE_GIT": "true", "WANDB_CACHE_DIR": str(tmp_path / "wandb-home"),
            "WANDB_DATA_DIR": str(tmp_path / "wandb-home"),
            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-home")}  # fmt: skip
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2"]  # fmt: skip
-    done = subprocess.run([*launcher, str(SCRIPT), str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=180)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_script(SCRIPT, tmp_path, ranks=2, timeout=180, env=env)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["epoch"] == ranks[1]["epoch"] == [0, 1]  # ThresholdPruner: 2nd epoch
     assert ranks[0]["raised"] and ranks[1]["raised"]  # rank 1's FixedTrial never prunes

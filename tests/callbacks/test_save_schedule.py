@@ -6,13 +6,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import launch_script, make_model
 
 from torcheras import checkpoint
 from torcheras.callbacks import BackupAndRestore, Callback, ModelCheckpoint, save_schedule
@@ -237,18 +235,8 @@ def test_under_torchrun_rank_zero_clock_decides_for_every_rank(tmp_path):
     in each save, at the same batch (the first broadcast after the time has passed)."""
     script = tmp_path / "script.py"
     script.write_text(DDP_SCRIPT)
-    env = {
-        **os.environ,
-        "TORCHERAS_DIST_TIMEOUT": "30",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(Path(__file__).parents[2] / "src"),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=180,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    src = str(Path(__file__).parents[2] / "src")
+    launch_script(script, tmp_path, ranks=2, timeout=180, env={"PYTHONPATH": src})
     for ticking in (0, 1):
         out = tmp_path / f"ticking{ticking}"
         saves = [json.loads((out / f"saves{r}.json").read_text()) for r in (0, 1)]

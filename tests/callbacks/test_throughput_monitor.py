@@ -285,25 +285,14 @@ with open(os.path.join(sys.argv[1], f"h{os.environ['RANK']}.json"), "w") as f:
 def test_under_torchrun_the_rates_are_those_of_every_process_together(tmp_path):
     """2 processes, 10 batches of 8 (4 on each), 0.5 s a batch: 80 samples in 5 s."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from conftest import launch_script
 
     script = tmp_path / "script.py"
     script.write_text(DDP_SCRIPT)
-    env = {
-        **os.environ,
-        "TORCHERAS_DIST_TIMEOUT": "30",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(Path(__file__).parents[2] / "src"),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=180,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    src = str(Path(__file__).parents[2] / "src")
+    launch_script(script, tmp_path, ranks=2, timeout=180, env={"PYTHONPATH": src})
     runs = [json.loads((tmp_path / f"h{r}.json").read_text()) for r in (0, 1)]
     assert runs[0]["history"] == runs[1]["history"]
     h, per_process = runs[0]["history"], runs[0]["counted"]
