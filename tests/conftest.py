@@ -8,11 +8,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-import torch
+# One thread a process, here and in every process a test starts (examples, torchrun ranks,
+# killed and resumed runs): with the 2 workers of `make test` on 2 cores, torch's default of
+# one thread a core oversubscribes the machine, and small ops spin (the demo took 6x longer).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ.setdefault("KERAS_BACKEND", "torch")  # the Keras reference numbers run on torch
 
-import torcheras
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import torcheras  # noqa: E402
 
 torch.set_num_threads(1)
 
