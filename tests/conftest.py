@@ -168,7 +168,8 @@ def launch_script(
 ) -> Any:
     """Run a test script alone (``ranks=1``) or under torchrun's module on the CPU with
     ``ranks`` processes, one thread each and a short rendezvous timeout, under ``timeout`` so
-    that a hang fails the test; ``args`` are its command line, ``env`` adds to the environment.
+    that a hang fails the test; ``args`` are its command line (``"::"`` between the arguments
+    of several runs in one process: ``run_to_end.py``), ``env`` adds to the environment.
     With ``check``, a non-zero exit fails the test with stderr's tail, except the one abort
     torch's gloo threads cause at interpreter exit after every rank's script has returned
     (``run_to_end.py``): a warning names it, and the test goes on to check what the run wrote."""
@@ -180,9 +181,9 @@ def launch_script(
 
     env = {**os.environ, "TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1",
            "PYTHONFAULTHANDLER": "1", **(env or {})}  # fmt: skip
-    command = [sys.executable, str(script)]
+    runner = str(Path(__file__).parent / "run_to_end.py")
+    command = [sys.executable, runner, str(script)]
     if ranks > 1:
-        runner = str(Path(__file__).parent / "run_to_end.py")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={ranks}", runner, str(script)]  # fmt: skip
     done = subprocess.run(

@@ -1,5 +1,7 @@
 """Run a test script as ``__main__`` (``python run_to_end.py script.py args...``) and print
 :data:`FINISHED` once its body has returned, before the interpreter's exit handlers run.
+Arguments split by ``::`` run the script once per part, in turn, in this one process (and,
+under torchrun, in its one process group): several cases for the price of one launch.
 
 torchrun can report a run that trained to the end as failed: gloo's worker threads sometimes
 abort the process while the interpreter shuts down ("terminate called without an active
@@ -14,8 +16,15 @@ import sys
 FINISHED = "run_to_end: the script's body returned"
 
 if __name__ == "__main__":
-    script = sys.argv[1]
-    sys.argv = sys.argv[1:]
+    script, args = sys.argv[1], sys.argv[2:]
     sys.path[0] = os.path.dirname(os.path.abspath(script))
-    runpy.run_path(script, run_name="__main__")
+    runs: list[list[str]] = [[]]
+    for arg in args:
+        if arg == "::":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    for run in runs:
+        sys.argv = [script, *run]
+        runpy.run_path(script, run_name="__main__")
     print(FINISHED, flush=True)

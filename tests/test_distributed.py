@@ -45,24 +45,38 @@ SAME_AS_ONE_PROCESS = {
 }
 
 
-@pytest.mark.parametrize("case", SAME_AS_ONE_PROCESS)
-def test_two_ranks_end_identical_and_equal_one_process_with_the_same_global_batch(tmp_path, case):
-    run(tmp_path / "ddp", *SAME_AS_ONE_PROCESS[case])
-    run(tmp_path / "single", *SAME_AS_ONE_PROCESS[case], ranks=1)
-    (a, ha), (b, hb) = result(tmp_path / "ddp", 0), result(tmp_path / "ddp", 1)
-    single, hs = result(tmp_path / "single", 0)
-    for key in a["weights"]:
-        assert torch.equal(a["weights"][key], b["weights"][key]), key
-        torch.testing.assert_close(a["weights"][key], single["weights"][key], rtol=1e-4, atol=1e-5)
-    ha.pop("seen"), hb.pop("seen")  # the samples each rank loaded differ (a DistributedSampler)
-    assert ha == hb  # the logs every callback saw were the same on both ranks
-    for key, values in hs["history"].items():
-        assert ha["history"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), key
-    assert ha["evaluate"] == pytest.approx(hs["evaluate"], rel=1e-4)
-    torch.testing.assert_close(a["predict"], single["predict"], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(b["predict"], a["predict"])  # in input order on every rank
-    if case == "accumulation":  # DDP all-reduced once per full group (no_sync before)
-        assert ha["reductions"] == hb["reductions"] == 2 * 6
+def _runs(out: Path) -> list[str]:
+    """The command line of every case, ``::`` between them: one launch runs them all."""
+    runs: list[str] = []
+    for case, args in SAME_AS_ONE_PROCESS.items():
+        runs += [*(["::"] if runs else []), str(out / case), *args]
+    return runs
+
+
+def test_two_ranks_end_identical_and_equal_one_process_with_the_same_global_batch(tmp_path):
+    """Every case of SAME_AS_ONE_PROCESS, one after the other in one 2-process launch (and in
+    one single-process launch): each fit joins the same process group, as a script that
+    trains several models would."""
+    launch_script(SCRIPT, *_runs(tmp_path / "ddp"), ranks=2, timeout=TIMEOUT)
+    launch_script(SCRIPT, *_runs(tmp_path / "single"), timeout=TIMEOUT)
+    for case in SAME_AS_ONE_PROCESS:
+        (a, ha), (b, hb) = result(tmp_path / "ddp" / case, 0), result(tmp_path / "ddp" / case, 1)
+        single, hs = result(tmp_path / "single" / case, 0)
+        for key in a["weights"]:
+            assert torch.equal(a["weights"][key], b["weights"][key]), (case, key)
+            torch.testing.assert_close(
+                a["weights"][key], single["weights"][key], rtol=1e-4, atol=1e-5,
+                msg=lambda m, case=case, key=key: f"{case}, {key}: {m}",
+            )  # fmt: skip
+        ha.pop("seen"), hb.pop("seen")  # the samples each rank loaded differ (a sampler)
+        assert ha == hb, case  # the logs every callback saw were the same on both ranks
+        for key, values in hs["history"].items():
+            assert ha["history"][key] == pytest.approx(values, rel=1e-4, abs=1e-5), (case, key)
+        assert ha["evaluate"] == pytest.approx(hs["evaluate"], rel=1e-4), case
+        torch.testing.assert_close(a["predict"], single["predict"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b["predict"], a["predict"])  # in input order on every rank
+        if case == "accumulation":  # DDP all-reduced once per full group (no_sync before)
+            assert ha["reductions"] == hb["reductions"] == 2 * 6
 
 
 def test_a_dataloader_is_split_by_a_distributed_sampler_reshuffled_each_epoch(tmp_path):
