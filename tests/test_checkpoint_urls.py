@@ -370,7 +370,9 @@ backup = cb.BackupAndRestore(url + "/backup", save_freq=2, double_checkpoint=Tru
                              delete_checkpoint=False)
 history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0,
                     callbacks=[backup, cb.ModelCheckpoint(url + "/last.pt")])
-print(distributed.rank(), backup.resumed_from, len(history.history["loss"]), flush=True)
+line = f"{distributed.rank()} {backup.resumed_from} {len(history.history['loss'])}\\n"
+sys.stdout.write(line)  # one write: the ranks share the pipe (print writes piece by piece)
+sys.stdout.flush()
 """
 
 

@@ -263,16 +263,23 @@ def test_validation_interval_stops_every_rank_at_the_same_step_inside_an_epoch(t
 
 
 ABORT_AT_EXIT_SCRIPT = """
-import atexit, os, sys
+import atexit, os, sys, time
 if len(sys.argv) > 2:
     raise SystemExit("the script failed before its end")
-def abort():  # what gloo's threads do to a finished run, now and then
+left = os.path.join(sys.argv[1], "rank1-left")
+def abort():  # what gloo's threads do to a finished run, now and then (after the others)
+    for _ in range(300):
+        if os.path.exists(left):
+            break
+        time.sleep(0.1)
     sys.stderr.write("terminate called without an active exception\\n")
     sys.stderr.flush()
     os.abort()
 if os.environ["RANK"] == "0":
     atexit.register(abort)
-print("rank", os.environ["RANK"], "done", flush=True)
+else:
+    atexit.register(lambda: open(left, "w").close())
+sys.stdout.write(f"rank {os.environ['RANK']} done\\n")  # one write: the ranks share the pipe
 """
 
 
