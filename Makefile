@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/torcheras demo
 
-# In parallel over the machine's cores (pytest-xdist): about 7 minutes on 2 cores.
+# In parallel over the machine's cores (pytest-xdist): 9-10 minutes on this 2-core machine
+# (about 7 in CI), every spawned process on one torch thread (tests/conftest.py).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto
 
