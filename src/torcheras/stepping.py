@@ -175,12 +175,37 @@ class Stepping:
         self.group_size = 1  # micro-batches in the current group (fewer for a short last one)
         self.open_group = False  # a backward ran in a group whose update is not applied yet
         self._fsdp_syncs = True  # FSDP reduces gradients in each backward (its default)
+        # Nothing between backward and the optimizer's step (set per epoch; see _is_plain):
+        # backward is loss.backward(), the step optimizer.step().
+        self.plain = False
+
+    def _is_plain(self) -> bool:
+        """One process, every batch a step, float32 or bfloat16 (no loss scale), no clipping,
+        no weight average, no compiled step, no ``on_after_backward``: the step is torch's
+        own two calls, with none of the stages above to run between them."""
+        model, precision = self.model, self.model.precision
+        callbacks = self.callbacks
+        return (
+            self.accumulation == 1
+            and self.ddp is None
+            and self.fsdp is None
+            and not distributed.is_active()
+            and precision.scaler is None
+            and precision.clipnorm is None
+            and precision.global_clipnorm is None
+            and precision.clipvalue is None
+            and model.ema is None
+            and model._compiled is None
+            and model.optimizer is not None
+            and (callbacks is None or not callbacks.needs("on_after_backward"))
+        )
 
     # ---- the loop's side ----------------------------------------------------------------------
     def start_epoch(self) -> None:
         loop = self.loop
         loop.micro_step, loop.accumulating = 0, False
         self.group_size, self.open_group = 1, False
+        self.plain = self._is_plain()
 
     def place(self, step: int, last_step: int | None) -> None:
         """Before a batch (with accumulation): its place in its group (``micro_step``), and
@@ -243,6 +268,9 @@ class Stepping:
             optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: Tensor) -> None:
+        if self.plain:
+            loss.backward()
+            return
         loop, n = self.loop, self.accumulation
         if self.rank_share != 1.0:
             loss = loss * self.rank_share
@@ -257,6 +285,9 @@ class Stepping:
         """Clip, step (compiled or eager), update the weight average: one optimizer step."""
         model = self.model
         optimizer = model.optimizer
+        if self.plain and optimizer is not None:
+            optimizer.step()
+            return
         if optimizer is None or self.loop.accumulating:
             return
         model.precision.clip(optimizer)
