@@ -329,15 +329,25 @@ def test_an_error_in_validation_reaches_on_exception_once(blobs):
     assert seen == ["RuntimeError"]
 
 
-def test_predict_moves_outputs_in_chunks_and_gives_the_same_result(monkeypatch, blobs):
+def test_predict_moves_outputs_in_chunks_and_gives_the_same_result(monkeypatch, blobs, device):
+    """On an accelerator the outputs come to the host in chunks; on the CPU they are there
+    already and are joined once. Either way: the outputs of the whole input at once."""
     x, _ = blobs
-    model = make_model()
+    model = make_model(device=device)
     whole = model.predict(x, batch_size=16, verbose=0)
+    joins = []
+    concat = loops.tensors.concat_batches
+    monkeypatch.setattr(loops.tensors, "concat_batches", lambda parts: joins.append(len(parts))
+                        or concat(parts))  # fmt: skip
     monkeypatch.setattr(loops, "PREDICT_CHUNK_BYTES", 16 * 3 * 4 * 2)  # two batches a chunk
     chunked = model.predict(x, batch_size=16, verbose=0)
     np.testing.assert_array_equal(whole, chunked)
+    # 15 batches: 7 chunks of two and the last batch, then the chunks joined; on the CPU the
+    # 15 batches joined at once
+    assert joins == ([15, 1] if device == "cpu" else [2] * 7 + [1, 8])
     with torch.no_grad():
-        np.testing.assert_allclose(whole, model(torch.as_tensor(x)).numpy(), rtol=1e-5, atol=1e-6)
+        expected = model(torch.as_tensor(x, device=device)).cpu().numpy()
+    np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_loop_counters_are_readable_from_callbacks(blobs):

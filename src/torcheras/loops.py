@@ -692,8 +692,13 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
     model.stop_predicting = False
     needs_begin = callbacks.needs("on_predict_batch_begin")
     needs_end = callbacks.needs("on_predict_batch_end")
-    stage = data.DeviceStager(model.device)
+    # On the CPU there is nothing to move: no stager, and the outputs are on the host already
+    # (gathered once at the end, no chunks to count).
+    on_cpu = model.device.type == "cpu"
+    stage = None if on_cpu else data.DeviceStager(model.device)
     rank, ranks = distributed.rank(), distributed.world_size()
+    chunked = not on_cpu or ranks > 1
+    mixed = model.precision.mixed  # half-precision outputs come back as float32
     on_host: list[Any] = []
     on_device: list[Any] = []
     device_bytes = 0
@@ -709,16 +714,22 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
                     check_input_rank(model, batch, source, model._uses_default_predict_step())
                 if needs_begin:
                     callbacks.on_predict_batch_begin(step)
-                batch = data.shard(batch, rank, shard_ranks)
-                out = model._predict_output(model.predict_step(stage(batch)))
+                if shard_ranks > 1:
+                    batch = data.shard(batch, rank, shard_ranks)
+                if stage is not None:
+                    batch = stage(batch)
+                out = model.predict_step(batch)
+                if mixed:
+                    out = model._predict_output(out)
                 if needs_end:
                     out = tensors.to_cpu(out)
                     callbacks.on_predict_batch_end(step, {"outputs": tensors.to_numpy(out)})
                 on_device.append(out)
-                device_bytes += sum(t.numel() * t.element_size() for t in tensors.leaves(out))
-                if device_bytes >= PREDICT_CHUNK_BYTES or ranks > 1:  # ranks: batch by batch
-                    on_host.append(tensors.to_cpu(tensors.concat_batches(on_device)))
-                    on_device, device_bytes = [], 0
+                if chunked:
+                    device_bytes += sum(t.numel() * t.element_size() for t in tensors.leaves(out))
+                    if device_bytes >= PREDICT_CHUNK_BYTES or ranks > 1:  # ranks: per batch
+                        on_host.append(tensors.to_cpu(tensors.concat_batches(on_device)))
+                        on_device, device_bytes = [], 0
                 if model.stop_predicting:
                     break
             if on_device:

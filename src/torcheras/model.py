@@ -793,6 +793,8 @@ class Model(nn.Module):
     def predict_step(self, batch: Any) -> Any:
         """The model's outputs for one batch."""
         x, _, _ = data.unpack(batch)
+        if self.precision.dtype is None:  # float32: no autocast context to enter per batch
+            return self.call_on(x)
         with self.precision.autocast():
             return self.call_on(x)
 
