@@ -308,24 +308,13 @@ class LogCollector:
             )
         self.means.add({name: value}, self.batch_size if weight is None else weight)
 
-    def values(self, deferred: bool = False) -> dict[str, Any]:
-        """The current values, as device tensors or floats (no synchronisation). ``deferred``:
-        nothing is computed now; each value is a callable giving its result as of now (a
-        running mean, or a metric that can snapshot its state), resolved when read."""
-
-        def current(metric: Any) -> Any:
-            if deferred and hasattr(metric, "snapshot"):
-                return metric.snapshot()
-            return metric.result()
-
-        if deferred:
-            out: dict[str, Any] = self.means.snapshot()
-        else:
-            out = dict(zip(self.means.keys(), self.means.result_tensors()))
+    def values(self) -> dict[str, Any]:
+        """The current values, as device tensors or floats (no synchronisation)."""
+        out: dict[str, Any] = dict(zip(self.means.keys(), self.means.result_tensors()))
         for metric in self.metrics:
-            out[metric.name] = current(metric)
+            out[metric.name] = metric.result()
         for key, metric in self.returned.items():
-            out[key] = current(metric)
+            out[key] = metric.result()
         return out
 
     def result(self) -> dict[str, float]:
@@ -334,7 +323,17 @@ class LogCollector:
         return dict(sorted(zip(values, _as_floats(list(values.values())))))
 
     def snapshot(self) -> BatchLogs:
-        return BatchLogs(self.values(deferred=True))
+        """The batch logs as of now, nothing computed now: each value is resolved when read
+        (a running mean, or a metric that can snapshot its state; once per batch when a
+        callback reads batch logs)."""
+        out = self.means.snapshot()
+        for metric in self.metrics:
+            snap = getattr(metric, "snapshot", None)
+            out[metric.name] = metric.result() if snap is None else snap()
+        for key, metric in self.returned.items():
+            snap = getattr(metric, "snapshot", None)
+            out[key] = metric.result() if snap is None else snap()
+        return BatchLogs(out)
 
     def all_reduce(self, reduce_sum: Any) -> None:
         """Replace this rank's sums and counts by their sums over every rank (``reduce_sum``:

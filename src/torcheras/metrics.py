@@ -14,6 +14,7 @@ Keras's spelling, ``update_state(y_true, y_pred, sample_weight)``.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -1366,10 +1367,8 @@ def get(metric: Any, loss: losses.CompiledLoss | None = None) -> Metric:
 
 
 def _is_torchmetric(obj: Any) -> bool:
-    return any(
-        c.__module__.startswith("torchmetrics") and c.__name__ == "Metric"
-        for c in type(obj).__mro__
-    )
+    torchmetrics = sys.modules.get("torchmetrics")  # not imported: nothing can be one
+    return torchmetrics is not None and isinstance(obj, torchmetrics.Metric)
 
 
 def tracked(model: Any) -> dict[str, Metric]:
@@ -1401,9 +1400,13 @@ def tracked(model: Any) -> dict[str, Metric]:
                 add(str(key), item)
 
     for attr, value in list(vars(model).items()) + list(getattr(model, "_modules", {}).items()):
-        if not attr.startswith("__"):
+        if not attr.startswith("__") and attr not in _MODULE_INTERNALS:
             add(attr, value)
     return found
+
+
+# What nn.Module keeps for itself (parameters, buffers, hooks): never a user's metric.
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"_modules"}
 
 
 # The confusion-matrix metrics live in their own module, which builds on StateMetric above.

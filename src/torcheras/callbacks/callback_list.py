@@ -7,7 +7,7 @@ from typing import Any
 
 from torcheras import distributed
 from torcheras.callbacks.callback import Callback
-from torcheras.logs import to_float_logs
+from torcheras.logs import BatchLogs, to_float_logs
 
 __all__ = ["CallbackList", "HOOKS"]
 
@@ -46,6 +46,20 @@ def _overrides(callback: Callback, hook: str) -> bool:
     if alias is None or getattr(type(callback), hook) is not getattr(Callback, hook):
         return False
     return alias in vars(callback) or getattr(type(callback), alias) is not getattr(Callback, alias)
+
+
+def _bound(callback: Callback, hook: str) -> Any:
+    """The method to call for ``hook``: Keras's alias itself (``on_batch_end``) where the
+    callback overrides only the alias, not the base hook that forwards to it (one call less a
+    batch)."""
+    alias = _ALIASES.get(hook)
+    if (
+        alias is not None
+        and hook not in vars(callback)
+        and getattr(type(callback), hook) is getattr(Callback, hook)
+    ):
+        return getattr(callback, alias)
+    return getattr(callback, hook)
 
 
 def _flatten(callbacks: Iterable[Any] | Callback | None) -> list[Callback]:
@@ -109,7 +123,7 @@ class CallbackList(Callback):
     def _build_dispatch(self) -> None:
         writer = distributed.is_main()  # under torchrun, rank 0 alone runs the writers
         running = [cb for cb in self.callbacks if writer or not cb.rank_zero_only]
-        self._active = {h: [getattr(cb, h) for cb in running if _overrides(cb, h)] for h in HOOKS}
+        self._active = {h: [_bound(cb, h) for cb in running if _overrides(cb, h)] for h in HOOKS}
         self._declared = {h: any(_overrides(cb, h) for cb in self.callbacks) for h in HOOKS}
 
     def append(self, callback: Callback) -> None:
@@ -151,7 +165,8 @@ class CallbackList(Callback):
             fn(logs)
 
     def _call_indexed(self, hook: str, index: int, logs: Any) -> None:
-        logs = to_float_logs(logs)
+        if type(logs) is not BatchLogs:  # lazy batch logs go as they are (the hot path)
+            logs = to_float_logs(logs)
         for fn in self._active[hook]:
             fn(index, logs)
 
