@@ -48,12 +48,18 @@ TINY = overhead.WORKLOADS[0]
 # below the 5-batch one's; the two rows show that trend rather than assume it.
 WIDE_5 = dataclasses.replace(overhead.WORKLOADS[1], samples=1280)  # 1,152 train, 128 validate
 WIDE_3 = dataclasses.replace(overhead.WORKLOADS[1], samples=768)  # 692 train, 76 validate
-# name: (label, workload, setting); a setting is "none", "typical" or "verbose".
+# name: (label, workload, setting); a setting is "none", "typical", "verbose", "throughput",
+# "common" (accuracy + validation) or "common-typical" (the same + the typical callbacks).
 SETTINGS = {
     "tiny-none": ("tiny MLP 32-64-10, batch 64", TINY, "none"),
     "tiny-typical": ("tiny MLP 32-64-10, batch 64 + typical callbacks", TINY, "typical"),
     "tiny-verbose": ("tiny MLP 32-64-10, batch 64: verbose=1 / verbose=0", TINY, "verbose"),
     "tiny-accuracy": ("tiny MLP 32-64-10, batch 64, accuracy + validation", TINY, "common"),
+    "tiny-accuracy-typical": (
+        "tiny MLP 32-64-10, batch 64, accuracy + validation + typical callbacks",
+        TINY,
+        "common-typical",
+    ),
     "tiny-throughput": (
         "tiny MLP 32-64-10, batch 64: ThroughputMonitor / none",
         TINY,
@@ -67,10 +73,12 @@ SETTINGS = {
     "wide-typical-3": ("the same, an epoch of 3 batches", WIDE_3, "typical"),
 }
 TARGETS = {
+    "tiny-none": 1.03,
     "tiny-throughput": 1.01,
     "tiny-typical": 1.03,
     "tiny-verbose": 1.02,
     "tiny-accuracy": 1.05,
+    "tiny-accuracy-typical": 1.05,
     "wide-typical": 1.01,
 }
 MARK = os.getppid  # the phase boundary callgrind dumps at
@@ -105,6 +113,12 @@ def child(name: str, native_seconds: float) -> None:
         base()
         other()
         count_phases(base, other)
+        return
+    if setting == "common-typical":
+        with overhead.common_with_callbacks(w) as (base, other):
+            base()
+            other()
+            count_phases(base, other)
         return
     with overhead.side_by_side(w, with_callbacks=setting == "typical") as (base, other):
         base()

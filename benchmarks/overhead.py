@@ -23,7 +23,8 @@ benchmark.
     python benchmarks/overhead.py --quick      # fewer repeats
     python benchmarks/overhead.py --markdown   # also print the README's table
     python benchmarks/overhead.py --jit        # the tiny MLP, eager and jit_compile rows only
-    python benchmarks/overhead.py --common     # metrics=["accuracy"] + validation every epoch
+    python benchmarks/overhead.py --common     # the common path: loss only, accuracy (mae)
+                                               # + validation, + typical callbacks, predict
     python benchmarks/overhead.py --verbose    # the verbose=1 / verbose=0 row only
     python benchmarks/overhead.py --throughput # ThroughputMonitor / no callback
 
@@ -459,6 +460,31 @@ def common_path(
     return raw, fit
 
 
+def predict_pair(w: Workload) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``predict`` over the training inputs against the raw loop's ``no_grad`` pass: the
+    outputs of each batch concatenated into one tensor (what ``predict`` returns for a
+    tensor input)."""
+    x, _ = make_data(w)
+    torch.manual_seed(0)
+    net = make_net(w.sizes).eval()
+    b = w.batch_size
+
+    def raw() -> None:
+        with torch.no_grad():
+            out = torch.cat([net(x[i : i + b]) for i in range(0, x.shape[0], b)])
+        assert out.shape[0] == x.shape[0]
+
+    torch.manual_seed(0)
+    model = torcheras.Model(make_net(w.sizes))
+    model.compile(torch.optim.Adam(model.parameters(), lr=1e-3), "cross_entropy", device="cpu")
+
+    def fit() -> None:
+        out = model.predict(x, batch_size=b, verbose=0)
+        assert out.shape[0] == x.shape[0]
+
+    return raw, fit
+
+
 @contextlib.contextmanager
 def common_with_callbacks(w: Workload) -> Iterator[tuple[Callable[[], None], Callable[[], None]]]:
     """The common path (accuracy + validation every epoch) with the typical callbacks: the
@@ -604,19 +630,26 @@ def main() -> None:
     if args.common:
         print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
         for w in WORKLOADS[:1] if args.quick else WORKLOADS:
+            runs = 4 if args.quick else w.runs
+            tiny = w is WORKLOADS[0]
+            target = "<=1.05" if tiny else "<=1.02"
+            _print_row(f"{w.name}, loss only", run(w, runs, False), "<=1.03" if tiny else target)
             for task, metric in (("classification", "accuracy"), ("regression", "mae")):
                 raw, fit = common_path(w, task)
                 raw()
                 fit()
-                result = interleave(raw, fit, 4 if args.quick else w.runs)
-                target = "<=1.05" if w is WORKLOADS[0] else "<=1.02"
-                _print_row(f"{w.name}, {metric} + validation", result, target)
+                _print_row(f"{w.name}, {metric} + validation", interleave(raw, fit, runs), target)
             with common_with_callbacks(w) as (raw, fit):
                 raw()
                 fit()
-                result = interleave(raw, fit, 4 if args.quick else w.runs)
-            target = "<=1.05" if w is WORKLOADS[0] else "<=1.02"
+                result = interleave(raw, fit, runs)
             _print_row(f"{w.name}, accuracy + validation + typical callbacks", result, target)
+            raw, fit = predict_pair(w)
+            raw()
+            fit()
+            _print_row(f"{w.name}, predict (a no_grad pass)", interleave(raw, fit, runs), target)
+            result = run(w, runs, True, control=True)
+            _print_row(f"{w.name}, typical: raw / raw (the noise floor)", result, "")
         return
     if args.verbose:
         print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
