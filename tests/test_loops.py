@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import warnings
 
@@ -329,25 +330,26 @@ def test_an_error_in_validation_reaches_on_exception_once(blobs):
     assert seen == ["RuntimeError"]
 
 
-def test_predict_moves_outputs_in_chunks_and_gives_the_same_result(monkeypatch, blobs, device):
+@pytest.mark.parametrize("chunks", ["as on an accelerator", "as on the cpu"])
+def test_predict_moves_outputs_in_chunks_and_gives_the_same_result(monkeypatch, blobs, chunks):
     """On an accelerator the outputs come to the host in chunks; on the CPU they are there
     already and are joined once. Either way: the outputs of the whole input at once."""
     x, _ = blobs
-    model = make_model(device=device)
+    model = make_model()
     whole = model.predict(x, batch_size=16, verbose=0)
     joins = []
     concat = loops.tensors.concat_batches
     monkeypatch.setattr(loops.tensors, "concat_batches", lambda parts: joins.append(len(parts))
                         or concat(parts))  # fmt: skip
     monkeypatch.setattr(loops, "PREDICT_CHUNK_BYTES", 16 * 3 * 4 * 2)  # two batches a chunk
+    if chunks == "as on an accelerator":  # the path a GPU's outputs take, run on the CPU
+        monkeypatch.setattr(loops, "_outputs_move_in_chunks", lambda model, ranks: True)
     chunked = model.predict(x, batch_size=16, verbose=0)
     np.testing.assert_array_equal(whole, chunked)
-    # 15 batches: 7 chunks of two and the last batch, then the chunks joined; on the CPU the
-    # 15 batches joined at once
-    assert joins == ([15, 1] if device == "cpu" else [2] * 7 + [1, 8])
+    # 15 batches: 7 chunks of two and the last batch, then the 8 chunks joined; or one join
+    assert joins == ([2] * 7 + [1, 8] if chunks == "as on an accelerator" else [15])
     with torch.no_grad():
-        expected = model(torch.as_tensor(x, device=device)).cpu().numpy()
-    np.testing.assert_allclose(whole, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(whole, model(torch.as_tensor(x)).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_loop_counters_are_readable_from_callbacks(blobs):
@@ -493,3 +495,42 @@ def test_a_batch_with_a_0_d_tensor_trains_and_fit_returns():
     model.compile("sgd", "sparse_categorical_crossentropy", device="cpu")
     history = model.fit(batches, epochs=1, verbose=0)
     assert len(history.history["loss"]) == 1
+
+
+class _StageCounter(Callback):
+    """Sends every step through the staged path (unscale, ``on_after_backward``, clipping,
+    the average) and counts the complete gradients it sees."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_after_backward(self, batch: int) -> None:
+        self.calls += 1
+
+
+def test_a_plain_step_trains_as_the_staged_step_and_a_torch_loop(blobs):
+    """Without accumulation, loss scaling, clipping, an average or ``on_after_backward``, a
+    step is torch's own ``loss.backward()`` and ``optimizer.step()``; the same fit through
+    every stage (an ``on_after_backward`` callback) and a hand-written loop give the same
+    weights."""
+    x, y = blobs
+    torch.manual_seed(0)
+    plain = make_model(optimizer="sgd", metrics=None)
+    staged = make_model(optimizer="sgd", metrics=None)
+    staged.set_weights(plain.get_weights())
+    net = copy.deepcopy(plain.module)
+    counter = _StageCounter()
+    plain.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    staged.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[counter])
+    assert counter.calls == 2 * 8  # 240 samples, batches of 32: 8 steps an epoch
+    opt = torch.optim.SGD(net.parameters(), lr=0.02)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    for _ in range(2):
+        for i in range(0, 240, 32):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xt[i : i + 32]), yt[i : i + 32]).backward()
+            opt.step()
+    for name, value in plain.get_weights().items():
+        torch.testing.assert_close(value, staged.get_weights()[name], rtol=0, atol=0)
+        torch.testing.assert_close(value, net.state_dict()[name.removeprefix("module.")],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip

@@ -355,6 +355,10 @@ class ArraySource:
                     slice(i, i + bs) if order is None else order[i : i + bs]
                 )
                 yield x[index], y[index]
+        elif len(parts) == 1 and isinstance(parts[0], torch.Tensor):  # inputs alone: predict
+            (x,) = parts
+            for i in range(start * bs, end, bs):
+                yield (x[slice(i, i + bs) if order is None else order[i : i + bs]],)
         else:
             for i in range(start * bs, end, bs):
                 index = slice(i, i + bs) if order is None else order[i : i + bs]

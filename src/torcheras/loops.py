@@ -125,6 +125,7 @@ class FitLoop:
         model = self.model
         model._log_to = None
         model._stepping.callbacks = None
+        model._stepping.plain = False  # steps run outside fit take every stage
         model._expect_padded_labels(True)  # steps run outside fit see any labels
         self.loop._fit = None
         batch, sources = self.current_batch, (self.train_source, self.val_source)
@@ -349,6 +350,7 @@ class FitLoop:
         loop.epoch, loop.batch, loop.epoch_done = epoch, -1, False
         self.stepping.start_epoch()
         callbacks.on_epoch_begin(epoch)
+        self.stepping.choose_path()  # after on_epoch_begin, which may change the settings
         model.train()
         order, start = self._start_epoch(epoch, position)
         self.order = order
@@ -684,20 +686,18 @@ def evaluate(
 def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None) -> Any:
     """The outputs of ``predict_step`` over ``source``, concatenated on the host.
 
-    Outputs stay on the device and move to the host in chunks (one copy per chunk, not one
-    blocking copy per batch), unless a callback reads each batch's outputs.
+    On an accelerator, outputs stay on the device and move to the host in chunks (one copy
+    per chunk, not one blocking copy per batch), unless a callback reads each batch's
+    outputs; on the CPU they are joined once at the end.
     """
     was_training = model.training
     model.eval()
     model.stop_predicting = False
     needs_begin = callbacks.needs("on_predict_batch_begin")
     needs_end = callbacks.needs("on_predict_batch_end")
-    # On the CPU there is nothing to move: no stager, and the outputs are on the host already
-    # (gathered once at the end, no chunks to count).
-    on_cpu = model.device.type == "cpu"
-    stage = None if on_cpu else data.DeviceStager(model.device)
+    stage = None if model.device.type == "cpu" else data.DeviceStager(model.device)
     rank, ranks = distributed.rank(), distributed.world_size()
-    chunked = not on_cpu or ranks > 1
+    chunked = _outputs_move_in_chunks(model, ranks)
     mixed = model.precision.mixed  # half-precision outputs come back as float32
     on_host: list[Any] = []
     on_device: list[Any] = []
@@ -732,6 +732,8 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
                         on_device, device_bytes = [], 0
                 if model.stop_predicting:
                     break
+            if not chunked:  # the CPU: one join of every batch's outputs
+                return tensors.to_cpu(tensors.concat_batches(on_device))
             if on_device:
                 on_host.append(tensors.to_cpu(tensors.concat_batches(on_device)))
     finally:
@@ -740,6 +742,13 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
     if ranks > 1:  # every rank predicted its part of each batch: put them back in order
         return _gather_in_order(on_host)
     return tensors.concat_batches(on_host)
+
+
+def _outputs_move_in_chunks(model: Any, ranks: int) -> bool:
+    """Whether predict moves its outputs to the host chunk by chunk: they are on an
+    accelerator, or the ranks gather them batch by batch. On the CPU alone they are on the
+    host already: nothing to count per batch, one join at the end."""
+    return model.device.type != "cpu" or ranks > 1
 
 
 def _gather_in_order(per_batch: list[Any]) -> Any:

@@ -155,11 +155,12 @@ class CompiledStep:
 class Stepping:
     """How one ``fit`` turns losses into optimizer steps (see the module's docstring).
 
-    The loop calls :meth:`start_epoch`, then per training batch :meth:`place` before it,
-    :meth:`run` for it and :meth:`end_batch` after it, and :meth:`end_epoch` after the
-    epoch's last batch. The model's seams call :meth:`zero_grad` (``train_step``),
-    :meth:`backward` and :meth:`apply` (``optimizer_step``). Counters and position live on
-    ``loop`` (``model.loop``), which callbacks read.
+    The loop calls :meth:`start_epoch` and, after ``on_epoch_begin``, :meth:`choose_path`;
+    then per training batch :meth:`place` before it, :meth:`run` for it and
+    :meth:`end_batch` after it; and :meth:`end_epoch` after the epoch's last batch. The
+    model's seams call :meth:`zero_grad` (``train_step``), :meth:`backward` and
+    :meth:`apply` (``optimizer_step``). Counters and position live on ``loop``
+    (``model.loop``), which callbacks read.
     """
 
     def __init__(self, model: Any, loop: Any, callbacks: Any = None) -> None:
@@ -175,14 +176,19 @@ class Stepping:
         self.group_size = 1  # micro-batches in the current group (fewer for a short last one)
         self.open_group = False  # a backward ran in a group whose update is not applied yet
         self._fsdp_syncs = True  # FSDP reduces gradients in each backward (its default)
-        # Nothing between backward and the optimizer's step (set per epoch; see _is_plain):
-        # backward is loss.backward(), the step optimizer.step().
+        # Nothing between backward and the optimizer's step (chosen per epoch, see
+        # choose_path): backward is loss.backward(), the step optimizer.step().
         self.plain = False
 
+    def choose_path(self) -> None:
+        """At an epoch's start (after ``on_epoch_begin``): whether this epoch's steps are
+        plain. One process, every batch a step, float32 or bfloat16 (no loss scale), no
+        clipping, no weight average, no compiled step, no ``on_after_backward``: the step is
+        then torch's own two calls, none of the stages above having anything to do. Settings
+        are read here, so one changed by a batch hook takes effect from the next epoch."""
+        self.plain = self._is_plain()
+
     def _is_plain(self) -> bool:
-        """One process, every batch a step, float32 or bfloat16 (no loss scale), no clipping,
-        no weight average, no compiled step, no ``on_after_backward``: the step is torch's
-        own two calls, with none of the stages above to run between them."""
         model, precision = self.model, self.model.precision
         callbacks = self.callbacks
         return (
@@ -205,7 +211,6 @@ class Stepping:
         loop = self.loop
         loop.micro_step, loop.accumulating = 0, False
         self.group_size, self.open_group = 1, False
-        self.plain = self._is_plain()
 
     def place(self, step: int, last_step: int | None) -> None:
         """Before a batch (with accumulation): its place in its group (``micro_step``), and

@@ -48,20 +48,6 @@ def _overrides(callback: Callback, hook: str) -> bool:
     return alias in vars(callback) or getattr(type(callback), alias) is not getattr(Callback, alias)
 
 
-def _bound(callback: Callback, hook: str) -> Any:
-    """The method to call for ``hook``: Keras's alias itself (``on_batch_end``) where the
-    callback overrides only the alias, not the base hook that forwards to it (one call less a
-    batch)."""
-    alias = _ALIASES.get(hook)
-    if (
-        alias is not None
-        and hook not in vars(callback)
-        and getattr(type(callback), hook) is getattr(Callback, hook)
-    ):
-        return getattr(callback, alias)
-    return getattr(callback, hook)
-
-
 def _flatten(callbacks: Iterable[Any] | Callback | None) -> list[Callback]:
     if callbacks is None:
         return []
@@ -123,7 +109,7 @@ class CallbackList(Callback):
     def _build_dispatch(self) -> None:
         writer = distributed.is_main()  # under torchrun, rank 0 alone runs the writers
         running = [cb for cb in self.callbacks if writer or not cb.rank_zero_only]
-        self._active = {h: [_bound(cb, h) for cb in running if _overrides(cb, h)] for h in HOOKS}
+        self._active = {h: [getattr(cb, h) for cb in running if _overrides(cb, h)] for h in HOOKS}
         self._declared = {h: any(_overrides(cb, h) for cb in self.callbacks) for h in HOOKS}
 
     def append(self, callback: Callback) -> None:
