@@ -108,9 +108,12 @@ class CallbackList(Callback):
 
     def _build_dispatch(self) -> None:
         writer = distributed.is_main()  # under torchrun, rank 0 alone runs the writers
-        running = [cb for cb in self.callbacks if writer or not cb.rank_zero_only]
-        self._active = {h: [getattr(cb, h) for cb in running if _overrides(cb, h)] for h in HOOKS}
-        self._declared = {h: any(_overrides(cb, h) for cb in self.callbacks) for h in HOOKS}
+        overriding = {h: [cb for cb in self.callbacks if _overrides(cb, h)] for h in HOOKS}
+        self._active = {
+            h: [getattr(cb, h) for cb in cbs if writer or not cb.rank_zero_only]
+            for h, cbs in overriding.items()
+        }
+        self._declared = {h: bool(cbs) for h, cbs in overriding.items()}
 
     def append(self, callback: Callback) -> None:
         self.callbacks.append(callback)
