@@ -60,6 +60,32 @@ def test_batch_logs_copy_dict_and_json_work(blobs):
     assert sorted(copied) == ["accuracy", "loss"] and all(type(v) is float for v in copied.values())
 
 
+def test_a_callback_editing_one_batchs_logs_leaves_the_other_batches_alone(blobs):
+    """Keys set or deleted on batch 0's logs show in batch 0's logs only (later callbacks
+    see the edit, as in Keras); batch 1 is as the loop made it."""
+    x, y = blobs
+    seen = []
+
+    def edit(batch, logs):
+        if batch == 0:
+            logs["note"] = 1.0
+            del logs["accuracy"]
+
+    make_model().fit(
+        x,
+        y,
+        epochs=1,
+        batch_size=120,
+        verbose=0,
+        callbacks=[
+            LambdaCallback(on_train_batch_end=edit),
+            LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(dict(logs))),
+        ],
+    )
+    assert sorted(seen[0]) == ["loss", "note"] and seen[0]["note"] == 1.0
+    assert sorted(seen[1]) == ["accuracy", "loss"]
+
+
 def test_batch_logs_are_read_from_the_device_once_and_only_when_read(blobs):
     x, y = blobs
     keep = KeepLogs()

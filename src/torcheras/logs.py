@@ -9,6 +9,8 @@ how ``fit`` avoids a device synchronisation per batch.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, MutableMapping
+from functools import partial
+from operator import truediv
 from typing import Any
 
 import torch
@@ -76,7 +78,8 @@ class RunningMeans:
     def snapshot(self) -> dict[str, Any]:
         """The current means, each computed only when read (no device work now)."""
         self._unshared.clear()  # the snapshot holds every total: the next add replaces it
-        return {key: _Quotient(total, self._weights[key]) for key, total in self._totals.items()}
+        weights = self._weights
+        return {key: partial(truediv, total, weights[key]) for key, total in self._totals.items()}
 
     def reset(self) -> None:
         self._totals.clear()
@@ -154,21 +157,13 @@ def to_float_logs(logs: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-class _Quotient:
-    """``total / weight``, divided when read (the total is never changed in place)."""
-
-    __slots__ = ("total", "weight")
-
-    def __init__(self, total: Any, weight: float) -> None:
-        self.total, self.weight = total, weight
-
-    def __call__(self) -> Any:
-        return self.total / self.weight
-
-
 def _resolve(value: Any) -> Any:
     """A snapshot value: a tensor or number, or a deferred metric result (a callable)."""
     return value() if callable(value) else value
+
+
+_NO_EXTRA: dict[str, Any] = {}  # shared, never written: replaced on a BatchLogs' first edit
+_NO_DELETED: frozenset[str] = frozenset()
 
 
 class BatchLogs(MutableMapping[str, Any]):
@@ -185,8 +180,9 @@ class BatchLogs(MutableMapping[str, Any]):
     def __init__(self, snapshot: dict[str, Any]) -> None:
         self._snapshot = snapshot  # tensors (or deferred results) that nothing changes later
         self._values: dict[str, Any] | None = None
-        self._extra: dict[str, Any] = {}
-        self._deleted: set[str] = set()
+        # keys set / deleted by callbacks: made on the first edit (most batch logs get none)
+        self._extra: dict[str, Any] = _NO_EXTRA
+        self._deleted: frozenset[str] | set[str] = _NO_DELETED
         self._sorted = False
 
     def _materialize(self) -> dict[str, Any]:
@@ -212,13 +208,17 @@ class BatchLogs(MutableMapping[str, Any]):
         return self._materialize()[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
+        if self._extra is _NO_EXTRA:
+            self._extra = {}
         self._extra[key] = value
 
     def __delitem__(self, key: str) -> None:
         if key in self._extra:
             del self._extra[key]
         elif self._has(key):
-            self._deleted.add(key)
+            if self._deleted is _NO_DELETED:
+                self._deleted = set()
+            self._deleted.add(key)  # type: ignore[union-attr]
         else:
             raise KeyError(key)
 
