@@ -792,7 +792,8 @@ class Model(nn.Module):
 
     def predict_step(self, batch: Any) -> Any:
         """The model's outputs for one batch."""
-        x, _, _ = data.unpack(batch)
+        # predict's batches of inputs alone are 1-tuples: unpacked here without a call
+        x = batch[0] if type(batch) is tuple and len(batch) == 1 else data.unpack(batch)[0]
         if self.precision.dtype is None:  # float32: no autocast context to enter per batch
             return self.call_on(x)
         with self.precision.autocast():
