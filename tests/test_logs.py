@@ -3,8 +3,10 @@ used, and a custom train_step's metric results are logged as results."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -84,6 +86,25 @@ def test_a_callback_editing_one_batchs_logs_leaves_the_other_batches_alone(blobs
     )
     assert sorted(seen[0]) == ["loss", "note"] and seen[0]["note"] == 1.0
     assert sorted(seen[1]) == ["accuracy", "loss"]
+
+
+def test_kept_batch_logs_copied_or_pickled_edit_independently(blobs):
+    """A callback that keeps batch logs and deep-copies or pickles them (to save them) gets
+    copies that each take their own edits: del, pop, setdefault, clear, set."""
+    x, y = blobs
+    kept = []
+    make_model().fit(
+        x, y, epochs=1, batch_size=120, verbose=0,
+        callbacks=[LambdaCallback(on_train_batch_end=lambda batch, logs: kept.append(logs))],
+    )  # fmt: skip
+    for first, second in (copy.deepcopy(kept), pickle.loads(pickle.dumps(kept))):
+        del first["accuracy"]
+        assert first.pop("loss") == kept[0]["loss"]
+        first.setdefault("note", 2.0)
+        assert dict(first) == {"note": 2.0}
+        assert sorted(second) == ["accuracy", "loss"] and second == dict(kept[1])
+        second.clear()
+        assert dict(second) == {} and sorted(kept[1]) == ["accuracy", "loss"]
 
 
 def test_batch_logs_are_read_from_the_device_once_and_only_when_read(blobs):

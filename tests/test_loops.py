@@ -520,9 +520,13 @@ def test_a_plain_step_trains_as_the_staged_step_and_a_torch_loop(blobs):
     staged.set_weights(plain.get_weights())
     net = copy.deepcopy(plain.module)
     counter = _StageCounter()
-    plain.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
-    staged.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[counter])
+    paths = []
+    record = LambdaCallback(on_train_batch_begin=lambda b, logs: paths.append(
+        (plain._stepping.plain, staged._stepping.plain)))  # fmt: skip
+    plain.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+    staged.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[counter, record])
     assert counter.calls == 2 * 8  # 240 samples, batches of 32: 8 steps an epoch
+    assert paths[:16] == [(True, False)] * 16 and paths[16:] == [(False, False)] * 16
     opt = torch.optim.SGD(net.parameters(), lr=0.02)
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     for _ in range(2):

@@ -162,10 +162,6 @@ def _resolve(value: Any) -> Any:
     return value() if callable(value) else value
 
 
-_NO_EXTRA: dict[str, Any] = {}  # shared, never written: replaced on a BatchLogs' first edit
-_NO_DELETED: frozenset[str] = frozenset()
-
-
 class BatchLogs(MutableMapping[str, Any]):
     """The logs of one batch: a snapshot of its values, read from the device on first read.
 
@@ -181,8 +177,8 @@ class BatchLogs(MutableMapping[str, Any]):
         self._snapshot = snapshot  # tensors (or deferred results) that nothing changes later
         self._values: dict[str, Any] | None = None
         # keys set / deleted by callbacks: made on the first edit (most batch logs get none)
-        self._extra: dict[str, Any] = _NO_EXTRA
-        self._deleted: frozenset[str] | set[str] = _NO_DELETED
+        self._extra: dict[str, Any] | None = None
+        self._deleted: set[str] | None = None
         self._sorted = False
 
     def _materialize(self) -> dict[str, Any]:
@@ -198,43 +194,51 @@ class BatchLogs(MutableMapping[str, Any]):
         return self._snapshot
 
     def _has(self, key: object) -> bool:
-        return key in self._snapshot and key not in self._deleted
+        return key in self._snapshot and (self._deleted is None or key not in self._deleted)
+
+    def _shown(self) -> Iterator[str]:
+        """The snapshot's keys neither deleted nor replaced by a callback's own value."""
+        deleted, extra = self._deleted or (), self._extra or {}
+        return (k for k in self._keys() if k not in deleted and k not in extra)
 
     def __getitem__(self, key: str) -> Any:
-        if key in self._extra:
-            return self._extra[key]
+        extra = self._extra
+        if extra is not None and key in extra:
+            return extra[key]
         if not self._has(key):
             raise KeyError(key)
         return self._materialize()[key]
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if self._extra is _NO_EXTRA:
+        if self._extra is None:
             self._extra = {}
         self._extra[key] = value
 
     def __delitem__(self, key: str) -> None:
-        if key in self._extra:
+        if self._extra is not None and key in self._extra:
             del self._extra[key]
         elif self._has(key):
-            if self._deleted is _NO_DELETED:
+            if self._deleted is None:
                 self._deleted = set()
-            self._deleted.add(key)  # type: ignore[union-attr]
+            self._deleted.add(key)
         else:
             raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
-        yield from (k for k in self._keys() if k not in self._deleted and k not in self._extra)
-        yield from self._extra
+        yield from self._shown()
+        yield from self._extra or ()
 
     def __len__(self) -> int:
-        deleted, extra = self._deleted, self._extra
-        return sum(1 for k in self._snapshot if k not in deleted and k not in extra) + len(extra)
+        return sum(1 for _ in self._shown()) + len(self._extra or ())
 
     def __bool__(self) -> bool:  # ``logs or {}`` per batch: no count, no sort
-        return bool(self._extra) or any(k not in self._deleted for k in self._snapshot)
+        if self._extra:
+            return True
+        deleted = self._deleted or ()
+        return any(k not in deleted for k in self._snapshot)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._extra or self._has(key)
+        return (self._extra is not None and key in self._extra) or self._has(key)
 
     def __repr__(self) -> str:
         return f"BatchLogs({dict(self)!r})"
@@ -245,7 +249,7 @@ class BatchLogs(MutableMapping[str, Any]):
 
     def raw(self, key: str) -> Any:
         """The value of ``key`` as it is on the device (a tensor), without synchronising."""
-        if key in self._extra:
+        if self._extra is not None and key in self._extra:
             return self._extra[key]
         if not self._has(key):
             raise KeyError(key)

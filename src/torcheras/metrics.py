@@ -229,6 +229,12 @@ def count_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _mean_of(total: Tensor, count: Tensor | float, transform: Any) -> Tensor:
+    """A mean metric's result from a held total and count (what its snapshots compute)."""
+    mean = total / count
+    return transform(mean) if transform is not None else mean
+
+
 class MeanMetric(Metric):
     """The (weighted) mean of a per-sample function over everything seen since ``reset``.
 
@@ -318,16 +324,11 @@ class MeanMetric(Metric):
     def snapshot(self) -> Callable[[], Tensor | float]:
         """The result as of now, computed only when called. Nothing is copied: the total it
         holds is replaced, not changed in place, by the updates after it."""
-        total, count, transform = self._total, self._count, self.transform
+        total = self._total
         if total is None:
-            return lambda: 0.0
+            return functools.partial(float, 0.0)
         self._total_unshared = False  # held from now on: the next update replaces it
-
-        def compute() -> Tensor:
-            mean = total / count
-            return transform(mean) if transform is not None else mean
-
-        return compute
+        return functools.partial(_mean_of, total, self._count, self.transform)
 
     def all_reduce(self, reduce_sum: Callable[[list[Any]], list[Any]]) -> None:
         """Sum the state over every rank (distributed training): the global mean."""
@@ -1006,7 +1007,13 @@ class Sum(Mean):
 
     def snapshot(self) -> Callable[[], Tensor | float]:
         total, self._total_unshared = self._total, False
-        return lambda: 0.0 if total is None else total
+        if total is None:
+            return functools.partial(float, 0.0)
+        return functools.partial(_identity, total)
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 class MeanMetricWrapper(MeanMetric):

@@ -50,7 +50,7 @@ class TerminateOnNaN(Callback):
     def on_train_batches_end(self, epoch: int) -> None:
         self._settle()  # after the epoch's last batch, before validation
 
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+    def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if type(logs) is not BatchLogs:  # plain floats (a hand-written loop): check now
             if logs and "loss" in logs:
                 self._check(batch, float(logs["loss"]))
@@ -62,8 +62,6 @@ class TerminateOnNaN(Callback):
         unread.append((batch, logs))
         if len(unread) >= MAX_UNREAD:
             self._settle()
-
-    on_batch_end = on_train_batch_end  # Keras's name; the loop calls the one above directly
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._settle()  # a hand-written loop has no end-of-batches point: check here
