@@ -1374,8 +1374,9 @@ def get(metric: Any, loss: losses.CompiledLoss | None = None) -> Metric:
 
 
 def _is_torchmetric(obj: Any) -> bool:
-    torchmetrics = sys.modules.get("torchmetrics")  # not imported: nothing can be one
-    return torchmetrics is not None and isinstance(obj, torchmetrics.Metric)
+    # torchmetrics not imported (or still importing): nothing can be one of its metrics
+    metric_class = getattr(sys.modules.get("torchmetrics"), "Metric", None)
+    return metric_class is not None and isinstance(obj, metric_class)
 
 
 def tracked(model: Any) -> dict[str, Metric]:
