@@ -96,6 +96,15 @@ class Precision:
     def mixed(self) -> bool:
         return self.dtype is not None
 
+    @property
+    def clips(self) -> bool:
+        """Whether gradients are clipped (``clipnorm``, ``global_clipnorm`` or ``clipvalue``)."""
+        return (
+            self.clipnorm is not None
+            or self.global_clipnorm is not None
+            or self.clipvalue is not None
+        )
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward pass and the loss run in the mixed dtype (nothing happens for ``"32"``)."""
         if self.dtype is None:
@@ -117,7 +126,7 @@ class Precision:
 
     def clip(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip the optimizer's gradients as configured, on the device, without a sync."""
-        if self.clipnorm is None and self.global_clipnorm is None and self.clipvalue is None:
+        if not self.clips:
             return
         self.unscale(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]

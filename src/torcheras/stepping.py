@@ -197,9 +197,7 @@ class Stepping:
             and self.fsdp is None
             and not distributed.is_active()
             and precision.scaler is None
-            and precision.clipnorm is None
-            and precision.global_clipnorm is None
-            and precision.clipvalue is None
+            and not precision.clips
             and model.ema is None
             and model._compiled is None
             and model.optimizer is not None
