@@ -48,3 +48,22 @@ def test_version_prints_the_package_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"torcheras {torcheras.__version__}"
+
+
+def test_a_reader_that_leaves_early_stops_the_command_quietly(tmp_path):
+    """`torcheras demo | head -1`: the first line arrives, then the command stops without a
+    traceback (Unix tools' behaviour when their reader goes away)."""
+    command = Path(sys.executable).parent / "torcheras"
+    argv = [str(command)] if command.exists() else [sys.executable, "-m", "torcheras.cli"]
+    process = subprocess.Popen(
+        [*argv, "demo", "--out", str(tmp_path), "--epochs", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = process.stdout.readline()
+    process.stdout.close()  # as `head -1` does after its line
+    stderr = process.stderr.read()
+    assert process.wait(timeout=600) == 1
+    assert first.startswith("torcheras demo: ")
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -80,6 +80,25 @@ def _print_info(info: dict[str, Any], prefix: str = "") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``torcheras`` command; its exit code.
+
+    Example:
+        ```console
+        $ torcheras demo --epochs 5
+        $ torcheras inspect runs/demo/best.pt
+        ```
+    """
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # The reader left early (``torcheras demo | head``): stop quietly, as Unix tools do.
+        # stdout points at devnull, so that the flush at exit raises no second error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="torcheras", description="Keras-style training for PyTorch."
     )
