@@ -107,6 +107,24 @@ def test_kept_batch_logs_copied_or_pickled_edit_independently(blobs):
         assert dict(second) == {} and sorted(kept[1]) == ["accuracy", "loss"]
 
 
+def test_kept_batch_logs_of_state_and_torchmetrics_metrics_pickle_with_their_values(blobs):
+    """Batch logs of a metric kept as a state (MeanIoU) and of a torchmetrics metric pickle
+    (a callback sending them to another process) and read back the values of their batch."""
+    torchmetrics = pytest.importorskip("torchmetrics")
+    x, y = blobs
+    keep, read = KeepLogs(), []
+    probe = LambdaCallback(on_train_batch_end=lambda b, logs: read.append(dict(logs)))
+    accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3, average="micro")
+    model = make_model(
+        metrics=[metrics.MeanIoU(num_classes=3, name="iou", sparse_y_pred=False), accuracy]
+    )
+    model.fit(x, y, epochs=1, batch_size=60, verbose=0, callbacks=[keep, probe])
+    restored = pickle.loads(pickle.dumps(keep.kept))
+    assert [dict(logs) for logs in restored] == read
+    assert sorted(read[0]) == ["iou", "loss", "multiclass_accuracy"]
+    assert len({logs["iou"] for logs in read}) > 1  # each batch's own value, not the last
+
+
 def test_batch_logs_are_read_from_the_device_once_and_only_when_read(blobs):
     x, y = blobs
     keep = KeepLogs()

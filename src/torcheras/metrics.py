@@ -202,7 +202,11 @@ class StateMetric(Metric):
         """The result as of now, computed only when called (the state is never changed in
         place, so nothing is copied)."""
         state = self._state
-        return (lambda: 0.0) if state is None else (lambda: self._compute(state))
+        return (
+            functools.partial(float, 0.0)
+            if state is None
+            else functools.partial(self._compute, state)
+        )
 
     def all_reduce(self, reduce_sum: Callable[[list[Any]], list[Any]]) -> None:
         """Sum the state over every rank (distributed training)."""
@@ -427,24 +431,7 @@ class TorchMetric(Metric):
             for k in metric._defaults
             for v in [getattr(metric, k)]
         }
-
-        def compute() -> Any:
-            current = {k: getattr(metric, k) for k in state}
-            cached, to_sync = metric._computed, metric._to_sync
-            try:
-                for k, v in state.items():
-                    setattr(metric, k, v)
-                metric._computed = None
-                # A batch value is this rank's (read by one rank, such as the progress bar's):
-                # torchmetrics' sync is a collective that only the epoch's result may make.
-                metric._to_sync = False
-                return metric.compute()
-            finally:
-                for k, v in current.items():
-                    setattr(metric, k, v)
-                metric._computed, metric._to_sync = cached, to_sync
-
-        return compute
+        return functools.partial(_torchmetric_result, metric, state)
 
     def reset(self) -> None:
         self.metric.reset()
@@ -457,6 +444,24 @@ class TorchMetric(Metric):
         for k, v in state.items():
             setattr(self.metric, k, v)
         self.metric._update_count = 1
+
+
+def _torchmetric_result(metric: Any, state: dict[str, Any]) -> Any:
+    """``metric``'s result for a copied ``state`` (a batch snapshot), its own state left as it
+    was. A batch value is this rank's (read by one rank, such as the progress bar's):
+    torchmetrics' sync is a collective that only the epoch's result may make."""
+    current = {k: getattr(metric, k) for k in state}
+    cached, to_sync = metric._computed, metric._to_sync
+    try:
+        for k, v in state.items():
+            setattr(metric, k, v)
+        metric._computed = None
+        metric._to_sync = False
+        return metric.compute()
+    finally:
+        for k, v in current.items():
+            setattr(metric, k, v)
+        metric._computed, metric._to_sync = cached, to_sync
 
 
 # ---- accuracy-like functions (per sample, 1.0 = correct) --------------------------------------
