@@ -84,6 +84,23 @@ def test_fsdp_ends_with_the_weights_and_history_of_ddp_and_of_one_process(runs, 
     assert fsdp["summary"] == single["summary"]
 
 
+def test_get_weights_of_a_sharded_model_are_the_whole_tensors_on_every_rank(runs):
+    """Keras's get_weights gives whole arrays: under FSDP every rank gets the whole tensors
+    (no shards) under the names one process has, and set_weights takes them back."""
+    for case in ("mlp", "transformer", "subclass"):
+        single = runs["one"][0][case, "auto"]["get_weights"]
+        for rank in runs["two"]:
+            got = rank[case, "fsdp"]["get_weights"]
+            assert got.keys() == single.keys()
+            for key, value in got.items():
+                assert type(value) is torch.Tensor, (case, key, type(value))
+                assert value.shape == single[key].shape
+                torch.testing.assert_close(value, rank[case, "fsdp"]["weights"][key])
+                # set_weights takes them back whole, each rank keeping its part
+                after = rank[case, "fsdp"]["after_set_weights"][key]
+                torch.testing.assert_close(after, value + 1)
+
+
 def test_the_blocks_are_the_layers_by_default_a_policy_or_the_model_itself(runs):
     results = runs["two"][0]
     assert results["mlp", "fsdp"]["fsdp_modules"] == MLP_BLOCKS  # each Linear, then the root

@@ -328,7 +328,26 @@ class Model(nn.Module):
         optimizers.set_learning_rate(self.optimizer, value)
 
     def get_weights(self) -> dict[str, Tensor]:
-        """A detached copy of the model's state (on its device)."""
+        """A detached copy of the model's state (on its device). A model sharded by FSDP
+        gives whole tensors on every rank (every rank must call it), as :meth:`set_weights`
+        takes them.
+
+        Example:
+            ```python
+            before = model.get_weights()
+            model.fit(x, y, epochs=1)
+            model.set_weights(before)  # back to the weights before that epoch
+            ```
+        """
+        if is_sharded(self):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            # gathered whole on every rank (a collective), as Keras's arrays are whole
+            state = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True))
+            return {k: v.detach().clone() for k, v in state.items()}
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
     def set_weights(self, weights: Mapping[str, Tensor] | Sequence[Any]) -> None:
@@ -348,7 +367,9 @@ class Model(nn.Module):
             )
 
             # whole tensors into a sharded model: each rank keeps its part of each
-            set_model_state_dict(self, dict(weights), StateDictOptions(full_state_dict=True))
+            set_model_state_dict(
+                self, dict(weights), options=StateDictOptions(full_state_dict=True)
+            )
             return
         self.load_state_dict(weights)
 

@@ -197,8 +197,9 @@ def run(name: str, strategy: str) -> dict:
     memory = local_bytes(model)  # the gradients of the last step are still there
     lines: list[str] = []
     model.summary(print_fn=lines.append)
-    return {
+    result = {
         "weights": {k: whole(v) for k, v in model.state_dict().items()},
+        "get_weights": model.get_weights(),
         "history": history.history,
         "evaluate": model.evaluate(*validation, batch_size=15, verbose=0, return_dict=True),
         "predict": torch.as_tensor(model.predict(x[:50], batch_size=16, verbose=0)),
@@ -211,6 +212,10 @@ def run(name: str, strategy: str) -> dict:
             name for name, m in model.named_modules() if type(m).__name__.startswith("FSDP")
         ),
     }
+    # whole tensors back into the (sharded) model, as Keras's set_weights takes arrays
+    model.set_weights({k: v + 1 for k, v in result["get_weights"].items()})
+    result["after_set_weights"] = model.get_weights()
+    return result
 
 
 # under torchrun, the cases DDP runs too (the others: FSDP alone, against one process)

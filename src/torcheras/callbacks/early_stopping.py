@@ -7,13 +7,15 @@ from typing import Any
 from torcheras import distributed
 from torcheras.callbacks.callback import Callback
 from torcheras.callbacks.monitor import Monitor
+from torcheras.state import is_sharded
 
 __all__ = ["EarlyStopping", "get_weights", "set_weights"]
 
 
 def get_weights(model: Any) -> Any:
-    """A detached copy of the weights of a torcheras Model or a plain nn.Module."""
-    if hasattr(model, "get_weights"):
+    """A detached copy of the weights of a torcheras Model or a plain nn.Module; of a model
+    sharded by FSDP, each rank's own shards (kept at the shards' cost, not gathered)."""
+    if hasattr(model, "get_weights") and not is_sharded(model):
         return model.get_weights()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
