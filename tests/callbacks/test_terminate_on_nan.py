@@ -118,3 +118,18 @@ def test_logs_read_by_another_callback_are_checked_at_the_next_batch(capsys):
     )
     assert "Batch 3: Invalid loss, terminating training" in capsys.readouterr().out
     assert len(batches) == 5  # batch 3 was read by the reader, so batch 4's check caught it
+
+
+def test_on_the_cpu_a_bad_loss_is_found_within_32_batches_without_a_reader(capsys):
+    """On the CPU a read waits for nothing: unread batch logs are checked every 32 batches
+    (not kept by the hundred), so a long epoch stops soon after the loss went bad."""
+    from torcheras.callbacks import LambdaCallback
+
+    x, y = _poisoned(n=3200, bad_from=96)  # 100 batches of 32; batch 3 is the first bad one
+    batches = []
+    count = LambdaCallback(on_train_batch_end=lambda batch, logs: batches.append(batch))
+    history = make_model().fit(
+        x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[count, TerminateOnNaN()]
+    )
+    assert "Batch 3: Invalid loss, terminating training" in capsys.readouterr().out
+    assert history.epoch == [0] and batches == list(range(32))
