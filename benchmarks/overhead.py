@@ -25,6 +25,7 @@ benchmark.
     python benchmarks/overhead.py --jit        # the tiny MLP, eager and jit_compile rows only
     python benchmarks/overhead.py --common     # the common path: loss only, accuracy (mae)
                                                # + validation, + typical callbacks, predict
+    python benchmarks/overhead.py --common --only tiny --runs 100  # one workload, more runs
     python benchmarks/overhead.py --verbose    # the verbose=1 / verbose=0 row only
     python benchmarks/overhead.py --throughput # ThroughputMonitor / no callback
 
@@ -609,9 +610,22 @@ def run_throughput(w: Workload, repeats: int, **monitor: Any) -> Result:
     return interleave(plain, monitored, repeats)
 
 
+def _chosen(only: str) -> list[Workload]:
+    chosen = [w for w in WORKLOADS if w.name.startswith(only)]
+    if not chosen:
+        raise SystemExit(f"--only {only!r}: no workload's name starts so; try tiny or wide")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument(
+        "--only", default="", help="the workloads whose name starts so (tiny, wide)"
+    )
+    parser.add_argument(
+        "--runs", type=int, help="fit runs per row (default: tiny 30, wide 12; --quick 4)"
+    )
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--jit", action="store_true", help="eager and jit_compile rows only")
@@ -629,8 +643,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.common:
         print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
-        for w in WORKLOADS[:1] if args.quick else WORKLOADS:
-            runs = 4 if args.quick else w.runs
+        for w in WORKLOADS[:1] if args.quick else _chosen(args.only):
+            runs = args.runs or (4 if args.quick else w.runs)
             tiny = w is WORKLOADS[0]
             target = "<=1.05" if tiny else "<=1.02"
             _print_row(f"{w.name}, loss only", run(w, runs, False), "<=1.03" if tiny else target)
@@ -653,12 +667,12 @@ def main() -> None:
         return
     if args.verbose:
         print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
-        r = run_verbose(WORKLOADS[0], 4 if args.quick else WORKLOADS[0].runs)
+        r = run_verbose(WORKLOADS[0], args.runs or (4 if args.quick else WORKLOADS[0].runs))
         _print_row(WORKLOADS[0].name + ": verbose=1 (live bar) / verbose=0", r, "<=1.02")
         return
     if args.throughput:
         print(f"{'setting':<62} {'none s/ep':>9} {'with s/ep':>9} {'ratio':>7} {'IQR':>13}")
-        w, repeats = WORKLOADS[0], 4 if args.quick else WORKLOADS[0].runs
+        w, repeats = WORKLOADS[0], args.runs or (4 if args.quick else WORKLOADS[0].runs)
         for label, monitor in (("ThroughputMonitor()", {}),
                                ("ThroughputMonitor(log_every_n_steps=50)",
                                 {"log_every_n_steps": 50})):  # fmt: skip
@@ -667,7 +681,7 @@ def main() -> None:
         return
     if args.jit:
         print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13}")
-        for label, r in eager_and_jit(WORKLOADS[0], 4 if args.quick else 12):
+        for label, r in eager_and_jit(WORKLOADS[0], args.runs or (4 if args.quick else 12)):
             _print_row(label, r, "")
         return
     print(
@@ -677,8 +691,8 @@ def main() -> None:
     )
     print(f"{'setting':<62} {'raw s/ep':>9} {'fit s/ep':>9} {'ratio':>7} {'IQR':>13} {'target':>7}")
     table = []
-    for w in WORKLOADS:
-        repeats = 4 if args.quick else w.runs
+    for w in _chosen(args.only):
+        repeats = args.runs or (4 if args.quick else w.runs)
         for with_cb in (False, True):
             r = run(w, repeats, with_cb)
             label = w.name + (" + typical callbacks" if with_cb else "")
@@ -687,7 +701,7 @@ def main() -> None:
         r = run(w, repeats, True, control=True)
         table.append((w.name + " + typical: raw / raw (the noise floor)", r, ""))
         _print_row(*table[-1])
-    r = run_verbose(WORKLOADS[0], 4 if args.quick else WORKLOADS[0].runs)
+    r = run_verbose(WORKLOADS[0], args.runs or (4 if args.quick else WORKLOADS[0].runs))
     table.append((WORKLOADS[0].name + ": verbose=1 (live bar) / verbose=0", r, "<=1.02"))
     _print_row(*table[-1])
     if args.markdown:
