@@ -15,7 +15,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import torcheras
-from torcheras import checkpoint, loops
+from torcheras import checkpoint, loops, stepping
 from torcheras.callbacks import (
     BackupAndRestore,
     Callback,
@@ -543,3 +543,92 @@ def test_a_plain_step_trains_as_the_staged_step_and_a_torch_loop(blobs):
         torch.testing.assert_close(value, staged.get_weights()[name], rtol=0, atol=0)
         torch.testing.assert_close(value, net.state_dict()[name.removeprefix("module.")],
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def _count_train_step_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the batches that go through ``Model.train_step`` itself (seen from the one call
+    only it makes, ``Stepping.zero_grad``: patching a seam would change the path)."""
+    calls = []
+    default = stepping.Stepping.zero_grad
+
+    def counted(self):
+        calls.append(self.loop.batch)
+        return default(self)
+
+    monkeypatch.setattr(stepping.Stepping, "zero_grad", counted)
+    return calls
+
+
+def test_the_inlined_step_trains_and_logs_exactly_as_train_step(blobs, monkeypatch):
+    """On the plain path the default step runs with its seams inlined: the same weights and
+    History, bit for bit, as a model whose overridden seam keeps every batch on train_step;
+    only a fit's first batch (its one-time checks) goes through train_step itself."""
+    x, y = blobs
+    calls = _count_train_step_calls(monkeypatch)
+
+    class OwnForwardCall(torcheras.Model):
+        def call_on(self, x):  # a seam overridden (as it was): never inlined
+            return super().call_on(x)
+
+    torch.manual_seed(0)
+    inlined = make_model()
+    seams = OwnForwardCall(copy.deepcopy(inlined.module))
+    seams.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], learning_rate=0.02, device="cpu")  # fmt: skip
+    kwargs = dict(batch_size=32, epochs=2, shuffle=False, verbose=0, validation_split=0.25)
+    history = inlined.fit(x, y, **kwargs).history
+    assert calls == [0]  # 180 samples: 6 batches an epoch, the first one checked
+    calls.clear()
+    reference = seams.fit(x, y, **kwargs).history
+    assert calls == list(range(6)) * 2
+    assert history == reference and sorted(history) == [
+        "accuracy", "learning_rate", "loss", "val_accuracy", "val_loss",
+    ]  # fmt: skip
+    for name, value in inlined.get_weights().items():
+        torch.testing.assert_close(value, seams.get_weights()[name], rtol=0, atol=0)
+
+
+def test_a_forward_hook_or_a_seam_set_on_the_model_is_honoured_by_every_batch(blobs, monkeypatch):
+    """A forward hook registered in the middle of an epoch runs from the next batch on, and a
+    seam replaced on the instance (not the class) runs every batch: those batches take
+    train_step itself."""
+    x, y = blobs
+    calls = _count_train_step_calls(monkeypatch)
+    model = make_model()
+    seen = []
+
+    def hook_at_batch_2(batch, logs):
+        if batch == 2 and model.loop.epoch == 0:
+            model.register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
+
+    model.fit(x, y, batch_size=60, epochs=2, shuffle=False, verbose=0,
+              callbacks=[LambdaCallback(on_train_batch_begin=hook_at_batch_2)])  # fmt: skip
+    assert calls == [0, 2, 3, 0, 1, 2, 3]  # 4 batches an epoch; the hook from batch 2 on
+    assert seen == [60] * 6
+    calls.clear()
+    losses = []
+
+    def compute_loss(x, y, y_pred, sample_weight=None):
+        loss = torcheras.Model.compute_loss(model, x, y, y_pred, sample_weight)
+        losses.append(float(loss.detach()))
+        return loss
+
+    model.compute_loss = compute_loss
+    model.fit(x, y, batch_size=60, epochs=1, shuffle=False, verbose=0)
+    assert calls == [0, 1, 2, 3] and len(losses) == 4
+
+
+def test_a_seam_patched_on_model_itself_is_called_every_batch(blobs, monkeypatch):
+    """A spy patched onto ``Model.compute_loss`` (as ``mock.patch.object`` does) sees every
+    batch: patching a seam on the base class turns the inlined step off too."""
+    x, y = blobs
+    seen = []
+    default = torcheras.Model.compute_loss
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.loop.batch if self.training else "eval")
+        return default(self, *args, **kwargs)
+
+    monkeypatch.setattr(torcheras.Model, "compute_loss", spy)
+    make_model().fit(x, y, batch_size=60, epochs=2, shuffle=False, verbose=0)
+    assert seen == [0, 1, 2, 3] * 2

@@ -453,7 +453,10 @@ class FitLoop:
         stage = None if model.device.type == "cpu" else self.stage  # on the CPU: nothing to move
         needs_begin = callbacks.needs("on_train_batch_begin")
         needs_end = callbacks.needs("on_train_batch_end")
+        default_train_step = model._uses_default_train_step()
         train_step = model.train_step
+        if default_train_step and stepper.plain:  # the seams inlined where nothing can tell
+            train_step = model._inlined_train_step() or train_step
         # no synchronisation inside groups
         run_step = stepper.run if stepper.ddp is not None or stepper.fsdp is not None else None
         collector = self.collector
@@ -466,7 +469,6 @@ class FitLoop:
         rank = distributed.rank()
         agree_per_batch = self.agree_per_batch
         stepper.rank_share = 1.0
-        default_train_step = model._uses_default_train_step()
         vote: distributed.Vote | None = self.vote
         interval = self.validation_interval  # 0: off (one integer test per batch)
         # The epoch's known last batch leaves a validation due to the epoch's end when that
