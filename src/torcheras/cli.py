@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -89,13 +90,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         ```
     """
     try:
-        return _run(argv)
+        try:
+            return _run(argv)
+        finally:  # what is still buffered is written now, inside the try (argparse's exits too)
+            sys.stdout.flush()
     except BrokenPipeError:
         # The reader left early (``torcheras demo | head``): stop quietly, as Unix tools do.
-        # stdout points at devnull, so that the flush at exit raises no second error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_broken_stdout()
         return 1
+
+
+def _silence_broken_stdout() -> None:
+    """Point a stdout whose pipe broke at devnull, so that the flush at exit raises no second
+    error. Only a real pipe: a captured or in-memory stdout (tests, notebooks) is left alone."""
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind it
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _run(argv: Sequence[str] | None) -> int:

@@ -256,6 +256,11 @@ class BatchLogs(MutableMapping[str, Any]):
         return _resolve(self._snapshot[key])
 
     @property
+    def edited(self) -> bool:
+        """Whether a callback set or deleted a key (the values are then not all the loop's)."""
+        return self._extra is not None or self._deleted is not None
+
+    @property
     def materialized(self) -> bool:
         """Whether a value has been read (and so the device was synchronised)."""
         return self._values is not None

@@ -431,7 +431,7 @@ class TorchMetric(Metric):
             for k in metric._defaults
             for v in [getattr(metric, k)]
         }
-        return functools.partial(_torchmetric_result, metric, state)
+        return functools.partial(_torchmetric_result, metric, state, metric._update_count)
 
     def reset(self) -> None:
         self.metric.reset()
@@ -446,22 +446,24 @@ class TorchMetric(Metric):
         self.metric._update_count = 1
 
 
-def _torchmetric_result(metric: Any, state: dict[str, Any]) -> Any:
-    """``metric``'s result for a copied ``state`` (a batch snapshot), its own state left as it
-    was. A batch value is this rank's (read by one rank, such as the progress bar's):
-    torchmetrics' sync is a collective that only the epoch's result may make."""
+def _torchmetric_result(metric: Any, state: dict[str, Any], updates: int) -> Any:
+    """``metric``'s result for a copied ``state`` of ``updates`` updates (a batch snapshot),
+    its own state left as it was (it may have been reset since: no "compute before update"
+    warning then). A batch value is this rank's (read by one rank, such as the progress
+    bar's): torchmetrics' sync is a collective that only the epoch's result may make."""
     current = {k: getattr(metric, k) for k in state}
-    cached, to_sync = metric._computed, metric._to_sync
+    cached, to_sync, count = metric._computed, metric._to_sync, metric._update_count
     try:
         for k, v in state.items():
             setattr(metric, k, v)
         metric._computed = None
         metric._to_sync = False
+        metric._update_count = updates
         return metric.compute()
     finally:
         for k, v in current.items():
             setattr(metric, k, v)
-        metric._computed, metric._to_sync = cached, to_sync
+        metric._computed, metric._to_sync, metric._update_count = cached, to_sync, count
 
 
 # ---- accuracy-like functions (per sample, 1.0 = correct) --------------------------------------

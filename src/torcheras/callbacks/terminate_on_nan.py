@@ -29,16 +29,18 @@ class TerminateOnNaN(Callback):
             setting ``model.stop_training`` (the epoch then finishes: validation and
             ``on_epoch_end`` run). Default False.
 
-    As in Keras, the loss checked is the one in the batch logs: the running mean of the epoch,
-    which stays NaN (or infinite) from the batch where a bad loss appeared. Unlike Keras, the
-    check never stalls the device: the logs of each batch are kept (references, no copy) and
-    looked at only when somebody read them anyway (the progress bar, at most every 0.1 s),
-    after every 1024 unread batches (32 on the CPU, where a read waits for nothing), and after
-    the epoch's last batch, before validation.
-    The message names the batch where the loss first went bad, the History and the epoch where
-    training stops are Keras's; the batches run between that batch and the check (up to the
-    next progress refresh) are the only difference, and with a NaN loss the weights are NaN
-    either way.
+    As in Keras, the loss checked is the one in the batch logs (as the callbacks before this
+    one left it): the running mean of the epoch, which stays NaN (or infinite) from the batch
+    where a bad loss appeared. Unlike Keras, the check never stalls the device: the logs of
+    each batch are kept (references, no copy) and looked at only when somebody read them
+    anyway (the progress bar, at most every 0.1 s), after every 1024 unread batches (32 on the
+    CPU, where a read waits for nothing), and after the epoch's last batch, before
+    validation. The message names the batch where the loss first went bad, the History and
+    the epoch where training stops are Keras's. The difference: the batches run between that
+    batch and the check (up to the next progress refresh), whose weights are NaN; a
+    batch-level save in between (``BackupAndRestore(save_freq=N)``, ``ModelCheckpoint(
+    save_freq=N)``) holds them. With ``raise_error=True`` on the CPU every batch is checked
+    (free there), so the error comes at the bad batch, before any later save, as in Keras.
 
     Example:
         ```python
@@ -55,7 +57,8 @@ class TerminateOnNaN(Callback):
         self._unread = []
         device = getattr(self.model, "device", None)
         on_cpu = isinstance(device, torch.device) and device.type == "cpu"
-        self._max_unread = CPU_UNREAD if on_cpu else MAX_UNREAD
+        # raise_error on the CPU: at the bad batch itself, before a later callback saves
+        self._max_unread = (1 if self.raise_error else CPU_UNREAD) if on_cpu else MAX_UNREAD
 
     def on_train_batches_end(self, epoch: int) -> None:
         self._settle()  # after the epoch's last batch, before validation
@@ -77,14 +80,22 @@ class TerminateOnNaN(Callback):
         self._settle()  # a hand-written loop has no end-of-batches point: check here
 
     def _settle(self) -> None:
-        """Read the newest unread loss (one value); if it is bad, find the first bad batch."""
+        """Read the newest unread loss (one value; every value when a callback edited some);
+        if it is bad, find the first bad batch."""
         unread, self._unread = self._unread, []
-        newest = next((logs for _, logs in reversed(unread) if "loss" in logs), None)
-        if newest is None or math.isfinite(float(newest.raw("loss"))):
-            return  # the epoch's running mean is finite: so was every one before it
+        if not unread:
+            return
+        if not any(logs.edited for _, logs in unread):  # the loop's values, none edited
+            newest = unread[-1][1]
+            if "loss" not in newest or math.isfinite(float(newest.raw("loss"))):
+                return  # the epoch's running mean is finite: so was every one before it
         unread = [entry for entry in unread if "loss" in entry[1]]
+        if not unread:
+            return
         values = torch.stack([torch.as_tensor(logs.raw("loss")).float() for _, logs in unread])
         finite = torch.isfinite(values).tolist()
+        if all(finite):  # edited values, every one finite
+            return
         first = finite.index(False)
         self._check(unread[first][0], float(values[first]))
 
