@@ -806,10 +806,12 @@ class Model(nn.Module):
         path (``Stepping.plain``: one process, every batch a step, nothing between backward
         and the step): the same calls to torch in the same order, ~12 Python calls a batch
         fewer. None where a difference could show: a seam of the step overridden (on the
-        class or the instance), a mixed precision, several outputs' losses, weighted
-        metrics, a subclass's own ``forward``. A batch that is not an ``(x, y)`` pair with a
-        tensor ``x``, the first batch of a fit (its one-time checks), or a forward hook on
-        the model take :meth:`train_step` itself."""
+        class or the instance; one set during an epoch counts from the next, as the plain
+        path's settings do), a mixed precision, several outputs' losses, weighted metrics, a
+        subclass's own ``forward``. A batch that is not an ``(x, y)`` pair with a tensor
+        ``x``, the first batch of a fit (its one-time checks), a forward hook on the model, or
+        an optimizer, loss, metrics or module a callback replaced since the epoch began take
+        :meth:`train_step` itself."""
         cls = type(self)
         if (
             any(getattr(cls, name) is not _DEFAULT_SEAMS[name] for name in _STEP_SEAMS)
@@ -822,8 +824,9 @@ class Model(nn.Module):
             or "module" not in self._modules
         ):
             return None
-        module, loss_fn, optimizer = self._modules["module"], self.compiled_loss, self.optimizer
-        metrics = tuple(self.compiled_metrics)
+        modules = self._modules
+        module, loss_fn, optimizer = modules["module"], self.compiled_loss, self.optimizer
+        metrics = self.compiled_metrics  # the live list (compile makes new ones)
         train_step = self.train_step
 
         def step(batch: Any) -> dict[str, Any]:
@@ -835,6 +838,11 @@ class Model(nn.Module):
                 or self._check_first_batch
                 or self._forward_hooks
                 or self._forward_pre_hooks
+                or self.optimizer is not optimizer  # replaced by a callback (or compile)
+                or self.compiled_loss is not loss_fn
+                or self.compiled_metrics is not metrics
+                or self.weighted_metrics
+                or modules.get("module") is not module
             ):
                 return train_step(batch)
             x, y = batch

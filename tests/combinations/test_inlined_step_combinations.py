@@ -1,0 +1,444 @@
+"""fit's inlined default step (``Model._inlined_train_step``, on ``Stepping.plain``) where it
+meets the rest of the library: each test trains a default model (the inlined path) and a twin
+whose class overrides one seam trivially (``call_on`` calling ``super()``: every batch then
+takes ``train_step`` itself) from the same weights, data and seeds, with many features at
+once, and asserts the same History and weights bit for bit (rtol=0, atol=0: the same torch
+ops run in the same order on both sides, so no tolerance is needed), and the same files.
+
+Which path ran is seen from ``Stepping.zero_grad``, which only ``train_step`` calls."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torcheras
+from torcheras import callbacks as cb
+from torcheras import stepping
+
+torchmetrics = pytest.importorskip("torchmetrics")
+
+
+class Seamed(torcheras.Model):
+    """One seam overridden, as trivially as possible: never inlined."""
+
+    def call_on(self, x):
+        return super().call_on(x)
+
+
+def mlp(n_in: int = 8, n_out: int = 3, dropout: float = 0.0) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(n_in, 16), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers, nn.Linear(16, n_out))
+
+
+def build(seamed: bool, net=None, **compile_kwargs) -> torcheras.Model:
+    torch.manual_seed(0)
+    model = (Seamed if seamed else torcheras.Model)(mlp() if net is None else net())
+    compile_kwargs.setdefault("optimizer", "adam")
+    compile_kwargs.setdefault("loss", "sparse_categorical_crossentropy")
+    compile_kwargs.setdefault("learning_rate", 0.02)
+    model.compile(device="cpu", **compile_kwargs)
+    return model
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The (epoch, batch) of every batch that went through ``Model.train_step`` itself."""
+    seen: list[tuple[int, int]] = []
+    default = stepping.Stepping.zero_grad
+
+    def counted(self):
+        seen.append((self.loop.epoch, self.loop.batch))
+        return default(self)
+
+    monkeypatch.setattr(stepping.Stepping, "zero_grad", counted)
+    return seen
+
+
+def assert_same_model(a: torcheras.Model, b: torcheras.Model) -> None:
+    wa, wb = a.get_weights(), b.get_weights()
+    assert wa.keys() == wb.keys()
+    for name, value in wa.items():
+        torch.testing.assert_close(value, wb[name], rtol=0, atol=0, msg=name)
+
+
+def assert_same_history(a, b) -> None:
+    assert a.history == b.history
+    assert a.epoch == b.epoch
+    assert a.stop_reason == b.stop_reason
+
+
+def both(fit, calls):
+    """``fit(seamed)`` for the default model then the twin: (inlined, seamed) results and the
+    batches each sent through train_step."""
+    calls.clear()
+    inlined = fit(False)
+    inlined_calls = list(calls)
+    calls.clear()
+    seamed = fit(True)
+    seamed_calls = list(calls)
+    calls.clear()
+    return inlined, seamed, inlined_calls, seamed_calls
+
+
+def every_batch(epochs, batches: int) -> list[tuple[int, int]]:
+    return [(e, b) for e in epochs for b in range(batches)]
+
+
+# ---- many callbacks at once -------------------------------------------------------------------
+class LogWeightNorm(cb.Callback):
+    """Model.log from a batch hook: joins the epoch's logs on either path."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.log("first_norm", torch.linalg.vector_norm(self.model.module[0].weight.detach()))
+
+
+def test_classification_with_a_stack_of_callbacks(blobs, calls, tmp_path):
+    """Per-batch LR schedule, ReduceLROnPlateau, EarlyStopping(restore_best_weights),
+    ModelCheckpoint(save_best_only), CSVLogger, TerminateOnNaN, Model.log from a callback,
+    a torchmetrics metric, validation_split and validation_interval."""
+    x, y = blobs
+
+    def fit(seamed):
+        folder = tmp_path / ("seamed" if seamed else "inlined")
+        folder.mkdir()
+        model = build(
+            seamed,
+            learning_rate=0.2,  # high: val_loss goes up and down, the plateau callbacks act
+            metrics=["accuracy", torchmetrics.classification.MulticlassAccuracy(num_classes=3)],
+        )
+        callbacks = [
+            cb.LearningRateScheduler(lambda step, lr: lr * 0.99, interval="batch"),
+            cb.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1),
+            cb.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True),
+            cb.ModelCheckpoint(
+                str(folder / "best.pt"), save_best_only=True, save_weights_only=True
+            ),
+            cb.CSVLogger(str(folder / "log.csv")),
+            cb.TerminateOnNaN(),
+            LogWeightNorm(),
+        ]
+        torch.manual_seed(1)
+        history = model.fit(x, y, batch_size=16, epochs=8, verbose=0, validation_split=0.25,
+                            validation_interval=5, callbacks=callbacks)  # fmt: skip
+        return model, history, folder
+
+    (a, ha, fa), (b, hb, fb), inlined_calls, seamed_calls = both(fit, calls)
+    assert inlined_calls == [(0, 0)]  # 180 samples: 12 batches an epoch, the first checked
+    assert seamed_calls == every_batch(ha.epoch, 12)
+    assert_same_history(ha, hb)
+    assert {"first_norm", "multiclass_accuracy", "val_multiclass_accuracy"} <= set(ha.history)
+    assert len(set(ha.history["learning_rate"])) > 1
+    assert_same_model(a, b)
+    assert sorted(os.listdir(fa)) == sorted(os.listdir(fb))
+    for name in os.listdir(fa):
+        if name.endswith(".csv"):
+            assert (fa / name).read_text() == (fb / name).read_text(), name
+    saved_a, saved_b = build(False), build(False)
+    saved_a.load_weights(fa / "best.pt")
+    saved_b.load_weights(fb / "best.pt")
+    assert_same_model(saved_a, saved_b)
+
+
+# ---- a loss module, a DataLoader, dropout, a frozen layer -------------------------------------
+def test_a_loss_module_a_shuffling_dataloader_dropout_and_a_frozen_layer(blobs, calls):
+    """List batches from a DataLoader are inlined; dropout draws the same random numbers;
+    a frozen layer stays put on both paths."""
+    x, y = (torch.as_tensor(v) for v in blobs)
+    data = torch.utils.data.TensorDataset(x[:200], y[:200])
+
+    def fit(seamed):
+        model = build(
+            seamed,
+            net=lambda: mlp(dropout=0.3),
+            loss=nn.CrossEntropyLoss(label_smoothing=0.1),
+            metrics=["accuracy"],
+        )
+        torcheras.freeze(model.module[0])
+        frozen = model.module[0].weight.detach().clone()
+        torch.manual_seed(2)
+        loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True)
+        history = model.fit(loader, epochs=3, verbose=0, validation_data=(x[200:], y[200:]))
+        assert torch.equal(model.module[0].weight, frozen)
+        return model, history
+
+    (a, ha), (b, hb), inlined_calls, seamed_calls = both(fit, calls)
+    assert inlined_calls == [(0, 0)]
+    assert seamed_calls == every_batch(range(3), 7)
+    assert_same_history(ha, hb)
+    assert_same_model(a, b)
+
+
+# ---- regression --------------------------------------------------------------------------------
+def test_mse_regression_with_sgd_momentum_and_a_torchmetrics_metric(calls):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(150, 8)).astype(np.float32)
+    y = (x @ rng.normal(size=(8, 1)) + 0.1 * rng.normal(size=(150, 1))).astype(np.float32)
+
+    def fit(seamed):
+        model = build(
+            seamed,
+            net=lambda: mlp(n_out=1),
+            optimizer="sgd",
+            loss="mse",
+            metrics=["mae", torchmetrics.MeanSquaredError()],
+        )
+        model.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        torch.manual_seed(1)
+        history = model.fit(x, y, batch_size=20, epochs=4, verbose=0, validation_split=0.2,
+                            callbacks=[cb.EarlyStopping(monitor="loss", patience=1)])  # fmt: skip
+        return model, history
+
+    (a, ha), (b, hb), inlined_calls, seamed_calls = both(fit, calls)
+    assert inlined_calls == [(0, 0)]
+    assert seamed_calls == every_batch(ha.epoch, 6)
+    assert_same_history(ha, hb)
+    assert_same_model(a, b)
+
+
+class HalfOut(nn.Module):
+    """Half-precision outputs under precision "32"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp(n_out=1)
+
+    def forward(self, x):
+        return self.net(x).half()
+
+
+def test_half_precision_outputs_under_precision_32(calls):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    y = rng.normal(size=(64, 1)).astype(np.float32)
+
+    def fit(seamed):
+        model = build(seamed, net=HalfOut, loss="mse", learning_rate=0.01)
+        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        return model, history
+
+    (a, ha), (b, hb), inlined_calls, _ = both(fit, calls)
+    assert inlined_calls == [(0, 0)]
+    assert_same_history(ha, hb)
+    assert_same_model(a, b)
+
+
+# ---- batches the inlined step hands to train_step ---------------------------------------------
+@pytest.mark.parametrize("weights", ["class_weight", "sample_weight"])
+def test_class_and_sample_weights_take_train_step_and_still_agree(blobs, calls, weights):
+    x, y = blobs
+    extra = (
+        {"class_weight": {0: 1.0, 1: 2.0, 2: 0.5}}
+        if weights == "class_weight"
+        else {"sample_weight": np.linspace(0.5, 1.5, len(y)).astype(np.float32)}
+    )
+
+    def fit(seamed):
+        model = build(seamed, metrics=["accuracy"])
+        torch.manual_seed(1)
+        return model, model.fit(x, y, batch_size=40, epochs=2, verbose=0, **extra)
+
+    (a, ha), (b, hb), inlined_calls, seamed_calls = both(fit, calls)
+    assert inlined_calls == seamed_calls == every_batch(range(2), 6)  # (x, y, w) batches
+    assert_same_history(ha, hb)
+    assert_same_model(a, b)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, left, right):
+        return self.head(torch.relu(self.a(left) + self.b(right)))
+
+
+def test_tuple_inputs_take_train_step_and_still_agree(blobs, calls):
+    x, y = blobs
+
+    def fit(seamed):
+        model = build(seamed, net=TwoInputs, metrics=["accuracy"])
+        torch.manual_seed(1)
+        history = model.fit((x[:, :4], x[:, 4:]), y, batch_size=60, epochs=2, verbose=0)
+        return model, history
+
+    (a, ha), (b, hb), inlined_calls, seamed_calls = both(fit, calls)
+    assert inlined_calls == seamed_calls == every_batch(range(2), 4)
+    assert_same_history(ha, hb)
+    assert_same_model(a, b)
+
+
+def test_a_bad_label_later_in_the_data_fails_alike(blobs, calls):
+    """An error raised inside the step (a label out of range at the third batch): the same
+    exception and message on either path."""
+    x, y = blobs
+    y = y.copy()
+    y[130] = 7  # batch 2 of 60-sample batches
+
+    def fit(seamed):
+        model = build(seamed)
+        with pytest.raises(Exception) as caught:
+            model.fit(x, y, batch_size=60, epochs=1, verbose=0, shuffle=False)
+        return type(caught.value), str(caught.value), model.loop.batch
+
+    inlined, seamed, _, _ = both(fit, calls)
+    assert inlined == seamed
+    assert inlined[2] == 2
+
+
+# ---- state across fits -------------------------------------------------------------------------
+def test_recompiles_between_fits_switch_the_path_and_results_agree(blobs, calls):
+    """weighted_metrics (never inlined) and a plain compile again; then find_learning_rate
+    (train_step outside fit) on the fitted models."""
+    x, y = blobs
+    compiles = [  # factories: each model gets its own metric objects
+        lambda: {"metrics": ["accuracy"]},
+        lambda: {"metrics": [], "weighted_metrics": ["accuracy"], "optimizer": "sgd"},
+        lambda: {"metrics": [torchmetrics.classification.MulticlassAccuracy(num_classes=3)]},
+    ]
+
+    def fit(seamed):
+        model = build(seamed, **compiles[0]())
+        paths, histories = [], []
+        for i, settings in enumerate(compiles):
+            if i:
+                model.compile(device="cpu", loss="sparse_categorical_crossentropy",
+                              learning_rate=0.05, **settings())  # fmt: skip
+            calls.clear()
+            torch.manual_seed(i)
+            histories.append(model.fit(x, y, batch_size=60, epochs=2, verbose=0).history)
+            paths.append(list(calls))
+        found = model.find_learning_rate(x, y, batch_size=60, num_steps=8)
+        return model, histories, paths, found
+
+    (a, ha, pa, fa), (b, hb, pb, fb), _, _ = both(fit, calls)
+    assert pa == [[(0, 0)], every_batch(range(2), 4), [(0, 0)]]
+    assert pb == [every_batch(range(2), 4)] * 3
+    assert ha == hb
+    assert_same_model(a, b)
+    assert fa.learning_rates == fb.learning_rates and fa.losses == fb.losses
+
+
+def test_sklearn_classifier_trains_alike(blobs, calls):
+    wrappers = pytest.importorskip("torcheras.wrappers")
+    x, y = blobs
+
+    def fit(seamed):
+        def make(n_features_in, n_classes):
+            return (Seamed if seamed else torcheras.Model)(mlp(n_features_in, n_classes))
+
+        clf = wrappers.SKLearnClassifier(make, random_state=0, fit__epochs=2,
+                                         fit__batch_size=60)  # fmt: skip
+        clf.fit(x, y)
+        return clf.history_, clf.predict_proba(x)
+
+    (ha, pa), (hb, pb), inlined_calls, seamed_calls = both(fit, calls)
+    assert inlined_calls == [(0, 0)] and len(seamed_calls) == 8
+    assert ha == hb
+    np.testing.assert_array_equal(pa, pb)
+
+
+# ---- BackupAndRestore: a crash mid-epoch, then the resumed run ---------------------------------
+class Crash(cb.Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.model.loop.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+def test_backup_and_restore_resumes_mid_epoch_alike(blobs, calls, tmp_path):
+    x, y = blobs
+
+    def train(seamed, folder, crash_at=-1):
+        model = build(seamed, net=lambda: mlp(dropout=0.2), metrics=["accuracy"])
+        callbacks = [
+            cb.BackupAndRestore(str(folder / "backup"), save_freq=2),
+            cb.CSVLogger(str(folder / "log.csv"), append=True),
+            cb.LearningRateScheduler(lambda step, lr: 0.02 / (1 + 0.05 * step), interval="batch"),
+            Crash(crash_at),
+        ]
+        torch.manual_seed(1)
+        history = model.fit(x, y, batch_size=32, epochs=3, verbose=0, validation_split=0.25,
+                            callbacks=callbacks)  # fmt: skip
+        return model, history
+
+    def fit(seamed):
+        folder = tmp_path / ("seamed" if seamed else "inlined")
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(seamed, folder, crash_at=9)  # epoch 1 (6 batches each), batch 2; backup at 8
+        calls.clear()
+        model, history = train(seamed, folder)
+        resumed_calls = list(calls)
+        reference, ref_history = train(seamed, tmp_path / f"ref-{seamed}")
+        assert_same_history(history, ref_history)
+        assert_same_model(model, reference)
+        return model, history, resumed_calls, (folder / "log.csv").read_text()
+
+    (a, ha, ca, la), (b, hb, cb_, lb), _, _ = both(fit, calls)
+    assert ca == [(1, 2)]  # the resumed fit's first batch (its checks) alone
+    assert cb_ == [(1, b_) for b_ in range(2, 6)] + every_batch([2], 6)
+    assert_same_history(ha, hb)
+    assert_same_model(a, b)
+    assert la == lb
+    assert [row[0] for row in csv.reader(la.splitlines())] == ["epoch", "0", "1", "2"]
+
+
+# ---- what a callback changes in the middle of an epoch -----------------------------------------
+def test_a_callback_replacing_the_optimizer_mid_epoch(blobs, calls):
+    """A callback swaps ``model.optimizer`` for SGD at batch 2 of the first epoch.
+    ``train_step`` steps the new optimizer from that batch on; the inlined step captured the
+    optimizer when the epoch started (model.py, ``_inlined_train_step``)."""
+    x, y = blobs
+
+    class SwapOptimizer(cb.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.model.loop.epoch == 0 and batch == 2:
+                self.model.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.5)
+
+    def fit(seamed):
+        model = build(seamed)
+        return model, model.fit(x, y, batch_size=60, epochs=2, verbose=0, shuffle=False,
+                                callbacks=[SwapOptimizer()])  # fmt: skip
+
+    (a, ha), (b, hb), _, _ = both(fit, calls)
+    assert_same_model(a, b)
+    assert ha.history["loss"] == hb.history["loss"]
+
+
+def test_a_seam_set_on_the_instance_mid_epoch_runs_from_the_next_epoch(blobs, calls):
+    """A callback sets ``model.compute_loss`` at batch 2 of the first epoch: a model already
+    on train_step calls it from that batch on, the inlined step from the next epoch (seams
+    are read when an epoch begins, as the plain path's settings are; forward hooks and
+    replaced objects are looked at every batch)."""
+    x, y = blobs
+    seen = []
+
+    def fit(seamed):
+        model = build(seamed)
+        seen.clear()
+
+        def compute_loss(x, y, y_pred, sample_weight=None):
+            seen.append((model.loop.epoch, model.loop.batch))
+            return torcheras.Model.compute_loss(model, x, y, y_pred, sample_weight)
+
+        def set_seam(batch, logs):
+            if model.loop.epoch == 0 and batch == 2:
+                model.compute_loss = compute_loss
+
+        model.fit(x, y, batch_size=60, epochs=2, verbose=0, shuffle=False,
+                  callbacks=[cb.LambdaCallback(on_train_batch_begin=set_seam)])  # fmt: skip
+        return list(seen)
+
+    inlined, seamed, _, _ = both(fit, calls)
+    assert seamed == [(0, 2), (0, 3)] + every_batch([1], 4)
+    assert inlined == every_batch([1], 4)
