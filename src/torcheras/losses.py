@@ -64,7 +64,9 @@ def _match_shape(y_pred: Tensor, y_true: Tensor) -> Tensor:
     """Let ``(N,)`` targets meet ``(N, 1)`` predictions, as Keras does; floats as y_pred."""
     if y_true.shape != y_pred.shape and y_true.numel() == y_pred.numel():
         y_true = y_true.reshape(y_pred.shape)
-    return y_true.to(y_pred.dtype) if y_pred.is_floating_point() else y_true
+    if y_true.dtype is not y_pred.dtype and y_pred.is_floating_point():
+        return y_true.to(y_pred.dtype)
+    return y_true  # no no-op ``to`` call per batch
 
 
 def _mean_last_axis(values: Tensor) -> Tensor:
@@ -458,7 +460,8 @@ class _FusedMean:
 
     def __call__(self, y_pred: Tensor, y_true: Tensor) -> Tensor:
         if y_pred.shape == y_true.shape:
-            return self.fn(y_pred, y_true.to(y_pred.dtype))
+            same = y_true.dtype is y_pred.dtype
+            return self.fn(y_pred, y_true if same else y_true.to(y_pred.dtype))
         return self.fn(y_pred, _match_shape(y_pred, y_true))
 
 
