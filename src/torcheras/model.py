@@ -63,13 +63,6 @@ def _check_verbose(verbose: Any) -> None:
         raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2; got {verbose!r}.")
 
 
-# What the default train_step calls: overriding any of them (in a subclass, on the instance,
-# or by patching Model itself) keeps every batch on train_step. Filled in after Model.
-_STEP_SEAMS = ("train_step", "call_on", "compute_loss", "backward", "optimizer_step",
-               "update_metrics")  # fmt: skip
-_DEFAULT_SEAMS: dict[str, Any] = {}
-
-
 class Model(nn.Module):
     """A ``torch.nn.Module`` with Keras's training API.
 
@@ -814,8 +807,8 @@ class Model(nn.Module):
         :meth:`train_step` itself."""
         cls = type(self)
         if (
-            any(getattr(cls, name) is not _DEFAULT_SEAMS[name] for name in _STEP_SEAMS)
-            or any(name in self.__dict__ for name in _STEP_SEAMS)
+            any(getattr(cls, name) is not seam for name, seam in _DEFAULT_SEAMS.items())
+            or any(name in self.__dict__ for name in _DEFAULT_SEAMS)
             or cls.forward is not Model.forward
             or self.precision.dtype is not None
             or type(self.compiled_loss) is not losses.CompiledLoss
@@ -1126,4 +1119,10 @@ class Model(nn.Module):
         return tensors.to_numpy(result) if numpy_in else result
 
 
-_DEFAULT_SEAMS.update((name, Model.__dict__[name]) for name in _STEP_SEAMS)
+# What the default train_step calls, as Model defines them: overriding any (in a subclass, on
+# the instance, or by patching Model itself) keeps every batch on train_step.
+_DEFAULT_SEAMS: dict[str, Any] = {
+    name: Model.__dict__[name]
+    for name in ("train_step", "call_on", "compute_loss", "backward", "optimizer_step",
+                 "update_metrics")
+}  # fmt: skip
