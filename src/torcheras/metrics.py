@@ -157,6 +157,10 @@ def _marking_its_result(result: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return marked
 
 
+# The snapshot of a metric that has seen nothing: 0.0 when read (one shared, picklable object).
+_NOTHING_YET = functools.partial(float, 0.0)
+
+
 class StateMetric(Metric):
     """A metric whose state is a few tensors, each a sum over batches: counts per threshold,
     a confusion matrix, sums of values and squares.
@@ -202,11 +206,7 @@ class StateMetric(Metric):
         """The result as of now, computed only when called (the state is never changed in
         place, so nothing is copied)."""
         state = self._state
-        return (
-            functools.partial(float, 0.0)
-            if state is None
-            else functools.partial(self._compute, state)
-        )
+        return _NOTHING_YET if state is None else functools.partial(self._compute, state)
 
     def all_reduce(self, reduce_sum: Callable[[list[Any]], list[Any]]) -> None:
         """Sum the state over every rank (distributed training)."""
@@ -330,7 +330,7 @@ class MeanMetric(Metric):
         holds is replaced, not changed in place, by the updates after it."""
         total = self._total
         if total is None:
-            return functools.partial(float, 0.0)
+            return _NOTHING_YET
         self._total_unshared = False  # held from now on: the next update replaces it
         return functools.partial(_mean_of, total, self._count, self.transform)
 
@@ -1015,7 +1015,7 @@ class Sum(Mean):
     def snapshot(self) -> Callable[[], Tensor | float]:
         total, self._total_unshared = self._total, False
         if total is None:
-            return functools.partial(float, 0.0)
+            return _NOTHING_YET
         return functools.partial(_identity, total)
 
 
