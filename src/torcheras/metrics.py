@@ -14,11 +14,12 @@ Keras's spelling, ``update_state(y_true, y_pred, sample_weight)``.
 from __future__ import annotations
 
 import functools
+import operator
 import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -469,20 +470,23 @@ def _torchmetric_result(metric: Any, state: dict[str, Any], updates: int) -> Any
 # ---- accuracy-like functions (per sample, 1.0 = correct) --------------------------------------
 
 
-class _Kept(NamedTuple):
-    """The hits of an accuracy (booleans; or values, 0 where padded) and the labels they were
-    scored against: positions labelled -100 (torch's ``ignore_index``, padding) count for
-    nothing, as the loss names leave them out."""
+class _Kept(tuple):  # type: ignore[type-arg]
+    """``(hits, labels)``: the hits of an accuracy (booleans; or values, 0 where padded) and
+    the labels they were scored against: positions labelled -100 (torch's ``ignore_index``,
+    padding) count for nothing, as the loss names leave them out. Built as
+    ``_Kept((hits, labels))``: tuple's own constructor, no Python frame per batch (a
+    NamedTuple's ``__new__`` is one)."""
 
-    hits: Tensor
-    labels: Tensor
+    __slots__ = ()
+    hits = property(operator.itemgetter(0))
+    labels = property(operator.itemgetter(1))
 
 
 def sparse_categorical_accuracy(y_pred: Tensor, y_true: Tensor, axis: int = -1) -> _Kept:
     """True where the argmax over the class ``axis`` is the label."""
     if axis == -1 and y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1:
         y_true = y_true.squeeze(-1)
-    return _Kept(y_pred.argmax(dim=axis) == y_true, y_true)
+    return _Kept((y_pred.argmax(dim=axis) == y_true, y_true))
 
 
 def categorical_accuracy(y_pred: Tensor, y_true: Tensor, axis: int = -1) -> Tensor:
@@ -507,7 +511,7 @@ def _top_k(k: int, sparse: bool, axis: int = -1) -> Callable[[Tensor, Tensor], T
             target = y_true
         top = y_pred.topk(min(k, y_pred.shape[axis]), dim=axis).indices
         hits = (top == target.unsqueeze(axis).long()).any(dim=axis)
-        return _Kept(hits, target) if sparse else hits
+        return _Kept((hits, target)) if sparse else hits
 
     return top_k
 
@@ -722,7 +726,7 @@ class SparseTopKCategoricalAccuracy(MeanMetric):
             def fn(y_pred: Tensor, y_true: Tensor) -> _Kept:
                 labels = losses.class_labels(y_pred, y_true)
                 hits = (y_pred[..., :k] == labels.unsqueeze(-1).to(y_pred.dtype)).any(dim=-1)
-                return _Kept(hits, labels)
+                return _Kept((hits, labels))
 
         super().__init__(fn, name, "max")
         self.k, self.from_sorted_ids = k, from_sorted_ids
@@ -987,7 +991,7 @@ class SparseCategoricalCrossentropy(MeanMetric):
             labels = losses.class_labels(y_pred, y_true)
             kept = labels != ignore_class
             values = loss(y_pred, torch.where(kept, labels, 0)) * kept
-            return _Kept(values, torch.where(kept, labels, losses.IGNORE_INDEX))
+            return _Kept((values, torch.where(kept, labels, losses.IGNORE_INDEX)))
 
         super().__init__(_classes_last(fn, axis), name, "min")
         self.from_logits, self.ignore_class, self.axis = from_logits, ignore_class, axis
