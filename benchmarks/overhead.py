@@ -420,6 +420,8 @@ def common_path(
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     b = w.batch_size
 
+    metric_dtype = torch.float32 if regression else torch.int64
+
     def metric_sum(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if regression:
             return (out - target).abs().sum()
@@ -428,7 +430,8 @@ def common_path(
     def raw() -> None:
         net.train()
         perm = torch.randperm(x.shape[0])
-        loss_sum, metric = torch.zeros(()), torch.zeros(())
+        # hits counted as integers (no cast per batch); the regression's error summed as floats
+        loss_sum, metric = torch.zeros(()), torch.zeros((), dtype=metric_dtype)
         for i in range(0, x.shape[0], b):
             idx = perm[i : i + b]
             xb, yb = x[idx], y[idx]
@@ -440,7 +443,7 @@ def common_path(
             loss_sum.add_(loss.detach(), alpha=len(idx))
             metric += metric_sum(out.detach(), yb)
         net.eval()
-        val_sum, val_metric = torch.zeros(()), torch.zeros(())
+        val_sum, val_metric = torch.zeros(()), torch.zeros((), dtype=metric_dtype)
         with torch.no_grad():
             for i in range(0, n_val, b):
                 out = net(xv[i : i + b])
