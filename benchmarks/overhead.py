@@ -7,17 +7,18 @@ after it (which cancels this machine's slow drift in speed); the ratio reported 
 of those ratios, with its interquartile range. A control row rates the raw loop against
 itself the same way: how finely this machine can tell two equal loops apart.
 
-The two sides do equal work. Without callbacks, the raw loop sums the epoch's loss on the
-device and reads it once, as ``fit`` logs it (the cheapest correct way: one in-place add per
-batch; before December 2026 the loss-only raw loop computed no loss, which made the ratio
-about 0.04 higher on the tiny MLP). With the typical callbacks, the raw loop does by hand what they
-do: a running mean of the training loss, a finiteness check of each batch's loss
-(TerminateOnNaN), a validation pass, plateau and early-stopping bookkeeping, a CSV row per
-epoch, and an atomic save (temp file, fsync, rename) of the same content (weights, optimizer
-state, epoch, logs) every epoch. (Saving only improvements would make the two sides save a
-different number of times: their shuffles differ, so their validation losses do.) The number
-of saves is counted on both sides and must agree; a callback missing from torcheras fails the
-benchmark.
+The two sides do equal work. Without callbacks, the raw loop sums the epoch's loss on the device
+and reads it once, as ``fit`` logs it (the cheapest correct way: one in-place add per batch;
+before December 2026 the loss-only raw loop computed no loss, which made the ratio about 0.04
+higher on the tiny MLP). With the typical callbacks, the raw loop does by hand what they do: a
+running mean of the training loss, a finiteness check (TerminateOnNaN: of each batch's loss in
+the loss-only rows; of the epoch's sums, read once, in the common path's, where torcheras reads
+one value every 32 batches), a validation pass, plateau and early-stopping bookkeeping, a CSV
+row per epoch, and an atomic save (temp file, fsync, rename) of the same content (weights,
+optimizer state, epoch, logs) every epoch. (Saving only improvements would make the two sides
+save a different number of times: their shuffles differ, so their validation losses do.) The
+number of saves is counted on both sides and must agree; a callback missing from torcheras fails
+the benchmark.
 
     python benchmarks/overhead.py              # all settings
     python benchmarks/overhead.py --quick      # fewer repeats

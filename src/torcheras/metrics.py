@@ -14,7 +14,6 @@ Keras's spelling, ``update_state(y_true, y_pred, sample_weight)``.
 from __future__ import annotations
 
 import functools
-import operator
 import sys
 import warnings
 import weakref
@@ -478,8 +477,14 @@ class _Kept(tuple):  # type: ignore[type-arg]
     NamedTuple's ``__new__`` is one)."""
 
     __slots__ = ()
-    hits = property(operator.itemgetter(0))
-    labels = property(operator.itemgetter(1))
+
+    @property
+    def hits(self) -> Tensor:
+        return self[0]  # a plain property: torch.compile traces it (not operator.itemgetter)
+
+    @property
+    def labels(self) -> Tensor:
+        return self[1]
 
 
 def sparse_categorical_accuracy(y_pred: Tensor, y_true: Tensor, axis: int = -1) -> _Kept:
