@@ -8,7 +8,8 @@ how ``fit`` avoids a device synchronisation per batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, MutableMapping
+import math
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from functools import partial
 from operator import truediv
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from torcheras.metrics import _LAST_RESULTS, result_of
 from torcheras.tensors import map_tensors, to_cpu
 
-__all__ = ["BatchLogs", "LogCollector", "RunningMeans", "to_float_logs"]
+__all__ = ["BatchLogs", "LogCollector", "LossWatch", "RunningMeans", "to_float_logs"]
 
 _RESULT_IDS = _LAST_RESULTS.data  # ids of the tensors metrics' ``result`` returned last
 
@@ -67,6 +68,11 @@ class RunningMeans:
 
     def keys(self) -> list[str]:
         return list(self._totals)
+
+    def entry(self, key: str) -> tuple[torch.Tensor | float, float] | None:
+        """``key``'s running total and weight as they are now (None if never added)."""
+        total = self._totals.get(key)
+        return None if total is None else (total, self._weights[key])
 
     def result(self) -> dict[str, float]:
         """The means as Python floats; one device-to-host copy for all tensor values."""
@@ -283,10 +289,13 @@ class LogCollector:
         self.tracked = dict(tracked or {})
         self.returned: dict[str, Any] = {}  # keys the steps returned a metric's result for
         self.batch_size = 1  # the running batch's size: Model.log's default weight
+        self.watch: LossWatch | None = None  # a value checked now and then (TerminateOnNaN)
 
     def reset(self) -> None:
         self.means.reset()
         self.returned.clear()
+        if self.watch is not None:
+            self.watch.pending.clear()
         for metric in self.metrics:
             metric.reset()
         for metric in self.tracked.values():
@@ -305,6 +314,8 @@ class LogCollector:
                 if rest is None:
                     rest = dict(logs)
                 del rest[key]
+        if self.watch is not None:
+            self.watch.record(logs, weight)
         self.means.add(logs if rest is None else rest, weight)
 
     def log(self, name: str, value: Any, weight: float | None = None) -> None:
@@ -315,7 +326,10 @@ class LogCollector:
                 f"log({name!r}, ...): {name!r} is already a compiled or tracked metric's name; "
                 "log the value under another name."
             )
-        self.means.add({name: value}, self.batch_size if weight is None else weight)
+        weight = self.batch_size if weight is None else weight
+        if self.watch is not None:
+            self.watch.record({name: value}, weight)
+        self.means.add({name: value}, weight)
 
     def values(self) -> dict[str, Any]:
         """The current values, as device tensors or floats (no synchronisation)."""
@@ -385,3 +399,80 @@ class LogCollector:
         self.returned = {
             key: self.tracked[name] for key, name in returned.items() if name in self.tracked
         }
+
+
+class LossWatch:
+    """Finds the first batch whose logged value of ``key`` (a running mean, or a tracked
+    metric's result) is NaN or infinite, reading the device once per :meth:`check`.
+
+    TerminateOnNaN's check inside ``fit`` when no other callback reads the batch logs: it
+    keeps each batch's step value (a reference) instead of each batch's logs, so the loop
+    builds no batch logs and adds to its running sums in place. ``check`` reads the newest
+    mean; only when that is bad does it replay the pending values through a
+    :class:`RunningMeans` (the same arithmetic as the loop's) to find the first bad batch
+    and call ``on_bad(batch, value)``.
+    """
+
+    def __init__(
+        self,
+        collector: LogCollector,
+        loop: Any,
+        key: str,
+        every: int,
+        on_bad: Callable[[int, float], None],
+    ) -> None:
+        self.collector, self.loop, self.key = collector, loop, key
+        self.every = every  # check after this many recorded values
+        self.on_bad = on_bad
+        # (batch, value, weight, whether the value is a metric's own result), since the last
+        # check; ``base``: the running total and weight before the first of them
+        self.pending: list[tuple[int, Any, float, bool]] = []
+        self.base: tuple[torch.Tensor | float, float] | None = None
+
+    def record(self, values: Mapping[str, Any], weight: float) -> None:
+        """A step's values, before the collector adds them (``weight``: their count)."""
+        value = values.get(self.key)
+        if value is None:
+            return
+        if not self.pending:  # a new window: remember where the running total stands
+            entry = self.collector.means.entry(self.key)
+            self.base = (
+                entry
+                if entry is None or type(entry[0]) is not torch.Tensor
+                else (entry[0].clone(), entry[1])
+            )
+        metric = self.collector.returned.get(self.key)
+        if metric is not None:  # the logs show the metric's result, not a running mean
+            snap = getattr(metric, "snapshot", None)
+            value = metric.result() if snap is None else snap()
+        self.pending.append((self.loop.batch, value, weight, metric is not None))
+
+    def check(self) -> None:
+        """Read the newest value; if it is bad, find the first bad batch and report it."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        key = self.key
+        _, newest, _, direct = pending[-1]
+        entry = self.collector.means.entry(key)
+        if direct:
+            value = _resolve(newest)
+        elif entry is None:
+            return
+        else:
+            value = entry[0] / entry[1] if entry[1] else math.nan
+        if math.isfinite(float(value)):  # a running mean stays bad once it is: all were fine
+            return
+        replay = RunningMeans()
+        if self.base is not None:
+            replay.load_state_dict({"totals": {key: self.base[0]}, "weights": {key: self.base[1]}})
+        for batch, value, weight, direct in pending:
+            if direct:
+                mean = float(_resolve(value))
+            else:
+                replay.add({key: value}, weight)
+                total, count = replay.entry(key)  # type: ignore[misc]
+                mean = float(total / count) if count else math.nan
+            if not math.isfinite(mean):
+                self.on_bad(batch, mean)
+                return

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from torcheras import checkpoint, data, distributed, optimizers, state, stepping, tensors
 from torcheras.callbacks.callback_list import CallbackList
-from torcheras.logs import LogCollector
+from torcheras.logs import LogCollector, LossWatch
 from torcheras.loop_state import LoopState, StopFit
 
 __all__ = ["evaluate", "fit", "hooks", "predict"]
@@ -198,6 +198,21 @@ class FitLoop:
                 f"number of processes to resume, or delete {str(Path(path).parent)!r} to start "
                 "over."
             )
+
+    def watch_loss(
+        self, callback: Any, every: int, on_bad: Callable[[int, float], None]
+    ) -> LossWatch | None:
+        """``LoopState.watch_loss``: a loss watch in place of ``callback``'s batch hook."""
+        callbacks = self.callbacks
+        if (
+            callbacks.needs("on_train_batch_end", besides=callback)
+            or distributed.is_active()
+            or self.collector.watch is not None
+        ):
+            return None
+        watch = self.collector.watch = LossWatch(self.collector, self.loop, "loss", every, on_bad)
+        callbacks.skip("on_train_batch_end", callback)
+        return watch
 
     def _run_boundary_work(self) -> None:
         work = self.boundary_work
@@ -460,6 +475,7 @@ class FitLoop:
         # no synchronisation inside groups
         run_step = stepper.run if stepper.ddp is not None or stepper.fsdp is not None else None
         collector = self.collector
+        watch = collector.watch
         boundary_work = self.boundary_work
         groups = None if model.optimizer is None else model.optimizer.param_groups
         batch_lrs = self.batch_lrs
@@ -502,6 +518,8 @@ class FitLoop:
             stepper.end_batch()
             if needs_end:
                 callbacks.on_train_batch_end(step, collector.snapshot())
+            elif watch is not None and len(watch.pending) >= watch.every:
+                watch.check()  # where the watching callback's batch hook would have run
             if (
                 interval
                 and not loop.accumulating

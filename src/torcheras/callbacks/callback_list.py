@@ -123,9 +123,19 @@ class CallbackList(Callback):
         if self.params:
             callback.set_params(self.params)
 
-    def needs(self, hook: str) -> bool:
-        """Whether any callback overrides ``hook`` (the loop skips building unused logs)."""
-        return bool(self._active[hook])
+    def skip(self, hook: str, callback: Callback) -> None:
+        """Stop calling ``callback``'s ``hook`` in this list (a callback that found another
+        way to do its work in this ``fit``: TerminateOnNaN's loss watch)."""
+        self._active[hook] = [
+            fn for fn in self._active[hook] if getattr(fn, "__self__", None) is not callback
+        ]
+
+    def needs(self, hook: str, besides: Callback | None = None) -> bool:
+        """Whether any callback (other than ``besides``) overrides ``hook`` (the loop skips
+        building unused logs)."""
+        if besides is None:
+            return bool(self._active[hook])
+        return any(getattr(fn, "__self__", None) is not besides for fn in self._active[hook])
 
     def declares(self, hook: str) -> bool:
         """Whether any callback overrides ``hook``, whether or not it runs on this rank."""

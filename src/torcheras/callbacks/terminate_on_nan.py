@@ -31,16 +31,18 @@ class TerminateOnNaN(Callback):
 
     As in Keras, the loss checked is the one in the batch logs (as the callbacks before this
     one left it): the running mean of the epoch, which stays NaN (or infinite) from the batch
-    where a bad loss appeared. Unlike Keras, the check never stalls the device: the logs of
-    each batch are kept (references, no copy) and looked at only when somebody read them
-    anyway (the progress bar, at most every 0.1 s), after every 1024 unread batches (32 on the
-    CPU, where a read waits for nothing), and after the epoch's last batch, before
-    validation. The message names the batch where the loss first went bad, the History and
-    the epoch where training stops are Keras's. The difference: the batches run between that
-    batch and the check (up to the next progress refresh), whose weights are NaN; a
-    batch-level save in between (``BackupAndRestore(save_freq=N)``, ``ModelCheckpoint(
-    save_freq=N)``) holds them. With ``raise_error=True`` on the CPU every batch is checked
-    (free there), so the error comes at the bad batch, before any later save, as in Keras.
+    where a bad loss appeared. Unlike Keras, the check never stalls the device: it reads the
+    newest loss only after every 1024 batches (32 on the CPU, where a read waits for nothing),
+    when somebody read the logs anyway (the progress bar, at most every 0.1 s), and after the
+    epoch's last batch, before validation; when that loss is bad, it finds the batch where it
+    first went bad. Inside ``fit``, when no other callback reads the batch logs, it keeps
+    each batch's loss instead of its logs (``model.loop.watch_loss``): no batch logs are built
+    at all. The message names the batch where the loss first went bad, the History and the
+    epoch where training stops are Keras's. The difference: the batches run between that
+    batch and the check, whose weights are NaN; a batch-level save in between
+    (``BackupAndRestore(save_freq=N)``, ``ModelCheckpoint(save_freq=N)``) holds them. With
+    ``raise_error=True`` on the CPU every batch is checked (free there), so the error comes
+    at the bad batch, before any later save, as in Keras.
 
     Example:
         ```python
@@ -52,6 +54,7 @@ class TerminateOnNaN(Callback):
         self.raise_error = raise_error
         self._unread: list[tuple[int, Any]] = []
         self._max_unread = MAX_UNREAD
+        self._watch: Any = None  # fit's loss watch (LossWatch), when fit could give one
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._unread = []
@@ -59,6 +62,12 @@ class TerminateOnNaN(Callback):
         on_cpu = isinstance(device, torch.device) and device.type == "cpu"
         # raise_error on the CPU: at the bad batch itself, before a later callback saves
         self._max_unread = (1 if self.raise_error else CPU_UNREAD) if on_cpu else MAX_UNREAD
+        loop = getattr(self.model, "loop", None)
+        running = getattr(loop, "running", False) is True  # inside fit (not a loop of yours)
+        self._watch = loop.watch_loss(self, self._max_unread, self._check) if running else None
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._watch = None  # the fit's, let go of with it
 
     def on_train_batches_end(self, epoch: int) -> None:
         self._settle()  # after the epoch's last batch, before validation
@@ -82,6 +91,9 @@ class TerminateOnNaN(Callback):
     def _settle(self) -> None:
         """Read the newest unread loss (one value; every value when a callback edited some);
         if it is bad, find the first bad batch."""
+        if self._watch is not None:
+            self._watch.check()
+            return
         unread, self._unread = self._unread, []
         if not unread:
             return
