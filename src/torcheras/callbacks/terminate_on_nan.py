@@ -69,10 +69,15 @@ class TerminateOnNaN(Callback):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._watch = None  # the fit's, let go of with it
 
+    def on_exception(self, exception: BaseException) -> None:
+        self._watch = None
+
     def on_train_batches_end(self, epoch: int) -> None:
         self._settle()  # after the epoch's last batch, before validation
 
     def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._watch is not None:  # fit's watch sees every batch's loss already
+            return
         if type(logs) is not BatchLogs:  # plain floats (a hand-written loop): check now
             if logs and "loss" in logs:
                 self._check(batch, float(logs["loss"]))
