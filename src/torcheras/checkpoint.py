@@ -31,7 +31,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -182,37 +181,39 @@ def _create_temp(folder: Path, name: str) -> tuple[int, str]:
 
 class _Writer:
     """A background thread that writes files in order, and remembers a failure. One per
-    training thread (:func:`_writer`), started at its first write and kept for the next ones
-    (starting a thread per save costs ~0.3 ms of CPU; handing work to a running one, ~35 us).
-    A lock keeps it whole if another thread waits on it. Its thread is not a daemon: a write
-    under way when the program ends is finished first (``concurrent.futures`` joins it)."""
+    training thread (:func:`_writer`); a lock keeps it whole if another thread waits on it."""
 
     def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._lock = threading.Lock()
 
     def submit(self, write: Callable[[], Any], what: str) -> None:
         with self._lock:
             self._wait()  # one write at a time, in order; an earlier failure raises here
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="torcheras-writer")
-            self._pending = self._pool.submit(_named, write, f"torcheras-writer ({what})")
+            thread = threading.Thread(
+                target=self._run, args=(write,), name=f"torcheras-writer ({what})", daemon=False
+            )
+            thread.start()
+            self._thread = thread
+
+    def _run(self, write: Callable[[], Any]) -> None:
+        try:
+            write()
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
 
     def wait(self) -> None:
         with self._lock:
             self._wait()
 
     def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()  # the write's error, if it failed
-
-
-def _named(write: Callable[[], Any], name: str) -> Any:
-    """Run ``write`` on the writer thread, named after what it writes (seen in a stack dump)."""
-    threading.current_thread().name = name
-    return write()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 _WRITERS = threading.local()
