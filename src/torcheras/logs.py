@@ -69,6 +69,10 @@ class RunningMeans:
     def keys(self) -> list[str]:
         return list(self._totals)
 
+    def keep(self, key: str) -> None:
+        """Leave ``key``'s current total tensor as it is: the next add makes a new one."""
+        self._unshared.discard(key)
+
     def entry(self, key: str) -> tuple[torch.Tensor | float, float] | None:
         """``key``'s running total and weight as they are now (None if never added)."""
         total = self._totals.get(key)
@@ -295,7 +299,7 @@ class LogCollector:
         self.means.reset()
         self.returned.clear()
         if self.watch is not None:
-            self.watch.pending.clear()
+            self.watch.reset()
         for metric in self.metrics:
             metric.reset()
         for metric in self.tracked.values():
@@ -314,9 +318,10 @@ class LogCollector:
                 if rest is None:
                     rest = dict(logs)
                 del rest[key]
-        if self.watch is not None:
-            self.watch.record(logs, weight)
         self.means.add(logs if rest is None else rest, weight)
+        watch = self.watch
+        if watch is not None and watch.key in logs:
+            watch.record()
 
     def log(self, name: str, value: Any, weight: float | None = None) -> None:
         """A value logged from inside a step or a batch hook (``Model.log``), counted
@@ -326,10 +331,9 @@ class LogCollector:
                 f"log({name!r}, ...): {name!r} is already a compiled or tracked metric's name; "
                 "log the value under another name."
             )
-        weight = self.batch_size if weight is None else weight
-        if self.watch is not None:
-            self.watch.record({name: value}, weight)
-        self.means.add({name: value}, weight)
+        self.means.add({name: value}, self.batch_size if weight is None else weight)
+        if self.watch is not None and name == self.watch.key:
+            self.watch.record()
 
     def values(self) -> dict[str, Any]:
         """The current values, as device tensors or floats (no synchronisation)."""
@@ -402,15 +406,14 @@ class LogCollector:
 
 
 class LossWatch:
-    """Finds the first batch whose logged value of ``key`` (a running mean, or a tracked
-    metric's result) is NaN or infinite, reading the device once per :meth:`check`.
+    """Keeps each batch's logged value of ``key`` as its batch logs would hold it (the
+    running total and its weight, or a tracked metric's result), without building batch
+    logs, and reads the device once per :meth:`check`: the newest value, and only when that
+    one is NaN or infinite every kept one, to call ``on_bad(batch, value)`` with the first.
 
-    TerminateOnNaN's check inside ``fit`` when no other callback reads the batch logs: it
-    keeps each batch's step value (a reference) instead of each batch's logs, so the loop
-    builds no batch logs and adds to its running sums in place. ``check`` reads the newest
-    mean; only when that is bad does it replay the pending values through a
-    :class:`RunningMeans` (the same arithmetic as the loop's) to find the first bad batch
-    and call ``on_bad(batch, value)``.
+    TerminateOnNaN's check inside ``fit`` when no other callback reads the batch logs. The
+    watched key's running total is added to out of place (each batch's total is kept, as a
+    batch-logs snapshot would keep it); the other keys' stay in place.
     """
 
     def __init__(
@@ -422,57 +425,49 @@ class LossWatch:
         on_bad: Callable[[int, float], None],
     ) -> None:
         self.collector, self.loop, self.key = collector, loop, key
-        self.every = every  # check after this many recorded values
+        self.every = every  # check after this many batches (the loop counts them)
         self.on_bad = on_bad
-        # (batch, value, weight, whether the value is a metric's own result), since the last
-        # check; ``base``: the running total and weight before the first of them
-        self.pending: list[tuple[int, Any, float, bool]] = []
-        self.base: tuple[torch.Tensor | float, float] | None = None
+        self.batches = 0  # batches since the last check
+        # (batch, running total, its weight) since the last check; a tracked metric's
+        # result (deferred) with weight None
+        self.pending: list[tuple[int, Any, float | None]] = []
 
-    def record(self, values: Mapping[str, Any], weight: float) -> None:
-        """A step's values, before the collector adds them (``weight``: their count)."""
-        value = values.get(self.key)
-        if value is None:
-            return
-        if not self.pending:  # a new window: remember where the running total stands
-            entry = self.collector.means.entry(self.key)
-            self.base = (
-                entry
-                if entry is None or type(entry[0]) is not torch.Tensor
-                else (entry[0].clone(), entry[1])
-            )
-        metric = self.collector.returned.get(self.key)
+    def record(self) -> None:
+        """After the collector added a step's values that hold ``key``."""
+        key = self.key
+        metric = self.collector.returned.get(key)
         if metric is not None:  # the logs show the metric's result, not a running mean
             snap = getattr(metric, "snapshot", None)
-            value = metric.result() if snap is None else snap()
-        self.pending.append((self.loop.batch, value, weight, metric is not None))
+            self.pending.append(
+                (self.loop.batch, metric.result() if snap is None else snap(), None)
+            )
+            return
+        means = self.collector.means
+        total, weight = means.entry(key)  # type: ignore[misc]
+        means.keep(key)  # the next add makes a new total: this one stays as it is
+        self.pending.append((self.loop.batch, total, weight))
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.batches = 0
 
     def check(self) -> None:
         """Read the newest value; if it is bad, find the first bad batch and report it."""
-        pending, self.pending = self.pending, []
+        pending, self.pending, self.batches = self.pending, [], 0
         if not pending:
             return
-        key = self.key
-        _, newest, _, direct = pending[-1]
-        entry = self.collector.means.entry(key)
-        if direct:
-            value = _resolve(newest)
-        elif entry is None:
+        # a running mean stays bad once it is: the newest fine means every one was
+        if math.isfinite(_as_floats([_value(*pending[-1][1:])])[0]):
             return
-        else:
-            value = entry[0] / entry[1] if entry[1] else math.nan
-        if math.isfinite(float(value)):  # a running mean stays bad once it is: all were fine
-            return
-        replay = RunningMeans()
-        if self.base is not None:
-            replay.load_state_dict({"totals": {key: self.base[0]}, "weights": {key: self.base[1]}})
-        for batch, value, weight, direct in pending:
-            if direct:
-                mean = float(_resolve(value))
-            else:
-                replay.add({key: value}, weight)
-                total, count = replay.entry(key)  # type: ignore[misc]
-                mean = float(total / count) if count else math.nan
-            if not math.isfinite(mean):
-                self.on_bad(batch, mean)
+        values = _as_floats([_value(total, weight) for _, total, weight in pending])
+        for (batch, _, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                self.on_bad(batch, value)
                 return
+
+
+def _value(total: Any, weight: float | None) -> Any:
+    """A kept value as batch logs show it: a running mean, or a metric's result."""
+    if weight is None:
+        return _resolve(total)
+    return total / weight if weight else math.nan

@@ -518,8 +518,10 @@ class FitLoop:
             stepper.end_batch()
             if needs_end:
                 callbacks.on_train_batch_end(step, collector.snapshot())
-            elif watch is not None and len(watch.pending) >= watch.every:
-                watch.check()  # where the watching callback's batch hook would have run
+            if watch is not None:  # where the watching callback's batch hook would run
+                watch.batches += 1
+                if watch.batches >= watch.every:
+                    watch.check()
             if (
                 interval
                 and not loop.accumulating

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from torcheras.callbacks.callback import Callback
-from torcheras.logs import BatchLogs
+from torcheras.logs import BatchLogs, _as_floats
 
 __all__ = ["TerminateOnNaN"]
 
@@ -64,7 +64,18 @@ class TerminateOnNaN(Callback):
         self._max_unread = (1 if self.raise_error else CPU_UNREAD) if on_cpu else MAX_UNREAD
         loop = getattr(self.model, "loop", None)
         running = getattr(loop, "running", False) is True  # inside fit (not a loop of yours)
-        self._watch = loop.watch_loss(self, self._max_unread, self._check) if running else None
+        watchable = running and not self._own_batch_hook()
+        self._watch = loop.watch_loss(self, self._max_unread, self._check) if watchable else None
+
+    def _own_batch_hook(self) -> bool:
+        """A subclass's (or an instance's) own batch-end hook, which must still be called."""
+        cls = type(self)
+        return (
+            cls.on_batch_end is not TerminateOnNaN.on_batch_end
+            or cls.on_train_batch_end is not Callback.on_train_batch_end
+            or "on_batch_end" in vars(self)
+            or "on_train_batch_end" in vars(self)
+        )
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._watch = None  # the fit's, let go of with it
@@ -109,12 +120,12 @@ class TerminateOnNaN(Callback):
         unread = [entry for entry in unread if "loss" in entry[1]]
         if not unread:
             return
-        values = torch.stack([torch.as_tensor(logs.raw("loss")).float() for _, logs in unread])
-        finite = torch.isfinite(values).tolist()
+        values = _as_floats([logs.raw("loss") for _, logs in unread])  # float64: one read
+        finite = [math.isfinite(v) for v in values]
         if all(finite):  # edited values, every one finite
             return
         first = finite.index(False)
-        self._check(unread[first][0], float(values[first]))
+        self._check(unread[first][0], values[first])
 
     def _check(self, batch: int, loss: float) -> None:
         if math.isnan(loss) or math.isinf(loss):
