@@ -14,6 +14,12 @@ matrix products; the settings run two at a time):
     python benchmarks/instructions.py               # every setting, about an hour on 2 cores
     python benchmarks/instructions.py --only tiny   # the tiny MLP's settings, ~15 minutes
     python benchmarks/instructions.py --only wide   # the wide MLP's (cut short), ~40 minutes
+    python benchmarks/instructions.py --callbacks   # each typical callback's share, ~15 min
+
+``--callbacks`` counts, in one process (so that nothing differs between the sides but what
+is measured), one epoch of the common path (tiny MLP, accuracy + validation) for the raw loop
+without and with the typical callbacks' work, and for ``fit`` without callbacks, with
+TerminateOnNaN alone, with the other four, and with all five.
 
 How: callgrind writes its counters to a file (and zeroes them) each time the program enters
 ``getppid``, which nothing else calls during training; the script calls ``os.getppid()``
@@ -34,11 +40,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import overhead  # noqa: E402
+
+import torcheras  # noqa: E402
 
 TINY = overhead.WORKLOADS[0]
 # The wide MLP's epoch cut short: one of its batches takes about a minute under callgrind, so a
@@ -147,6 +156,86 @@ def native_epoch_seconds(name: str) -> float:
     return statistics.median(times)
 
 
+CALLBACK_PHASES = ("raw", "raw + their work", "fit", "fit + TerminateOnNaN", "fit + the other four",
+                   "fit + all five")  # fmt: skip
+
+
+def callbacks_child(folder: str) -> None:
+    """Inside Valgrind: each side of ``CALLBACK_PHASES`` warmed up, then one epoch of each."""
+    torch.set_num_threads(1)
+    w = TINY
+    x, y = overhead.make_data(w)
+    n_val = w.samples // 10
+    xv, yv, x, y = x[-n_val:], y[-n_val:], x[:-n_val], y[:-n_val]
+    net = overhead.make_net(w.sizes)
+    raw = overhead.RawLoop(net, torch.optim.Adam(net.parameters(), lr=1e-3), folder)
+
+    def raw_epoch(work: bool) -> Callable[[], None]:
+        return lambda: raw.epoch_(x, y, w.batch_size, (xv, yv), accuracy=True, callbacks=work)
+
+    def fit_epoch(callbacks: list[Any]) -> Callable[[], None]:
+        torch.manual_seed(0)
+        model = torcheras.Model(overhead.make_net(w.sizes))
+        model.compile(torch.optim.Adam(model.parameters(), lr=1e-3), "cross_entropy",
+                      metrics=["accuracy"], device="cpu")  # fmt: skip
+        return lambda: model.fit(x, y, batch_size=w.batch_size, epochs=1, verbose=0,
+                                 callbacks=callbacks, validation_data=(xv, yv))  # fmt: skip
+
+    typical = overhead.typical_callbacks(folder)  # the four, then TerminateOnNaN
+    sides = [raw_epoch(False), raw_epoch(True), fit_epoch([]), fit_epoch([typical[4]]),
+             fit_epoch(typical[:4]), fit_epoch(overhead.typical_callbacks(folder))]  # fmt: skip
+    for side in sides:
+        side()
+    for side in sides:
+        MARK()  # a dump before each side: the first holds start-up and warm-up
+        side()
+    MARK()
+
+
+def measure_callbacks(folder: str) -> list[int]:
+    """Run ``callbacks_child`` under callgrind; each side's instruction count."""
+    out = os.path.join(folder, "callbacks.out")
+    command = ["valgrind", "--tool=callgrind", "--dump-before=getppid", "--dump-instr=no",
+               f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__),
+               "--callbacks-child", folder]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"--callbacks: valgrind failed\n{done.stderr[-2000:]}")
+    totals = {}
+    for path in glob.glob(out + ".*"):
+        with open(path) as f:
+            for line in f:
+                if line.startswith("totals:"):
+                    totals[int(path.rsplit(".", 1)[1])] = int(line.split()[1])
+    expected = list(range(1, len(CALLBACK_PHASES) + 2))
+    if sorted(totals) != expected:
+        raise SystemExit(f"--callbacks: expected phase dumps {expected}, got {sorted(totals)}")
+    return [totals[i] for i in expected[1:]]
+
+
+def print_callbacks(counts: list[int]) -> None:
+    by_name = dict(zip(CALLBACK_PHASES, counts))
+    print(f"torch {torch.__version__}, 1 thread; instructions of one epoch, one process\n")
+    print("| side | instructions | against |")
+    print("|---|---|---|")
+    against = {
+        "raw + their work": ("raw", "+"),
+        "fit": ("raw", "/"),
+        "fit + TerminateOnNaN": ("fit", "+"),
+        "fit + the other four": ("fit", "+"),
+        "fit + all five": ("raw + their work", "/"),
+    }
+    for name, count in by_name.items():
+        note = ""
+        if name in against:
+            base, how = against[name]
+            if how == "+":
+                note = f"{base} {(count - by_name[base]) / 1e6:+.1f} M"
+            else:
+                note = f"{base}: {count / by_name[base]:.4f}"
+        print(f"| {name} | {count / 1e6:.1f} M | {note} |")
+
+
 def measure(name: str, folder: str, native_seconds: float) -> tuple[int, int]:
     """Run one setting under callgrind; its (base, other) instruction counts."""
     out = os.path.join(folder, f"{name}.out")
@@ -180,6 +269,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--native-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--callbacks-child", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--callbacks",
+        action="store_true",
+        help="each typical callback's instructions against the raw loop's same work",
+    )
     parser.add_argument(
         "--only",
         default="",
@@ -189,8 +284,14 @@ def main() -> None:
     if args.child:
         child(args.child, args.native_seconds)
         return
+    if args.callbacks_child:
+        callbacks_child(args.callbacks_child)
+        return
     if shutil.which("valgrind") is None:
         print("instructions.py: valgrind is not installed (apt install valgrind); skipped")
+        return
+    if args.callbacks:
+        print_callbacks(measure_callbacks(tempfile.mkdtemp()))
         return
     names = [n for n in SETTINGS if any(part in n for part in args.only.split(","))]
     folder = tempfile.mkdtemp()
