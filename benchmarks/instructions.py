@@ -156,6 +156,20 @@ def native_epoch_seconds(name: str) -> float:
     return statistics.median(times)
 
 
+def _phase_totals(command: list[str], out: str, what: str) -> dict[int, int]:
+    """Run ``command`` (callgrind writing to ``out``); each phase dump's instruction total."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{what}: valgrind failed\n{done.stderr[-2000:]}")
+    totals = {}
+    for path in glob.glob(out + ".*"):
+        with open(path) as f:
+            for line in f:
+                if line.startswith("totals:"):
+                    totals[int(path.rsplit(".", 1)[1])] = int(line.split()[1])
+    return totals
+
+
 CALLBACK_PHASES = ("raw", "raw + their work", "fit", "fit + TerminateOnNaN", "fit + the other four",
                    "fit + all five")  # fmt: skip
 
@@ -198,15 +212,7 @@ def measure_callbacks(folder: str) -> list[int]:
     command = ["valgrind", "--tool=callgrind", "--dump-before=getppid", "--dump-instr=no",
                f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__),
                "--callbacks-child", folder]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"--callbacks: valgrind failed\n{done.stderr[-2000:]}")
-    totals = {}
-    for path in glob.glob(out + ".*"):
-        with open(path) as f:
-            for line in f:
-                if line.startswith("totals:"):
-                    totals[int(path.rsplit(".", 1)[1])] = int(line.split()[1])
+    totals = _phase_totals(command, out, "--callbacks")
     expected = list(range(1, len(CALLBACK_PHASES) + 2))
     if sorted(totals) != expected:
         raise SystemExit(f"--callbacks: expected phase dumps {expected}, got {sorted(totals)}")
@@ -251,15 +257,7 @@ def measure(name: str, folder: str, native_seconds: float) -> tuple[int, int]:
         name,
         f"--native-seconds={native_seconds}",
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{name}: valgrind failed\n{done.stderr[-2000:]}")
-    totals = {}
-    for path in glob.glob(out + ".*"):
-        with open(path) as f:
-            for line in f:
-                if line.startswith("totals:"):
-                    totals[int(path.rsplit(".", 1)[1])] = int(line.split()[1])
+    totals = _phase_totals(command, out, name)
     if sorted(totals) != [1, 2, 3]:
         raise SystemExit(f"{name}: expected 3 phase dumps, got {sorted(totals)}")
     return totals[2], totals[3]

@@ -644,3 +644,37 @@ def test_a_forked_child_saves_after_the_parent_saved(tmp_path):
         pytest.fail("the forked child's fit hung")
     assert os.waitstatus_to_exitcode(status) == 0
     assert (tmp_path / "child.weights.pt").exists()
+
+
+class _NanInSecondEpoch(torch.nn.Module):
+    """Finite outputs, except NaN ones at the second epoch's batch 2 (20 batches an epoch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(8, 3)
+        self.calls = 0
+
+    def forward(self, inputs):
+        out = self.net(inputs)
+        if self.training:
+            self.calls += 1
+            if self.calls == 20 + 3:
+                out = out * float("nan")
+        return out
+
+
+def test_the_watchs_windows_start_again_each_epoch(monkeypatch):
+    """Two epochs' worth of finite losses, then NaN at the second epoch's batch 2: named
+    there (not at a batch counted from the first epoch), on both paths."""
+    x, y = _poisoned(n=640, bad_from=640)  # every input finite
+
+    def make():
+        model = torcheras.Model(_NanInSecondEpoch())
+        model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
+        return model
+
+    seen = _both(monkeypatch, make, x, y)
+    assert "Batch 2: Invalid loss, terminating training" in seen.out
+    assert seen.epoch == [0, 1]
+    assert seen.stop_reason == "TerminateOnNaN: loss was nan at epoch 2, batch 2"
+    assert seen.batches[-1] == (1, 19)  # the second epoch ran to its end (20 < 32 batches)
