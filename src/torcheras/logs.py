@@ -319,9 +319,6 @@ class LogCollector:
                     rest = dict(logs)
                 del rest[key]
         self.means.add(logs if rest is None else rest, weight)
-        watch = self.watch
-        if watch is not None and watch.key in logs:
-            watch.record()
 
     def log(self, name: str, value: Any, weight: float | None = None) -> None:
         """A value logged from inside a step or a batch hook (``Model.log``), counted
@@ -332,8 +329,6 @@ class LogCollector:
                 "log the value under another name."
             )
         self.means.add({name: value}, self.batch_size if weight is None else weight)
-        if self.watch is not None and name == self.watch.key:
-            self.watch.record()
 
     def values(self) -> dict[str, Any]:
         """The current values, as device tensors or floats (no synchronisation)."""
@@ -411,9 +406,11 @@ class LossWatch:
     logs, and reads the device once per :meth:`check`: the newest value, and only when that
     one is NaN or infinite every kept one, to call ``on_bad(batch, value)`` with the first.
 
-    TerminateOnNaN's check inside ``fit`` when no other callback reads the batch logs. The
-    watched key's running total is added to out of place (each batch's total is kept, as a
-    batch-logs snapshot would keep it); the other keys' stay in place.
+    TerminateOnNaN's check inside ``fit`` when no other callback has a batch-end hook. The
+    loop calls :meth:`end_batch` where it would build batch logs, and :meth:`check` after an
+    epoch's last batch. The watched key's running total is added to out of place (each
+    batch's total is kept, as a batch-logs snapshot would keep it); the other keys' stay in
+    place.
     """
 
     def __init__(
@@ -425,15 +422,16 @@ class LossWatch:
         on_bad: Callable[[int, float], None],
     ) -> None:
         self.collector, self.loop, self.key = collector, loop, key
-        self.every = every  # check after this many batches (the loop counts them)
+        self.every = every  # check after this many batches
         self.on_bad = on_bad
         self.batches = 0  # batches since the last check
         # (batch, running total, its weight) since the last check; a tracked metric's
         # result (deferred) with weight None
         self.pending: list[tuple[int, Any, float | None]] = []
 
-    def record(self) -> None:
-        """After the collector added a step's values that hold ``key``."""
+    def end_batch(self) -> None:
+        """At a training batch's end, where batch logs would be built: keep the value they
+        would show (if the logs hold ``key``), and check every ``every`` batches."""
         key = self.key
         metric = self.collector.returned.get(key)
         if metric is not None:  # the logs show the metric's result, not a running mean
@@ -441,11 +439,15 @@ class LossWatch:
             self.pending.append(
                 (self.loop.batch, metric.result() if snap is None else snap(), None)
             )
-            return
-        means = self.collector.means
-        total, weight = means.entry(key)  # type: ignore[misc]
-        means.keep(key)  # the next add makes a new total: this one stays as it is
-        self.pending.append((self.loop.batch, total, weight))
+        else:
+            means = self.collector.means
+            entry = means.entry(key)
+            if entry is not None and entry[1]:  # (an empty batch so far counts nothing)
+                means.keep(key)  # the next add makes a new total: this one stays as it is
+                self.pending.append((self.loop.batch, *entry))
+        self.batches += 1
+        if self.batches >= self.every:
+            self.check()
 
     def reset(self) -> None:
         self.pending.clear()
@@ -468,6 +470,4 @@ class LossWatch:
 
 def _value(total: Any, weight: float | None) -> Any:
     """A kept value as batch logs show it: a running mean, or a metric's result."""
-    if weight is None:
-        return _resolve(total)
-    return total / weight if weight else math.nan
+    return _resolve(total) if weight is None else total / weight

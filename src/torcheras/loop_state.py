@@ -118,13 +118,16 @@ class LoopState:
 
     def watch_loss(self, callback: Any, every: int, on_bad: Callable[[int, float], None]) -> Any:
         """Have ``fit`` check the training loss of the batch logs (its running mean) every
-        ``every`` batches, and whenever the returned watch's ``check()`` is called (after the
-        epoch's last batch), calling ``on_bad(batch, loss)`` with the first batch where it is
-        NaN or infinite. ``callback``'s ``on_train_batch_end`` is then not called in this fit,
-        and no batch logs are built for it. Call it from ``on_train_begin``. Returns the watch
-        (a :class:`~torcheras.logs.LossWatch`), or None where ``fit`` cannot: another callback
-        reads (and may change) the batch logs, a watch is already set, or training runs on
-        several ranks (whose stops must agree after every batch). TerminateOnNaN uses it."""
+        ``every`` batches and after each epoch's last batch, calling ``on_bad(batch, loss)``
+        with the first batch where it is NaN or infinite. ``callback``'s
+        ``on_train_batch_end`` is then not called by this fit's callback list (unless a
+        callback is appended to it later), and no batch logs are built for it. Call it from
+        ``on_train_begin`` (from an epoch hook it counts from the next epoch's batches).
+        Returns the watch (a :class:`~torcheras.logs.LossWatch`), or None where ``fit``
+        cannot: another callback has a batch-end hook (it may read and change the batch
+        logs; the progress bar of ``verbose=1`` or ``2`` has one), a watch is already set,
+        or training runs on several ranks (whose stops must agree after every batch).
+        TerminateOnNaN uses it."""
         return self._running_fit("watch_loss").watch_loss(callback, every, on_bad)
 
     @property

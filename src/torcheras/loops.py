@@ -377,6 +377,8 @@ class FitLoop:
         batches = self.train_source.batches(order, start)
         self.rng_mark = state.rng_mark()  # did training draw random numbers? (resharding)
         last = self._train_batches(batches, start)
+        if collector.watch is not None:
+            collector.watch.check()  # the epoch's last batches, before anything else
         if last < 0 and start == 0 and not self.train_source.ran_out:
             raise ValueError("The training data yielded no batch: `x` is empty.")
         self.stepping.end_epoch()  # a group the epoch (or a stop) cut short
@@ -519,9 +521,7 @@ class FitLoop:
             if needs_end:
                 callbacks.on_train_batch_end(step, collector.snapshot())
             if watch is not None:  # where the watching callback's batch hook would run
-                watch.batches += 1
-                if watch.batches >= watch.every:
-                    watch.check()
+                watch.end_batch()
             if (
                 interval
                 and not loop.accumulating

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import signal
 import subprocess
@@ -678,3 +679,40 @@ def test_the_watchs_windows_start_again_each_epoch(monkeypatch):
     assert seen.epoch == [0, 1]
     assert seen.stop_reason == "TerminateOnNaN: loss was nan at epoch 2, batch 2"
     assert seen.batches[-1] == (1, 19)  # the second epoch ran to its end (20 < 32 batches)
+
+
+class _LogNanLossAtEpochBegin(Callback):
+    """``Model.log("loss", nan)`` from the second epoch's ``on_epoch_begin``: outside any
+    batch, it joins the first batch's running loss (the batch logs show it there)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            self.model.log("loss", torch.tensor(float("nan")), weight=1)
+
+
+def test_a_loss_logged_before_the_first_batch_is_named_at_that_batch(monkeypatch):
+    x, y = _poisoned(n=640, bad_from=640)  # every input finite
+    seen = _both(monkeypatch, make_model, x, y, extra=[_LogNanLossAtEpochBegin()])
+    assert "Batch 0: Invalid loss, terminating training" in seen.out
+    assert seen.stop_reason == _stopped_at(0, epoch=2)
+
+
+class _OwnWatch(Callback):
+    """Another user of ``model.loop.watch_loss``: relies on fit to check the epoch's end."""
+
+    def __init__(self):
+        self.bad = []
+
+    def on_train_begin(self, logs=None):
+        self.watch = self.model.loop.watch_loss(self, 32, lambda b, v: self.bad.append((b, v)))
+
+
+def test_fit_checks_a_watchs_last_window_at_each_epochs_end():
+    """20 batches an epoch, NaN from batch 5: fewer than 32 batches, so only the check fit
+    makes after the epoch's last batch can see it (the callback never calls check())."""
+    x, y = _poisoned(n=640, bad_from=5 * 32)
+    own = _OwnWatch()
+    make_model().fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[own])
+    assert own.watch is not None
+    assert [batch for batch, _ in own.bad] == [5, 0]  # each epoch's first bad batch
+    assert all(math.isnan(value) for _, value in own.bad)

@@ -35,11 +35,12 @@ class TerminateOnNaN(Callback):
     newest loss only after every 1024 batches (32 on the CPU, where a read waits for nothing),
     when somebody read the logs anyway (the progress bar, at most every 0.1 s), and after the
     epoch's last batch, before validation; when that loss is bad, it finds the batch where it
-    first went bad. Inside ``fit``, when no other callback reads the batch logs, it keeps
-    each batch's loss instead of its logs (``model.loop.watch_loss``): no batch logs are built
-    at all. The message names the batch where the loss first went bad, the History and the
-    epoch where training stops are Keras's. The difference: the batches run between that
-    batch and the check, whose weights are NaN; a batch-level save in between
+    first went bad. Inside ``fit``, when no other callback has a batch-end hook (with
+    ``verbose=0``: the progress bar has one), it keeps each batch's running loss instead of
+    its logs (``model.loop.watch_loss``): no batch logs are built at all. The message names
+    the batch where the loss first went bad, the History and the epoch where training stops
+    are Keras's. The difference: the batches run between that batch and the check, whose
+    weights are NaN; a batch-level save in between
     (``BackupAndRestore(save_freq=N)``, ``ModelCheckpoint(save_freq=N)``) holds them. With
     ``raise_error=True`` on the CPU every batch is checked (free there), so the error comes
     at the bad batch, before any later save, as in Keras.
