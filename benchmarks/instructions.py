@@ -14,12 +14,14 @@ matrix products; the settings run two at a time):
     python benchmarks/instructions.py               # every setting, about an hour on 2 cores
     python benchmarks/instructions.py --only tiny   # the tiny MLP's settings, ~15 minutes
     python benchmarks/instructions.py --only wide   # the wide MLP's (cut short), ~40 minutes
-    python benchmarks/instructions.py --callbacks   # each typical callback's share, ~15 min
+    python benchmarks/instructions.py --callbacks   # the typical callbacks' cost, ~15 min
 
 ``--callbacks`` counts, in one process (so that nothing differs between the sides but what
 is measured), one epoch of the common path (tiny MLP, accuracy + validation) for the raw loop
-without and with the typical callbacks' work, and for ``fit`` without callbacks, with
-TerminateOnNaN alone, with the other four, and with all five.
+(``RawLoop``: its epoch-end finiteness check, TerminateOnNaN's, on both of its sides) without
+and with the other callbacks' work, and for ``fit`` (a whole ``fit(epochs=1)`` call, its
+setup included) without callbacks, with TerminateOnNaN alone, with the other four, and with
+all five.
 
 How: callgrind writes its counters to a file (and zeroes them) each time the program enters
 ``getppid``, which nothing else calls during training; the script calls ``os.getppid()``
@@ -271,7 +273,8 @@ def main() -> None:
     parser.add_argument(
         "--callbacks",
         action="store_true",
-        help="each typical callback's instructions against the raw loop's same work",
+        help="fit without callbacks, with TerminateOnNaN, with the other four and with all five,"
+        " against the raw loop without and with their work, in one process",
     )
     parser.add_argument(
         "--only",
