@@ -377,11 +377,11 @@ class FitLoop:
         batches = self.train_source.batches(order, start)
         self.rng_mark = state.rng_mark()  # did training draw random numbers? (resharding)
         last = self._train_batches(batches, start)
-        if collector.watch is not None:
-            collector.watch.check()  # the epoch's last batches, before anything else
         if last < 0 and start == 0 and not self.train_source.ran_out:
             raise ValueError("The training data yielded no batch: `x` is empty.")
         self.stepping.end_epoch()  # a group the epoch (or a stop) cut short
+        if collector.watch is not None:
+            collector.watch.check()  # the last batches, where a batch hook would check them
         if callbacks.needs("on_train_batches_end"):
             callbacks.on_train_batches_end(epoch)
         if self.train_source.ran_out:
