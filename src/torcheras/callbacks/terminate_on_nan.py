@@ -108,10 +108,7 @@ class TerminateOnNaN(Callback):
     def _settle(self) -> None:
         """Read the newest unread loss (one value; every value when a callback edited some);
         if it is bad, find the first bad batch."""
-        if self._watch is not None:
-            self._watch.check()
-            return
-        unread, self._unread = self._unread, []
+        unread, self._unread = self._unread, []  # empty while fit's watch runs: fit checks
         if not unread:
             return
         if not any(logs.edited for _, logs in unread):  # the loop's values, none edited
