@@ -85,3 +85,54 @@ def test_the_pair_reads_inside_a_fullgraph_compiled_function():
 
     compiled = torch.compile(hits, fullgraph=True, backend="eager")
     assert int(compiled(logits, y)) == int(hits(logits, y)) > 0
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "may-pad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sparse_accuracies_counted_in_one_expression_are_the_reference(padded, dtype):
+    """From a metric's third batch of ``(N, C)`` outputs and ``(N,)`` labels the hits are
+    counted in one expression (``MeanMetric._counts_argmax_hits``): every form of the sparse
+    accuracy gives torch's own count over all batches, a snapshot taken between batches keeps
+    its value, outputs that require grad keep no graph, and one-column outputs stay binary."""
+    model = torcheras.Model(nn.Linear(4, 5))
+    model.compile(
+        "sgd",
+        "cross_entropy",
+        metrics=[
+            "accuracy",
+            "sparse_categorical_accuracy",
+            metrics.SparseCategoricalAccuracy("sca"),
+        ],
+        device="cpu",
+    )
+    compiled = model.compiled_metrics
+    assert all(m._counts_argmax_hits for m in compiled)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(70, 5, generator=gen).to(dtype).requires_grad_()
+    labels = torch.randint(0, 5, (70,), generator=gen).to(torch.int32)
+    if padded:
+        labels[::6] = -100
+    for metric in compiled:
+        metric.padded_labels = padded
+    snapshots = []
+    for i, part in enumerate(torch.arange(70).split(16)):  # 16, 16, 16, 16, 6
+        for metric in compiled:
+            metric.update(logits[part], labels[part])
+        if i == 2:
+            snapshots = [m.snapshot() for m in compiled]
+            held = labels[:48]
+    kept = labels != -100
+    want = float(((logits.argmax(1) == labels) & kept).sum()) / float(kept.sum())
+    for metric in compiled:
+        result = metric.result()
+        assert not result.requires_grad
+        assert float(result) == pytest.approx(want, rel=1e-7)
+    kept_held = held != -100
+    want_held = float(((logits[:48].argmax(1) == held) & kept_held).sum()) / float(kept_held.sum())
+    assert [float(s()) for s in snapshots] == pytest.approx([want_held] * 3, rel=1e-7)
+    binary = model.compiled_metrics[0]  # one column: the auto accuracy thresholds at 0
+    binary.reset()
+    one = torch.tensor([[0.3], [-0.2], [0.1]])
+    for _ in range(3):
+        binary.update(one, torch.tensor([1, 1, 0]))
+    assert float(binary.result()) == pytest.approx(1 / 3)

@@ -320,6 +320,18 @@ class LogCollector:
                 del rest[key]
         self.means.add(logs if rest is None else rest, weight)
 
+    def add_loss(self, loss: torch.Tensor, weight: float) -> None:
+        """``add({"loss": loss}, weight)``, the default step's logs, without the dict: the
+        running total, once no snapshot holds it, is added to in place."""
+        means = self.means
+        if weight and "loss" in means._unshared and "loss" not in self.tracked and not loss.ndim:
+            total = means._totals["loss"]
+            if total.dtype is loss.dtype:  # type: ignore[union-attr]
+                total.add_(loss.detach(), alpha=weight)  # type: ignore[union-attr]
+                means._weights["loss"] += weight
+                return
+        self.add({"loss": loss}, weight)
+
     def log(self, name: str, value: Any, weight: float | None = None) -> None:
         """A value logged from inside a step or a batch hook (``Model.log``), counted
         ``weight`` times (default: the running batch's size)."""

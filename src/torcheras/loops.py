@@ -474,6 +474,7 @@ class FitLoop:
         train_step = model.train_step
         if default_train_step and stepper.plain:  # the seams inlined where nothing can tell
             train_step = model._inlined_train_step() or train_step
+        inlined = train_step is not model.train_step  # returns the loss alone (or the logs)
         # no synchronisation inside groups
         run_step = stepper.run if stepper.ddp is not None or stepper.fsdp is not None else None
         collector = self.collector
@@ -516,7 +517,10 @@ class FitLoop:
             self.current_batch = batch
             collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
             logs = train_step(batch) if run_step is None else run_step(train_step, batch)
-            collector.add(logs, size)
+            if inlined and type(logs) is Tensor:
+                collector.add_loss(logs, size)
+            else:
+                collector.add(logs, size)
             stepper.end_batch()
             if needs_end:
                 callbacks.on_train_batch_end(step, collector.snapshot())

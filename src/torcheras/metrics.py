@@ -259,6 +259,7 @@ class MeanMetric(Metric):
         self.name = name
         self.direction = direction
         self.transform = transform
+        self._counts_argmax_hits = getattr(fn, "counts_argmax_hits", False)
         # Whether labels may hold -100 (padding): the loops clear it for a pass over arrays
         # that hold none, so that an accuracy counts its labels without a mask per batch.
         self.padded_labels = True
@@ -266,7 +267,25 @@ class MeanMetric(Metric):
         self._count: Tensor | float = 0.0
         self._total_unshared = False  # no snapshot holds ``_total``: added to in place
 
+    # Set where ``fn`` is a sparse accuracy (the argmax over the classes against the labels):
+    # its hits for (N, C) outputs and (N,) labels are then counted in one expression.
+    _counts_argmax_hits = False
+
     def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
+        if (
+            self._counts_argmax_hits
+            and sample_weight is None
+            and not self.padded_labels  # (a label of -100 is never a hit: only the count
+            and self._total_unshared  # of labels would need the mask)
+            and type(y_pred) is Tensor
+            and type(y_true) is Tensor
+            and y_pred.ndim == 2
+            and y_true.ndim == 1
+            and y_pred.shape[1] > 1  # one column: a binary accuracy
+        ):  # what the steps below compute, in the raw loop's four device ops (argmax: no grad)
+            self._total.add_((y_pred.argmax(1) == y_true).sum())  # type: ignore[union-attr]
+            self._count = self._count + y_true.shape[0]
+            return
         if type(y_pred) is Tensor:  # the common case: detached, no grad-mode switch per batch
             y_pred = y_pred.detach()
             if y_pred.dtype in losses._HALF:
@@ -494,6 +513,15 @@ def sparse_categorical_accuracy(y_pred: Tensor, y_true: Tensor, axis: int = -1) 
     return _Kept((y_pred.argmax(dim=axis) == y_true, y_true))
 
 
+sparse_categorical_accuracy.counts_argmax_hits = True  # type: ignore[attr-defined]
+
+
+def _sparse_accuracy(axis: int) -> Callable[[Tensor, Tensor], _Kept]:
+    fn = functools.partial(sparse_categorical_accuracy, axis=axis)
+    fn.counts_argmax_hits = True  # type: ignore[attr-defined]
+    return fn
+
+
 def categorical_accuracy(y_pred: Tensor, y_true: Tensor, axis: int = -1) -> Tensor:
     return y_pred.argmax(dim=axis) == y_true.argmax(dim=axis)
 
@@ -572,6 +600,7 @@ def _auto_accuracy(loss: losses.CompiledLoss | None) -> Callable[[Tensor, Tensor
             )
         return binary(y_pred, y_true)
 
+    accuracy.counts_argmax_hits = target not in ("categorical", "binary")  # type: ignore[attr-defined]
     return accuracy
 
 
@@ -1139,7 +1168,7 @@ _BUILTINS: dict[str, tuple[Callable[[str | None], Callable], str, str, Any]] = {
     "accuracy": (_auto_accuracy, "accuracy", _MAX, None),
     "acc": (_auto_accuracy, "acc", _MAX, None),
     "sparse_categorical_accuracy": (
-        lambda loss: functools.partial(sparse_categorical_accuracy, axis=_class_axis(loss)),
+        lambda loss: _sparse_accuracy(_class_axis(loss)),
         "sparse_categorical_accuracy",
         _MAX,
         None,

@@ -794,14 +794,16 @@ class Model(nn.Module):
             self.update_metrics(y_pred, y, sample_weight)
         return {"loss": loss}
 
-    def _inlined_train_step(self) -> Callable[[Any], dict[str, Any]] | None:
+    def _inlined_train_step(self) -> Callable[[Any], Tensor | dict[str, Any]] | None:
         """The default :meth:`train_step` with its seams inlined, for an epoch on the plain
         path (``Stepping.plain``: one process, every batch a step, nothing between backward
         and the step): the same calls to torch in the same order, ~12 Python calls a batch
-        fewer. None where a difference could show: a seam of the step overridden (on the
-        class or the instance; one set during an epoch counts from the next, as the plain
-        path's settings do), a mixed precision, several outputs' losses, weighted metrics, a
-        subclass's own ``forward``. A batch that is not an ``(x, y)`` pair with a tensor
+        fewer. It returns the loss alone (the logs ``{"loss": loss}``; the loop adds it with
+        ``LogCollector.add_loss``), or :meth:`train_step`'s logs where it falls back. None
+        where a difference could show: a seam of the step overridden (on the class or the
+        instance; one set during an epoch counts from the next, as the plain path's settings
+        do), a mixed precision, several outputs' losses, weighted metrics, a subclass's own
+        ``forward``. A batch that is not an ``(x, y)`` pair with a tensor
         ``x``, the first batch of a fit (its one-time checks), a forward hook on the model, or
         an optimizer, loss, metrics or module a callback replaced since the epoch began take
         :meth:`train_step` itself."""
@@ -846,7 +848,7 @@ class Model(nn.Module):
             optimizer.step()  # optimizer_step -> Stepping.apply, plain
             for metric in metrics:  # update_metrics
                 metric.update(y_pred, y)
-            return {"loss": loss}
+            return loss  # the logs {"loss": loss}, which the loop adds without the dict
 
         return step
 
