@@ -674,6 +674,8 @@ def evaluate(
         model._expect_padded_labels(source.labels_may_pad or not model._uses_default_test_step())
         if callbacks.needs("on_test_batch_outputs"):
             capture = model.register_forward_hook(lambda module, args, out: outputs.append(out))
+        inlined = model._inlined_test_step()  # returns the loss alone (or the logs)
+        test_step = model.test_step if inlined is None else inlined
         with hooks(callbacks, "test", outermost=not nested) as result, torch.no_grad():
             for step, batch in enumerate(source.batches(source.new_order())):
                 if steps is not None and step >= steps:
@@ -687,7 +689,11 @@ def evaluate(
                 if stage is not None:
                     batch = stage(batch)
                 collector.batch_size = size = data.batch_size_of(batch[0])
-                collector.add(model.test_step(batch), size)
+                logs = test_step(batch)
+                if inlined is not None and type(logs) is Tensor:
+                    collector.add_loss(logs, size)
+                else:
+                    collector.add(logs, size)
                 if outputs:
                     x, y, _ = data.unpack(batch)
                     callbacks.on_test_batch_outputs(step, x, y, outputs[-1])

@@ -5,12 +5,15 @@ takes ``train_step`` itself) from the same weights, data and seeds, with many fe
 once, and asserts the same History and weights bit for bit (rtol=0, atol=0: the same torch
 ops run in the same order on both sides, so no tolerance is needed), and the same files.
 
-Which path ran is seen from ``Stepping.zero_grad``, which only ``train_step`` calls."""
+Which path ran is seen from ``Stepping.zero_grad``, which only ``train_step`` calls. The
+evaluation pass's inlined ``test_step`` (``Model._inlined_test_step``) is compared the same
+way at the end."""
 
 from __future__ import annotations
 
 import csv
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ from torch import nn
 
 import torcheras
 from torcheras import callbacks as cb
-from torcheras import stepping
+from torcheras import data, stepping
 
 torchmetrics = pytest.importorskip("torchmetrics")
 
@@ -442,3 +445,80 @@ def test_a_seam_set_on_the_instance_mid_epoch_runs_from_the_next_epoch(blobs, ca
     inlined, seamed, _, _ = both(fit, calls)
     assert seamed == [(0, 2), (0, 3)] + every_batch([1], 4)
     assert inlined == every_batch([1], 4)
+
+
+# ---- the evaluation pass's inlined test_step ---------------------------------------------------
+class SeenOutputs(cb.Callback):
+    """Reads each evaluation batch's outputs: a forward hook on the model for the pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def on_test_batch_outputs(self, batch, x, y, y_pred):
+        self.seen += 1
+
+
+class SwapMetricsMidPass(cb.Callback):
+    """Recompiles the metrics' list in place of the old one after the evaluation's 2nd batch."""
+
+    def on_test_batch_end(self, batch, logs=None):
+        if batch == 1:
+            self.model.compiled_metrics = list(self.model.compiled_metrics)
+
+
+@pytest.mark.parametrize(
+    "case", ["plain", "sample_weight", "outputs_hook", "metrics_swapped", "inside_fit"]
+)
+def test_evaluate_runs_the_inlined_test_step_where_nothing_can_tell(blobs, monkeypatch, case):
+    """``evaluate`` (and fit's validation) run the default test_step's body inlined from the
+    second batch: the same numbers as the twin that takes ``test_step`` every batch, bit for
+    bit; a batch with sample weights, a forward hook for ``on_test_batch_outputs`` and a
+    metrics list replaced mid-pass take ``test_step`` itself."""
+    x, y = blobs
+    through_test_step: list[bool] = []  # (not a seam replaced: that alone stops the inlining)
+    unpack = data.unpack
+
+    def counted(batch):
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "test_step":
+            through_test_step.append(type(caller.f_locals["self"]) is torcheras.Model)
+        return unpack(batch)
+
+    monkeypatch.setattr(data, "unpack", counted)
+    results, taken = [], []
+    for seamed in (False, True):
+        model = build(
+            seamed, metrics=["accuracy", torchmetrics.Accuracy("multiclass", num_classes=3)]
+        )
+        callbacks = []
+        kwargs = {}
+        if case == "sample_weight":
+            kwargs["sample_weight"] = torch.linspace(0.5, 2.0, len(x))
+        elif case == "outputs_hook":
+            callbacks = [SeenOutputs()]
+        elif case == "metrics_swapped":
+            callbacks = [SwapMetricsMidPass()]
+        through_test_step.clear()
+        if case == "inside_fit":
+            history = model.fit(x[:64], y[:64], batch_size=16, epochs=2, verbose=0,
+                                validation_data=(x[64:], y[64:]))  # fmt: skip
+            results.append(history.history)
+        else:
+            results.append(model.evaluate(x, y, batch_size=16, verbose=0, callbacks=callbacks,
+                                          return_dict=True, **kwargs))  # fmt: skip
+        taken.append(sum(through_test_step))
+        if case == "outputs_hook":
+            assert callbacks[0].seen == -(-len(x) // 16)
+    assert results[0] == results[1]
+    batches = -(-len(x) // 16) if case != "inside_fit" else 2 * -(-(len(x) - 64) // 16)
+    assert taken[1] == 0  # the twin's class is not Model: counted as not inlined-able
+    inlined_model_calls = taken[0]
+    expected = {
+        "plain": 1,  # the first batch: its one-time checks
+        "sample_weight": batches,
+        "outputs_hook": batches,
+        "metrics_swapped": batches - 1,  # batch 0 (checks), then the swapped list's batches
+        "inside_fit": 0,  # the one-time checks ran at fit's first training batch
+    }[case]
+    assert inlined_model_calls == expected
