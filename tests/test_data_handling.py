@@ -355,3 +355,35 @@ def test_validation_with_validation_steps_restarts_from_the_first_batch_each_tim
     first_two = model.evaluate(x[:8], torch.zeros(8, dtype=torch.long), verbose=0, return_dict=True)
     assert seen == [0, 1] * 3
     assert history.history["val_loss"][-1] == pytest.approx(first_two["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["pair", "sparse", "dict_and_weights", "resumed"])
+def test_shuffled_array_batches_hold_the_rows_of_the_order(form):
+    """Each shuffled batch holds exactly ``x[order[i:i + bs]]`` (gathered by index_select),
+    for a pair, a sparse COO input (which ``x[idx]`` refuses), a dict of inputs with sample
+    weights, and an epoch resumed at a later batch."""
+    from torcheras.data import ArraySource
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 3, generator=gen)
+    y = torch.randint(0, 4, (37,), generator=gen)
+    w = torch.rand(37, generator=gen)
+    inputs = {"pair": x, "sparse": x.to_sparse(), "dict_and_weights": {"a": x, "b": x * 2}}
+    source = ArraySource(
+        inputs.get(form, x), y, w if form == "dict_and_weights" else None, 8, shuffle=True
+    )
+    order = source.new_order()
+    start = 2 if form == "resumed" else 0
+    batches = list(source.batches(order, start=start))
+    assert len(batches) == 5 - start
+    for n, batch in enumerate(batches, start):
+        rows = order[n * 8 : n * 8 + 8]
+        got_x = batch[0]
+        if form == "sparse":
+            got_x = got_x.to_dense()
+        if form == "dict_and_weights":
+            assert torch.equal(got_x["a"], x[rows]) and torch.equal(got_x["b"], 2 * x[rows])
+            assert torch.equal(batch[2], w[rows])
+        else:
+            assert torch.equal(got_x, x[rows])
+        assert torch.equal(batch[1], y[rows])

@@ -282,7 +282,12 @@ def _length(structure: Structure, name: str) -> int:
 
 
 def _take(structure: Structure, index: torch.Tensor | slice) -> Structure:
-    return map_tensors(lambda t: t[index], structure)
+    """The rows ``index`` of every tensor. Shuffled rows are gathered by ``index_select``:
+    ``t[index]``'s values without Python's indexing machinery (about half the CPU work of a
+    small batch's gather), and for sparse COO tensors too, which ``t[index]`` refuses."""
+    if isinstance(index, slice):
+        return map_tensors(lambda t: t[index], structure)
+    return map_tensors(lambda t: t.index_select(0, index), structure)
 
 
 class ArraySource:
@@ -350,15 +355,17 @@ class ArraySource:
         end = n if self.max_steps is None else min(n, self.max_steps * bs)
         if len(parts) == 2 and all(isinstance(p, torch.Tensor) for p in parts):
             x, y = parts  # the common case, kept lean: it runs once per batch
-            for i in range(start * bs, end, bs):
-                index: torch.Tensor | slice = (
-                    slice(i, i + bs) if order is None else order[i : i + bs]
-                )
-                yield x[index], y[index]
+            if order is None:
+                for i in range(start * bs, end, bs):
+                    yield x[i : i + bs], y[i : i + bs]
+            else:
+                for i in range(start * bs, end, bs):
+                    index = order[i : i + bs]
+                    yield x.index_select(0, index), y.index_select(0, index)
         elif len(parts) == 1 and isinstance(parts[0], torch.Tensor):  # inputs alone: predict
             (x,) = parts
             for i in range(start * bs, end, bs):
-                yield (x[slice(i, i + bs) if order is None else order[i : i + bs]],)
+                yield (x[i : i + bs] if order is None else x.index_select(0, order[i : i + bs]),)
         else:
             for i in range(start * bs, end, bs):
                 index = slice(i, i + bs) if order is None else order[i : i + bs]
