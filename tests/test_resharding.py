@@ -21,9 +21,13 @@ SCRIPT = Path(__file__).parent / "distributed" / "reshard_script.py"
 TIMEOUT = 240
 STEPS = 18  # 96 samples, global batch 16, 3 epochs
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+    # one pytest-xdist worker runs the module (`--dist loadgroup`): `unbroken` runs once
+    pytest.mark.xdist_group("test_resharding"),
+]
 
 
 def run(out: Path, *args: str, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
