@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/torcheras demo
 
-# In parallel over the machine's cores (pytest-xdist): 9-10 minutes on this 2-core machine
-# (about 7 in CI), every spawned process on one torch thread (tests/conftest.py).
+# In parallel over the machine's cores (pytest-xdist; `--dist loadgroup` from pyproject.toml
+# sends each module whose tests share a costly subprocess fixture to one worker, before the
+# single tests), every spawned process on one torch thread (tests/conftest.py).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto
 

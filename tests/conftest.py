@@ -31,6 +31,24 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.randomly_reset_seed = False
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``--dist loadgroup`` (pyproject.toml) under pytest 9: pytest-xdist 3.8's workers name
+    the tests of an ``xdist_group`` by a suffix to their node id (``...@group``, which sends
+    the group to one worker), through an attribute pytest 9 no longer reads; without it every
+    test is scheduled alone, and a module fixture runs once per worker. Set the suffix where
+    pytest 9 keeps the node id (nothing to do where xdist's own suffix took)."""
+    if not getattr(config.option, "loadgroup", False):  # set on pytest-xdist's workers
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        marks = item.iter_markers("xdist_group")
+        names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks}
+        if names and "@" not in item.nodeid.rpartition("]")[2]:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(names))}")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Every test starts from the same RNG states, whatever ran before it."""

@@ -33,6 +33,8 @@ pytest.importorskip("moto.server")
 
 BUCKET = "torcheras-tests"
 SRC = str(Path(__file__).parent.parent / "src")
+# One pytest-xdist worker runs the module (`--dist loadgroup`): one moto server (`s3`)
+pytestmark = pytest.mark.xdist_group("test_checkpoint_urls")
 
 
 def _free_port() -> int:

@@ -57,6 +57,10 @@ from combo_script import (  # noqa: E402
     make_data,
 )
 
+# One pytest-xdist worker runs the module (`--dist loadgroup`): `runs` is made once, and no
+# worker waits on another for it.
+pytestmark = pytest.mark.xdist_group("test_combinations")
+
 SCRIPT = Path(__file__).parent / "combinations" / "combo_script.py"
 TIMEOUT = 300  # seconds for every group of runs; a hang fails instead of stalling the suite
 

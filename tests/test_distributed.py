@@ -1,6 +1,8 @@
 """torchrun with 2 CPU processes over gloo: ranks agree, match one process, rank 0 writes.
 
-Each run is under a timeout, so a hang fails the test instead of the CI."""
+The runs that end normally share one 2-process launch (``chained``: each launch costs
+seconds of start-up on a small machine); each test reads its own case's folder. Each run is
+under a timeout, so a hang fails the test instead of the CI."""
 
 from __future__ import annotations
 
@@ -12,13 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import launch_script
+from run_to_end import OUTPUTS
 
 SCRIPT = Path(__file__).parent / "distributed" / "ddp_script.py"
 TIMEOUT = 180
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+    # one pytest-xdist worker runs the module (`--dist loadgroup`): `chained` runs once
+    pytest.mark.xdist_group("test_distributed"),
+]
 
 
 def run(
@@ -45,22 +52,51 @@ SAME_AS_ONE_PROCESS = {
 }
 
 
-def _runs(out: Path) -> list[str]:
+# The runs of the shared launch (`chained`): SAME_AS_ONE_PROCESS's, then one a test below.
+CHAINED = {
+    **SAME_AS_ONE_PROCESS,  # "arrays" is also the default run: ddp_script.py's defaults
+    "loader": ["--loader"],
+    "early_stop": ["--case", "early_stop"],
+    "nan": ["--case", "nan"],
+    "validation_interval": ["--case", "early_stop", "--validation-interval", "5"],
+    "unbroken": ["--case", "backup"],
+}
+
+
+def _runs(out: Path, cases: dict[str, list[str]]) -> list[str]:
     """The command line of every case, ``::`` between them: one launch runs them all."""
     runs: list[str] = []
-    for case, args in SAME_AS_ONE_PROCESS.items():
+    for case, args in cases.items():
         runs += [*(["::"] if runs else []), str(out / case), *args]
     return runs
 
 
-def test_two_ranks_end_identical_and_equal_one_process_with_the_same_global_batch(tmp_path):
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every case of CHAINED, one after the other in one 2-process launch (each fit joins the
+    same process group, as a script that trains several models would), each into its own
+    folder; each run's standard output goes to stdout/ too (``stdout_of``)."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {OUTPUTS: str(out / "stdout")}
+    launch_script(SCRIPT, *_runs(out, CHAINED), ranks=2, timeout=2 * TIMEOUT, env=env)
+    return out
+
+
+def stdout_of(chained: Path, case: str) -> str:
+    """What the run of ``case`` printed, on both ranks (as its own launch's stdout would be)."""
+    index = list(CHAINED).index(case)
+    return "".join((chained / "stdout" / f"run{index}.rank{r}.txt").read_text() for r in (0, 1))
+
+
+def test_two_ranks_end_identical_and_equal_one_process_with_the_same_global_batch(
+    tmp_path, chained
+):
     """Every case of SAME_AS_ONE_PROCESS, one after the other in one 2-process launch (and in
     one single-process launch): each fit joins the same process group, as a script that
     trains several models would."""
-    launch_script(SCRIPT, *_runs(tmp_path / "ddp"), ranks=2, timeout=TIMEOUT)
-    launch_script(SCRIPT, *_runs(tmp_path / "single"), timeout=TIMEOUT)
+    launch_script(SCRIPT, *_runs(tmp_path / "single", SAME_AS_ONE_PROCESS), timeout=TIMEOUT)
     for case in SAME_AS_ONE_PROCESS:
-        (a, ha), (b, hb) = result(tmp_path / "ddp" / case, 0), result(tmp_path / "ddp" / case, 1)
+        (a, ha), (b, hb) = result(chained / case, 0), result(chained / case, 1)
         single, hs = result(tmp_path / "single" / case, 0)
         for key in a["weights"]:
             assert torch.equal(a["weights"][key], b["weights"][key]), (case, key)
@@ -79,9 +115,8 @@ def test_two_ranks_end_identical_and_equal_one_process_with_the_same_global_batc
             assert ha["reductions"] == hb["reductions"] == 2 * 6
 
 
-def test_a_dataloader_is_split_by_a_distributed_sampler_reshuffled_each_epoch(tmp_path):
-    run(tmp_path, "--loader")
-    (_, ha), (_, hb) = result(tmp_path, 0), result(tmp_path, 1)
+def test_a_dataloader_is_split_by_a_distributed_sampler_reshuffled_each_epoch(chained):
+    (_, ha), (_, hb) = result(chained / "loader", 0), result(chained / "loader", 1)
     orders = []
     for epoch in map(str, range(6)):
         mine, theirs = ha["seen"][epoch], hb["seen"][epoch]
@@ -92,26 +127,24 @@ def test_a_dataloader_is_split_by_a_distributed_sampler_reshuffled_each_epoch(tm
     assert ha["history"] == hb["history"]
 
 
-def test_only_rank_zero_writes_files(tmp_path):
-    run(tmp_path)
-    assert (tmp_path / "rank0" / "best.pt").exists()
-    assert not (tmp_path / "rank1").exists()
-    with open(tmp_path / "log.csv") as f:
+def test_only_rank_zero_writes_files(chained):
+    out = chained / "arrays"  # ddp_script.py's defaults
+    assert (out / "rank0" / "best.pt").exists()
+    assert not (out / "rank1").exists()
+    with open(out / "log.csv") as f:
         assert len(f.read().splitlines()) == 7  # header + 6 epochs, written once
 
 
-def test_early_stopping_on_data_that_differs_by_rank_stops_both_at_the_same_epoch(tmp_path):
-    run(tmp_path, "--case", "early_stop")
-    (_, ha), (_, hb) = result(tmp_path, 0), result(tmp_path, 1)
+def test_early_stopping_on_data_that_differs_by_rank_stops_both_at_the_same_epoch(chained):
+    (_, ha), (_, hb) = result(chained / "early_stop", 0), result(chained / "early_stop", 1)
     assert ha["epoch"] == hb["epoch"]
     assert ha["history"]["val_loss"] == hb["history"]["val_loss"]  # global, not per rank
 
 
-def test_a_nan_on_one_rank_stops_both(tmp_path):
-    done = run(tmp_path, "--case", "nan")
-    (_, ha), (_, hb) = result(tmp_path, 0), result(tmp_path, 1)
+def test_a_nan_on_one_rank_stops_both(chained):
+    (_, ha), (_, hb) = result(chained / "nan", 0), result(chained / "nan", 1)
     assert ha["epoch"] == hb["epoch"] == [0]
-    assert "Invalid loss, terminating training" in done.stdout
+    assert "Invalid loss, terminating training" in stdout_of(chained, "nan")
 
 
 def test_a_rank_killed_fails_the_job_with_an_error_instead_of_a_hang(tmp_path):
@@ -123,12 +156,10 @@ def test_a_rank_killed_fails_the_job_with_an_error_instead_of_a_hang(tmp_path):
     assert not (tmp_path / "result0").exists()  # rank 0 did not finish as if nothing happened
 
 
-@pytest.fixture(scope="module")
-def unbroken(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def unbroken(chained: Path) -> Path:
     """A 2-process run with BackupAndRestore that nothing interrupts: what a resume must match."""
-    reference = tmp_path_factory.mktemp("unbroken")
-    run(reference, "--case", "backup")
-    return reference
+    return chained / "unbroken"
 
 
 def test_kill_9_of_the_whole_job_and_a_rerun_resume_exactly(tmp_path, unbroken):
@@ -245,12 +276,12 @@ def test_ranks_given_data_of_different_lengths_stop_naming_both_counts(tmp_path)
     assert "Timeout" not in done.stderr and "mismatch" not in done.stderr.lower()
 
 
-def test_validation_interval_stops_every_rank_at_the_same_step_inside_an_epoch(tmp_path):
+def test_validation_interval_stops_every_rank_at_the_same_step_inside_an_epoch(chained):
     """fit(validation_interval=5), 8 batches an epoch: validations at steps 5, 8 (epoch 0's
     end) and 10; rank 1's labels are wrong, so only the all-reduced val_loss agrees. Early
     stopping on the validation at step 10 (epoch 1, batch 1) stops both ranks there."""
-    run(tmp_path, "--case", "early_stop", "--validation-interval", "5")
-    (a, ha), (b, hb) = result(tmp_path, 0), result(tmp_path, 1)
+    out = chained / "validation_interval"
+    (a, ha), (b, hb) = result(out, 0), result(out, 1)
     assert ha["validation_history"]["step"] == [5, 8, 10]
     assert ha["validation_history"] == hb["validation_history"]  # global, not per rank
     assert ha["global_step"] == hb["global_step"] == ha["trained"] == hb["trained"] == 10

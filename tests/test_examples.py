@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import launch_script
+
+# One pytest-xdist worker runs the module (`--dist loadgroup`): its long runs start early
+pytestmark = pytest.mark.xdist_group("test_examples")
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

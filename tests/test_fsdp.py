@@ -22,9 +22,13 @@ from conftest import launch_script
 SCRIPT = Path(__file__).parent / "distributed" / "fsdp_script.py"
 MLP_BLOCKS = ["module", "module.0", "module.2", "module.4"]
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+    # one pytest-xdist worker runs the module (`--dist loadgroup`): `runs` launches once
+    pytest.mark.xdist_group("test_fsdp"),
+]
 
 
 def launch(out: Path, *args: str, ranks: int = 2) -> None:

@@ -24,9 +24,13 @@ import torch
 SCRIPT = Path(__file__).parent / "distributed" / "ddp_script.py"
 TIMEOUT = 180
 ENV = {"TORCHERAS_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1"}
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+    # one pytest-xdist worker runs the module (`--dist loadgroup`): its long runs start early
+    pytest.mark.xdist_group("test_multinode"),
+]
 
 # EarlyStopping on a validation set whose labels are wrong on rank 1 (only the all-reduced
 # val_loss agrees), BackupAndRestore every 3 steps; 8 batches an epoch, up to 8 epochs.

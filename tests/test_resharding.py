@@ -8,10 +8,12 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import launch_script
+from run_to_end import OUTPUTS
 
 import torcheras
 from torcheras import callbacks as cb
@@ -21,13 +23,19 @@ SCRIPT = Path(__file__).parent / "distributed" / "reshard_script.py"
 TIMEOUT = 240
 STEPS = 18  # 96 samples, global batch 16, 3 epochs
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+    # one pytest-xdist worker runs the module (`--dist loadgroup`): `jobs` runs once
+    pytest.mark.xdist_group("test_resharding"),
+]
 
 
-def run(out: Path, *args: str, ranks: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    return launch_script(SCRIPT, out, *args, ranks=ranks, check=check, timeout=TIMEOUT)
+def run(
+    *args: Any, ranks: int = 1, check: bool = True, timeout: float = TIMEOUT, env: Any = None
+) -> subprocess.CompletedProcess:
+    return launch_script(SCRIPT, *args, ranks=ranks, check=check, timeout=timeout, env=env)
 
 
 def result(out: Path, rank: int = 0) -> tuple[dict, dict]:
@@ -35,12 +43,71 @@ def result(out: Path, rank: int = 0) -> tuple[dict, dict]:
     return final["weights"], json.loads((out / f"result{rank}" / "history.json").read_text())
 
 
+def chain(*runs: list[str]) -> list[str]:
+    """The command line of several runs of the script in one launch (``run_to_end.py``)."""
+    return [arg for index, args in enumerate(runs) for arg in (["::"] if index else []) + args]
+
+
+def _has_strategy() -> bool:
+    return "strategy" in inspect.signature(torcheras.Model.compile).parameters
+
+
+KILL_RENAMING = "sharded-e000000-b000000004"
+
+
 @pytest.fixture(scope="module")
-def unbroken(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One process, never interrupted, the same global batch: what every resume must match."""
-    reference = tmp_path_factory.mktemp("unbroken")
-    run(reference)
-    return reference
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every run of the tests below that resume a killed job, in as few launches as their
+    order allows (each launch costs seconds of start-up on a small machine, 4 processes
+    many): first the kills, each the last run of its launch (a kill ends it), then the
+    unbroken reference and every resume alone in one process, the resumes on 4 processes in
+    one launch, and the refused resume on 2. The state each kill left is copied to
+    ``<job>-killed`` before any resume (a finished resume removes its backups), and the job
+    a 4-process resume takes over to ``<job>4``. Returns the folder (``root``), each kill's
+    CompletedProcess (``killed``) and the refused resume's (``refused``)."""
+    root = tmp_path_factory.mktemp("reshard")
+    fsdp = ["--strategy", "fsdp"] if _has_strategy() else None
+    killed = {
+        "one-file": run(root / "one-file", "--kill-at", "9", ranks=2, check=False),
+        "sharded": run(root / "sharded", "--sharded", "--kill-at", "9", ranks=2, check=False),
+        # the 2 processes' DataLoader run that nothing interrupts first; each run that
+        # returns leaves its stdout in loader-outputs/ (the kill ends the launch's exit code)
+        "loader": run(
+            *chain(
+                [str(root / "loader-unbroken"), "--loader"],
+                [str(root / "loader"), "--loader", "--kill-at", "9"],
+            ),
+            ranks=2,
+            check=False,
+            env={OUTPUTS: str(root / "loader-outputs")},
+        ),
+        "renaming": run(
+            root / "renaming", "--sharded", "--kill-renaming", KILL_RENAMING, check=False
+        ),
+        "dropout": run(root / "dropout", "--dropout", "--kill-at", "5", check=False),
+    }
+    if fsdp:
+        killed["fsdp"] = run(root / "fsdp", *fsdp, "--kill-at", "9", ranks=2, check=False)
+    for job in killed:
+        shutil.copytree(root / job, root / f"{job}-killed")
+    for job in ("sharded", "fsdp") if fsdp else ("sharded",):
+        shutil.copytree(root / job, root / f"{job}4")
+    alone = [
+        [str(root / "unbroken")],  # one process, never interrupted: what most resumes match
+        [str(root / "one-file")],
+        [str(root / "sharded"), "--sharded"],
+        [str(root / "loader"), "--loader"],
+        [str(root / "renaming"), "--sharded"],
+    ]
+    if fsdp:
+        alone.append([str(root / "fsdp")])  # a plain model: no strategy
+    run(*chain(*alone), timeout=2 * TIMEOUT)
+    four = [[str(root / "sharded4"), "--sharded"]] + (
+        [[str(root / "fsdp4"), *fsdp]] if fsdp else []
+    )
+    run(*chain(*four), ranks=4, timeout=2 * TIMEOUT)
+    refused = run(root / "dropout", "--dropout", ranks=2, check=False)
+    return {"root": root, "killed": killed, "refused": refused}
 
 
 def assert_same_run(job: Path, reference: Path, resumed_at: int) -> None:
@@ -59,15 +126,15 @@ def assert_same_run(job: Path, reference: Path, resumed_at: int) -> None:
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
-def test_a_backup_taken_on_2_processes_resumes_on_1_and_on_4_exactly(tmp_path, unbroken, sharded):
+def test_a_backup_taken_on_2_processes_resumes_on_1_and_on_4_exactly(jobs, sharded):
     """kill -9 of the whole 2-process job mid-epoch (step 9 of 18, the backup at step 8, in
     epoch 1), then the rerun on 1 and on 4 processes: the global batch of 16 kept (16 or 4
     per process), the same samples in every remaining batch (weights and History equal an
     unbroken run's), the running metrics of the cut epoch carried over."""
-    flags = ["--sharded"] if sharded else []
-    killed = run(tmp_path / "job", *flags, "--kill-at", "9", ranks=2, check=False)
-    assert killed.returncode != 0 and not (tmp_path / "job" / "result0").exists()
-    backup = tmp_path / "job" / "backup"
+    root, name = jobs["root"], "sharded" if sharded else "one-file"
+    killed = jobs["killed"][name]
+    assert killed.returncode != 0 and not (root / f"{name}-killed" / "result0").exists()
+    backup = root / f"{name}-killed" / "backup"
     if sharded:
         (folder,) = checkpoint.sharded_folders(backup)
         assert folder.name == "sharded-e000001-b000000002"  # epoch 1, 2 batches in
@@ -79,84 +146,67 @@ def test_a_backup_taken_on_2_processes_resumes_on_1_and_on_4_exactly(tmp_path, u
     else:
         meta = checkpoint.load(backup / "latest.pt")
     assert (meta["global_step"], meta["world_size"]) == (8, 2)
-    shutil.copytree(tmp_path / "job", tmp_path / "job4")
-    run(tmp_path / "job", *flags)  # alone
-    assert_same_run(tmp_path / "job", unbroken, resumed_at=8)
+    assert_same_run(root / name, root / "unbroken", resumed_at=8)  # alone
     if sharded:  # 4 processes are slow on a small CI machine: once is enough
-        run(tmp_path / "job4", *flags, ranks=4)
-        assert_same_run(tmp_path / "job4", unbroken, resumed_at=8)
-        _, rank3 = result(tmp_path / "job4", 3)
-        assert rank3["history"] == result(tmp_path / "job4", 0)[1]["history"]
+        assert_same_run(root / "sharded4", root / "unbroken", resumed_at=8)
+        _, rank3 = result(root / "sharded4", 3)
+        assert rank3["history"] == result(root / "sharded4", 0)[1]["history"]
 
 
-def test_a_dataloader_backup_taken_on_2_processes_resumes_alone_on_the_same_samples(tmp_path):
+def test_a_dataloader_backup_taken_on_2_processes_resumes_alone_on_the_same_samples(jobs):
     """Under torchrun a DataLoader is read through a DistributedSampler (8 of the global 16 per
     process); resumed alone it goes on with one over 1 process, seeded alike: every batch
     left loads the samples the 2 processes would have loaded, and the weights match theirs."""
-    run(tmp_path / "unbroken", "--loader", ranks=2)
-    killed = run(tmp_path / "job", "--loader", "--kill-at", "9", ranks=2, check=False)
-    assert killed.returncode != 0
-    run(tmp_path / "job", "--loader")
-    weights, hist = result(tmp_path / "job")
-    want, expected = result(tmp_path / "unbroken")
+    root = jobs["root"]
+    for rank in (0, 1):  # the unbroken run returned on both (its launch ended in the kill)
+        assert (root / "loader-outputs" / f"run0.rank{rank}.txt").exists()
+    assert jobs["killed"]["loader"].returncode != 0
+    weights, hist = result(root / "loader")
+    want, expected = result(root / "loader-unbroken")
     for key in want:
         torch.testing.assert_close(weights[key], want[key], rtol=1e-5, atol=1e-6)
     for key, values in expected["history"].items():
         assert hist["history"][key] == pytest.approx(values, rel=1e-6, abs=1e-7), key
     assert hist["trained"] == list(range(9, STEPS + 1))
-    both = [result(tmp_path / "unbroken", rank)[1]["seen"] for rank in (0, 1)]
+    both = [result(root / "loader-unbroken", rank)[1]["seen"] for rank in (0, 1)]
     for step in map(str, range(9, STEPS)):  # (step 8's loads include the replayed pass)
         assert sorted(hist["seen"][step]) == sorted(both[0][step] + both[1][step]), step
 
 
-def test_resuming_on_another_number_of_processes_is_refused_when_training_draws_randomly(tmp_path):
+def test_resuming_on_another_number_of_processes_is_refused_when_training_draws_randomly(jobs):
     """Dropout draws from each process's own random stream: 2 processes cannot draw what 1
     did, so its backup is refused there, saying why and how to resume."""
-    run(tmp_path, "--dropout", "--kill-at", "5", check=False)
-    two = run(tmp_path, "--dropout", ranks=2, check=False)
+    two = jobs["refused"]  # on 2 processes, after the one process's run killed at step 5
     assert two.returncode != 0
     assert "written by a run of 1 process(es); this run has 2" in two.stderr
     assert "training drew random numbers" in two.stderr
     assert "--nproc_per_node=1" in two.stderr
 
 
-def _has_strategy() -> bool:
-    return "strategy" in inspect.signature(torcheras.Model.compile).parameters
-
-
 @pytest.mark.skipif(not _has_strategy(), reason="compile(strategy='fsdp') is not there yet")
-def test_an_fsdp_backup_taken_on_2_processes_resumes_on_1_and_on_4(tmp_path, unbroken):
+def test_an_fsdp_backup_taken_on_2_processes_resumes_on_1_and_on_4(jobs):
     """Under FSDP the backup is sharded by default (each rank writes its own shard); DCP
     reshards it for 1 process (a plain model) and for 4."""
-    fsdp = ["--strategy", "fsdp"]
-    killed = run(tmp_path / "job", *fsdp, "--kill-at", "9", ranks=2, check=False)
-    assert killed.returncode != 0
-    (folder,) = checkpoint.sharded_folders(tmp_path / "job" / "backup")
+    root = jobs["root"]
+    assert jobs["killed"]["fsdp"].returncode != 0
+    (folder,) = checkpoint.sharded_folders(root / "fsdp-killed" / "backup")
     assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in folder.iterdir()}
-    shutil.copytree(tmp_path / "job", tmp_path / "job4")
-    run(tmp_path / "job")
-    assert_same_run(tmp_path / "job", unbroken, resumed_at=8)
-    run(tmp_path / "job4", *fsdp, ranks=4)
-    assert_same_run(tmp_path / "job4", unbroken, resumed_at=8)
+    assert_same_run(root / "fsdp", root / "unbroken", resumed_at=8)
+    assert_same_run(root / "fsdp4", root / "unbroken", resumed_at=8)
 
 
-def test_a_kill_before_a_sharded_folder_is_named_leaves_the_previous_backup_whole(
-    tmp_path, unbroken
-):
+def test_a_kill_before_a_sharded_folder_is_named_leaves_the_previous_backup_whole(jobs):
     """kill -9 once the backup at step 4 is written but not yet renamed: the folder of step 2
     is whole under its name, the new one only under a temp name; the rerun resumes from step
     2, exactly, and sweeps the leftover."""
-    killed = run(
-        tmp_path, "--sharded", "--kill-renaming", "sharded-e000000-b000000004", check=False
-    )
-    assert killed.returncode != 0
-    backup = tmp_path / "backup"
+    root = jobs["root"]
+    assert jobs["killed"]["renaming"].returncode != 0
+    backup = root / "renaming-killed" / "backup"
     (folder,) = checkpoint.sharded_folders(backup)
     assert folder.name == "sharded-e000000-b000000002"
-    (temp,) = backup.glob(f"{checkpoint.TEMP_PREFIX}sharded-e000000-b000000004.*")
+    (temp,) = backup.glob(f"{checkpoint.TEMP_PREFIX}{KILL_RENAMING}.*")
     assert {"__0_0.distcp", ".metadata", "torcheras.pt"} <= {p.name for p in temp.iterdir()}
-    run(tmp_path, "--sharded")
-    assert_same_run(tmp_path, unbroken, resumed_at=2)
+    assert_same_run(root / "renaming", root / "unbroken", resumed_at=2)
 
 
 def test_a_sharded_backup_in_one_process_resumes_exactly_and_keeps_only_the_newest(tmp_path):

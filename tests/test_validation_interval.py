@@ -23,6 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torcheras import callbacks as cb
 
 BATCH = 16
+# One pytest-xdist worker runs the module (`--dist loadgroup`): `unbroken` runs once
+pytestmark = pytest.mark.xdist_group("test_validation_interval")
 
 
 @pytest.fixture

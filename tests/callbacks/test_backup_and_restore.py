@@ -22,6 +22,8 @@ from torcheras.callbacks import BackupAndRestore
 
 SCRIPT = Path(__file__).parent.parent / "resume" / "train_script.py"
 BATCHES = 50  # 5 epochs x 10 batches
+# One pytest-xdist worker runs the module (`--dist loadgroup`): `reference` runs once
+pytestmark = pytest.mark.xdist_group("test_backup_and_restore")
 
 
 def _clean_signals() -> None:

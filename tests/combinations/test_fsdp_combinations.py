@@ -20,9 +20,13 @@ from conftest import launch_script
 
 SCRIPT = Path(__file__).parents[1] / "distributed" / "combo_script.py"
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+    # one pytest-xdist worker runs the module (`--dist loadgroup`): `out` launches once
+    pytest.mark.xdist_group("test_fsdp_combinations"),
+]
 
 
 def launch(out: Path, ranks: int) -> None:
