@@ -40,8 +40,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     pytest 9 keeps the node id (nothing to do where xdist's own suffix took)."""
     if not getattr(config.option, "loadgroup", False):  # set on pytest-xdist's workers
         return
-    from _pytest.nodeid import NodeId
-
+    try:  # pytest 9's private node-id type; elsewhere (pytest 8) xdist's own suffix works
+        from _pytest.nodeid import NodeId
+    except ImportError:
+        return
     for item in items:
         marks = item.iter_markers("xdist_group")
         names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks}
