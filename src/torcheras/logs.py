@@ -322,12 +322,18 @@ class LogCollector:
 
     def add_loss(self, loss: torch.Tensor, weight: float) -> None:
         """``add({"loss": loss}, weight)``, the default step's logs, without the dict: the
-        running total, once no snapshot holds it, is added to in place."""
+        running total is added to in place once no snapshot (nor the loss watch) holds it,
+        else replaced by a new one, as ``RunningMeans.add`` does."""
         means = self.means
-        if weight and "loss" in means._unshared and "loss" not in self.tracked and not loss.ndim:
-            total = means._totals["loss"]
-            if total.dtype is loss.dtype:  # type: ignore[union-attr]
-                total.add_(loss.detach(), alpha=weight)  # type: ignore[union-attr]
+        if weight and not loss.ndim and "loss" not in self.tracked:
+            totals = means._totals
+            total = totals.get("loss")
+            if type(total) is torch.Tensor:  # RunningMeans.add's two tensor cases
+                if "loss" in means._unshared and total.dtype is loss.dtype:
+                    total.add_(loss.detach(), alpha=weight)
+                else:  # a snapshot or the loss watch holds this total: a new one
+                    totals["loss"] = torch.add(total, loss.detach(), alpha=weight)
+                    means._unshared.add("loss")
                 means._weights["loss"] += weight
                 return
         self.add({"loss": loss}, weight)
@@ -444,19 +450,19 @@ class LossWatch:
     def end_batch(self) -> None:
         """At a training batch's end, where batch logs would be built: keep the value they
         would show (if the logs hold ``key``), and check every ``every`` batches."""
-        key = self.key
-        metric = self.collector.returned.get(key)
+        key, collector = self.key, self.collector
+        metric = collector.returned.get(key) if collector.returned else None
         if metric is not None:  # the logs show the metric's result, not a running mean
             snap = getattr(metric, "snapshot", None)
             self.pending.append(
                 (self.loop.batch, metric.result() if snap is None else snap(), None)
             )
         else:
-            means = self.collector.means
-            entry = means.entry(key)
-            if entry is not None and entry[1]:  # (an empty batch so far counts nothing)
-                means.keep(key)  # the next add makes a new total: this one stays as it is
-                self.pending.append((self.loop.batch, *entry))
+            means = collector.means
+            total = means._totals.get(key)
+            if total is not None and means._weights[key]:  # (an empty batch counts nothing)
+                means._unshared.discard(key)  # (keep) the next add makes a new total
+                self.pending.append((self.loop.batch, total, means._weights[key]))
         self.batches += 1
         if self.batches >= self.every:
             self.check()
