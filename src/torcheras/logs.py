@@ -322,17 +322,21 @@ class LogCollector:
 
     def add_loss(self, loss: torch.Tensor, weight: float) -> None:
         """``add({"loss": loss}, weight)``, the default step's logs, without the dict: the
-        running total is added to in place once no snapshot (nor the loss watch) holds it,
-        else replaced by a new one, as ``RunningMeans.add`` does."""
+        running total is added to in place once no snapshot holds it, else replaced by a new
+        one, as ``RunningMeans.add`` does. A loss watch is told the value added."""
         means = self.means
         if weight and not loss.ndim and "loss" not in self.tracked:
             totals = means._totals
             total = totals.get("loss")
             if type(total) is torch.Tensor:  # RunningMeans.add's two tensor cases
-                if "loss" in means._unshared and total.dtype is loss.dtype:
-                    total.add_(loss.detach(), alpha=weight)
-                else:  # a snapshot or the loss watch holds this total: a new one
-                    totals["loss"] = torch.add(total, loss.detach(), alpha=weight)
+                value = loss.detach()
+                watch = self.watch
+                if watch is not None and watch.key == "loss":
+                    watch.note(total, means._weights["loss"], value, weight)
+                if "loss" in means._unshared and total.dtype is value.dtype:
+                    total.add_(value, alpha=weight)
+                else:  # a snapshot holds this total: a new one
+                    totals["loss"] = torch.add(total, value, alpha=weight)
                     means._unshared.add("loss")
                 means._weights["loss"] += weight
                 return
@@ -419,16 +423,19 @@ class LogCollector:
 
 
 class LossWatch:
-    """Keeps each batch's logged value of ``key`` as its batch logs would hold it (the
-    running total and its weight, or a tracked metric's result), without building batch
-    logs, and reads the device once per :meth:`check`: the newest value, and only when that
-    one is NaN or infinite every kept one, to call ``on_bad(batch, value)`` with the first.
+    """Finds the first batch whose logged value of ``key`` (the running mean its batch logs
+    would show, or a tracked metric's result) is NaN or infinite, without building batch
+    logs: it reads the device once per :meth:`check`, the newest value, and only when that
+    one is bad does it look back over the batches since the last check, to call
+    ``on_bad(batch, value)`` with the first bad one.
 
     TerminateOnNaN's check inside ``fit`` when no other callback has a batch-end hook. The
     loop calls :meth:`end_batch` where it would build batch logs, and :meth:`check` after an
-    epoch's last batch. The watched key's running total is added to out of place (each
-    batch's total is kept, as a batch-logs snapshot would keep it); the other keys' stay in
-    place.
+    epoch's last batch. A loss added by ``LogCollector.add_loss`` stays added to in place:
+    the watch keeps the value each batch added (:meth:`note`, the detached loss, no copy)
+    and the total before the first of them, and rebuilds the running totals from those
+    with the same float32 additions only when the newest is bad. A value added otherwise
+    (a step's logs) keeps that batch's total, which the next add then replaces.
     """
 
     def __init__(
@@ -443,20 +450,37 @@ class LossWatch:
         self.every = every  # check after this many batches
         self.on_bad = on_bad
         self.batches = 0  # batches since the last check
-        # (batch, running total, its weight) since the last check; a tracked metric's
-        # result (deferred) with weight None
+        # since the last check, in order: (batch, running total, its weight) kept whole, a
+        # tracked metric's result (deferred) with weight None, or (batch, None, weight)
+        # for a value added in place (in ``added``)
         self.pending: list[tuple[int, Any, float | None]] = []
+        self.added: list[tuple[torch.Tensor, float]] = []  # (value, weight) noted, in order
+        self.base: tuple[torch.Tensor, float] | None = None  # the total before the first
+        self._noted: tuple[torch.Tensor, float] | None = None  # this batch's
+
+    def note(
+        self, total: torch.Tensor, total_weight: float, value: torch.Tensor, weight: float
+    ) -> None:
+        """``LogCollector.add_loss`` is about to add ``value`` x ``weight`` to ``total``."""
+        if self.base is None and not self.added:  # the first since the last check: a copy
+            self.base = (total.clone(), total_weight)  # of the total it starts from
+        self._noted = (value, weight)
 
     def end_batch(self) -> None:
-        """At a training batch's end, where batch logs would be built: keep the value they
-        would show (if the logs hold ``key``), and check every ``every`` batches."""
+        """At a training batch's end, where batch logs would be built: keep what rebuilds
+        the value they would show (if the logs hold ``key``), and check every ``every``
+        batches."""
         key, collector = self.key, self.collector
+        noted, self._noted = self._noted, None
         metric = collector.returned.get(key) if collector.returned else None
         if metric is not None:  # the logs show the metric's result, not a running mean
             snap = getattr(metric, "snapshot", None)
             self.pending.append(
                 (self.loop.batch, metric.result() if snap is None else snap(), None)
             )
+        elif noted is not None:  # added in place: the value is enough
+            self.added.append(noted)
+            self.pending.append((self.loop.batch, None, noted[1]))
         else:
             means = collector.means
             total = means._totals.get(key)
@@ -469,21 +493,50 @@ class LossWatch:
 
     def reset(self) -> None:
         self.pending.clear()
+        self.added.clear()
+        self.base = self._noted = None
         self.batches = 0
 
     def check(self) -> None:
         """Read the newest value; if it is bad, find the first bad batch and report it."""
-        pending, self.pending, self.batches = self.pending, [], 0
+        pending, added, base = self.pending, self.added, self.base
+        self.pending, self.added, self.base, self.batches = [], [], None, 0
         if not pending:
             return
+        batch, total, weight = pending[-1]
+        if total is None:  # added in place: the total is the collector's, as of now
+            total, weight = self.collector.means.entry(self.key)  # type: ignore[misc]
         # a running mean stays bad once it is: the newest fine means every one was
-        if math.isfinite(_as_floats([_value(*pending[-1][1:])])[0]):
+        if math.isfinite(_as_floats([_value(total, weight)])[0]):
             return
-        values = _as_floats([_value(total, weight) for _, total, weight in pending])
+        values = _as_floats(_rebuilt(pending, added, base))
         for (batch, _, _), value in zip(pending, values):
             if not math.isfinite(value):
                 self.on_bad(batch, value)
                 return
+
+
+def _rebuilt(
+    pending: list[tuple[int, Any, float | None]],
+    added: list[tuple[torch.Tensor, float]],
+    base: tuple[torch.Tensor, float] | None,
+) -> list[Any]:
+    """Each pending batch's value as its batch logs would show it: a kept total or result
+    as it is; a value added in place, from the total before it, by the same addition."""
+    out: list[Any] = []
+    noted = iter(added)
+    total, weight = base if base is not None else (None, 0.0)
+    for _, kept, kept_weight in pending:
+        if kept is not None:
+            out.append(_value(kept, kept_weight))
+            if kept_weight is not None:
+                total, weight = kept, kept_weight
+            continue
+        value, w = next(noted)
+        total = torch.add(total, value, alpha=w)  # add_loss's own addition, out of place
+        weight += w
+        out.append(total / weight)
+    return out
 
 
 def _value(total: Any, weight: float | None) -> Any:
