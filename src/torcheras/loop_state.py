@@ -127,7 +127,9 @@ class LoopState:
         cannot: another callback has a batch-end hook (it may read and change the batch
         logs; the progress bar of ``verbose=1`` or ``2`` has one), a watch is already set,
         or training runs on several ranks (whose stops must agree after every batch).
-        TerminateOnNaN uses it."""
+        ``on_bad`` runs between two batches: it may stop training (``model.stop_training``),
+        not replace the model's optimizer, loss, metrics or module (the epoch's steps keep
+        the ones they began with). TerminateOnNaN uses it."""
         return self._running_fit("watch_loss").watch_loss(callback, every, on_bad)
 
     @property

@@ -471,15 +471,18 @@ class FitLoop:
         needs_begin = callbacks.needs("on_train_batch_begin")
         needs_end = callbacks.needs("on_train_batch_end")
         default_train_step = model._uses_default_train_step()
+        boundary_work = self.boundary_work
+        interval = self.validation_interval  # 0: off (one integer test per batch)
         train_step = model.train_step
         if default_train_step and stepper.plain:  # the seams inlined where nothing can tell
-            train_step = model._inlined_train_step() or train_step
+            # guarded: a callback may run between batches, and replace what the step uses
+            guarded = bool(needs_begin or needs_end or interval or boundary_work)
+            train_step = model._inlined_train_step(guarded) or train_step
         inlined = train_step is not model.train_step  # returns the loss alone (or the logs)
         # no synchronisation inside groups
         run_step = stepper.run if stepper.ddp is not None or stepper.fsdp is not None else None
         collector = self.collector
         watch = collector.watch
-        boundary_work = self.boundary_work
         groups = None if model.optimizer is None else model.optimizer.param_groups
         batch_lrs = self.batch_lrs
         accumulating = stepper.accumulation > 1
@@ -489,7 +492,6 @@ class FitLoop:
         agree_per_batch = self.agree_per_batch
         stepper.rank_share = 1.0
         vote: distributed.Vote | None = self.vote
-        interval = self.validation_interval  # 0: off (one integer test per batch)
         # The epoch's known last batch leaves a validation due to the epoch's end when that
         # validates anyway: once, in Keras's place (after on_train_batches_end).
         at_epoch_end = last_known if _should_validate(loop.epoch, self.validation_freq) else None
@@ -674,7 +676,8 @@ def evaluate(
         model._expect_padded_labels(source.labels_may_pad or not model._uses_default_test_step())
         if callbacks.needs("on_test_batch_outputs"):
             capture = model.register_forward_hook(lambda module, args, out: outputs.append(out))
-        inlined = model._inlined_test_step()  # returns the loss alone (or the logs)
+        # guarded: a callback may run between batches, and replace what the step uses
+        inlined = model._inlined_test_step(bool(needs_begin or needs_end or capture))
         test_step = model.test_step if inlined is None else inlined
         with hooks(callbacks, "test", outermost=not nested) as result, torch.no_grad():
             for step, batch in enumerate(source.batches(source.new_order())):

@@ -794,7 +794,9 @@ class Model(nn.Module):
             self.update_metrics(y_pred, y, sample_weight)
         return {"loss": loss}
 
-    def _inlined_train_step(self) -> Callable[[Any], Tensor | dict[str, Any]] | None:
+    def _inlined_train_step(
+        self, guarded: bool = True
+    ) -> Callable[[Any], Tensor | dict[str, Any]] | None:
         """The default :meth:`train_step` with its seams inlined, for an epoch on the plain
         path (``Stepping.plain``: one process, every batch a step, nothing between backward
         and the step): the same calls to torch in the same order, ~12 Python calls a batch
@@ -806,28 +808,27 @@ class Model(nn.Module):
         ``forward``. A batch that is not an ``(x, y)`` pair with a tensor
         ``x``, the first batch of a fit (its one-time checks), a forward hook on the model, or
         an optimizer, loss, metrics or module a callback replaced since the epoch began take
-        :meth:`train_step` itself."""
+        :meth:`train_step` itself. ``guarded=False``: no callback runs between the epoch's
+        batches (no batch hook, no validation inside the epoch), so that nothing can replace
+        them or add a hook mid-epoch: only the batch and the first batch's checks are looked
+        at per batch."""
         if not self._can_inline(_DEFAULT_SEAMS) or self.optimizer is None:
+            return None
+        if not guarded and (self._forward_hooks or self._forward_pre_hooks):
             return None
         modules = self._modules
         module, loss_fn, optimizer = modules["module"], self.compiled_loss, self.optimizer
         metrics = self.compiled_metrics  # the live list (compile makes new ones)
         train_step = self.train_step
 
-        def step(batch: Any) -> dict[str, Any]:
+        def step(batch: Any) -> Tensor | dict[str, Any]:
             if (
                 (type(batch) is not tuple and type(batch) is not list)
                 or len(batch) != 2
                 or type(batch[0]) is not Tensor
                 or batch[1] is None
                 or self._check_first_batch
-                or self._forward_hooks
-                or self._forward_pre_hooks
-                or self.optimizer is not optimizer  # replaced by a callback (or compile)
-                or self.compiled_loss is not loss_fn
-                or self.compiled_metrics is not metrics
-                or self.weighted_metrics
-                or modules.get("module") is not module
+                or (guarded and self._replaced_since(optimizer, loss_fn, metrics, module))
             ):
                 return train_step(batch)
             x, y = batch
@@ -841,6 +842,19 @@ class Model(nn.Module):
             return loss  # the logs {"loss": loss}, which the loop adds without the dict
 
         return step
+
+    def _replaced_since(self, optimizer: Any, loss_fn: Any, metrics: Any, module: Any) -> bool:
+        """Whether an inlined step must take the step itself now: a forward hook on the model,
+        or an optimizer, loss, metrics or module other than those it was made with."""
+        return bool(
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or self.optimizer is not optimizer  # replaced by a callback (or compile)
+            or self.compiled_loss is not loss_fn
+            or self.compiled_metrics is not metrics
+            or self.weighted_metrics
+            or self._modules.get("module") is not module
+        )
 
     def _can_inline(self, seams: dict[str, Any]) -> bool:
         """Whether a default step's body can run with its ``seams`` inlined: none overridden
@@ -858,15 +872,20 @@ class Model(nn.Module):
             or "module" not in self._modules
         )
 
-    def _inlined_test_step(self) -> Callable[[Any], Tensor | dict[str, Any]] | None:
+    def _inlined_test_step(
+        self, guarded: bool = True
+    ) -> Callable[[Any], Tensor | dict[str, Any]] | None:
         """The default :meth:`test_step` with its seams inlined, for one evaluation pass (as
         :meth:`_inlined_train_step` for training): the same torch calls, ~8 Python calls a
         batch fewer. It returns the loss alone (the logs ``{"loss": loss}``), or
         :meth:`test_step`'s logs where it falls back: for a batch that is not an ``(x, y)``
         pair with a tensor ``x``, the first batch (its one-time checks), a forward hook on the
         model (``on_test_batch_outputs``'s), or a loss, metrics or module replaced since the
-        pass began. None where :meth:`_can_inline` says no."""
+        pass began. None where :meth:`_can_inline` says no. ``guarded=False``: no callback
+        runs between the pass's batches (as for :meth:`_inlined_train_step`)."""
         if not self._can_inline(_TEST_SEAMS):
+            return None
+        if not guarded and (self._forward_hooks or self._forward_pre_hooks):
             return None
         modules = self._modules
         module, loss_fn, metrics = modules["module"], self.compiled_loss, self.compiled_metrics
@@ -879,12 +898,7 @@ class Model(nn.Module):
                 or type(batch[0]) is not Tensor
                 or batch[1] is None
                 or self._check_first_batch
-                or self._forward_hooks
-                or self._forward_pre_hooks
-                or self.compiled_loss is not loss_fn
-                or self.compiled_metrics is not metrics
-                or self.weighted_metrics
-                or modules.get("module") is not module
+                or (guarded and self._replaced_since(self.optimizer, loss_fn, metrics, module))
             ):
                 return test_step(batch)
             x, y = batch
