@@ -551,6 +551,12 @@ class CompiledLoss:
             return self._fused(y_pred, y_true)
         return reduce_loss(self.fn(y_pred, y_true), sample_weight)
 
+    def fused_float32(self) -> Callable[[Tensor, Tensor], Tensor] | None:
+        """What ``self(y_pred, y_true)`` runs for float32 outputs without sample weights,
+        where that is one fused torch function (else None): a caller that checked the dtype
+        may call it directly."""
+        return self._fused if self.module is None else None
+
     def _module_loss(self, y_pred: Tensor, y_true: Tensor, sample_weight: Tensor | None) -> Tensor:
         module = self.module
         if self.target == "sparse" and not (

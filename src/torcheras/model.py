@@ -818,6 +818,7 @@ class Model(nn.Module):
             return None
         modules = self._modules
         module, loss_fn, optimizer = modules["module"], self.compiled_loss, self.optimizer
+        fused = loss_fn.fused_float32()  # the loss's own torch function, for float32 outputs
         metrics = self.compiled_metrics  # the live list (compile makes new ones)
         train_step = self.train_step
 
@@ -834,7 +835,10 @@ class Model(nn.Module):
             x, y = batch
             optimizer.zero_grad(set_to_none=True)  # Stepping.zero_grad
             y_pred = module(x)  # call_on
-            loss = loss_fn(y_pred, y)  # compute_loss
+            if fused is not None and y_pred.dtype is torch.float32:  # compute_loss
+                loss = fused(y_pred, y)  # what loss_fn(y_pred, y) runs, called directly
+            else:
+                loss = loss_fn(y_pred, y)
             loss.backward()  # backward -> Stepping.backward, plain
             optimizer.step()  # optimizer_step -> Stepping.apply, plain
             for metric in metrics:  # update_metrics
@@ -889,6 +893,7 @@ class Model(nn.Module):
             return None
         modules = self._modules
         module, loss_fn, metrics = modules["module"], self.compiled_loss, self.compiled_metrics
+        fused = loss_fn.fused_float32()  # the loss's own torch function, for float32 outputs
         test_step = self.test_step
 
         def step(batch: Any) -> Tensor | dict[str, Any]:
@@ -903,7 +908,10 @@ class Model(nn.Module):
                 return test_step(batch)
             x, y = batch
             y_pred = module(x)  # call_on
-            loss = loss_fn(y_pred, y)  # compute_loss
+            if fused is not None and y_pred.dtype is torch.float32:  # compute_loss
+                loss = fused(y_pred, y)  # what loss_fn(y_pred, y) runs, called directly
+            else:
+                loss = loss_fn(y_pred, y)
             for metric in metrics:  # update_metrics
                 metric.update(y_pred, y)
             return loss

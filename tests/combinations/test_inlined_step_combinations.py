@@ -222,9 +222,10 @@ def test_half_precision_outputs_under_precision_32(calls):
     x = rng.normal(size=(64, 8)).astype(np.float32)
     y = rng.normal(size=(64, 1)).astype(np.float32)
 
-    def fit(seamed):
+    def fit(seamed):  # the loss of float16 outputs is computed in float32 on both paths
         model = build(seamed, net=HalfOut, loss="mse", learning_rate=0.01)
-        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+                            validation_data=(x[:32], y[:32]))  # fmt: skip
         return model, history
 
     (a, ha), (b, hb), inlined_calls, _ = both(fit, calls)
