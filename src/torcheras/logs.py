@@ -451,91 +451,94 @@ class LossWatch:
         self.on_bad = on_bad
         self.batches = 0  # batches since the last check
         # since the last check, in order: (batch, running total, its weight) kept whole, a
-        # tracked metric's result (deferred) with weight None, or (batch, None, weight)
-        # for a value added in place (in ``added``)
-        self.pending: list[tuple[int, Any, float | None]] = []
-        self.added: list[tuple[torch.Tensor, float]] = []  # (value, weight) noted, in order
+        # tracked metric's result (deferred) with weight None, or (batch, ADDED, (value,
+        # weight)) for a value added in place
+        self.pending: list[tuple[int, Any, Any]] = []
         self.base: tuple[torch.Tensor, float] | None = None  # the total before the first
-        self._noted: tuple[torch.Tensor, float] | None = None  # this batch's
+        self._noted = False  # this batch's value was added in place
 
     def note(
         self, total: torch.Tensor, total_weight: float, value: torch.Tensor, weight: float
     ) -> None:
         """``LogCollector.add_loss`` is about to add ``value`` x ``weight`` to ``total``."""
-        if self.base is None and not self.added:  # the first since the last check: a copy
-            self.base = (total.clone(), total_weight)  # of the total it starts from
-        self._noted = (value, weight)
+        if self.base is None:  # the first since the last check: a copy of the total it
+            self.base = (total.clone(), total_weight)  # starts from
+        self.pending.append((self.loop.batch, _ADDED, (value, weight)))
+        self._noted = True
 
     def end_batch(self) -> None:
         """At a training batch's end, where batch logs would be built: keep what rebuilds
         the value they would show (if the logs hold ``key``), and check every ``every``
         batches."""
+        if self._noted:  # added in place: note() kept the value
+            self._noted = False
+        else:
+            self._keep()
+        self.batches += 1
+        if self.batches >= self.every:
+            self.check()
+
+    def _keep(self) -> None:
         key, collector = self.key, self.collector
-        noted, self._noted = self._noted, None
         metric = collector.returned.get(key) if collector.returned else None
         if metric is not None:  # the logs show the metric's result, not a running mean
             snap = getattr(metric, "snapshot", None)
             self.pending.append(
                 (self.loop.batch, metric.result() if snap is None else snap(), None)
             )
-        elif noted is not None:  # added in place: the value is enough
-            self.added.append(noted)
-            self.pending.append((self.loop.batch, None, noted[1]))
         else:
             means = collector.means
             total = means._totals.get(key)
             if total is not None and means._weights[key]:  # (an empty batch counts nothing)
                 means._unshared.discard(key)  # (keep) the next add makes a new total
                 self.pending.append((self.loop.batch, total, means._weights[key]))
-        self.batches += 1
-        if self.batches >= self.every:
-            self.check()
 
     def reset(self) -> None:
         self.pending.clear()
-        self.added.clear()
-        self.base = self._noted = None
+        self.base, self._noted = None, False
         self.batches = 0
 
     def check(self) -> None:
         """Read the newest value; if it is bad, find the first bad batch and report it."""
-        pending, added, base = self.pending, self.added, self.base
-        self.pending, self.added, self.base, self.batches = [], [], None, 0
+        pending, base = self.pending, self.base
+        self.pending, self.base, self.batches = [], None, 0
         if not pending:
             return
-        batch, total, weight = pending[-1]
-        if total is None:  # added in place: the total is the collector's, as of now
-            total, weight = self.collector.means.entry(self.key)  # type: ignore[misc]
+        _, total, weight = pending[-1]
         # a running mean stays bad once it is: the newest fine means every one was
-        if math.isfinite(_as_floats([_value(total, weight)])[0]):
+        if total is _ADDED:  # the collector's total, as of now (its weight is above zero)
+            total = self.collector.means._totals[self.key]
+            if math.isfinite(float(total)):
+                return
+        elif math.isfinite(_as_floats([_value(total, weight)])[0]):
             return
-        values = _as_floats(_rebuilt(pending, added, base))
+        values = _as_floats(_rebuilt(pending, base))
         for (batch, _, _), value in zip(pending, values):
             if not math.isfinite(value):
                 self.on_bad(batch, value)
                 return
 
 
+_ADDED = object()  # a LossWatch entry for a value added in place
+
+
 def _rebuilt(
-    pending: list[tuple[int, Any, float | None]],
-    added: list[tuple[torch.Tensor, float]],
-    base: tuple[torch.Tensor, float] | None,
+    pending: list[tuple[int, Any, Any]], base: tuple[torch.Tensor, float] | None
 ) -> list[Any]:
     """Each pending batch's value as its batch logs would show it: a kept total or result
     as it is; a value added in place, from the total before it, by the same addition."""
     out: list[Any] = []
-    noted = iter(added)
     total, weight = base if base is not None else (None, 0.0)
     for _, kept, kept_weight in pending:
-        if kept is not None:
-            out.append(_value(kept, kept_weight))
-            if kept_weight is not None:
-                total, weight = kept, kept_weight
+        if kept is _ADDED:
+            value, w = kept_weight
+            total = torch.add(total, value, alpha=w)  # add_loss's addition, out of place
+            weight += w
+            out.append(total / weight)
             continue
-        value, w = next(noted)
-        total = torch.add(total, value, alpha=w)  # add_loss's own addition, out of place
-        weight += w
-        out.append(total / weight)
+        out.append(_value(kept, kept_weight))
+        if kept_weight is not None:
+            total, weight = kept, kept_weight
     return out
 
 
