@@ -741,6 +741,8 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
         source.distribute(rank, ranks, training=False, seed=0)
         check_ranks_agree(source)
         shard_ranks = 1 if source.per_rank else ranks
+        # guarded: a callback may run between batches, and add a hook or replace the module
+        inlined = model._inlined_predict_step(bool(needs_begin or needs_end))
         with hooks(callbacks, "predict"), torch.no_grad():
             for step, batch in enumerate(source.batches()):
                 if steps is not None and step >= steps:
@@ -753,7 +755,7 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
                     batch = data.shard(batch, rank, shard_ranks)
                 if stage is not None:
                     batch = stage(batch)
-                out = model.predict_step(batch)
+                out = model.predict_step(batch) if inlined is None else inlined(batch)
                 if mixed:
                     out = model._predict_output(out)
                 if needs_end:

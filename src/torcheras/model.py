@@ -948,6 +948,49 @@ class Model(nn.Module):
         with self.precision.autocast():
             return self.call_on(x)
 
+    def _inlined_predict_step(self, guarded: bool = True) -> Callable[[Any], Any] | None:
+        """The default :meth:`predict_step` with ``call_on`` inlined, for one predict pass:
+        the wrapped module called on the batch's inputs, as :meth:`predict_step` calls it
+        there. None where a seam is overridden (on the class or the instance), for a
+        subclass's own ``forward``, a mixed precision, a compiled forward, or a forward hook
+        on the model. A batch that is not a 1-tuple of a tensor takes :meth:`predict_step`;
+        ``guarded`` (a callback runs between batches): so does one after a forward hook was
+        added to the model or its module replaced."""
+        cls = type(self)
+        if (
+            any(getattr(cls, name) is not seam for name, seam in _PREDICT_SEAMS.items())
+            or any(name in self.__dict__ for name in _PREDICT_SEAMS)
+            or cls.forward is not Model.forward
+            or self.precision.dtype is not None
+            or self._compiled is not None
+            or "module" not in self._modules
+            or self._forward_hooks
+            or self._forward_pre_hooks
+        ):
+            return None
+        modules = self._modules
+        module = modules["module"]
+        predict_step = self.predict_step
+
+        def step(batch: Any) -> Any:
+            if (
+                type(batch) is not tuple
+                or len(batch) != 1
+                or type(batch[0]) is not Tensor
+                or (
+                    guarded
+                    and (
+                        self._forward_hooks
+                        or self._forward_pre_hooks
+                        or modules.get("module") is not module
+                    )
+                )
+            ):
+                return predict_step(batch)
+            return module(batch[0])  # predict_step -> call_on -> the wrapped module
+
+        return step
+
     def _overrides_compute_loss(self) -> bool:
         return type(self).compute_loss is not Model.compute_loss
 
@@ -1197,4 +1240,7 @@ _DEFAULT_SEAMS: dict[str, Any] = {
 _TEST_SEAMS: dict[str, Any] = {
     name: Model.__dict__[name]
     for name in ("test_step", "call_on", "compute_loss", "update_metrics")
+}
+_PREDICT_SEAMS: dict[str, Any] = {
+    name: Model.__dict__[name] for name in ("predict_step", "call_on")
 }

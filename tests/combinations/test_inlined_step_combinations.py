@@ -523,3 +523,32 @@ def test_evaluate_runs_the_inlined_test_step_where_nothing_can_tell(blobs, monke
         "inside_fit": 0,  # the one-time checks ran at fit's first training batch
     }[case]
     assert inlined_model_calls == expected
+
+
+# ---- predict's inlined predict_step ------------------------------------------------------------
+def test_predict_runs_the_inlined_step_and_sees_a_hook_added_mid_pass(blobs):
+    """predict calls the wrapped module directly (``Model._inlined_predict_step``) and gives
+    the twin's outputs bit for bit; a forward hook a batch-end hook adds to the model takes
+    effect from the next batch, as it does on predict_step."""
+    x, _ = blobs
+    seen: dict[bool, list[int]] = {}
+
+    def predict(seamed):
+        model = build(seamed)
+        calls: list[int] = []
+        seen[seamed] = calls
+
+        def add_hook(batch, logs):
+            if batch == 1:
+                model.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+
+        plain = model.predict(x, batch_size=50, verbose=0)
+        hook_adder = cb.LambdaCallback(on_predict_batch_end=add_hook)
+        hooked = model.predict(x, batch_size=50, verbose=0, callbacks=[hook_adder])
+        return plain, hooked
+
+    (a, ah), (b, bh), _, _ = both(predict, [])
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ah, bh)
+    np.testing.assert_array_equal(a, ah)
+    assert seen[False] == seen[True] == [50, 50, 40]  # batches 2, 3, 4 of 240 samples
