@@ -351,6 +351,9 @@ class LogCollector:
                 "log the value under another name."
             )
         self.means.add({name: value}, self.batch_size if weight is None else weight)
+        watch = self.watch
+        if watch is not None and name == watch.key:  # not a noted value: the batch's total
+            watch._logged = True  # is kept whole
 
     def values(self) -> dict[str, Any]:
         """The current values, as device tensors or floats (no synchronisation)."""
@@ -435,7 +438,8 @@ class LossWatch:
     the watch keeps the value each batch added (:meth:`note`, the detached loss, no copy)
     and the total before the first of them, and rebuilds the running totals from those
     with the same float32 additions only when the newest is bad. A value added otherwise
-    (a step's logs) keeps that batch's total, which the next add then replaces.
+    (a step's logs, ``Model.log`` of ``key``) keeps that batch's total, which the next add
+    then replaces.
     """
 
     def __init__(
@@ -456,6 +460,7 @@ class LossWatch:
         self.pending: list[tuple[int, Any, Any]] = []
         self.base: tuple[torch.Tensor, float] | None = None  # the total before the first
         self._noted = False  # this batch's value was added in place
+        self._logged = False  # Model.log added to ``key`` since the last batch's end
 
     def note(
         self, total: torch.Tensor, total_weight: float, value: torch.Tensor, weight: float
@@ -470,7 +475,12 @@ class LossWatch:
         """At a training batch's end, where batch logs would be built: keep what rebuilds
         the value they would show (if the logs hold ``key``), and check every ``every``
         batches."""
-        if self._noted:  # added in place: note() kept the value
+        if self._logged:  # Model.log added to the total too: the batch's total is kept
+            if self._noted:  # (it stands for this batch's note, which it includes)
+                self.pending.pop()
+            self._noted = self._logged = False
+            self._keep()
+        elif self._noted:  # added in place: note() kept the value
             self._noted = False
         else:
             self._keep()
@@ -495,7 +505,7 @@ class LossWatch:
 
     def reset(self) -> None:
         self.pending.clear()
-        self.base, self._noted = None, False
+        self.base, self._noted, self._logged = None, False, False
         self.batches = 0
 
     def check(self) -> None:
@@ -507,7 +517,8 @@ class LossWatch:
         _, total, weight = pending[-1]
         # a running mean stays bad once it is: the newest fine means every one was
         if total is _ADDED:  # the collector's total, as of now (its weight is above zero)
-            total = self.collector.means._totals[self.key]
+            means = self.collector.means
+            total, weight = means._totals[self.key], means._weights[self.key]
             if math.isfinite(float(total)):
                 return
         elif math.isfinite(_as_floats([_value(total, weight)])[0]):
@@ -517,6 +528,8 @@ class LossWatch:
             if not math.isfinite(value):
                 self.on_bad(batch, value)
                 return
+        # the rebuilt values missed it (a total changed some way not noted): never silent
+        self.on_bad(pending[-1][0], _as_floats([_value(total, weight)])[0])
 
 
 _ADDED = object()  # a LossWatch entry for a value added in place

@@ -676,10 +676,11 @@ def evaluate(
         model._expect_padded_labels(source.labels_may_pad or not model._uses_default_test_step())
         if callbacks.needs("on_test_batch_outputs"):
             capture = model.register_forward_hook(lambda module, args, out: outputs.append(out))
-        # guarded: a callback may run between batches, and replace what the step uses
-        inlined = model._inlined_test_step(bool(needs_begin or needs_end or capture))
-        test_step = model.test_step if inlined is None else inlined
         with hooks(callbacks, "test", outermost=not nested) as result, torch.no_grad():
+            # made after on_test_begin (which may add a forward hook or replace the module);
+            # guarded: a callback may run between batches, and replace what the step uses
+            inlined = model._inlined_test_step(bool(needs_begin or needs_end or capture))
+            test_step = model.test_step if inlined is None else inlined
             for step, batch in enumerate(source.batches(source.new_order())):
                 if steps is not None and step >= steps:
                     break
@@ -741,9 +742,10 @@ def predict(model: Any, source: Any, callbacks: CallbackList, steps: int | None)
         source.distribute(rank, ranks, training=False, seed=0)
         check_ranks_agree(source)
         shard_ranks = 1 if source.per_rank else ranks
-        # guarded: a callback may run between batches, and add a hook or replace the module
-        inlined = model._inlined_predict_step(bool(needs_begin or needs_end))
         with hooks(callbacks, "predict"), torch.no_grad():
+            # made after on_predict_begin (which may add a forward hook or replace the
+            # module); guarded: a callback may run between batches, and do so too
+            inlined = model._inlined_predict_step(bool(needs_begin or needs_end))
             for step, batch in enumerate(source.batches()):
                 if steps is not None and step >= steps:
                     break

@@ -552,3 +552,73 @@ def test_predict_runs_the_inlined_step_and_sees_a_hook_added_mid_pass(blobs):
     np.testing.assert_array_equal(ah, bh)
     np.testing.assert_array_equal(a, ah)
     assert seen[False] == seen[True] == [50, 50, 40]  # batches 2, 3, 4 of 240 samples
+
+
+class HookOrModuleForThePass(cb.Callback):
+    """In ``on_test_begin`` / ``on_predict_begin`` (no batch hook): a forward hook on the
+    model for the pass (removed at its end), or another module in place of the model's."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+        self.seen: list[int] = []
+        self.handle = None
+
+    def _begin(self):
+        if self.what == "hook":
+            self.handle = self.model.register_forward_hook(
+                lambda module, args, out: self.seen.append(len(out))
+            )
+        else:
+            torch.manual_seed(1)
+            self.model.module = mlp()  # other weights
+
+    def _end(self):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def on_test_begin(self, logs=None):
+        self._begin()
+
+    def on_test_end(self, logs=None):
+        self._end()
+
+    def on_predict_begin(self, logs=None):
+        self._begin()
+
+    def on_predict_end(self, logs=None):
+        self._end()
+
+
+@pytest.mark.parametrize("what", ["hook", "module"])
+@pytest.mark.parametrize("pass_", ["evaluate", "predict", "validation"])
+def test_a_hook_or_module_set_in_a_pass_begin_hook_counts_from_the_first_batch(
+    blobs, calls, pass_, what
+):
+    """A forward hook added to the model, or the module replaced, in the pass's begin hook
+    (a callback without batch hooks) runs for every batch of that pass: the inlined steps
+    are made after ``on_test_begin`` / ``on_predict_begin``, and give the twin's numbers."""
+    x, y = blobs
+    seen: dict[bool, list[int]] = {}
+
+    def run(seamed):
+        model = build(seamed)
+        callback = HookOrModuleForThePass(what)
+        seen[seamed] = callback.seen
+        if pass_ == "evaluate":
+            return model.evaluate(x, y, batch_size=50, verbose=0, callbacks=[callback],
+                                  return_dict=True)  # fmt: skip
+        if pass_ == "predict":
+            return model.predict(x, batch_size=50, verbose=0, callbacks=[callback])
+        return model.fit(x[:40], y[:40], batch_size=20, epochs=1, verbose=0, shuffle=False,
+                         validation_data=(x, y), validation_batch_size=50,
+                         callbacks=[callback]).history  # fmt: skip
+
+    (a, b, _, _) = both(run, calls)
+    if pass_ == "predict":
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+    if what == "hook":
+        assert seen[False] == seen[True] == [50, 50, 50, 50, 40]

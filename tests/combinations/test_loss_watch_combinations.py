@@ -697,6 +697,53 @@ def test_a_loss_logged_before_the_first_batch_is_named_at_that_batch(monkeypatch
     assert seen.stop_reason == _stopped_at(0, epoch=2)
 
 
+class _LogNanLossAtBatchBegin(Callback):
+    """``Model.log("loss", nan)`` from batch 5's ``on_train_batch_begin`` (inside the watch's
+    window, not its first batch; the default step, inlined): it joins batch 5's running
+    loss, which the batch logs show NaN from there."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == 5:
+            self.model.log("loss", torch.tensor(float("nan")), weight=1)
+
+
+def test_a_loss_logged_from_a_batch_begin_hook_is_named_at_that_batch(monkeypatch):
+    x, y = _poisoned(n=640, bad_from=640)  # every input finite
+    seen = _both(monkeypatch, make_model, x, y, extra=[_LogNanLossAtBatchBegin()])
+    assert "Batch 5: Invalid loss, terminating training" in seen.out
+    assert seen.stop_reason == _stopped_at(5) and seen.epoch == [0]
+
+
+class _LossIntoOneBuffer:
+    """A compiled loss callable (the default step, inlined) that returns the same scalar
+    tensor every batch, written in place (a loss that keeps its last value itself)."""
+
+    def __init__(self):
+        self.last = torch.zeros(())
+
+    def __call__(self, y_pred, y_true):
+        self.last = self.last.detach()  # the same storage, without the last batch's graph
+        return self.last.copy_(nn.functional.cross_entropy(y_pred, y_true))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="LossWatch.note keeps the step's loss tensor itself (no copy): a loss written in "
+    "place into one tensor every batch replays the window with the last batch's value",
+)
+def test_a_compiled_loss_that_returns_one_buffer_changed_in_place(monkeypatch):
+    x, y = _poisoned()  # NaN from batch 40: the window 32..63 holds it
+
+    def make():
+        model = make_model(loss=_LossIntoOneBuffer())
+        assert model._inlined_train_step() is not None  # the default step, inlined
+        return model
+
+    seen = _both(monkeypatch, make, x, y)
+    assert seen.out == "Batch 40: Invalid loss, terminating training\n"
+    assert seen.stop_reason == _stopped_at(40)
+
+
 class _OwnWatch(Callback):
     """Another user of ``model.loop.watch_loss``: relies on fit to check the epoch's end."""
 
