@@ -435,11 +435,11 @@ class LossWatch:
     TerminateOnNaN's check inside ``fit`` when no other callback has a batch-end hook. The
     loop calls :meth:`end_batch` where it would build batch logs, and :meth:`check` after an
     epoch's last batch. A loss added by ``LogCollector.add_loss`` stays added to in place:
-    the watch keeps the value each batch added (:meth:`note`, the detached loss, no copy)
-    and the total before the first of them, and rebuilds the running totals from those
-    with the same float32 additions only when the newest is bad. A value added otherwise
-    (a step's logs, ``Model.log`` of ``key``) keeps that batch's total, which the next add
-    then replaces.
+    the watch keeps the value each batch added (:meth:`note`, the detached loss, copied only
+    where it was written in place) and the total before the first of them, and rebuilds the
+    running totals from those with the same float32 additions only when the newest is bad.
+    A value added otherwise (a step's logs, ``Model.log`` of ``key``) keeps that batch's
+    total, which the next add then replaces.
     """
 
     def __init__(
@@ -465,9 +465,13 @@ class LossWatch:
     def note(
         self, total: torch.Tensor, total_weight: float, value: torch.Tensor, weight: float
     ) -> None:
-        """``LogCollector.add_loss`` is about to add ``value`` x ``weight`` to ``total``."""
+        """``LogCollector.add_loss`` is about to add ``value`` x ``weight`` to ``total``.
+        The value is kept as it is (a loss the step made fresh), or copied where it was
+        written in place before (a loss kept in one tensor reused every batch)."""
         if self.base is None:  # the first since the last check: a copy of the total it
             self.base = (total.clone(), total_weight)  # starts from
+        if value._version:  # written in place since it was made: it may be again
+            value = value.clone()
         self.pending.append((self.loop.batch, _ADDED, (value, weight)))
         self._noted = True
 

@@ -726,12 +726,9 @@ class _LossIntoOneBuffer:
         return self.last.copy_(nn.functional.cross_entropy(y_pred, y_true))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LossWatch.note keeps the step's loss tensor itself (no copy): a loss written in "
-    "place into one tensor every batch replays the window with the last batch's value",
-)
 def test_a_compiled_loss_that_returns_one_buffer_changed_in_place(monkeypatch):
+    """The watch keeps each batch's loss tensor; one written in place every batch is copied
+    (else the window would be replayed with the last batch's value: batch 32 named)."""
     x, y = _poisoned()  # NaN from batch 40: the window 32..63 holds it
 
     def make():

@@ -36,8 +36,9 @@ class TerminateOnNaN(Callback):
     when somebody read the logs anyway (the progress bar, at most every 0.1 s), and after the
     epoch's last batch, before validation; when that loss is bad, it finds the batch where it
     first went bad. Inside ``fit``, when no other callback has a batch-end hook (with
-    ``verbose=0``: the progress bar has one), it keeps each batch's running loss instead of
-    its logs (``model.loop.watch_loss``): no batch logs are built at all. The message names
+    ``verbose=0``: the progress bar has one), it keeps each batch's loss instead of its logs
+    and rebuilds the running means only when the newest is bad (``model.loop.watch_loss``):
+    no batch logs are built at all. The message names
     the batch where the loss first went bad, the History and the epoch where training stops
     are Keras's. The difference: the batches run between that batch and the check, whose
     weights are NaN; a batch-level save in between
