@@ -474,9 +474,9 @@ class FitLoop:
         boundary_work = self.boundary_work
         interval = self.validation_interval  # 0: off (one integer test per batch)
         train_step = model.train_step
+        guarded = bool(needs_begin or needs_end or interval or boundary_work)
         if default_train_step and stepper.plain:  # the seams inlined where nothing can tell
             # guarded: a callback may run between batches, and replace what the step uses
-            guarded = bool(needs_begin or needs_end or interval or boundary_work)
             train_step = model._inlined_train_step(guarded) or train_step
         inlined = train_step is not model.train_step  # returns the loss alone (or the logs)
         # no synchronisation inside groups
@@ -537,6 +537,8 @@ class FitLoop:
                 self._validate_within_epoch()  # before a backup, which then holds its outcome
             if boundary_work and not loop.accumulating:  # backups only between steps
                 self._run_boundary_work()
+                if not guarded:  # work that came after an unguarded step was made may
+                    train_step = model.train_step  # replace what it uses: the step itself
             if vote is not None:
                 interrupt = max(interrupt, vote.submit(loop.interrupt))
             elif loop.interrupt:
@@ -544,6 +546,8 @@ class FitLoop:
             if interrupt and not loop.accumulating and self.interrupt_handler is not None:
                 self.interrupt_handler(interrupt)  # a signal: back up and stop, all ranks
                 interrupt = loop.interrupt = 0  # handled (a handler that returns)
+                if not guarded:  # which may have replaced what an unguarded step uses
+                    train_step = model.train_step
                 if vote is not None:
                     vote.finish()  # the round still open carries the code just handled
             if agree_per_batch:

@@ -622,3 +622,52 @@ def test_a_hook_or_module_set_in_a_pass_begin_hook_counts_from_the_first_batch(
         assert a == b
     if what == "hook":
         assert seen[False] == seen[True] == [50, 50, 50, 50, 40]
+
+
+class AskAtForward(nn.Module):
+    """An MLP whose 4th training forward asks for an interrupt (as a signal handler would,
+    between two batches of an epoch with no batch hook)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+        self.loop = None
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == 4:
+                self.loop.request_interrupt(7)
+        return self.net(x)
+
+
+def test_an_interrupt_handler_that_replaces_the_optimizer_mid_epoch(blobs, calls):
+    """An ``interrupt_handler`` (set in ``on_train_begin``) that swaps in SGD and returns:
+    the batches after it step SGD on both paths (the inlined step gives way to train_step,
+    which reads ``model.optimizer`` each batch)."""
+    x, y = blobs
+
+    class SwapOnInterrupt(cb.Callback):
+        def on_train_begin(self, logs=None):
+            model = self.model
+            model.module.loop = model.loop
+
+            def swap(code):
+                model.optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+
+            model.loop.interrupt_handler = swap
+
+    def fit(seamed):
+        model = build(seamed, net=AskAtForward)
+        history = model.fit(x, y, batch_size=20, epochs=2, verbose=0, shuffle=False,
+                            callbacks=[SwapOnInterrupt()])  # fmt: skip
+        return model, history
+
+    (a, ha), (b, hb), inlined_calls, _ = both(fit, calls)
+    assert isinstance(a.optimizer, torch.optim.SGD)
+    # 12 batches an epoch; the handler ran after batch 3: train_step to the epoch's end,
+    # then a step inlined anew (with SGD) from the next epoch
+    assert inlined_calls == [(0, 0)] + [(0, b) for b in range(4, 12)]
+    assert_same_history(ha, hb)
+    assert_same_model(a, b)
