@@ -495,3 +495,44 @@ def test_summary_shows_keras_output_shapes_once_known(blobs, capsys):
     model.summary()
     assert "(None, 144)" in capsys.readouterr().out  # known from the batches fit saw
     assert model.training is True
+
+
+def test_custom_steps_that_return_the_loss_alone_log_it_as_the_loss():
+    """A custom ``train_step`` / ``test_step`` may return the loss tensor itself: fit and
+    evaluate log it as ``loss``, the same numbers as ``{"loss": loss}``."""
+
+    class ReturnsTheLoss(torcheras.Model):
+        def train_step(self, batch):
+            x, y = batch
+            self.optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(self(x), y)
+            loss.backward()
+            self.optimizer.step()
+            return loss
+
+        def test_step(self, batch):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+    class ReturnsLogs(ReturnsTheLoss):
+        def train_step(self, batch):
+            return {"loss": super().train_step(batch)}
+
+        def test_step(self, batch):
+            return {"loss": super().test_step(batch)}
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 4)).astype("float32")
+    y = rng.integers(0, 3, 96)
+    results = []
+    for cls in (ReturnsTheLoss, ReturnsLogs):
+        torch.manual_seed(0)
+        model = cls(nn.Linear(4, 3))
+        model.compile("adam", "sparse_categorical_crossentropy")
+        history = model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False,
+                            validation_data=(x, y))  # fmt: skip
+        results.append((history.history, model.evaluate(x, y, verbose=0, return_dict=True)))
+    assert results[0] == results[1]
+    (history, evaluated), _ = results
+    assert set(history) == {"loss", "val_loss", "learning_rate"}
+    assert evaluated["loss"] == pytest.approx(history["val_loss"][-1], rel=1e-6)

@@ -478,7 +478,6 @@ class FitLoop:
         if default_train_step and stepper.plain:  # the seams inlined where nothing can tell
             # guarded: a callback may run between batches, and replace what the step uses
             train_step = model._inlined_train_step(guarded) or train_step
-        inlined = train_step is not model.train_step  # returns the loss alone (or the logs)
         # no synchronisation inside groups
         run_step = stepper.run if stepper.ddp is not None or stepper.fsdp is not None else None
         collector = self.collector
@@ -519,7 +518,7 @@ class FitLoop:
             self.current_batch = batch
             collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
             logs = train_step(batch) if run_step is None else run_step(train_step, batch)
-            if inlined and type(logs) is Tensor:
+            if type(logs) is Tensor:  # the loss alone (the inlined step; a custom one too)
                 collector.add_loss(logs, size)
             else:
                 collector.add(logs, size)
@@ -698,7 +697,7 @@ def evaluate(
                     batch = stage(batch)
                 collector.batch_size = size = data.batch_size_of(batch[0])
                 logs = test_step(batch)
-                if inlined is not None and type(logs) is Tensor:
+                if type(logs) is Tensor:  # the loss alone (the inlined step; a custom one too)
                     collector.add_loss(logs, size)
                 else:
                     collector.add(logs, size)
