@@ -351,9 +351,8 @@ class LogCollector:
                 "log the value under another name."
             )
         self.means.add({name: value}, self.batch_size if weight is None else weight)
-        watch = self.watch
-        if watch is not None and name == watch.key:  # not a noted value: the batch's total
-            watch._logged = True  # is kept whole
+        if self.watch is not None and name == self.watch.key:
+            self.watch.logged()
 
     def values(self) -> dict[str, Any]:
         """The current values, as device tensors or floats (no synchronisation)."""
@@ -475,6 +474,11 @@ class LossWatch:
         self.pending.append((self.loop.batch, _ADDED, (value, weight)))
         self._noted = True
 
+    def logged(self) -> None:
+        """``Model.log`` added to ``key``'s total: this batch's total is kept whole (a noted
+        value alone would not rebuild it)."""
+        self._logged = True
+
     def end_batch(self) -> None:
         """At a training batch's end, where batch logs would be built: keep what rebuilds
         the value they would show (if the logs hold ``key``), and check every ``every``
@@ -502,10 +506,10 @@ class LossWatch:
             )
         else:
             means = collector.means
-            total = means._totals.get(key)
-            if total is not None and means._weights[key]:  # (an empty batch counts nothing)
-                means._unshared.discard(key)  # (keep) the next add makes a new total
-                self.pending.append((self.loop.batch, total, means._weights[key]))
+            entry = means.entry(key)
+            if entry is not None and entry[1]:  # (an empty batch so far counts nothing)
+                means.keep(key)  # the next add makes a new total: this one stays as it is
+                self.pending.append((self.loop.batch, *entry))
 
     def reset(self) -> None:
         self.pending.clear()
@@ -521,8 +525,7 @@ class LossWatch:
         _, total, weight = pending[-1]
         # a running mean stays bad once it is: the newest fine means every one was
         if total is _ADDED:  # the collector's total, as of now (its weight is above zero)
-            means = self.collector.means
-            total, weight = means._totals[self.key], means._weights[self.key]
+            total, weight = self.collector.means.entry(self.key)  # type: ignore[misc]
             if math.isfinite(float(total)):
                 return
         elif math.isfinite(_as_floats([_value(total, weight)])[0]):

@@ -851,29 +851,36 @@ class Model(nn.Module):
         """Whether an inlined step must take the step itself now: a forward hook on the model,
         or an optimizer, loss, metrics or module other than those it was made with."""
         return bool(
-            self._forward_hooks
-            or self._forward_pre_hooks
+            self._hooked_or_replaced(module)
             or self.optimizer is not optimizer  # replaced by a callback (or compile)
             or self.compiled_loss is not loss_fn
             or self.compiled_metrics is not metrics
             or self.weighted_metrics
-            or self._modules.get("module") is not module
         )
 
-    def _can_inline(self, seams: dict[str, Any]) -> bool:
+    def _can_inline(self, seams: dict[str, Any], loss: bool = True) -> bool:
         """Whether a default step's body can run with its ``seams`` inlined: none overridden
-        (on the class or the instance), the wrapped module's own ``forward``, float32, one
-        compiled loss, no weighted metrics, no compiled (``jit_compile``) forward."""
+        (on the class or the instance), the wrapped module's own ``forward``, float32, no
+        compiled (``jit_compile``) forward; ``loss``: a step that computes the loss and the
+        metrics, which needs one compiled loss and no weighted metrics too."""
         cls = type(self)
         return not (
             any(getattr(cls, name) is not seam for name, seam in seams.items())
             or any(name in self.__dict__ for name in seams)
             or cls.forward is not Model.forward
             or self.precision.dtype is not None
-            or type(self.compiled_loss) is not losses.CompiledLoss
-            or self.weighted_metrics
+            or (loss and type(self.compiled_loss) is not losses.CompiledLoss)
+            or (loss and self.weighted_metrics)
             or self._compiled is not None
             or "module" not in self._modules
+        )
+
+    def _hooked_or_replaced(self, module: Any) -> bool:
+        """A forward hook on the model, or a wrapped module other than ``module``."""
+        return bool(
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or self._modules.get("module") is not module
         )
 
     def _inlined_test_step(
@@ -956,20 +963,11 @@ class Model(nn.Module):
         on the model. A batch that is not a 1-tuple of a tensor takes :meth:`predict_step`;
         ``guarded`` (a callback runs between batches): so does one after a forward hook was
         added to the model or its module replaced."""
-        cls = type(self)
-        if (
-            any(getattr(cls, name) is not seam for name, seam in _PREDICT_SEAMS.items())
-            or any(name in self.__dict__ for name in _PREDICT_SEAMS)
-            or cls.forward is not Model.forward
-            or self.precision.dtype is not None
-            or self._compiled is not None
-            or "module" not in self._modules
-            or self._forward_hooks
-            or self._forward_pre_hooks
+        if not self._can_inline(_PREDICT_SEAMS, loss=False) or (
+            self._forward_hooks or self._forward_pre_hooks
         ):
             return None
-        modules = self._modules
-        module = modules["module"]
+        module = self._modules["module"]
         predict_step = self.predict_step
 
         def step(batch: Any) -> Any:
@@ -977,14 +975,7 @@ class Model(nn.Module):
                 type(batch) is not tuple
                 or len(batch) != 1
                 or type(batch[0]) is not Tensor
-                or (
-                    guarded
-                    and (
-                        self._forward_hooks
-                        or self._forward_pre_hooks
-                        or modules.get("module") is not module
-                    )
-                )
+                or (guarded and self._hooked_or_replaced(module))
             ):
                 return predict_step(batch)
             return module(batch[0])  # predict_step -> call_on -> the wrapped module
