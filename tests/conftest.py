@@ -209,8 +209,9 @@ def launch_script(
     done = subprocess.run(
         [*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
     )
-    finished = done.stdout.count(FINISHED + "\n")
-    done.stdout = done.stdout.replace(FINISHED + "\n", "")  # the script's output alone
+    finished = done.stdout.count(FINISHED)
+    # the script's output alone (another rank's unbuffered print may have split the line)
+    done.stdout = done.stdout.replace(FINISHED + "\n", "").replace(FINISHED, "")
     if check and done.returncode != 0:
         aborted_at_exit = (
             ranks > 1

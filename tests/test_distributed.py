@@ -266,6 +266,30 @@ def test_an_interrupt_asked_on_one_rank_is_handled_once_on_every_rank(tmp_path):
     assert code == 7 and batch in (3, 4)  # after the vote on batch 2's request came back
 
 
+UNWAITED_SCRIPT = """
+import torch
+import torch.distributed as dist
+import torcheras
+
+model = torcheras.Model(torch.nn.Linear(2, 1))  # torcheras joins torchrun's group
+model.compile("sgd", "mse", device="cpu")
+model.fit(torch.randn(16, 2), torch.randn(16, 1), verbose=0)
+for _ in range(100):  # collectives the script never waits for, still queued at its end
+    dist.all_reduce(torch.ones(100_000), async_op=True)
+"""
+
+
+def test_a_job_that_ends_with_collectives_unwaited_for_exits_cleanly(tmp_path):
+    """The process group torcheras started is ended at exit after the work still queued on
+    it: left to interpreter finalization, gloo's threads release those tensors after Python
+    is gone and abort the process, and torchrun reports the finished job as failed."""
+    script = tmp_path / "unwaited.py"
+    script.write_text(UNWAITED_SCRIPT)
+    done = launch_script(script, ranks=2, check=False, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr
+
+
 def test_ranks_given_data_of_different_lengths_stop_naming_both_counts(tmp_path):
     """Not an abort inside gloo with a collective-size mismatch: every rank stops at once
     with an error naming each rank's count and the fix."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_script
 
 SCRIPT = Path(__file__).parent / "distributed" / "ddp_script.py"
 TIMEOUT = 180
@@ -92,15 +93,7 @@ def result(out: Path, rank: int) -> tuple[dict, dict]:
 def one_node(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same job as 4 processes on one node that nothing interrupts: what it must match."""
     out = tmp_path_factory.mktemp("one_node")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    done = subprocess.run(
-        [*command, "--nproc-per-node=4", str(SCRIPT), str(out), *ARGS],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **ENV},
-        timeout=TIMEOUT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_script(SCRIPT, out, *ARGS, ranks=4, env=ENV, timeout=TIMEOUT)
     return out
 
 
@@ -177,12 +170,7 @@ def test_a_backup_that_only_some_processes_can_read_is_refused_on_every_rank(tmp
     processes of another node start over (a hang, or silently different weights)."""
     script = tmp_path / "node_local.py"
     script.write_text(NODE_LOCAL_SCRIPT)
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), str(tmp_path)],
-        capture_output=True, text=True, env={**os.environ, **ENV}, timeout=TIMEOUT,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_script(script, tmp_path, ranks=2, env=ENV, timeout=TIMEOUT)
     errors = [(tmp_path / f"error{rank}.txt").read_text() for rank in (0, 1)]
     assert errors[0] == errors[1]  # every rank stops, with the same message
     backup = tmp_path / "disk0" / "latest.pt"

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -103,12 +104,18 @@ def _destroy_process_group() -> None:
         # down while another still talks to it can abort either at exit (SIGABRT, about 1
         # launch in 200 without the wait). A rank leaving on an uncaught error does not wait
         # (the others may be inside a collective; torchrun stops them).
+        # Then a plain barrier (on gloo), which waits for the work still queued on the
+        # group's worker threads (an async collective nobody waited for), and a moment with
+        # the GIL released, in which a worker frees the tensors of the work it finished last:
+        # either, left to finalization, aborts the same way.
         if not hasattr(sys, "last_value"):
             with contextlib.suppress(Exception):
                 if dist.get_backend() == "gloo":
                     dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                    dist.barrier()
                 else:
                     dist.barrier(group=_HOST_GROUP)
+                time.sleep(0.01)
         _HOST_GROUP = None
         dist.destroy_process_group()
     _HOST_GROUP = None
