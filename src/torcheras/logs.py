@@ -342,6 +342,40 @@ class LogCollector:
                 return
         self.add({"loss": loss}, weight)
 
+    def loss_adder(self) -> Callable[[torch.Tensor, float], None]:
+        """:meth:`add_loss` for a loop in which nothing reads the logs between batches:
+        while the running total stays the same tensor, which no snapshot holds, the loss is
+        added to it in place with fewer checks (a value logged as ``"loss"`` or a snapshot
+        ends that: :meth:`add_loss` again). The same additions, in the same order; with a
+        loss watch or a tracked ``"loss"``, :meth:`add_loss` itself."""
+        add_loss = self.add_loss
+        if self.watch is not None or "loss" in self.tracked:
+            return add_loss
+        means = self.means
+        totals, weights, unshared = means._totals, means._weights, means._unshared
+        known: torch.Tensor | None = None
+        dtype: Any = None
+
+        def add(loss: torch.Tensor, weight: float) -> None:
+            nonlocal known, dtype
+            if (
+                known is not None
+                and weight
+                and totals.get("loss") is known
+                and "loss" in unshared
+                and loss.dtype is dtype
+                and not loss.ndim
+            ):
+                known.add_(loss.detach(), alpha=weight)
+                weights["loss"] += weight
+                return
+            add_loss(loss, weight)
+            total = totals.get("loss")
+            known = total if type(total) is torch.Tensor and "loss" in unshared else None
+            dtype = None if known is None else known.dtype
+
+        return add
+
     def log(self, name: str, value: Any, weight: float | None = None) -> None:
         """A value logged from inside a step or a batch hook (``Model.log``), counted
         ``weight`` times (default: the running batch's size)."""

@@ -480,17 +480,27 @@ class FitLoop:
             train_step = model._inlined_train_step(guarded) or train_step
         # no synchronisation inside groups
         run_step = stepper.run if stepper.ddp is not None or stepper.fsdp is not None else None
+        accumulating = stepper.accumulation > 1
+        ranks = 1 if self.train_source.per_rank else distributed.world_size()
+        stepper.rank_share = 1.0
+        vote: distributed.Vote | None = self.vote
+        agree_per_batch = self.agree_per_batch
+        if not (
+            guarded
+            or run_step is not None
+            or accumulating
+            or ranks > 1
+            or vote is not None
+            or agree_per_batch
+            or self.interrupt_handler is not None
+        ):
+            return self._run_plain_batches(batches, start, train_step, stage, default_train_step)
         collector = self.collector
         watch = collector.watch
         groups = None if model.optimizer is None else model.optimizer.param_groups
         batch_lrs = self.batch_lrs
-        accumulating = stepper.accumulation > 1
         last_known = None if self.steps_known is None else self.steps_known - 1
-        ranks = 1 if self.train_source.per_rank else distributed.world_size()
         rank = distributed.rank()
-        agree_per_batch = self.agree_per_batch
-        stepper.rank_share = 1.0
-        vote: distributed.Vote | None = self.vote
         # The epoch's known last batch leaves a validation due to the epoch's end when that
         # validates anyway: once, in Keras's place (after on_train_batches_end).
         at_epoch_end = last_known if _should_validate(loop.epoch, self.validation_freq) else None
@@ -551,6 +561,51 @@ class FitLoop:
                     vote.finish()  # the round still open carries the code just handled
             if agree_per_batch:
                 model.stop_training = distributed.agree(model.stop_training)
+            if model.stop_training:
+                self.stopped_in_epoch = True
+                break
+        return step
+
+    def _run_plain_batches(
+        self, batches: Any, start: int, train_step: Any, stage: Any, default_step: bool
+    ) -> int:
+        """:meth:`_run_batches` where nothing runs between two batches: one process, every
+        batch a step, no batch hook, no validation inside the epoch, no interrupt handler.
+        The same bookkeeping per batch (the rate used, the batch, the counters, the loss
+        added in place) without the checks that cannot fire here."""
+        model, loop = self.model, self.loop
+        collector = self.collector
+        watch = collector.watch
+        add_loss = collector.loss_adder()
+        groups = None if model.optimizer is None else model.optimizer.param_groups
+        batch_lrs = self.batch_lrs
+        boundary_work = self.boundary_work  # stays empty, unless a signal handler asks
+        step = start - 1
+        first = True
+        for step, batch in enumerate(batches, start):
+            loop.batch = step
+            if first:
+                first = False
+                check_input_rank(model, batch, self.train_source, default_step)
+            if groups is not None:  # the rate this batch uses
+                lr = groups[0]["lr"]
+                batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
+            if stage is not None:
+                batch = stage(batch)
+            self.current_batch = batch
+            collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
+            logs = train_step(batch)
+            if type(logs) is Tensor:  # the loss alone (the inlined step; a custom one too)
+                add_loss(logs, size)
+            else:
+                collector.add(logs, size)
+            loop.global_step += 1  # Stepping.end_batch, every batch a step
+            loop.optimizer_steps += 1
+            if watch is not None:
+                watch.end_batch()
+            if boundary_work:
+                self._run_boundary_work()
+                train_step = model.train_step  # the work may replace what an inlined step uses
             if model.stop_training:
                 self.stopped_in_epoch = True
                 break

@@ -1,0 +1,184 @@
+"""fit's plain batch loop (``FitLoop._run_plain_batches``: one process, no batch hook, no
+validation inside the epoch, no interrupt handler, no accumulation) against the general one.
+
+Each test trains a model with the callbacks it needs and a twin that also has a batch-end
+hook doing nothing (which takes the general loop), from the same weights, data and seeds, and
+asserts what a user reads afterwards: the History, the weights, the loop's counters and the
+per-batch learning rates. The same torch ops run in the same order on both sides, so the
+numbers agree bit for bit (rtol=0, atol=0)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import torcheras
+from torcheras import callbacks as cb
+from torcheras import loops
+
+
+class BatchEndHook(cb.Callback):
+    """A batch-end hook that does nothing: the general loop runs."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+
+@pytest.fixture
+def plain_epochs(monkeypatch):
+    """How many epochs took the plain loop."""
+    count = [0]
+    real = loops.FitLoop._run_plain_batches
+
+    def counted(self, *args):
+        count[0] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(loops.FitLoop, "_run_plain_batches", counted)
+    return count
+
+
+def data(n: int = 100, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def twins(model_class=torcheras.Model, **compile_kwargs):
+    out = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = model_class(nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)))
+        compile_kwargs.setdefault("optimizer", "adam")
+        compile_kwargs.setdefault("loss", "sparse_categorical_crossentropy")
+        model.compile(device="cpu", **compile_kwargs)
+        out.append(model)
+    return out
+
+
+def fit(model, *args, **kwargs):
+    torch.manual_seed(1)  # the same shuffles on both sides
+    return model.fit(*args, **kwargs)
+
+
+def assert_same_run(plain, general, plain_history, general_history):
+    assert plain_history.history.keys() == general_history.history.keys()
+    for key, values in general_history.history.items():
+        got = plain_history.history[key]
+        assert len(got) == len(values), key
+        for a, b in zip(got, values):
+            assert (math.isnan(a) and math.isnan(b)) or a == b, key
+    for (name, a), b in zip(plain.state_dict().items(), general.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert (plain.loop.global_step, plain.loop.optimizer_steps, plain.loop.batch) == (
+        general.loop.global_step,
+        general.loop.optimizer_steps,
+        general.loop.batch,
+    )
+
+
+def test_metrics_validation_schedule_and_checkpoint_match_the_general_loop(tmp_path, plain_epochs):
+    """Accuracy, validation each epoch, a learning-rate schedule, EarlyStopping, a checkpoint
+    and CSVLogger (epoch hooks only), a short last batch: the plain loop runs, and the History,
+    weights, counters and each batch's rate are those of the general loop."""
+    x, y = data(100)
+    xv, yv = data(40, seed=1)
+    rates = {}
+
+    class Rates(cb.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            rates.setdefault(id(self), []).append(list(self.model.loop.batch_learning_rates))
+
+    def callbacks(extra):
+        return [
+            cb.LearningRateScheduler(lambda epoch, lr: lr * 0.5),
+            cb.EarlyStopping(patience=5),
+            cb.ModelCheckpoint(str(tmp_path / f"best{len(extra)}.pt"), save_best_only=True),
+            cb.CSVLogger(str(tmp_path / f"log{len(extra)}.csv")),
+            Rates(),
+            *extra,
+        ]
+
+    plain, general = twins(metrics=["accuracy"])
+    kwargs = dict(batch_size=16, epochs=3, validation_data=(xv, yv), verbose=0)
+    plain_callbacks, general_callbacks = callbacks([]), callbacks([BatchEndHook()])
+    h1 = fit(plain, x, y, callbacks=plain_callbacks, **kwargs)
+    assert plain_epochs[0] == 3
+    h2 = fit(general, x, y, callbacks=general_callbacks, **kwargs)
+    assert plain_epochs[0] == 3  # the twin took the general loop
+    assert_same_run(plain, general, h1, h2)
+    assert rates[id(plain_callbacks[4])] == rates[id(general_callbacks[4])]
+    assert [len(r) for r in rates[id(plain_callbacks[4])]] == [7, 7, 7]
+    assert (tmp_path / "log0.csv").read_text() == (tmp_path / "log1.csv").read_text()
+
+
+def test_terminate_on_nan_stops_at_the_same_batch_as_the_general_loop(plain_epochs):
+    """TerminateOnNaN's loss watch in the plain loop: the same batch is named, training stops
+    after the same batch (the watch reads the loss at the epoch's end here), and the epoch's
+    logs hold the same NaN."""
+    x, y = data(96)
+    x[50] = float("nan")  # batch 3 of 16-sample batches
+    plain, general = twins()
+    kwargs = dict(batch_size=16, epochs=2, verbose=0, shuffle=False)
+    h1 = fit(plain, x, y, callbacks=[cb.TerminateOnNaN()], **kwargs)
+    assert plain_epochs[0] == 1
+    h2 = fit(general, x, y, callbacks=[cb.TerminateOnNaN(), BatchEndHook()], **kwargs)
+    assert_same_run(plain, general, h1, h2)
+    assert len(h1.history["loss"]) == 1 and math.isnan(h1.history["loss"][0])
+    assert h1.stop_reason == h2.stop_reason and "batch 3" in h1.stop_reason.lower()
+
+
+class LogsLossToo(torcheras.Model):
+    """A custom step that returns the loss alone and, every other batch, also logs a float64
+    value under ``"loss"`` (which replaces the running total the loop was adding to in place
+    by a float64 one)."""
+
+    def train_step(self, batch):
+        x, y = batch
+        self.optimizer.zero_grad()
+        loss = self.compute_loss(x, y, self(x))
+        loss.backward()
+        self.optimizer.step()
+        if self.loop.global_step % 2:
+            self.log("loss", loss.detach().double() * 2)
+        return loss
+
+
+def test_a_custom_step_logging_the_loss_itself_matches_the_general_loop(plain_epochs):
+    """The plain loop's in-place loss addition notices the total that ``Model.log`` replaced:
+    the epoch's loss is the general loop's."""
+    x, y = data(80)
+    plain, general = twins(LogsLossToo)
+    h1 = fit(plain, x, y, batch_size=16, epochs=2, verbose=0)
+    assert plain_epochs[0] == 2
+    h2 = fit(general, x, y, batch_size=16, epochs=2, verbose=0, callbacks=[BatchEndHook()])
+    assert_same_run(plain, general, h1, h2)
+
+
+def test_work_asked_for_between_batches_runs_at_the_next_step_boundary(plain_epochs):
+    """``loop.at_step_boundary`` asked from inside a step (as a signal handler might, with no
+    callback running between batches) runs after that batch, as in the general loop."""
+    x, y = data(64)
+    seen: dict[str, list[int]] = {}
+
+    class AsksFromTheStep(torcheras.Model):
+        def call_on(self, inputs):
+            if self.loop.global_step == 2 and self.training:
+                key = (
+                    "general"
+                    if any(isinstance(c, BatchEndHook) for c in self.loop.callbacks.callbacks)
+                    else "plain"
+                )
+                self.loop.at_step_boundary(
+                    lambda: seen.setdefault(key, []).append(self.loop.global_step)
+                )
+            return super().call_on(inputs)
+
+    plain, general = twins(AsksFromTheStep)
+    h1 = fit(plain, x, y, batch_size=16, epochs=1, verbose=0)
+    assert plain_epochs[0] == 1
+    h2 = fit(general, x, y, batch_size=16, epochs=1, verbose=0, callbacks=[BatchEndHook()])
+    assert_same_run(plain, general, h1, h2)
+    assert seen == {"plain": [3], "general": [3]}  # after batch 2, counted
