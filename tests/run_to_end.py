@@ -57,7 +57,7 @@ if __name__ == "__main__":
         name = f"run{index}.rank{os.environ.get('RANK', '0')}.txt"
         with open(os.path.join(outputs, name), "w") as f:
             f.write(tee.copy.getvalue())
-    # One write: torchrun's workers run unbuffered (PYTHONUNBUFFERED=1), where print() writes
-    # the text and its newline separately and two ranks' lines interleave mid-line.
+    # One write: torchrun's workers write unbuffered, where print() writes the text and its
+    # newline separately and two ranks' lines interleave mid-line.
     sys.stdout.write(FINISHED + "\n")
     sys.stdout.flush()

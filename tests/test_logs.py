@@ -487,3 +487,38 @@ def test_running_means_of_float64_values_sum_in_float64():
         means.add({"x": torch.tensor(1e-9, dtype=torch.float64)}, 1)
     exact = (1 + 1e-9 * 2000) / 2001
     assert means.result()["x"] == pytest.approx(exact, rel=1e-12)
+
+
+def test_the_loss_adder_sums_as_add_loss_does_across_reloads_snapshots_and_dtypes():
+    """``LogCollector.loss_adder`` (fit's plain loop) against ``add_loss`` on the same losses,
+    with what can replace the running total between two of them: a reload of the state (as
+    a validation inside the epoch does), a snapshot, a float64 value logged as the loss, an
+    empty batch and a non-scalar loss. The totals and weights agree exactly."""
+    from torcheras.logs import LogCollector
+
+    g = torch.Generator().manual_seed(0)
+    losses = [torch.rand((), generator=g) for _ in range(12)]
+    events = {3: "reload", 5: "snapshot", 7: "log64", 8: "empty", 10: "vector"}
+    results = []
+    for use_adder in (False, True):
+        collector = LogCollector([])
+        add = collector.loss_adder() if use_adder else collector.add_loss
+        kept = None
+        for i, loss in enumerate(losses):
+            event = events.get(i)
+            if event == "reload":
+                kept = collector.state_dict()
+                collector.load_state_dict(kept)
+            elif event == "snapshot":
+                collector.snapshot()
+            elif event == "log64":
+                collector.log("loss", loss.double())
+            value = loss.repeat(3) if event == "vector" else loss
+            add(value, 0 if event == "empty" else 8)
+        results.append(collector.means.state_dict())
+    reference, adder = results
+    assert adder["weights"] == reference["weights"]
+    assert adder["totals"].keys() == reference["totals"].keys()
+    for key, total in reference["totals"].items():
+        assert adder["totals"][key].dtype == total.dtype
+        torch.testing.assert_close(adder["totals"][key], total, rtol=0, atol=0)

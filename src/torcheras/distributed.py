@@ -104,10 +104,11 @@ def _destroy_process_group() -> None:
         # down while another still talks to it can abort either at exit (SIGABRT, about 1
         # launch in 200 without the wait). A rank leaving on an uncaught error does not wait
         # (the others may be inside a collective; torchrun stops them).
-        # Then a plain barrier (on gloo), which waits for the work still queued on the
-        # group's worker threads (an async collective nobody waited for), and a moment with
-        # the GIL released, in which a worker frees the tensors of the work it finished last:
-        # either, left to finalization, aborts the same way.
+        # Then a plain barrier (the default group on gloo, the host group on NCCL), which
+        # waits for the work still queued on that group's worker threads (an async
+        # collective nobody waited for), and a moment with the GIL released, in which a
+        # worker frees the tensors of the work it finished last: either, left to
+        # finalization, aborts the same way.
         if not hasattr(sys, "last_value"):
             with contextlib.suppress(Exception):
                 if dist.get_backend() == "gloo":
@@ -115,7 +116,7 @@ def _destroy_process_group() -> None:
                     dist.barrier()
                 else:
                     dist.barrier(group=_HOST_GROUP)
-                time.sleep(0.01)
+                time.sleep(0.05)
         _HOST_GROUP = None
         dist.destroy_process_group()
     _HOST_GROUP = None

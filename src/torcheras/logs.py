@@ -345,14 +345,16 @@ class LogCollector:
     def loss_adder(self) -> Callable[[torch.Tensor, float], None]:
         """:meth:`add_loss` for a loop in which nothing reads the logs between batches:
         while the running total stays the same tensor, which no snapshot holds, the loss is
-        added to it in place with fewer checks (a value logged as ``"loss"`` or a snapshot
-        ends that: :meth:`add_loss` again). The same additions, in the same order; with a
-        loss watch or a tracked ``"loss"``, :meth:`add_loss` itself."""
+        added to it in place with fewer checks. Whatever replaces that total (a value of
+        another dtype logged as ``"loss"``, a snapshot, a reloaded or all-reduced state)
+        sends the next loss through :meth:`add_loss` again. The same additions, in the same
+        order; with a loss watch or a tracked ``"loss"``, :meth:`add_loss` itself (a watch
+        set later counts from the next adder, as it counts from the next epoch)."""
         add_loss = self.add_loss
         if self.watch is not None or "loss" in self.tracked:
             return add_loss
         means = self.means
-        totals, weights, unshared = means._totals, means._weights, means._unshared
+        unshared = means._unshared  # cleared in place, never replaced
         known: torch.Tensor | None = None
         dtype: Any = None
 
@@ -361,16 +363,16 @@ class LogCollector:
             if (
                 known is not None
                 and weight
-                and totals.get("loss") is known
+                and means._totals.get("loss") is known  # the dicts are replaced on a reload
                 and "loss" in unshared
                 and loss.dtype is dtype
                 and not loss.ndim
             ):
                 known.add_(loss.detach(), alpha=weight)
-                weights["loss"] += weight
+                means._weights["loss"] += weight
                 return
             add_loss(loss, weight)
-            total = totals.get("loss")
+            total = means._totals.get("loss")
             known = total if type(total) is torch.Tensor and "loss" in unshared else None
             dtype = None if known is None else known.dtype
 

@@ -579,7 +579,7 @@ class FitLoop:
         add_loss = collector.loss_adder()
         groups = None if model.optimizer is None else model.optimizer.param_groups
         batch_lrs = self.batch_lrs
-        boundary_work = self.boundary_work  # stays empty, unless a signal handler asks
+        boundary_work = self.boundary_work  # empty unless the step or a signal handler asks
         step = start - 1
         first = True
         for step, batch in enumerate(batches, start):
@@ -599,7 +599,7 @@ class FitLoop:
                 add_loss(logs, size)
             else:
                 collector.add(logs, size)
-            loop.global_step += 1  # Stepping.end_batch, every batch a step
+            loop.global_step += 1  # Stepping.end_batch's counters (every batch a step)
             loop.optimizer_steps += 1
             if watch is not None:
                 watch.end_batch()

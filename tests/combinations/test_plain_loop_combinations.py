@@ -70,8 +70,10 @@ def assert_same_run(plain, general, plain_history, general_history):
         assert len(got) == len(values), key
         for a, b in zip(got, values):
             assert (math.isnan(a) and math.isnan(b)) or a == b, key
-    for (name, a), b in zip(plain.state_dict().items(), general.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+    plain_state, general_state = plain.state_dict(), general.state_dict()
+    assert plain_state.keys() == general_state.keys()
+    for name, a in plain_state.items():
+        torch.testing.assert_close(a, general_state[name], rtol=0, atol=0, equal_nan=True)
     assert (plain.loop.global_step, plain.loop.optimizer_steps, plain.loop.batch) == (
         general.loop.global_step,
         general.loop.optimizer_steps,
@@ -125,15 +127,19 @@ def test_terminate_on_nan_stops_at_the_same_batch_as_the_general_loop(plain_epoc
     h1 = fit(plain, x, y, callbacks=[cb.TerminateOnNaN()], **kwargs)
     assert plain_epochs[0] == 1
     h2 = fit(general, x, y, callbacks=[cb.TerminateOnNaN(), BatchEndHook()], **kwargs)
+    assert plain_epochs[0] == 1  # the twin took the general loop
     assert_same_run(plain, general, h1, h2)
     assert len(h1.history["loss"]) == 1 and math.isnan(h1.history["loss"][0])
     assert h1.stop_reason == h2.stop_reason and "batch 3" in h1.stop_reason.lower()
 
 
 class LogsLossToo(torcheras.Model):
-    """A custom step that returns the loss alone and, every other batch, also logs a float64
-    value under ``"loss"`` (which replaces the running total the loop was adding to in place
-    by a float64 one)."""
+    """A custom step that returns the loss alone and also logs a value under ``"loss"`` at
+    some batches, of ``log_dtype``: float32 adds to the running total in place, float64
+    replaces it (by a float64 total) after several batches the plain loop added in place."""
+
+    log_dtype = torch.float32
+    log_at = (2, 4, 9)  # global steps
 
     def train_step(self, batch):
         x, y = batch
@@ -141,44 +147,63 @@ class LogsLossToo(torcheras.Model):
         loss = self.compute_loss(x, y, self(x))
         loss.backward()
         self.optimizer.step()
-        if self.loop.global_step % 2:
-            self.log("loss", loss.detach().double() * 2)
+        if self.loop.global_step in self.log_at:
+            self.log("loss", loss.detach().to(self.log_dtype) * 2)
         return loss
 
 
-def test_a_custom_step_logging_the_loss_itself_matches_the_general_loop(plain_epochs):
-    """The plain loop's in-place loss addition notices the total that ``Model.log`` replaced:
-    the epoch's loss is the general loop's."""
+@pytest.mark.parametrize("log_dtype", [torch.float32, torch.float64])
+def test_a_custom_step_logging_the_loss_itself_matches_the_general_loop(plain_epochs, log_dtype):
+    """The plain loop's in-place loss addition carries on past a value ``Model.log`` added
+    to the same total, and notices the total a float64 value replaced: the epoch's loss is
+    the general loop's."""
     x, y = data(80)
-    plain, general = twins(LogsLossToo)
+
+    class Model(LogsLossToo):
+        pass
+
+    Model.log_dtype = log_dtype
+    plain, general = twins(Model)
     h1 = fit(plain, x, y, batch_size=16, epochs=2, verbose=0)
     assert plain_epochs[0] == 2
     h2 = fit(general, x, y, batch_size=16, epochs=2, verbose=0, callbacks=[BatchEndHook()])
+    assert plain_epochs[0] == 2  # the twin took the general loop
     assert_same_run(plain, general, h1, h2)
 
 
 def test_work_asked_for_between_batches_runs_at_the_next_step_boundary(plain_epochs):
-    """``loop.at_step_boundary`` asked from inside a step (as a signal handler might, with no
-    callback running between batches) runs after that batch, as in the general loop."""
+    """``loop.at_step_boundary`` asked from inside a step (by the wrapped module here, as a
+    signal handler might, with no callback running between batches) runs after that batch,
+    as in the general loop; the inlined step is left for ``train_step`` after it (the work
+    may replace what the step uses)."""
     x, y = data(64)
-    seen: dict[str, list[int]] = {}
+    seen: dict[str, list[int]] = {"plain": [], "general": []}
 
-    class AsksFromTheStep(torcheras.Model):
-        def call_on(self, inputs):
-            if self.loop.global_step == 2 and self.training:
-                key = (
-                    "general"
-                    if any(isinstance(c, BatchEndHook) for c in self.loop.callbacks.callbacks)
-                    else "plain"
-                )
-                self.loop.at_step_boundary(
-                    lambda: seen.setdefault(key, []).append(self.loop.global_step)
-                )
-            return super().call_on(inputs)
+    class Asks(nn.Module):
+        def __init__(self, key):
+            super().__init__()
+            self.key = key
+            self.net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+            self.model = None  # set below (not a submodule)
 
-    plain, general = twins(AsksFromTheStep)
+        def forward(self, inputs):
+            loop = self.__dict__["model"].loop
+            if loop.global_step == 2 and self.training:
+                loop.at_step_boundary(lambda: seen[self.key].append(loop.global_step))
+            return self.net(inputs)
+
+    models = []
+    for key in ("plain", "general"):
+        torch.manual_seed(0)
+        module = Asks(key)
+        model = torcheras.Model(module)
+        module.__dict__["model"] = model
+        model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
+        models.append(model)
+    plain, general = models
     h1 = fit(plain, x, y, batch_size=16, epochs=1, verbose=0)
     assert plain_epochs[0] == 1
     h2 = fit(general, x, y, batch_size=16, epochs=1, verbose=0, callbacks=[BatchEndHook()])
+    assert plain_epochs[0] == 1  # the twin took the general loop
     assert_same_run(plain, general, h1, h2)
     assert seen == {"plain": [3], "general": [3]}  # after batch 2, counted
