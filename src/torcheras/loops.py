@@ -580,6 +580,7 @@ class FitLoop:
         groups = None if model.optimizer is None else model.optimizer.param_groups
         batch_lrs = self.batch_lrs
         boundary_work = self.boundary_work  # empty unless the step or a signal handler asks
+        end_batch = self.stepping.end_batch  # the counters
         step = start - 1
         first = True
         for step, batch in enumerate(batches, start):
@@ -599,8 +600,7 @@ class FitLoop:
                 add_loss(logs, size)
             else:
                 collector.add(logs, size)
-            loop.global_step += 1  # Stepping.end_batch's counters (every batch a step)
-            loop.optimizer_steps += 1
+            end_batch()
             if watch is not None:
                 watch.end_batch()
             if boundary_work:
