@@ -489,36 +489,77 @@ def test_running_means_of_float64_values_sum_in_float64():
     assert means.result()["x"] == pytest.approx(exact, rel=1e-12)
 
 
-def test_the_loss_adder_sums_as_add_loss_does_across_reloads_snapshots_and_dtypes():
-    """``LogCollector.loss_adder`` (fit's plain loop) against ``add_loss`` on the same losses,
-    with what can replace the running total between two of them: a reload of the state (as
-    a validation inside the epoch does), a snapshot, a float64 value logged as the loss, an
-    empty batch and a non-scalar loss. The totals and weights agree exactly."""
+def test_adding_the_loss_in_place_sums_as_add_loss_does_across_logs_reloads_and_snapshots():
+    """``LogCollector.loss_in_place`` used as fit's plain loop uses it (float32 losses added
+    to the total it gave while ``totals.get("loss") is total``; fetched again after an
+    ``add_loss``; given up after a reload or a snapshot) against ``add_loss`` on the same
+    losses, with a float32 and a float64 value logged as the loss and an empty batch between
+    them. The totals and weights agree exactly, and most losses were added in place."""
     from torcheras.logs import LogCollector
 
     g = torch.Generator().manual_seed(0)
-    losses = [torch.rand((), generator=g) for _ in range(12)]
-    events = {3: "reload", 5: "snapshot", 7: "log64", 8: "empty", 10: "vector"}
-    results = []
-    for use_adder in (False, True):
+    losses = [torch.rand((), generator=g) for _ in range(14)]
+    events = {3: "reload", 5: "snapshot", 7: "log32", 9: "empty", 11: "log64"}
+    results, in_place_adds = [], 0
+    for in_place in (False, True):
         collector = LogCollector([])
-        add = collector.loss_adder() if use_adder else collector.add_loss
-        kept = None
+        totals = total = weights = None
         for i, loss in enumerate(losses):
             event = events.get(i)
             if event == "reload":
-                kept = collector.state_dict()
-                collector.load_state_dict(kept)
+                collector.load_state_dict(collector.state_dict())
+                total = None
             elif event == "snapshot":
                 collector.snapshot()
-            elif event == "log64":
-                collector.log("loss", loss.double())
-            value = loss.repeat(3) if event == "vector" else loss
-            add(value, 0 if event == "empty" else 8)
+                total = None
+            elif event in ("log32", "log64"):
+                collector.log("loss", loss.to(torch.float64 if event == "log64" else None) * 2)
+            weight = 0 if event == "empty" else 8
+            if in_place and total is not None and weight and totals.get("loss") is total:
+                total.add_(loss, alpha=weight)
+                weights["loss"] += weight
+                in_place_adds += 1
+            else:
+                collector.add_loss(loss, weight)
+                if in_place:
+                    totals, total, weights = collector.loss_in_place()
         results.append(collector.means.state_dict())
-    reference, adder = results
-    assert adder["weights"] == reference["weights"]
-    assert adder["totals"].keys() == reference["totals"].keys()
+    reference, fast = results
+    assert fast["weights"] == reference["weights"]
+    assert fast["totals"].keys() == reference["totals"].keys()
     for key, total in reference["totals"].items():
-        assert adder["totals"][key].dtype == total.dtype
-        torch.testing.assert_close(adder["totals"][key], total, rtol=0, atol=0)
+        assert fast["totals"][key].dtype == total.dtype == torch.float64  # the log64 promoted
+        torch.testing.assert_close(fast["totals"][key], total, rtol=0, atol=0)
+    # all but the first, the reload's, the snapshot's, the empty batch's and those from the
+    # float64 log on (a float64 total)
+    assert in_place_adds == 14 - 7
+
+
+def test_no_loss_total_is_given_to_add_to_where_add_loss_does_more():
+    """``loss_in_place`` is ``(None, None, None)`` where ``add_loss`` does more than one
+    in-place addition: no total yet, a loss watch (TerminateOnNaN's), a tracked ``"loss"``,
+    a float64 total, a total a snapshot holds."""
+    from torcheras.logs import LogCollector, LossWatch
+    from torcheras.metrics import Mean
+
+    def collector_with(loss, **kwargs):
+        collector = LogCollector([], **kwargs)
+        if loss is not None:
+            collector.add_loss(loss, 4)
+        return collector
+
+    assert collector_with(torch.tensor(1.0)).loss_in_place()[1] is not None
+    assert collector_with(None).loss_in_place() == (None, None, None)
+    promoted = collector_with(torch.tensor(1.0))
+    promoted.log("loss", torch.tensor(1.0, dtype=torch.float64))  # a float64 total now
+    assert promoted.loss_in_place()[1] is None
+    snapshotted = collector_with(torch.tensor(1.0))
+    snapshotted.snapshot()
+    assert snapshotted.loss_in_place()[1] is None
+    tracked = collector_with(None, tracked={"loss": Mean(name="loss")})
+    tracked.add_loss(torch.tensor(1.0), 4)
+    assert tracked.loss_in_place()[1] is None
+    watched = collector_with(None)
+    watched.watch = LossWatch(watched, types.SimpleNamespace(batch=0), "loss", 8, print)
+    watched.add_loss(torch.tensor(1.0), 4)
+    assert watched.loss_in_place()[1] is None

@@ -342,41 +342,27 @@ class LogCollector:
                 return
         self.add({"loss": loss}, weight)
 
-    def loss_adder(self) -> Callable[[torch.Tensor, float], None]:
-        """:meth:`add_loss` for a loop in which nothing reads the logs between batches:
-        while the running total stays the same tensor, which no snapshot holds, the loss is
-        added to it in place with fewer checks. Whatever replaces that total (a value of
-        another dtype logged as ``"loss"``, a snapshot, a reloaded or all-reduced state)
-        sends the next loss through :meth:`add_loss` again. The same additions, in the same
-        order; with a loss watch or a tracked ``"loss"``, :meth:`add_loss` itself (a watch
-        set later counts from the next adder, as it counts from the next epoch)."""
-        add_loss = self.add_loss
-        if self.watch is not None or "loss" in self.tracked:
-            return add_loss
+    def loss_in_place(self) -> tuple[dict[str, Any], Any, dict[str, float]]:
+        """For a loop that adds the batches' losses itself (fit's plain loop), right after an
+        :meth:`add_loss`: ``(totals, total, weights)``, the running totals, the loss's and
+        the weights, where :meth:`add_loss` of a float32 scalar ``loss`` with a nonzero
+        ``weight`` would do no more than ``total.add_(loss.detach(), alpha=weight)`` and
+        ``weights["loss"] += weight``. That stays so while ``totals.get("loss") is total``
+        (a value of another dtype logged as ``"loss"`` replaces it) and nothing but
+        :meth:`add_loss` and :meth:`log` runs on this collector (a snapshot, a reload, an
+        all-reduce end it). ``(None, None, None)`` where :meth:`add_loss` does more: a loss
+        watch, a tracked ``"loss"``, a total that is not float32 or a snapshot holds."""
         means = self.means
-        unshared = means._unshared  # cleared in place, never replaced
-        known: torch.Tensor | None = None
-        dtype: Any = None
-
-        def add(loss: torch.Tensor, weight: float) -> None:
-            nonlocal known, dtype
-            if (
-                known is not None
-                and weight
-                and means._totals.get("loss") is known  # the dicts are replaced on a reload
-                and "loss" in unshared
-                and loss.dtype is dtype
-                and not loss.ndim
-            ):
-                known.add_(loss.detach(), alpha=weight)
-                means._weights["loss"] += weight
-                return
-            add_loss(loss, weight)
-            total = means._totals.get("loss")
-            known = total if type(total) is torch.Tensor and "loss" in unshared else None
-            dtype = None if known is None else known.dtype
-
-        return add
+        total = means._totals.get("loss")
+        if (
+            self.watch is not None
+            or "loss" in self.tracked
+            or type(total) is not torch.Tensor
+            or total.dtype is not torch.float32
+            or "loss" not in means._unshared
+        ):
+            return None, None, None
+        return means._totals, total, means._weights
 
     def log(self, name: str, value: Any, weight: float | None = None) -> None:
         """A value logged from inside a step or a batch hook (``Model.log``), counted

@@ -475,9 +475,6 @@ class FitLoop:
         interval = self.validation_interval  # 0: off (one integer test per batch)
         train_step = model.train_step
         guarded = bool(needs_begin or needs_end or interval or boundary_work)
-        if default_train_step and stepper.plain:  # the seams inlined where nothing can tell
-            # guarded: a callback may run between batches, and replace what the step uses
-            train_step = model._inlined_train_step(guarded) or train_step
         # no synchronisation inside groups
         run_step = stepper.run if stepper.ddp is not None or stepper.fsdp is not None else None
         accumulating = stepper.accumulation > 1
@@ -495,6 +492,9 @@ class FitLoop:
             or self.interrupt_handler is not None
         ):
             return self._run_plain_batches(batches, start, train_step, stage, default_train_step)
+        if default_train_step and stepper.plain:  # the seams inlined where nothing can tell
+            # a callback may run between batches, and replace what the step uses: guarded
+            train_step = model._inlined_train_step() or train_step
         collector = self.collector
         watch = collector.watch
         groups = None if model.optimizer is None else model.optimizer.param_groups
@@ -571,16 +571,27 @@ class FitLoop:
     ) -> int:
         """:meth:`_run_batches` where nothing runs between two batches: one process, every
         batch a step, no batch hook, no validation inside the epoch, no interrupt handler.
-        The same bookkeeping per batch (the rate used, the batch, the counters, the loss
-        added in place) without the checks that cannot fire here."""
+        The same bookkeeping per batch (the rate used, the batch, the counters, the loss)
+        without the checks that cannot fire here. On ``Stepping.plain`` the default step's
+        body runs here with its seams inlined (``Model._inlined_train_parts``, whose
+        docstring says which batches take ``train_step`` itself), its loss added to the
+        running total in place (``LogCollector.loss_in_place``): the same torch calls and
+        additions as ``train_step`` and ``add_loss``, without a Python call a batch for
+        either."""
         model, loop = self.model, self.loop
         collector = self.collector
         watch = collector.watch
-        add_loss = collector.loss_adder()
         groups = None if model.optimizer is None else model.optimizer.param_groups
         batch_lrs = self.batch_lrs
         boundary_work = self.boundary_work  # empty unless the step or a signal handler asks
-        end_batch = self.stepping.end_batch  # the counters
+        plain_step = default_step and self.stepping.plain
+        parts = model._inlined_train_parts(guarded=False) if plain_step else None
+        if parts is not None:
+            module, loss_fn, fused, optimizer, metrics = parts
+        may_add_in_place = watch is None and "loss" not in collector.tracked
+        totals: Any = None  # LogCollector.loss_in_place's, fetched after an add_loss
+        total: Any = None
+        weights: Any = None
         step = start - 1
         first = True
         for step, batch in enumerate(batches, start):
@@ -594,18 +605,54 @@ class FitLoop:
             if stage is not None:
                 batch = stage(batch)
             self.current_batch = batch
-            collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
-            logs = train_step(batch)
-            if type(logs) is Tensor:  # the loss alone (the inlined step; a custom one too)
-                add_loss(logs, size)
+            if (
+                parts is not None
+                and (type(batch) is tuple or type(batch) is list)
+                and len(batch) == 2
+                and type(batch[0]) is Tensor
+                and batch[1] is not None
+                and not model._check_first_batch
+            ):  # the default train_step, inlined
+                x, y = batch
+                collector.batch_size = size = x.shape[0] if x.ndim else 1  # batch_size_of
+                optimizer.zero_grad(set_to_none=True)  # Stepping.zero_grad
+                y_pred = module(x)  # call_on
+                if fused is not None and y_pred.dtype is torch.float32:  # compute_loss
+                    loss = fused(y_pred, y)  # a float32 scalar, as loss_fn(y_pred, y) gives
+                    in_place = total is not None and size and totals.get("loss") is total
+                else:
+                    loss = loss_fn(y_pred, y)
+                    in_place = False
+                loss.backward()  # backward -> Stepping.backward, plain
+                optimizer.step()  # optimizer_step -> Stepping.apply, plain
+                for metric in metrics:  # update_metrics
+                    metric.update(y_pred, y)
+                if in_place:  # add_loss's addition, without the call
+                    total.add_(loss.detach(), alpha=size)
+                    weights["loss"] += size
+                else:
+                    collector.add_loss(loss, size)
+                    if may_add_in_place:
+                        totals, total, weights = collector.loss_in_place()
             else:
-                collector.add(logs, size)
-            end_batch()
+                collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
+                logs = train_step(batch)
+                if type(logs) is Tensor:  # the loss alone (a custom step may return it)
+                    collector.add_loss(logs, size)
+                else:
+                    collector.add(logs, size)
+                total = None  # the step may have logged the loss otherwise
+            loop.global_step += 1  # Stepping.end_batch's counters, without the call
+            loop.optimizer_steps += 1  # (every batch is a step here)
             if watch is not None:
                 watch.end_batch()
             if boundary_work:
-                self._run_boundary_work()
-                train_step = model.train_step  # the work may replace what an inlined step uses
+                self._run_boundary_work()  # it may replace the parts, or snapshot the logs
+                if parts is not None:
+                    parts = model._inlined_train_parts(guarded=False)
+                    if parts is not None:
+                        module, loss_fn, fused, optimizer, metrics = parts
+                total = None
             if model.stop_training:
                 self.stopped_in_epoch = True
                 break

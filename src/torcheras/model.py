@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -794,32 +794,45 @@ class Model(nn.Module):
             self.update_metrics(y_pred, y, sample_weight)
         return {"loss": loss}
 
-    def _inlined_train_step(
-        self, guarded: bool = True
-    ) -> Callable[[Any], Tensor | dict[str, Any]] | None:
-        """The default :meth:`train_step` with its seams inlined, for an epoch on the plain
-        path (``Stepping.plain``: one process, every batch a step, nothing between backward
-        and the step): the same calls to torch in the same order, ~12 Python calls a batch
-        fewer. It returns the loss alone (the logs ``{"loss": loss}``; the loop adds it with
-        ``LogCollector.add_loss``), or :meth:`train_step`'s logs where it falls back. None
-        where a difference could show: a seam of the step overridden (on the class or the
-        instance; one set during an epoch counts from the next, as the plain path's settings
-        do), a mixed precision, several outputs' losses, weighted metrics, a subclass's own
-        ``forward``. A batch that is not an ``(x, y)`` pair with a tensor
-        ``x``, the first batch of a fit (its one-time checks), a forward hook on the model, or
-        an optimizer, loss, metrics or module a callback replaced since the epoch began take
-        :meth:`train_step` itself. ``guarded=False``: no callback runs between the epoch's
-        batches (no batch hook, no validation inside the epoch), so that nothing can replace
-        them or add a hook mid-epoch: only the batch and the first batch's checks are looked
-        at per batch."""
+    def _inlined_train_parts(self, guarded: bool = True) -> InlinedTrainStep | None:
+        """What the default :meth:`train_step` calls, for a loop that runs its body with the
+        seams inlined (``Stepping.plain``: one process, every batch a step, nothing between
+        backward and the step): the same calls to torch in the same order, ~12 Python calls a
+        batch fewer. None where a difference could show: a seam of the step overridden (on
+        the class or the instance; one set during an epoch counts from the next, as the plain
+        path's settings do), a mixed precision, several outputs' losses, weighted metrics, a
+        subclass's own ``forward``, no optimizer; ``guarded=False`` (no callback runs between
+        the epoch's batches, so nothing can replace the parts or add a hook mid-epoch): a
+        forward hook on the model too. Whoever runs the body sends :meth:`train_step` itself
+        a batch that is not an ``(x, y)`` pair with a tensor ``x``, the first batch of a fit
+        (``_check_first_batch``: its one-time checks), and, ``guarded``, any batch after a
+        forward hook was added or the optimizer, loss, metrics or module replaced
+        (:meth:`_replaced_since`). Two run it: :meth:`_inlined_train_step` (a step between
+        callbacks) and the plain batch loop (``FitLoop._run_plain_batches``)."""
         if not self._can_inline(_DEFAULT_SEAMS) or self.optimizer is None:
             return None
         if not guarded and (self._forward_hooks or self._forward_pre_hooks):
             return None
-        modules = self._modules
-        module, loss_fn, optimizer = modules["module"], self.compiled_loss, self.optimizer
-        fused = loss_fn.fused_float32()  # the loss's own torch function, for float32 outputs
-        metrics = self.compiled_metrics  # the live list (compile makes new ones)
+        loss_fn = self.compiled_loss
+        return InlinedTrainStep(
+            self._modules["module"],
+            loss_fn,
+            loss_fn.fused_float32(),  # the loss's own torch function, for float32 outputs
+            self.optimizer,
+            self.compiled_metrics,  # the live list (compile makes new ones)
+        )
+
+    def _inlined_train_step(
+        self, guarded: bool = True
+    ) -> Callable[[Any], Tensor | dict[str, Any]] | None:
+        """The default :meth:`train_step` with its seams inlined (:meth:`_inlined_train_parts`),
+        as one call a batch. It returns the loss alone (the logs ``{"loss": loss}``; the loop
+        adds it with ``LogCollector.add_loss``), or :meth:`train_step`'s logs where it falls
+        back. None where :meth:`_inlined_train_parts` says no."""
+        parts = self._inlined_train_parts(guarded)
+        if parts is None:
+            return None
+        module, loss_fn, fused, optimizer, metrics = parts
         train_step = self.train_step
 
         def step(batch: Any) -> Tensor | dict[str, Any]:
@@ -1223,6 +1236,16 @@ class Model(nn.Module):
 
 # What the default train_step calls, as Model defines them: overriding any (in a subclass, on
 # the instance, or by patching Model itself) keeps every batch on train_step.
+class InlinedTrainStep(NamedTuple):
+    """What the default ``train_step`` calls (``Model._inlined_train_parts``)."""
+
+    module: nn.Module  # call_on: the wrapped module
+    loss_fn: Any  # compute_loss: the compiled loss
+    fused: Callable[[Tensor, Tensor], Tensor] | None  # its torch function for float32 outputs
+    optimizer: torch.optim.Optimizer
+    metrics: list[Any]  # update_metrics: the compiled metrics
+
+
 _DEFAULT_SEAMS: dict[str, Any] = {
     name: Model.__dict__[name]
     for name in ("train_step", "call_on", "compute_loss", "backward", "optimizer_step",

@@ -237,6 +237,8 @@ class Stepping:
             self._fsdp_syncs = sync
 
     def end_batch(self) -> None:
+        # FitLoop._run_plain_batches counts the same inline (no accumulation there): a
+        # Python call a batch fewer
         loop = self.loop
         loop.global_step += 1
         if not loop.accumulating:

@@ -17,7 +17,7 @@ from torch import nn
 
 import torcheras
 from torcheras import callbacks as cb
-from torcheras import loops
+from torcheras import loops, stepping
 
 
 class BatchEndHook(cb.Callback):
@@ -39,6 +39,21 @@ def plain_epochs(monkeypatch):
 
     monkeypatch.setattr(loops.FitLoop, "_run_plain_batches", counted)
     return count
+
+
+@pytest.fixture
+def stepped(monkeypatch):
+    """The (epoch, batch) of each batch that ran ``Model.train_step`` itself (the inlined
+    body does not call ``Stepping.zero_grad``)."""
+    seen: list[tuple[int, int]] = []
+    real = stepping.Stepping.zero_grad
+
+    def counted(self):
+        seen.append((self.loop.epoch, self.loop.batch))
+        return real(self)
+
+    monkeypatch.setattr(stepping.Stepping, "zero_grad", counted)
+    return seen
 
 
 def data(n: int = 100, seed: int = 0):
@@ -171,11 +186,10 @@ def test_a_custom_step_logging_the_loss_itself_matches_the_general_loop(plain_ep
     assert_same_run(plain, general, h1, h2)
 
 
-def test_work_asked_for_between_batches_runs_at_the_next_step_boundary(plain_epochs):
+def test_work_asked_for_between_batches_runs_at_the_next_step_boundary(plain_epochs, stepped):
     """``loop.at_step_boundary`` asked from inside a step (by the wrapped module here, as a
     signal handler might, with no callback running between batches) runs after that batch,
-    as in the general loop; the inlined step is left for ``train_step`` after it (the work
-    may replace what the step uses)."""
+    as in the general loop; the default step's inlined body runs on after it."""
     x, y = data(64)
     seen: dict[str, list[int]] = {"plain": [], "general": []}
 
@@ -203,7 +217,100 @@ def test_work_asked_for_between_batches_runs_at_the_next_step_boundary(plain_epo
     plain, general = models
     h1 = fit(plain, x, y, batch_size=16, epochs=1, verbose=0)
     assert plain_epochs[0] == 1
+    assert stepped == [(0, 0)]  # train_step itself for the first batch alone
     h2 = fit(general, x, y, batch_size=16, epochs=1, verbose=0, callbacks=[BatchEndHook()])
     assert plain_epochs[0] == 1  # the twin took the general loop
     assert_same_run(plain, general, h1, h2)
     assert seen == {"plain": [3], "general": [3]}  # after batch 2, counted
+
+
+class LogsFromForward(nn.Module):
+    """Logs ``2 x`` its first output's mean under ``"loss"`` (``Model.log``, of ``dtype``) at
+    some training batches: from inside the default step, whose body the plain loop runs."""
+
+    def __init__(self, dtype, at=(2, 4, 9)):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+        self.dtype, self.at = dtype, at
+        self.model = None  # set below (not a submodule)
+
+    def forward(self, inputs):
+        out = self.net(inputs)
+        model = self.__dict__["model"]
+        if self.training and model.loop.global_step in self.at:
+            model.log("loss", out.detach().mean().to(self.dtype) * 2)
+        return out
+
+
+@pytest.mark.parametrize("log_dtype", [torch.float32, torch.float64])
+def test_the_loss_logged_from_inside_the_inlined_step_is_counted_as_the_general_loop_does(
+    plain_epochs, stepped, log_dtype
+):
+    """The default step's body run by the plain loop adds each loss to the running total in
+    place; a value the wrapped module logs under ``"loss"`` meanwhile is added to the same
+    total (float32) or replaces it by a float64 one, which the loop notices: the History is
+    the general loop's, to the bit, and only the first batch ran ``train_step`` itself."""
+    x, y = data(80)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        module = LogsFromForward(log_dtype)
+        model = torcheras.Model(module)
+        module.__dict__["model"] = model
+        model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
+        models.append(model)
+    plain, general = models
+    h1 = fit(plain, x, y, batch_size=16, epochs=2, verbose=0)
+    assert plain_epochs[0] == 2 and stepped == [(0, 0)]
+    h2 = fit(general, x, y, batch_size=16, epochs=2, verbose=0, callbacks=[BatchEndHook()])
+    assert plain_epochs[0] == 2  # the twin took the general loop
+    assert_same_run(plain, general, h1, h2)
+    losses = torch.tensor(h1.history["loss"], dtype=torch.float64)
+    assert torch.isfinite(losses).all()
+
+
+def test_an_optimizer_replaced_by_work_between_batches_steps_the_rest_of_the_epoch():
+    """Work run at a step boundary (asked for from inside a step, as a signal handler might)
+    that replaces the optimizer with one of another learning rate: the plain loop's inlined
+    body steps with the new one from the next batch, as ``train_step`` would. Checked
+    against a hand-written loop of the same calls: the weights and the epoch's loss agree."""
+    x, y = data(64)
+    new_rate = 0.05
+
+    class Swaps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+            self.model = None
+
+        def forward(self, inputs):
+            model = self.__dict__["model"]
+            if self.training and model.loop.global_step == 1:
+                swapped = torch.optim.SGD(self.parameters(), new_rate)
+                model.loop.at_step_boundary(lambda: setattr(model, "optimizer", swapped))
+            return self.net(inputs)
+
+    torch.manual_seed(0)
+    module = Swaps()
+    model = torcheras.Model(module)
+    module.__dict__["model"] = model
+    model.compile(torch.optim.SGD(module.parameters(), lr=0.01), "cross_entropy", device="cpu")
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    reference.load_state_dict(module.net.state_dict())
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    total = 0.0
+    for batch, start in enumerate(range(0, 64, 16)):
+        rate = 0.01 if batch < 2 else new_rate  # the swap comes after batch 1
+        xb, yb = x[start : start + 16], y[start : start + 16]
+        loss = torch.nn.functional.cross_entropy(reference(xb), yb)
+        reference.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p -= rate * p.grad
+        total += float(loss.detach()) * 16
+    assert model.optimizer.param_groups[0]["lr"] == new_rate
+    for got, want in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert history.history["loss"][0] == pytest.approx(total / 64, rel=1e-6)
