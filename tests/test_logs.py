@@ -537,8 +537,8 @@ def test_adding_the_loss_in_place_sums_as_add_loss_does_across_logs_reloads_and_
 
 def test_no_loss_total_is_given_to_add_to_where_add_loss_does_more():
     """``loss_in_place`` is ``(None, None, None)`` where ``add_loss`` does more than one
-    in-place addition: no total yet, a loss watch (TerminateOnNaN's), a tracked ``"loss"``,
-    a float64 total, a total a snapshot holds."""
+    in-place addition: no total yet, a tracked ``"loss"``, a float64 total, a total a
+    snapshot holds; not for a loss watch (TerminateOnNaN's), which the loop tells itself."""
     from torcheras.logs import LogCollector, LossWatch
     from torcheras.metrics import Mean
 
@@ -559,7 +559,7 @@ def test_no_loss_total_is_given_to_add_to_where_add_loss_does_more():
     tracked = collector_with(None, tracked={"loss": Mean(name="loss")})
     tracked.add_loss(torch.tensor(1.0), 4)
     assert tracked.loss_in_place()[1] is None
-    watched = collector_with(None)
+    watched = collector_with(None)  # a watch is told by the loop itself (LossWatch.note)
     watched.watch = LossWatch(watched, types.SimpleNamespace(batch=0), "loss", 8, print)
     watched.add_loss(torch.tensor(1.0), 4)
-    assert watched.loss_in_place()[1] is None
+    assert watched.loss_in_place()[1] is watched.means.entry("loss")[0]

@@ -347,16 +347,16 @@ class LogCollector:
         :meth:`add_loss`: ``(totals, total, weights)``, the running totals, the loss's and
         the weights, where :meth:`add_loss` of a float32 scalar ``loss`` with a nonzero
         ``weight`` would do no more than ``total.add_(loss.detach(), alpha=weight)`` and
-        ``weights["loss"] += weight``. That stays so while ``totals.get("loss") is total``
-        (a value of another dtype logged as ``"loss"`` replaces it) and nothing but
-        :meth:`add_loss` and :meth:`log` runs on this collector (a snapshot, a reload, an
-        all-reduce end it). ``(None, None, None)`` where :meth:`add_loss` does more: a loss
-        watch, a tracked ``"loss"``, a total that is not float32 or a snapshot holds."""
+        ``weights["loss"] += weight``, after telling a watch of ``"loss"`` of it
+        (``LossWatch.note``). That stays so while ``totals.get("loss") is total`` (a value
+        of another dtype logged as ``"loss"`` replaces it) and nothing but :meth:`add_loss`
+        and :meth:`log` runs on this collector (a snapshot, a reload, an all-reduce end it).
+        ``(None, None, None)`` where :meth:`add_loss` does more: a tracked ``"loss"``, a
+        total that is not float32 or a snapshot holds."""
         means = self.means
         total = means._totals.get("loss")
         if (
-            self.watch is not None
-            or "loss" in self.tracked
+            "loss" in self.tracked
             or type(total) is not torch.Tensor
             or total.dtype is not torch.float32
             or "loss" not in means._unshared

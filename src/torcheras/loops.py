@@ -588,7 +588,8 @@ class FitLoop:
         parts = model._inlined_train_parts(guarded=False) if plain_step else None
         if parts is not None:
             module, loss_fn, fused, optimizer, metrics = parts
-        may_add_in_place = watch is None and "loss" not in collector.tracked
+        may_add_in_place = "loss" not in collector.tracked
+        note = watch.note if watch is not None and watch.key == "loss" else None
         totals: Any = None  # LogCollector.loss_in_place's, fetched after an add_loss
         total: Any = None
         weights: Any = None
@@ -628,7 +629,10 @@ class FitLoop:
                 for metric in metrics:  # update_metrics
                     metric.update(y_pred, y)
                 if in_place:  # add_loss's addition, without the call
-                    total.add_(loss.detach(), alpha=size)
+                    value = loss.detach()
+                    if note is not None:  # as add_loss tells a watch of the loss
+                        note(total, weights["loss"], value, size)
+                    total.add_(value, alpha=size)
                     weights["loss"] += size
                 else:
                     collector.add_loss(loss, size)
