@@ -491,52 +491,66 @@ def test_running_means_of_float64_values_sum_in_float64():
 
 def test_adding_the_loss_in_place_sums_as_add_loss_does_across_logs_reloads_and_snapshots():
     """``LogCollector.loss_in_place`` used as fit's plain loop uses it (float32 losses added
-    to the total it gave while ``totals.get("loss") is total``; fetched again after an
-    ``add_loss``; given up after a reload or a snapshot) against ``add_loss`` on the same
-    losses, with a float32 and a float64 value logged as the loss and an empty batch between
-    them. The totals and weights agree exactly, and most losses were added in place."""
+    to the total it gave while ``totals.get("loss") is total`` and ``"loss" in unshared``;
+    fetched again after each ``add_loss``) against ``add_loss`` on the same losses, with
+    what can come between two batches: a reload of the state, a snapshot, a total kept
+    whole (as a loss watch keeps one), a float32 and a float64 value logged as the loss, an
+    empty batch. The totals and weights agree exactly, and the kept tensors are unchanged."""
     from torcheras.logs import LogCollector
 
     g = torch.Generator().manual_seed(0)
-    losses = [torch.rand((), generator=g) for _ in range(14)]
-    events = {3: "reload", 5: "snapshot", 7: "log32", 9: "empty", 11: "log64"}
+    losses = [torch.rand((), generator=g) for _ in range(16)]
+    events = {3: "reload", 5: "snapshot", 7: "keep", 9: "log32", 11: "empty", 13: "log64"}
     results, in_place_adds = [], 0
     for in_place in (False, True):
         collector = LogCollector([])
-        totals = total = weights = None
+        totals = total = weights = unshared = None
+        held = []  # (tensor, its value then): what a snapshot or a keep holds
         for i, loss in enumerate(losses):
             event = events.get(i)
             if event == "reload":
                 collector.load_state_dict(collector.state_dict())
-                total = None
             elif event == "snapshot":
                 collector.snapshot()
-                total = None
+                kept = collector.means.entry("loss")[0]
+                held.append((kept, kept.clone()))
+            elif event == "keep":
+                kept = collector.means.entry("loss")[0]
+                collector.means.keep("loss")
+                held.append((kept, kept.clone()))
             elif event in ("log32", "log64"):
                 collector.log("loss", loss.to(torch.float64 if event == "log64" else None) * 2)
             weight = 0 if event == "empty" else 8
-            if in_place and total is not None and weight and totals.get("loss") is total:
+            if (
+                in_place
+                and total is not None
+                and weight
+                and totals.get("loss") is total
+                and "loss" in unshared
+            ):
                 total.add_(loss, alpha=weight)
                 weights["loss"] += weight
                 in_place_adds += 1
             else:
                 collector.add_loss(loss, weight)
                 if in_place:
-                    totals, total, weights = collector.loss_in_place()
+                    totals, total, weights, unshared = collector.loss_in_place()
         results.append(collector.means.state_dict())
+        for tensor, value in held:
+            assert torch.equal(tensor, value)
     reference, fast = results
     assert fast["weights"] == reference["weights"]
     assert fast["totals"].keys() == reference["totals"].keys()
     for key, total in reference["totals"].items():
         assert fast["totals"][key].dtype == total.dtype == torch.float64  # the log64 promoted
         torch.testing.assert_close(fast["totals"][key], total, rtol=0, atol=0)
-    # all but the first, the reload's, the snapshot's, the empty batch's and those from the
-    # float64 log on (a float64 total)
-    assert in_place_adds == 14 - 7
+    # all but the first, the reload's, the snapshot's, the keep's, the empty batch's and
+    # those from the float64 log on (a float64 total)
+    assert in_place_adds == 16 - 8
 
 
 def test_no_loss_total_is_given_to_add_to_where_add_loss_does_more():
-    """``loss_in_place`` is ``(None, None, None)`` where ``add_loss`` does more than one
+    """``loss_in_place`` is all None where ``add_loss`` does more than one
     in-place addition: no total yet, a tracked ``"loss"``, a float64 total, a total a
     snapshot holds; not for a loss watch (TerminateOnNaN's), which the loop tells itself."""
     from torcheras.logs import LogCollector, LossWatch
@@ -549,7 +563,7 @@ def test_no_loss_total_is_given_to_add_to_where_add_loss_does_more():
         return collector
 
     assert collector_with(torch.tensor(1.0)).loss_in_place()[1] is not None
-    assert collector_with(None).loss_in_place() == (None, None, None)
+    assert collector_with(None).loss_in_place() == (None, None, None, None)
     promoted = collector_with(torch.tensor(1.0))
     promoted.log("loss", torch.tensor(1.0, dtype=torch.float64))  # a float64 total now
     assert promoted.loss_in_place()[1] is None

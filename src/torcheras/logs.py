@@ -342,17 +342,19 @@ class LogCollector:
                 return
         self.add({"loss": loss}, weight)
 
-    def loss_in_place(self) -> tuple[dict[str, Any], Any, dict[str, float]]:
+    def loss_in_place(self) -> tuple[Any, Any, Any, Any]:
         """For a loop that adds the batches' losses itself (fit's plain loop), right after an
-        :meth:`add_loss`: ``(totals, total, weights)``, the running totals, the loss's and
-        the weights, where :meth:`add_loss` of a float32 scalar ``loss`` with a nonzero
-        ``weight`` would do no more than ``total.add_(loss.detach(), alpha=weight)`` and
-        ``weights["loss"] += weight``, after telling a watch of ``"loss"`` of it
-        (``LossWatch.note``). That stays so while ``totals.get("loss") is total`` (a value
-        of another dtype logged as ``"loss"`` replaces it) and nothing but :meth:`add_loss`
-        and :meth:`log` runs on this collector (a snapshot, a reload, an all-reduce end it).
-        ``(None, None, None)`` where :meth:`add_loss` does more: a tracked ``"loss"``, a
-        total that is not float32 or a snapshot holds."""
+        :meth:`add_loss`: ``(totals, total, weights, unshared)``, the running totals, the
+        loss's, the weights and the keys no snapshot holds, where :meth:`add_loss` of a
+        float32 scalar ``loss`` with a nonzero ``weight`` would do no more than
+        ``total.add_(loss.detach(), alpha=weight)`` and ``weights["loss"] += weight``, after
+        telling a watch of ``"loss"`` of it (``LossWatch.note``). That stays so while
+        ``totals.get("loss") is total`` (a value of another dtype logged as ``"loss"``
+        replaces it) and ``"loss" in unshared`` (a snapshot, or a loss watch keeping the
+        batch's total whole, shares it), and nothing but :meth:`add_loss` and :meth:`log`
+        ran on this collector (a reload or an all-reduce replaces the dicts). All None
+        where :meth:`add_loss` does more: a tracked ``"loss"``, a total that is not float32
+        or that a snapshot holds."""
         means = self.means
         total = means._totals.get("loss")
         if (
@@ -361,8 +363,8 @@ class LogCollector:
             or total.dtype is not torch.float32
             or "loss" not in means._unshared
         ):
-            return None, None, None
-        return means._totals, total, means._weights
+            return None, None, None, None
+        return means._totals, total, means._weights, means._unshared
 
     def log(self, name: str, value: Any, weight: float | None = None) -> None:
         """A value logged from inside a step or a batch hook (``Model.log``), counted
@@ -455,7 +457,8 @@ class LossWatch:
 
     TerminateOnNaN's check inside ``fit`` when no other callback has a batch-end hook. The
     loop calls :meth:`end_batch` where it would build batch logs, and :meth:`check` after an
-    epoch's last batch. A loss added by ``LogCollector.add_loss`` stays added to in place:
+    epoch's last batch. A loss added by ``LogCollector.add_loss`` (or in place by fit's
+    plain loop, which notes it the same way) stays added to in place:
     the watch keeps the value each batch added (:meth:`note`, the detached loss, copied only
     where it was written in place) and the total before the first of them, and rebuilds the
     running totals from those with the same float32 additions only when the newest is bad.
@@ -486,7 +489,8 @@ class LossWatch:
     def note(
         self, total: torch.Tensor, total_weight: float, value: torch.Tensor, weight: float
     ) -> None:
-        """``LogCollector.add_loss`` is about to add ``value`` x ``weight`` to ``total``.
+        """``LogCollector.add_loss`` (or fit's plain loop, where it adds the loss itself:
+        ``LogCollector.loss_in_place``) is about to add ``value`` x ``weight`` to ``total``.
         The value is kept as it is (a loss the step made fresh), or copied where it was
         written in place before (a loss kept in one tensor reused every batch)."""
         if self.base is None:  # the first since the last check: a copy of the total it

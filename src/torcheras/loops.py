@@ -493,8 +493,8 @@ class FitLoop:
         ):
             return self._run_plain_batches(batches, start, train_step, stage, default_train_step)
         if default_train_step and stepper.plain:  # the seams inlined where nothing can tell
-            # a callback may run between batches, and replace what the step uses: guarded
-            train_step = model._inlined_train_step() or train_step
+            # guarded: a callback may run between batches, and replace what the step uses
+            train_step = model._inlined_train_step(guarded) or train_step
         collector = self.collector
         watch = collector.watch
         groups = None if model.optimizer is None else model.optimizer.param_groups
@@ -590,9 +590,11 @@ class FitLoop:
             module, loss_fn, fused, optimizer, metrics = parts
         may_add_in_place = "loss" not in collector.tracked
         note = watch.note if watch is not None and watch.key == "loss" else None
-        totals: Any = None  # LogCollector.loss_in_place's, fetched after an add_loss
+        # LogCollector.loss_in_place's, fetched after an add_loss
+        totals: Any = None
         total: Any = None
         weights: Any = None
+        unshared: Any = None
         step = start - 1
         first = True
         for step, batch in enumerate(batches, start):
@@ -620,15 +622,21 @@ class FitLoop:
                 y_pred = module(x)  # call_on
                 if fused is not None and y_pred.dtype is torch.float32:  # compute_loss
                     loss = fused(y_pred, y)  # a float32 scalar, as loss_fn(y_pred, y) gives
-                    in_place = total is not None and size and totals.get("loss") is total
+                    scalar32 = True
                 else:
                     loss = loss_fn(y_pred, y)
-                    in_place = False
+                    scalar32 = loss.dtype is torch.float32 and not loss.ndim
                 loss.backward()  # backward -> Stepping.backward, plain
                 optimizer.step()  # optimizer_step -> Stepping.apply, plain
                 for metric in metrics:  # update_metrics
                     metric.update(y_pred, y)
-                if in_place:  # add_loss's addition, without the call
+                if (  # while loss_in_place's total is the running total, unshared
+                    scalar32
+                    and total is not None
+                    and size
+                    and totals.get("loss") is total  # not replaced (a float64 Model.log)
+                    and "loss" in unshared  # not kept (a snapshot, the watch's end_batch)
+                ):  # add_loss's addition, without the call
                     value = loss.detach()
                     if note is not None:  # as add_loss tells a watch of the loss
                         note(total, weights["loss"], value, size)
@@ -637,7 +645,7 @@ class FitLoop:
                 else:
                     collector.add_loss(loss, size)
                     if may_add_in_place:
-                        totals, total, weights = collector.loss_in_place()
+                        totals, total, weights, unshared = collector.loss_in_place()
             else:
                 collector.batch_size = size = data.batch_size_of(batch[0])  # for Model.log
                 logs = train_step(batch)
@@ -651,7 +659,9 @@ class FitLoop:
             if watch is not None:
                 watch.end_batch()
             if boundary_work:
-                self._run_boundary_work()  # it may replace the parts, or snapshot the logs
+                self._run_boundary_work()  # it may replace the step, the optimizer, the parts
+                train_step = model.train_step
+                groups = None if model.optimizer is None else model.optimizer.param_groups
                 if parts is not None:
                     parts = model._inlined_train_parts(guarded=False)
                     if parts is not None:

@@ -800,7 +800,8 @@ class Model(nn.Module):
         backward and the step): the same calls to torch in the same order, ~12 Python calls a
         batch fewer. None where a difference could show: a seam of the step overridden (on
         the class or the instance; one set during an epoch counts from the next, as the plain
-        path's settings do), a mixed precision, several outputs' losses, weighted metrics, a
+        path's settings do, or from the next batch after work run between batches, which
+        fetches the parts again), a mixed precision, several outputs' losses, weighted metrics, a
         subclass's own ``forward``, no optimizer; ``guarded=False`` (no callback runs between
         the epoch's batches, so nothing can replace the parts or add a hook mid-epoch): a
         forward hook on the model too. Whoever runs the body sends :meth:`train_step` itself
@@ -1234,8 +1235,6 @@ class Model(nn.Module):
         return tensors.to_numpy(result) if numpy_in else result
 
 
-# What the default train_step calls, as Model defines them: overriding any (in a subclass, on
-# the instance, or by patching Model itself) keeps every batch on train_step.
 class InlinedTrainStep(NamedTuple):
     """What the default ``train_step`` calls (``Model._inlined_train_parts``)."""
 
@@ -1246,6 +1245,8 @@ class InlinedTrainStep(NamedTuple):
     metrics: list[Any]  # update_metrics: the compiled metrics
 
 
+# What the default train_step calls, as Model defines them: overriding any (in a subclass, on
+# the instance, or by patching Model itself) keeps every batch on train_step.
 _DEFAULT_SEAMS: dict[str, Any] = {
     name: Model.__dict__[name]
     for name in ("train_step", "call_on", "compute_loss", "backward", "optimizer_step",

@@ -1,9 +1,11 @@
-"""fit's inlined default step (``Model._inlined_train_step``, on ``Stepping.plain``) where it
-meets the rest of the library: each test trains a default model (the inlined path) and a twin
-whose class overrides one seam trivially (``call_on`` calling ``super()``: every batch then
-takes ``train_step`` itself) from the same weights, data and seeds, with many features at
-once, and asserts the same History and weights bit for bit (rtol=0, atol=0: the same torch
-ops run in the same order on both sides, so no tolerance is needed), and the same files.
+"""fit's inlined default step (``Model._inlined_train_parts``, on ``Stepping.plain``: run by
+``Model._inlined_train_step`` between callbacks, by the plain batch loop where none runs
+between batches) where it meets the rest of the library: each test trains a default model
+(the inlined path) and a twin whose class overrides one seam trivially (``call_on`` calling
+``super()``: every batch then takes ``train_step`` itself) from the same weights, data and
+seeds, with many features at once, and asserts the same History and weights bit for bit
+(rtol=0, atol=0: the same torch ops run in the same order on both sides, so no tolerance is
+needed), and the same files.
 
 Which path ran is seen from ``Stepping.zero_grad``, which only ``train_step`` calls. The
 evaluation pass's inlined ``test_step`` (``Model._inlined_test_step``) is compared the same

@@ -18,6 +18,7 @@ from torch import nn
 import torcheras
 from torcheras import callbacks as cb
 from torcheras import loops, stepping
+from torcheras.data import PyDataset
 
 
 class BatchEndHook(cb.Callback):
@@ -298,7 +299,12 @@ def test_an_optimizer_replaced_by_work_between_batches_steps_the_rest_of_the_epo
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     reference.load_state_dict(module.net.state_dict())
-    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    rates = []
+    record = cb.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: rates.extend(model.loop.batch_learning_rates)
+    )
+    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[record])
+    assert rates == [0.01, 0.01, new_rate, new_rate]  # each batch's rate, the new one's after
     total = 0.0
     for batch, start in enumerate(range(0, 64, 16)):
         rate = 0.01 if batch < 2 else new_rate  # the swap comes after batch 1
@@ -314,3 +320,127 @@ def test_an_optimizer_replaced_by_work_between_batches_steps_the_rest_of_the_epo
     for got, want in zip(module.net.parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert history.history["loss"][0] == pytest.approx(total / 64, rel=1e-6)
+
+
+class Watched(nn.Module):
+    """``forward(a, b=None)``: a tensor, or a dict of two inputs (``forward(**x)``). At
+    ``nan_at`` (epoch, batch) of training its outputs are NaN (and so is every later loss);
+    at each (epoch, batch) of ``log_at`` it logs ``2 x`` its outputs' mean under ``"loss"``
+    (``Model.log``, of ``log_dtype``) from inside the default step."""
+
+    def __init__(self, nan_at=None, log_at=(), log_dtype=torch.float32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+        self.nan_at, self.log_at, self.log_dtype = nan_at, log_at, log_dtype
+        self.model = None  # set below (not a submodule)
+
+    def forward(self, a, b=None):
+        out = self.net(a if b is None else a + b)
+        if self.training:
+            model = self.__dict__["model"]
+            where = (model.loop.epoch, model.loop.batch)
+            if where == self.nan_at:
+                out = out * float("nan")
+            if where in self.log_at:
+                model.log("loss", out.detach().mean().to(self.log_dtype) * 2)
+        return out
+
+
+def watched_twins(**module_kwargs):
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        module = Watched(**module_kwargs)
+        model = torcheras.Model(module)
+        module.__dict__["model"] = model
+        model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
+        models.append(model)
+    return models
+
+
+def nan_reason(epoch, batch):
+    return f"TerminateOnNaN: loss was nan at epoch {epoch + 1}, batch {batch}"
+
+
+@pytest.mark.parametrize(
+    "nan_at, log_at, log_dtype",
+    [
+        ((1, 3), (), torch.float32),
+        ((0, 3), ((0, 2),), torch.float32),
+        ((0, 3), ((0, 2),), torch.float64),
+        ((1, 4), ((1, 1),), torch.float32),
+    ],
+    ids=["second_epoch", "after_a_float32_log", "after_a_float64_log", "second_epoch_log"],
+)
+def test_terminate_on_nan_names_the_bad_batch_after_a_total_the_watch_kept(
+    plain_epochs, stepped, nan_at, log_at, log_dtype
+):
+    """TerminateOnNaN's loss watch keeps a batch's running total whole where that batch's
+    loss was not added in place (an epoch's first batch, a batch whose module also logged
+    ``"loss"``); the plain loop's later in-place additions must not change that kept total.
+    NaN outputs at ``nan_at``: the plain loop (the default step inlined, the watch) names the
+    batch the general loop (batch logs) names, stops at the same point, with the same
+    History and weights."""
+    x, y = data(96)  # 6 batches of 16
+    plain, general = watched_twins(nan_at=nan_at, log_at=log_at, log_dtype=log_dtype)
+    kwargs = dict(batch_size=16, epochs=3, verbose=0, shuffle=False)
+    h1 = fit(plain, x, y, callbacks=[cb.TerminateOnNaN()], **kwargs)
+    assert plain_epochs[0] == nan_at[0] + 1
+    assert stepped == [(0, 0)]  # the inlined body for every batch but the fit's first
+    h2 = fit(general, x, y, callbacks=[cb.TerminateOnNaN(), BatchEndHook()], **kwargs)
+    assert plain_epochs[0] == nan_at[0] + 1  # the twin took the general loop
+    assert h2.stop_reason == nan_reason(*nan_at)
+    assert h1.stop_reason == h2.stop_reason
+    assert_same_run(plain, general, h1, h2)
+
+
+class MixedBatches(PyDataset):
+    """Eight batches of eight samples: ``(x, y)`` pairs (the plain loop's inlined body), ``(x,
+    y, sample_weight)`` triples at 2 and 7 and a dict of inputs at 3 (``train_step`` itself),
+    and, ``empty``, an empty pair at 5."""
+
+    def __init__(self, x, y, empty):
+        super().__init__()
+        self.x, self.y, self.empty = x, y, empty
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        x, y = self.x[i * 8 : (i + 1) * 8], self.y[i * 8 : (i + 1) * 8]
+        if i in (2, 7):
+            return x, y, torch.linspace(0.5, 1.5, 8)
+        if i == 3:
+            return {"a": x, "b": x * 0.5}, y
+        if i == 5 and self.empty:
+            return x[:0], y[:0]
+        return x, y
+
+
+@pytest.mark.parametrize(
+    "empty, nan_at",
+    [(False, None), (True, None), (True, (0, 6))],
+    ids=["pairs_triples_and_dict_inputs", "an_empty_batch", "nan_after_an_empty_batch"],
+)
+def test_batches_of_other_structures_between_pairs_match_the_general_loop(
+    plain_epochs, stepped, empty, nan_at
+):
+    """Batches the plain loop cannot run inlined (a triple with sample weights, a dict of
+    inputs) between ones it can, an empty batch (its loss counted with weight 0), and
+    TerminateOnNaN's watch throughout: the same History, weights, counters and stop as the
+    general loop, and ``train_step`` itself ran exactly for the batches that are not
+    ``(tensor, y)`` pairs (and the fit's first)."""
+    x, y = data(64)
+    plain, general = watched_twins(nan_at=nan_at)
+    epochs = 1 if nan_at else 2
+    kwargs = dict(epochs=2, verbose=0, shuffle=False)
+    h1 = fit(plain, MixedBatches(x, y, empty), callbacks=[cb.TerminateOnNaN()], **kwargs)
+    assert plain_epochs[0] == epochs
+    assert stepped == [(0, 0)] + [(e, b) for e in range(epochs) for b in (2, 3, 7)]
+    batches = MixedBatches(x, y, empty)
+    h2 = fit(general, batches, callbacks=[cb.TerminateOnNaN(), BatchEndHook()], **kwargs)
+    assert plain_epochs[0] == epochs  # the twin took the general loop
+    assert h2.stop_reason == (None if nan_at is None else nan_reason(*nan_at))
+    assert h1.stop_reason == h2.stop_reason
+    assert_same_run(plain, general, h1, h2)
+    assert all(math.isfinite(v) for v in h1.history["loss"]) == (nan_at is None)
