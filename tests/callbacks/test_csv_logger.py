@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -151,3 +152,34 @@ def test_a_fresh_run_overwrites_and_append_keeps_the_earlier_rows(tmp_path, blob
     make_model().fit(x, y, epochs=1, verbose=0, callbacks=[CSVLogger(path, append=True)])
     with open(path, newline="") as f:
         assert [r[0] for r in csv.reader(f)] == ["epoch", "0", "1", "2", "0"]
+
+
+def test_the_summary_beside_the_log_is_rewritten_only_when_it_changes(tmp_path, blobs):
+    """``log.csv.json`` (why training stopped, fit's parameters, the hyper-parameters): a fit
+    called again with the same settings (an epoch a call) leaves the file as it is, not
+    rewritten; a summary edited or removed meanwhile is written again, and one whose content
+    changed (other parameters) replaces it."""
+    x, y = blobs
+    model = make_model(optimizer="sgd")  # (Keras's Adam's epsilon moves with its steps)
+    logger = CSVLogger(tmp_path / "log.csv", append=True)
+    summary = tmp_path / "log.csv.json"
+
+    def fit(epochs=1):
+        model.fit(x, y, epochs=epochs, verbose=0, callbacks=[logger])
+        return json.loads(summary.read_text())
+
+    first = fit()
+    assert first["log"] == "log.csv" and first["stop_reason"] is None
+    assert first["params"]["epochs"] == 1
+    inode = summary.stat().st_ino
+    assert fit() == first
+    assert summary.stat().st_ino == inode  # the same content: left as it was
+    summary.write_text("{}")
+    assert fit() == first
+    summary.unlink()
+    assert fit() == first
+    changed = fit(epochs=2)
+    assert (
+        changed["params"]["epochs"] == 2 and changed["hyperparameters"] == first["hyperparameters"]
+    )
+    assert [r[0] for r in _rows(tmp_path / "log.csv")[1:]] == ["0"] * 4 + ["0", "1"]
