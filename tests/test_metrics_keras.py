@@ -759,3 +759,62 @@ def test_keras_class_names_work_as_metric_names(class_name, logged):
     metric = M.get(class_name)
     assert metric.name == logged
     assert type(metric).__name__ in (class_name, "MeanMetric")
+
+
+def test_the_mean_errors_summed_in_one_expression_are_torchs():
+    """From a metric's third batch of float32 outputs and targets of one shape, the absolute
+    and squared errors are summed in one expression (``MeanMetric._sums_elements``): "mae",
+    "mse", MeanAbsoluteError, MeanSquaredError and RootMeanSquaredError give torch's own
+    ``l1_loss`` / ``mse_loss`` over every batch, bit for bit what the general path gives;
+    targets of another shape ((N,) for (N, 1) outputs) or dtype (float64) between them take
+    the general path; a snapshot keeps its value; outputs that require grad keep no graph."""
+
+    def built():
+        model = torcheras.Model(torch.nn.Linear(4, 3))
+        model.compile(
+            "sgd",
+            "mse",
+            metrics=[
+                "mae",
+                "mse",
+                M.MeanAbsoluteError("mae2"),
+                M.MeanSquaredError("mse2"),
+                M.RootMeanSquaredError("rmse"),
+            ],
+            device="cpu",
+        )
+        return model.compiled_metrics
+
+    fast, general = built(), built()
+    assert all(m._sums_elements for m in fast)
+    for metric in general:
+        metric._sums_elements = False
+    gen = torch.Generator().manual_seed(0)
+    y_pred = torch.randn(70, 3, generator=gen).requires_grad_()
+    y_true = torch.randn(70, 3, generator=gen)
+    snapshots = {}
+    for i, part in enumerate(torch.arange(70).split(16)):  # 16, 16, 16, 16, 6
+        target = y_true[part].double() if i == 3 else y_true[part]  # float64: general path
+        for side, compiled in (("fast", fast), ("general", general)):
+            for metric in compiled:
+                metric.update(y_pred[part], target)
+            if i == 2:
+                snapshots[side] = [m.snapshot() for m in compiled]
+    # one column, targets of shape (N,): the general path, the same numbers
+    column, column_true = torch.randn(9, 1, generator=gen), torch.randn(9, generator=gen)
+    for compiled in (fast, general):
+        for metric in compiled:
+            metric.update(column, column_true)
+    errors = torch.cat([(y_pred.detach() - y_true).flatten(), (column[:, 0] - column_true)])
+    mae, mse = float(errors.abs().mean()), float(errors.square().mean())
+    wanted = [mae, mse, mae, mse, mse**0.5]
+    got = [float(m.result()) for m in fast]
+    assert got == pytest.approx(wanted, rel=1e-6)
+    assert got == [float(m.result()) for m in general]  # bit for bit
+    assert not any(m.result().requires_grad for m in fast)
+    first = (y_pred.detach()[:48] - y_true[:48]).flatten()
+    held = [float(first.abs().mean()), float(first.square().mean())]
+    held = [held[0], held[1], held[0], held[1], held[1] ** 0.5]
+    assert [float(s()) for s in snapshots["fast"]] == pytest.approx(held, rel=1e-6)
+    assert [float(s()) for s in snapshots["fast"]] == [float(s()) for s in snapshots["general"]]
+    assert float(torch.nn.functional.l1_loss(y_pred[:48], y_true[:48])) == pytest.approx(held[0])

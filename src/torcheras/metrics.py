@@ -260,6 +260,7 @@ class MeanMetric(Metric):
         self.direction = direction
         self.transform = transform
         self._counts_argmax_hits = getattr(fn, "counts_argmax_hits", False)
+        self._sums_elements = getattr(fn, "sums_elements", False)
         # Whether labels may hold -100 (padding): the loops clear it for a pass over arrays
         # that hold none, so that an accuracy counts its labels without a mask per batch.
         self.padded_labels = True
@@ -270,6 +271,9 @@ class MeanMetric(Metric):
     # Set where ``fn`` is a sparse accuracy (the argmax over the classes against the labels):
     # its hits for (N, C) outputs and (N,) labels are then counted in one expression.
     _counts_argmax_hits = False
+    # Set where ``fn`` gives one value per element (absolute or squared errors): for float32
+    # outputs and targets of one shape, their sum is added in one expression.
+    _sums_elements = False
 
     def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
         if (
@@ -285,6 +289,20 @@ class MeanMetric(Metric):
         ):  # what the steps below compute, in the raw loop's four device ops (argmax: no grad)
             self._total.add_((y_pred.argmax(1) == y_true).sum())  # type: ignore[union-attr]
             self._count = self._count + y_true.shape[0]
+            return
+        if (
+            self._sums_elements
+            and sample_weight is None
+            and self._total_unshared  # (a float32 total, as every float32 value made it)
+            and type(y_pred) is Tensor
+            and type(y_true) is Tensor
+            and y_pred.dtype is torch.float32
+            and y_true.dtype is torch.float32
+            and y_pred.ndim
+            and y_pred.shape == y_true.shape
+        ):  # what the steps below compute for these, without their checks
+            self._total.add_(self.fn(y_pred.detach(), y_true).sum())  # type: ignore[union-attr]
+            self._count = self._count + float(y_pred.numel())
             return
         if type(y_pred) is Tensor:  # the common case: detached, no grad-mode switch per batch
             y_pred = y_pred.detach()
@@ -616,6 +634,10 @@ def _absolute_errors(y_pred: Tensor, y_true: Tensor) -> Tensor:
 
 def _squared_errors(y_pred: Tensor, y_true: Tensor) -> Tensor:
     return (y_pred - losses._match_shape(y_pred, y_true)).square()
+
+
+_absolute_errors.sums_elements = True  # type: ignore[attr-defined]
+_squared_errors.sums_elements = True  # type: ignore[attr-defined]
 
 
 # Keras's MAE / MSE take the mean over the last axis, then over the samples: the same number
