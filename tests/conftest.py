@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import torcheras  # noqa: E402
+from torcheras import stepping  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -98,6 +99,21 @@ def make_model(
 @pytest.fixture
 def model() -> torcheras.Model:
     return make_model()
+
+
+@pytest.fixture
+def train_step_calls(monkeypatch) -> list[tuple[int, int]]:
+    """The (epoch, batch) of every batch that ran ``Model.train_step`` itself, not a loop's
+    inlined body of it (``Stepping.zero_grad`` is called by ``train_step`` alone)."""
+    seen: list[tuple[int, int]] = []
+    default = stepping.Stepping.zero_grad
+
+    def counted(self: Any) -> None:
+        seen.append((self.loop.epoch, self.loop.batch))
+        default(self)
+
+    monkeypatch.setattr(stepping.Stepping, "zero_grad", counted)
+    return seen
 
 
 def drive(

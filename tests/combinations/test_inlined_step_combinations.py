@@ -24,7 +24,7 @@ from torch import nn
 
 import torcheras
 from torcheras import callbacks as cb
-from torcheras import data, stepping
+from torcheras import data
 
 torchmetrics = pytest.importorskip("torchmetrics")
 
@@ -54,17 +54,9 @@ def build(seamed: bool, net=None, **compile_kwargs) -> torcheras.Model:
 
 
 @pytest.fixture
-def calls(monkeypatch):
+def calls(train_step_calls):
     """The (epoch, batch) of every batch that went through ``Model.train_step`` itself."""
-    seen: list[tuple[int, int]] = []
-    default = stepping.Stepping.zero_grad
-
-    def counted(self):
-        seen.append((self.loop.epoch, self.loop.batch))
-        return default(self)
-
-    monkeypatch.setattr(stepping.Stepping, "zero_grad", counted)
-    return seen
+    return train_step_calls
 
 
 def assert_same_model(a: torcheras.Model, b: torcheras.Model) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 import torcheras
 from torcheras import callbacks as cb
-from torcheras import loops, stepping
+from torcheras import loops
 from torcheras.data import PyDataset
 
 
@@ -43,18 +43,9 @@ def plain_epochs(monkeypatch):
 
 
 @pytest.fixture
-def stepped(monkeypatch):
-    """The (epoch, batch) of each batch that ran ``Model.train_step`` itself (the inlined
-    body does not call ``Stepping.zero_grad``)."""
-    seen: list[tuple[int, int]] = []
-    real = stepping.Stepping.zero_grad
-
-    def counted(self):
-        seen.append((self.loop.epoch, self.loop.batch))
-        return real(self)
-
-    monkeypatch.setattr(stepping.Stepping, "zero_grad", counted)
-    return seen
+def stepped(train_step_calls):
+    """The (epoch, batch) of each batch that ran ``Model.train_step`` itself."""
+    return train_step_calls
 
 
 def data(n: int = 100, seed: int = 0):
@@ -72,6 +63,21 @@ def twins(model_class=torcheras.Model, **compile_kwargs):
         model.compile(device="cpu", **compile_kwargs)
         out.append(model)
     return out
+
+
+def owning_twins(make_module):
+    """Two compiled Models, from the same seed, each around ``make_module(i)``, whose
+    ``model`` attribute is set to the Model (not a submodule): a module that reaches the
+    loop or ``Model.log`` from inside the step."""
+    models = []
+    for i in range(2):
+        torch.manual_seed(0)
+        module = make_module(i)
+        model = torcheras.Model(module)
+        module.__dict__["model"] = model
+        model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
+        models.append(model)
+    return models
 
 
 def fit(model, *args, **kwargs):
@@ -207,15 +213,7 @@ def test_work_asked_for_between_batches_runs_at_the_next_step_boundary(plain_epo
                 loop.at_step_boundary(lambda: seen[self.key].append(loop.global_step))
             return self.net(inputs)
 
-    models = []
-    for key in ("plain", "general"):
-        torch.manual_seed(0)
-        module = Asks(key)
-        model = torcheras.Model(module)
-        module.__dict__["model"] = model
-        model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
-        models.append(model)
-    plain, general = models
+    plain, general = owning_twins(lambda i: Asks(("plain", "general")[i]))
     h1 = fit(plain, x, y, batch_size=16, epochs=1, verbose=0)
     assert plain_epochs[0] == 1
     assert stepped == [(0, 0)]  # train_step itself for the first batch alone
@@ -252,15 +250,7 @@ def test_the_loss_logged_from_inside_the_inlined_step_is_counted_as_the_general_
     total (float32) or replaces it by a float64 one, which the loop notices: the History is
     the general loop's, to the bit, and only the first batch ran ``train_step`` itself."""
     x, y = data(80)
-    models = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        module = LogsFromForward(log_dtype)
-        model = torcheras.Model(module)
-        module.__dict__["model"] = model
-        model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
-        models.append(model)
-    plain, general = models
+    plain, general = owning_twins(lambda i: LogsFromForward(log_dtype))
     h1 = fit(plain, x, y, batch_size=16, epochs=2, verbose=0)
     assert plain_epochs[0] == 2 and stepped == [(0, 0)]
     h2 = fit(general, x, y, batch_size=16, epochs=2, verbose=0, callbacks=[BatchEndHook()])
@@ -347,15 +337,7 @@ class Watched(nn.Module):
 
 
 def watched_twins(**module_kwargs):
-    models = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        module = Watched(**module_kwargs)
-        model = torcheras.Model(module)
-        module.__dict__["model"] = model
-        model.compile("adam", "sparse_categorical_crossentropy", device="cpu")
-        models.append(model)
-    return models
+    return owning_twins(lambda i: Watched(**module_kwargs))
 
 
 def nan_reason(epoch, batch):
