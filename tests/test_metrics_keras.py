@@ -763,11 +763,12 @@ def test_keras_class_names_work_as_metric_names(class_name, logged):
 
 def test_the_mean_errors_summed_in_one_expression_are_torchs():
     """From a metric's third batch of float32 outputs and targets of one shape, the absolute
-    and squared errors are summed in one expression (``MeanMetric._sums_elements``): "mae",
+    and squared errors are summed in one expression (``MeanMetric._elementwise``): "mae",
     "mse", MeanAbsoluteError, MeanSquaredError and RootMeanSquaredError give torch's own
     ``l1_loss`` / ``mse_loss`` over every batch, bit for bit what the general path gives;
-    targets of another shape ((N,) for (N, 1) outputs) or dtype (float64) between them take
-    the general path; a snapshot keeps its value; outputs that require grad keep no graph."""
+    targets of another dtype (float64), another shape ((N,) for (N, 1) outputs) or that
+    require grad take the general path; a snapshot keeps its value while float32 batches
+    follow it; outputs that require grad keep no graph."""
 
     def built():
         model = torcheras.Model(torch.nn.Linear(4, 3))
@@ -786,15 +787,29 @@ def test_the_mean_errors_summed_in_one_expression_are_torchs():
         return model.compiled_metrics
 
     fast, general = built(), built()
-    assert all(m._sums_elements for m in fast)
+    assert all(m._elementwise is m.fn for m in fast)
+    general_paths = []  # per batch: how many of the fast side's metrics took _add
+    for metric in fast:
+        real_add = metric._add
+
+        def counted(*args, real_add=real_add):
+            general_paths[-1] += 1
+            return real_add(*args)
+
+        metric._add = counted
     for metric in general:
-        metric._sums_elements = False
+        metric._elementwise = None
     gen = torch.Generator().manual_seed(0)
-    y_pred = torch.randn(70, 3, generator=gen).requires_grad_()
-    y_true = torch.randn(70, 3, generator=gen)
+    y_pred = torch.randn(86, 3, generator=gen).requires_grad_()
+    y_true = torch.randn(86, 3, generator=gen)
     snapshots = {}
-    for i, part in enumerate(torch.arange(70).split(16)):  # 16, 16, 16, 16, 6
-        target = y_true[part].double() if i == 3 else y_true[part]  # float64: general path
+    for i, part in enumerate(torch.arange(86).split(16)):  # 16 x 5, 6
+        target = y_true[part]
+        if i == 5:
+            target = target.double()  # float64: the general path
+        elif i == 4:
+            target = target.clone().requires_grad_()  # the general path: no graph kept
+        general_paths.append(0)
         for side, compiled in (("fast", fast), ("general", general)):
             for metric in compiled:
                 metric.update(y_pred[part], target)
@@ -802,9 +817,14 @@ def test_the_mean_errors_summed_in_one_expression_are_torchs():
                 snapshots[side] = [m.snapshot() for m in compiled]
     # one column, targets of shape (N,): the general path, the same numbers
     column, column_true = torch.randn(9, 1, generator=gen), torch.randn(9, generator=gen)
+    general_paths.append(0)
     for compiled in (fast, general):
         for metric in compiled:
             metric.update(column, column_true)
+    # the general path: the first two batches (they make the running total), the one after
+    # the snapshot (it holds the total: a new one is made, not added to in place), the
+    # target that requires grad, the float64 one and the (N,) targets
+    assert general_paths == [5, 5, 0, 5, 5, 5, 5]
     errors = torch.cat([(y_pred.detach() - y_true).flatten(), (column[:, 0] - column_true)])
     mae, mse = float(errors.abs().mean()), float(errors.square().mean())
     wanted = [mae, mse, mae, mse, mse**0.5]
@@ -817,4 +837,23 @@ def test_the_mean_errors_summed_in_one_expression_are_torchs():
     held = [held[0], held[1], held[0], held[1], held[1] ** 0.5]
     assert [float(s()) for s in snapshots["fast"]] == pytest.approx(held, rel=1e-6)
     assert [float(s()) for s in snapshots["fast"]] == [float(s()) for s in snapshots["general"]]
-    assert float(torch.nn.functional.l1_loss(y_pred[:48], y_true[:48])) == pytest.approx(held[0])
+
+
+def test_fit_logs_torchs_mean_errors_for_a_regression():
+    """What a user reads: with the weights fixed (learning rate 0), the epoch's logged
+    ``mae`` and ``mse`` (and the loss) are torch's ``l1_loss`` / ``mse_loss`` of the model's
+    outputs over all the samples, training and validation, in batches whose last is short."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    model = torcheras.Model(net)
+    model.compile(torch.optim.SGD(net.parameters(), lr=0.0), "mse", metrics=["mae", "mse"],
+                  device="cpu")  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(150, 4, generator=gen), torch.randn(150, 3, generator=gen)
+    xv, yv = torch.randn(70, 4, generator=gen), torch.randn(70, 3, generator=gen)
+    history = model.fit(x, y, batch_size=32, epochs=2, validation_data=(xv, yv), verbose=0)
+    with torch.no_grad():
+        out, out_v = net(x), net(xv)
+    for prefix, (o, t) in (("", (out, y)), ("val_", (out_v, yv))):
+        for name, fn in (("mae", F.l1_loss), ("mse", F.mse_loss), ("loss", F.mse_loss)):
+            assert history.history[prefix + name] == pytest.approx([float(fn(o, t))] * 2, rel=1e-6)

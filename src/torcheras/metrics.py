@@ -259,8 +259,11 @@ class MeanMetric(Metric):
         self.name = name
         self.direction = direction
         self.transform = transform
-        self._counts_argmax_hits = getattr(fn, "counts_argmax_hits", False)
-        self._sums_elements = getattr(fn, "sums_elements", False)
+        # the shortcuts below compute what ``fn`` and ``_add`` give: not for a subclass's own
+        # ``_add``, and each only while ``fn`` is the function it was made for
+        plain = type(self)._add is MeanMetric._add
+        self._counts_argmax_hits = plain and getattr(fn, "counts_argmax_hits", False)
+        self._elementwise = fn if plain and getattr(fn, "sums_elements", False) else None
         # Whether labels may hold -100 (padding): the loops clear it for a pass over arrays
         # that hold none, so that an accuracy counts its labels without a mask per batch.
         self.padded_labels = True
@@ -271,9 +274,9 @@ class MeanMetric(Metric):
     # Set where ``fn`` is a sparse accuracy (the argmax over the classes against the labels):
     # its hits for (N, C) outputs and (N,) labels are then counted in one expression.
     _counts_argmax_hits = False
-    # Set where ``fn`` gives one value per element (absolute or squared errors): for float32
+    # ``fn`` where it gives one value per element (absolute or squared errors): for float32
     # outputs and targets of one shape, their sum is added in one expression.
-    _sums_elements = False
+    _elementwise: Callable[[Any, Any], Tensor] | None = None
 
     def update(self, y_pred: Any, y_true: Any, sample_weight: Tensor | None = None) -> None:
         if (
@@ -291,18 +294,20 @@ class MeanMetric(Metric):
             self._count = self._count + y_true.shape[0]
             return
         if (
-            self._sums_elements
+            self._elementwise is self.fn
             and sample_weight is None
             and self._total_unshared  # (a float32 total, as every float32 value made it)
             and type(y_pred) is Tensor
             and type(y_true) is Tensor
             and y_pred.dtype is torch.float32
             and y_true.dtype is torch.float32
+            and not y_true.requires_grad  # (the values keep no graph)
             and y_pred.ndim
             and y_pred.shape == y_true.shape
         ):  # what the steps below compute for these, without their checks
-            self._total.add_(self.fn(y_pred.detach(), y_true).sum())  # type: ignore[union-attr]
-            self._count = self._count + float(y_pred.numel())
+            values = self.fn(y_pred.detach(), y_true)
+            self._total.add_(values.sum())  # type: ignore[union-attr]
+            self._count = self._count + float(values.numel())
             return
         if type(y_pred) is Tensor:  # the common case: detached, no grad-mode switch per batch
             y_pred = y_pred.detach()

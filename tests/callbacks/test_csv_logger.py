@@ -176,10 +176,13 @@ def test_the_summary_beside_the_log_is_rewritten_only_when_it_changes(tmp_path, 
     assert summary.stat().st_ino == inode  # the same content: left as it was
     summary.write_text("{}")
     assert fit() == first
+    written = summary.read_bytes()
+    summary.write_bytes(written + b"\n")  # the same and more: rewritten too
+    assert fit() == first and summary.read_bytes() == written
     summary.unlink()
     assert fit() == first
     changed = fit(epochs=2)
     assert (
         changed["params"]["epochs"] == 2 and changed["hyperparameters"] == first["hyperparameters"]
     )
-    assert [r[0] for r in _rows(tmp_path / "log.csv")[1:]] == ["0"] * 4 + ["0", "1"]
+    assert [r[0] for r in _rows(tmp_path / "log.csv")[1:]] == ["0"] * 5 + ["0", "1"]

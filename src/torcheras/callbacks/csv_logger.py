@@ -163,7 +163,8 @@ class CSVLogger(Callback):
 
     def _write_summary(self) -> None:
         """``<filename>.json``: why training stopped, ``fit``'s parameters and the model's
-        hyper-parameters as training began (what ``History.save`` writes besides the logs)."""
+        hyper-parameters as training began (what ``History.save`` writes besides the logs).
+        A local file that already holds exactly this is left as it is (its time too)."""
         history = getattr(self.model, "history", None) if self.model is not None else None
         record = {
             "log": os.path.basename(self.filename),
