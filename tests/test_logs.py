@@ -500,7 +500,15 @@ def test_adding_the_loss_in_place_sums_as_add_loss_does_across_logs_reloads_and_
 
     g = torch.Generator().manual_seed(0)
     losses = [torch.rand((), generator=g) for _ in range(16)]
-    events = {3: "reload", 5: "snapshot", 7: "keep", 9: "log32", 11: "empty", 13: "log64"}
+    events = {
+        3: "reload",
+        5: "snapshot",
+        7: "keep",
+        9: "log32",
+        10: "reload, log32",  # the dicts given before the reload must not take the add
+        11: "empty",
+        13: "log64",
+    }
     results, in_place_adds = [], 0
     for in_place in (False, True):
         collector = LogCollector([])
@@ -508,7 +516,7 @@ def test_adding_the_loss_in_place_sums_as_add_loss_does_across_logs_reloads_and_
         held = []  # (tensor, its value then): what a snapshot or a keep holds
         for i, loss in enumerate(losses):
             event = events.get(i)
-            if event == "reload":
+            if event in ("reload", "reload, log32"):
                 collector.load_state_dict(collector.state_dict())
             elif event == "snapshot":
                 collector.snapshot()
@@ -518,7 +526,7 @@ def test_adding_the_loss_in_place_sums_as_add_loss_does_across_logs_reloads_and_
                 kept = collector.means.entry("loss")[0]
                 collector.means.keep("loss")
                 held.append((kept, kept.clone()))
-            elif event in ("log32", "log64"):
+            if event in ("log32", "log64", "reload, log32"):
                 collector.log("loss", loss.to(torch.float64 if event == "log64" else None) * 2)
             weight = 0 if event == "empty" else 8
             if (
@@ -544,9 +552,9 @@ def test_adding_the_loss_in_place_sums_as_add_loss_does_across_logs_reloads_and_
     for key, total in reference["totals"].items():
         assert fast["totals"][key].dtype == total.dtype == torch.float64  # the log64 promoted
         torch.testing.assert_close(fast["totals"][key], total, rtol=0, atol=0)
-    # all but the first, the reload's, the snapshot's, the keep's, the empty batch's and
-    # those from the float64 log on (a float64 total)
-    assert in_place_adds == 16 - 8
+    # all but the first, the two reloads', the snapshot's, the keep's, the empty batch's
+    # and those from the float64 log on (a float64 total)
+    assert in_place_adds == 16 - 9
 
 
 def test_no_loss_total_is_given_to_add_to_where_add_loss_does_more():
@@ -571,7 +579,9 @@ def test_no_loss_total_is_given_to_add_to_where_add_loss_does_more():
     snapshotted.snapshot()
     assert snapshotted.loss_in_place()[1] is None
     tracked = collector_with(None, tracked={"loss": Mean(name="loss")})
+    tracked.means.add({"loss": torch.tensor(1.0)}, 4)  # a float32 total, unshared, of "loss"
     tracked.add_loss(torch.tensor(1.0), 4)
+    assert tracked.means.entry("loss") is not None and "loss" in tracked.means._unshared
     assert tracked.loss_in_place()[1] is None
     watched = collector_with(None)  # a watch is told by the loop itself (LossWatch.note)
     watched.watch = LossWatch(watched, types.SimpleNamespace(batch=0), "loss", 8, print)

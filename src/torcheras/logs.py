@@ -101,8 +101,11 @@ class RunningMeans:
         of values -> the list of their sums)."""
         keys = list(self._totals)
         sums = reduce_sum([self._totals[k] for k in keys] + [self._weights[k] for k in keys])
-        self._totals = dict(zip(keys, sums[: len(keys)]))
-        self._weights = {k: float(w) for k, w in zip(keys, sums[len(keys) :])}
+        # the dicts kept, their contents replaced (LogCollector.loss_in_place hands them out)
+        self._totals.clear()
+        self._totals.update(zip(keys, sums[: len(keys)]))
+        self._weights.clear()
+        self._weights.update((k, float(w)) for k, w in zip(keys, sums[len(keys) :]))
         self._unshared.clear()  # the reduced tensors may be the ones given
 
     def state_dict(self) -> dict[str, Any]:
@@ -110,11 +113,15 @@ class RunningMeans:
         return {"totals": to_cpu(self._totals, clone=True), "weights": dict(self._weights)}
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> None:
-        self._totals = {
+        totals = {
             k: (v.to(device) if isinstance(v, torch.Tensor) and device is not None else v)
             for k, v in state["totals"].items()
         }
-        self._weights = dict(state["weights"])
+        weights = dict(state["weights"])
+        self._totals.clear()  # the dicts kept (see all_reduce)
+        self._totals.update(totals)
+        self._weights.clear()
+        self._weights.update(weights)
         self._unshared.clear()  # the state's tensors are the caller's
 
 
@@ -342,7 +349,12 @@ class LogCollector:
                 return
         self.add({"loss": loss}, weight)
 
-    def loss_in_place(self) -> tuple[Any, Any, Any, Any]:
+    def loss_in_place(
+        self,
+    ) -> (
+        tuple[dict[str, Any], torch.Tensor, dict[str, float], set[str]]
+        | tuple[None, None, None, None]
+    ):
         """For a loop that adds the batches' losses itself (fit's plain loop), right after an
         :meth:`add_loss`: ``(totals, total, weights, unshared)``, the running totals, the
         loss's, the weights and the keys no snapshot holds, where :meth:`add_loss` of a
@@ -350,9 +362,9 @@ class LogCollector:
         ``total.add_(loss.detach(), alpha=weight)`` and ``weights["loss"] += weight``, after
         telling a watch of ``"loss"`` of it (``LossWatch.note``). That stays so while
         ``totals.get("loss") is total`` (a value of another dtype logged as ``"loss"``
-        replaces it) and ``"loss" in unshared`` (a snapshot, or a loss watch keeping the
-        batch's total whole, shares it), and nothing but :meth:`add_loss` and :meth:`log`
-        ran on this collector (a reload or an all-reduce replaces the dicts). All None
+        replaces it) and ``"loss" in unshared`` (a snapshot, a reload, an all-reduce or a
+        loss watch keeping the batch's total whole ends it; the dicts and the set are kept,
+        their contents changed). All None
         where :meth:`add_loss` does more: a tracked ``"loss"``, a total that is not float32
         or that a snapshot holds."""
         means = self.means

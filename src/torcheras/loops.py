@@ -497,7 +497,6 @@ class FitLoop:
             train_step = model._inlined_train_step(guarded) or train_step
         collector = self.collector
         watch = collector.watch
-        groups = None if model.optimizer is None else model.optimizer.param_groups
         batch_lrs = self.batch_lrs
         last_known = None if self.steps_known is None else self.steps_known - 1
         rank = distributed.rank()
@@ -520,8 +519,9 @@ class FitLoop:
                 stepper.place(step, last_known)
             if needs_begin:
                 callbacks.on_train_batch_begin(step)
-            if groups is not None:  # the rate this batch uses (a schedule may have set it)
-                lr = groups[0]["lr"]
+            optimizer = model.optimizer  # (a callback may have replaced it)
+            if optimizer is not None:  # the rate this batch uses (a schedule may have set it)
+                lr = optimizer.param_groups[0]["lr"]
                 batch_lrs.append(lr.detach().clone() if type(lr) is Tensor else lr)
             if stage is not None:
                 batch = stage(batch)

@@ -794,7 +794,7 @@ class Model(nn.Module):
             self.update_metrics(y_pred, y, sample_weight)
         return {"loss": loss}
 
-    def _inlined_train_parts(self, guarded: bool = True) -> InlinedTrainStep | None:
+    def _inlined_train_parts(self, guarded: bool = True) -> InlinedTrainParts | None:
         """What the default :meth:`train_step` calls, for a loop that runs its body with the
         seams inlined (``Stepping.plain``: one process, every batch a step, nothing between
         backward and the step): the same calls to torch in the same order, ~12 Python calls a
@@ -805,7 +805,8 @@ class Model(nn.Module):
         subclass's own ``forward``, no optimizer; ``guarded=False`` (no callback runs between
         the epoch's batches, so nothing can replace the parts or add a hook mid-epoch): a
         forward hook on the model too. Whoever runs the body sends :meth:`train_step` itself
-        a batch that is not an ``(x, y)`` pair with a tensor ``x``, the first batch of a fit
+        a batch that is not an ``(x, y)`` pair with a tensor ``x`` and a ``y`` (not None),
+        the first batch of a fit
         (``_check_first_batch``: its one-time checks), and, ``guarded``, any batch after a
         forward hook was added or the optimizer, loss, metrics or module replaced
         (:meth:`_replaced_since`). Two run it: :meth:`_inlined_train_step` (a step between
@@ -815,7 +816,7 @@ class Model(nn.Module):
         if not guarded and (self._forward_hooks or self._forward_pre_hooks):
             return None
         loss_fn = self.compiled_loss
-        return InlinedTrainStep(
+        return InlinedTrainParts(
             self._modules["module"],
             loss_fn,
             loss_fn.fused_float32(),  # the loss's own torch function, for float32 outputs
@@ -1235,8 +1236,9 @@ class Model(nn.Module):
         return tensors.to_numpy(result) if numpy_in else result
 
 
-class InlinedTrainStep(NamedTuple):
-    """What the default ``train_step`` calls (``Model._inlined_train_parts``)."""
+class InlinedTrainParts(NamedTuple):
+    """What the default ``train_step`` calls (``Model._inlined_train_parts``): the parts a
+    loop runs its body with."""
 
     module: nn.Module  # call_on: the wrapped module
     loss_fn: Any  # compute_loss: the compiled loss

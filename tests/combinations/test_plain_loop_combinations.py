@@ -260,11 +260,15 @@ def test_the_loss_logged_from_inside_the_inlined_step_is_counted_as_the_general_
     assert torch.isfinite(losses).all()
 
 
-def test_an_optimizer_replaced_by_work_between_batches_steps_the_rest_of_the_epoch():
+@pytest.mark.parametrize("loop", ["plain", "general"])
+def test_an_optimizer_replaced_by_work_between_batches_steps_the_rest_of_the_epoch(
+    plain_epochs, stepped, loop
+):
     """Work run at a step boundary (asked for from inside a step, as a signal handler might)
     that replaces the optimizer with one of another learning rate: the plain loop's inlined
-    body steps with the new one from the next batch, as ``train_step`` would. Checked
-    against a hand-written loop of the same calls: the weights and the epoch's loss agree."""
+    body (and the general loop, with a batch-end hook) steps with the new one from the next
+    batch, records its rate for those batches and logs it as the epoch's. Checked against a
+    hand-written loop of the same calls: the weights and the epoch's loss agree."""
     x, y = data(64)
     new_rate = 0.05
 
@@ -293,8 +297,15 @@ def test_an_optimizer_replaced_by_work_between_batches_steps_the_rest_of_the_epo
     record = cb.LambdaCallback(
         on_epoch_end=lambda epoch, logs: rates.extend(model.loop.batch_learning_rates)
     )
-    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[record])
+    callbacks = [record] if loop == "plain" else [record, BatchEndHook()]
+    history = model.fit(
+        x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=callbacks
+    )
+    assert plain_epochs[0] == (1 if loop == "plain" else 0)
+    if loop == "plain":
+        assert stepped == [(0, 0)]  # the inlined body for the rest, the new optimizer's too
     assert rates == [0.01, 0.01, new_rate, new_rate]  # each batch's rate, the new one's after
+    assert history.history["learning_rate"] == [new_rate]
     total = 0.0
     for batch, start in enumerate(range(0, 64, 16)):
         rate = 0.01 if batch < 2 else new_rate  # the swap comes after batch 1

@@ -176,6 +176,7 @@ class CSVLogger(Callback):
         path = f"{self.filename}.json"
         if not checkpoint.is_url(path) and _holds(path, data):
             return  # fit called again (an epoch a call, say): the same summary is there
+            # (temp files of an interrupted earlier write stay until the next real write)
         checkpoint.atomic_write(path, lambda f: f.write(data))
 
     def on_exception(self, exception: BaseException) -> None:
