@@ -590,7 +590,9 @@ class FitLoop:
             module, loss_fn, fused, optimizer, metrics = parts
         may_add_in_place = "loss" not in collector.tracked
         note = watch.note if watch is not None and watch.key == "loss" else None
-        # LogCollector.loss_in_place's, fetched after an add_loss
+        # LogCollector.loss_in_place's, fetched after an add_loss; whatever else changes the
+        # loss's total between two batches (a step's logs, Model.log, work between batches,
+        # the watch keeping it) fails the in-place check below, not a reset here
         totals: Any = None
         total: Any = None
         weights: Any = None
@@ -653,7 +655,6 @@ class FitLoop:
                     collector.add_loss(logs, size)
                 else:
                     collector.add(logs, size)
-                total = None  # the step may have logged the loss otherwise
             loop.global_step += 1  # Stepping.end_batch's counters, without the call
             loop.optimizer_steps += 1  # (every batch is a step here)
             if watch is not None:
@@ -666,7 +667,6 @@ class FitLoop:
                     parts = model._inlined_train_parts(guarded=False)
                     if parts is not None:
                         module, loss_fn, fused, optimizer, metrics = parts
-                total = None
             if model.stop_training:
                 self.stopped_in_epoch = True
                 break
